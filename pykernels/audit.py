@@ -1,0 +1,328 @@
+"""Static SASS and resource audit of every kernel, for sm_90a, with no GPU needed.
+
+    python -m pykernels.audit [--json] [--cuda-only | --triton-only]
+
+For each kernel in the built extension (pykernels._C) and each Triton config listed in the ops'
+AOT_KERNELS (compiled ahead of time for sm_90), it reports registers, stack and local memory, static shared
+memory, tensor-core instructions (QGMMA = FP8 wgmma, HGMMA = 16-bit wgmma, HMMA = mma.sync), bulk-copy and
+TMA instructions (UTMALDG, UTMASTG, UBLKCP, ...), 16-byte vector loads and an occupancy estimate, and checks
+them against what each kernel is meant to be:
+  - every kernel: no local memory, no stack, no ptxas performance warning (C7510: wgmma serialized;
+    C7508: setmaxnreg ignored) in the build log;
+  - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
+    AOT_KERNELS): minimum instruction counts, a shared-memory ceiling.
+The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Hopper (sm_90) per-SM limits used by the occupancy estimate.
+SM90_REGISTERS = 65536
+SM90_MAX_THREADS = 2048
+SM90_MAX_BLOCKS = 32
+SM90_SHARED_BYTES = 233472  # 228 KB per SM
+SM90_MAX_SHARED_PER_BLOCK = 232448  # 227 KB opt-in per block
+SM90_RESERVED_SHARED = 1024  # per block, taken by the system
+
+PERF_WARNINGS = ("C7510", "C7508")
+INSTRUCTION_CLASSES = {
+    "QGMMA": "FP8 wgmma",
+    "HGMMA": "16-bit wgmma",
+    "HMMA": "mma.sync",
+    "UTMALDG": "TMA load",
+    "UTMASTG": "TMA store",
+    "UBLKCP": "bulk copy",
+    "LDGSTS": "cp.async",
+    "SYNCS": "mbarrier",
+    "LDG.128": "16-byte global load",
+    "STG.128": "16-byte global store",
+    "LDL": "local load",
+    "STL": "local store",
+}
+
+OPS = ("fp8_quant",)  # pykernels.<op> modules that declare CUDA_AUDIT
+
+
+@dataclass
+class KernelReport:
+    name: str  # demangled (CUDA) or config label (Triton)
+    source: str  # "cuda" or "triton"
+    registers: int = 0
+    stack_bytes: int = 0
+    local_bytes: int = 0
+    shared_bytes: int = 0  # static (CUDA) or total (Triton) shared memory
+    threads_per_block: int | None = None
+    occupancy: float | None = None  # resident warps / 64, estimated
+    instructions: dict = field(default_factory=dict)  # class -> count
+    failures: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def find_cuobjdump() -> str:
+    """cuobjdump from the triton wheel, PATH, or the nvidia-cuda-cuobjdump wheel."""
+    try:
+        import triton
+
+        candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if candidate.is_file():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import nvidia.cuda_cuobjdump as wheel  # type: ignore[import-not-found]
+
+        candidate = Path(wheel.__path__[0]) / "bin" / "cuobjdump"
+        if candidate.is_file():
+            return str(candidate)
+    except ImportError:
+        pass
+    raise RuntimeError("cuobjdump not found: install triton (it ships one) or nvidia-cuda-cuobjdump")
+
+
+def _run(args) -> str:
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
+def demangle(names):
+    names = list(names)
+    tool = shutil.which("c++filt")
+    if not names or tool is None:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+def parse_resource_usage(text: str) -> dict:
+    """cuobjdump -res-usage -> {mangled name: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}}."""
+    usage, current = {}, None
+    for line in text.splitlines():
+        header = re.match(r"\s*Function (\S+):\s*$", line)
+        if header:
+            current = header.group(1)
+            continue
+        if current and "REG:" in line:
+            usage[current] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            current = None
+    return usage
+
+
+def classify(mnemonic: str) -> list:
+    """The instruction classes a SASS mnemonic (opcode with modifiers) belongs to."""
+    parts = mnemonic.split(".")
+    base = parts[0]
+    classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "SYNCS", "LDL", "STL")
+               if base == c]
+    if base == "LDG" and "128" in parts:
+        classes.append("LDG.128")
+    if base == "STG" and "128" in parts:
+        classes.append("STG.128")
+    return classes
+
+
+def parse_sass(text: str) -> dict:
+    """cuobjdump -sass -> {mangled name: Counter of instruction classes}."""
+    counts, current = {}, None
+    for line in text.splitlines():
+        header = re.match(r"\s*Function : (\S+)", line)
+        if header:
+            current = header.group(1)
+            counts[current] = collections.Counter()
+            continue
+        instr = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if current and instr:
+            for c in classify(instr.group(1)):
+                counts[current][c] += 1
+    return counts
+
+
+def parse_threads(elf_text: str) -> dict:
+    """cuobjdump -elf -> {mangled name: threads per block} from __launch_bounds__ / .reqntid attributes."""
+    threads, current, pending = {}, None, False
+    for line in elf_text.splitlines():
+        if line.startswith(".nv.info."):
+            current = line[len(".nv.info."):].strip()
+            continue
+        if "EIATTR_REQNTID" in line or "EIATTR_MAX_THREADS" in line:
+            pending = True
+            continue
+        if pending and line.strip().startswith("Value:") and current:
+            x, y, z = (int(v, 16) for v in line.split()[1:4])
+            threads[current] = x * y * z
+            pending = False
+    return threads
+
+
+def occupancy(registers: int, shared_bytes: int, threads: int | None) -> float | None:
+    """Resident warps per SM / 64, from the per-SM limits (registers allocated per warp in units of 256)."""
+    if not threads:
+        return None
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = SM90_REGISTERS // (regs_per_warp * warps)
+    by_smem = SM90_SHARED_BYTES // max(shared_bytes + SM90_RESERVED_SHARED, 1)
+    by_threads = SM90_MAX_THREADS // (warps * 32)
+    blocks = min(by_regs, by_smem, by_threads, SM90_MAX_BLOCKS)
+    return round(blocks * warps / 64, 3)
+
+
+def check_expectations(report: KernelReport, expect: dict) -> None:
+    if expect.get("no_local_memory", True) and (report.local_bytes or report.stack_bytes or
+                                                report.instructions.get("LDL") or report.instructions.get("STL")):
+        report.failures.append(f"local memory in use: {report.local_bytes} B local, {report.stack_bytes} B stack, "
+                               f"{report.instructions.get('LDL', 0)} LDL / {report.instructions.get('STL', 0)} STL")
+    for cls, minimum in expect.get("min_instructions", {}).items():
+        have = report.instructions.get(cls, 0)
+        if have < minimum:
+            report.failures.append(f"expected at least {minimum} {cls}, found {have}")
+    limit = expect.get("max_shared_bytes", SM90_MAX_SHARED_PER_BLOCK)
+    if report.shared_bytes > limit:
+        report.failures.append(f"shared memory {report.shared_bytes} B exceeds {limit} B")
+
+
+def _reports_from_binary(path: str, source: str, names: dict | None = None) -> list:
+    """KernelReports for every function in a cubin or a library with embedded cubins."""
+    tool = find_cuobjdump()
+    usage = parse_resource_usage(_run([tool, "-res-usage", path]))
+    sass = parse_sass(_run([tool, "-sass", path]))
+    threads = parse_threads(_run([tool, "-elf", path]))
+    names = names or demangle(usage)
+    reports = []
+    for mangled, res in usage.items():
+        r = KernelReport(name=names.get(mangled, mangled), source=source, registers=res.get("REG", 0),
+                         stack_bytes=res.get("STACK", 0), local_bytes=res.get("LOCAL", 0),
+                         shared_bytes=res.get("SHARED", 0), threads_per_block=threads.get(mangled),
+                         instructions=dict(sorted(sass.get(mangled, {}).items())))
+        r.occupancy = occupancy(r.registers, r.shared_bytes, r.threads_per_block)
+        reports.append(r)
+    return reports
+
+
+def cuda_expectations() -> dict:
+    expectations = {}
+    for op in OPS:
+        expectations.update(getattr(importlib.import_module(f"pykernels.{op}"), "CUDA_AUDIT", {}))
+    return expectations
+
+
+def build_log_warnings(ext_file: str) -> list:
+    log = Path(ext_file).parent / "_C_build.log"
+    if not log.is_file():
+        return []
+    return sorted({line.strip() for line in log.read_text().splitlines()
+                   if "warning" in line.lower() and any(code in line for code in PERF_WARNINGS)})
+
+
+def audit_cuda() -> tuple:
+    """(reports, problems) for the built extension; problems are audit-wide failures."""
+    from pykernels import _backend
+
+    ext, why = _backend.extension()
+    if ext is None:
+        return [], [f"CUDA extension not audited: {why}"]
+    reports = _reports_from_binary(ext.__file__, "cuda")
+    expectations = cuda_expectations()
+    for r in reports:
+        merged = {"no_local_memory": True, "min_instructions": {}}
+        for pattern, expect in expectations.items():
+            if pattern in r.name:
+                merged["min_instructions"].update(expect.get("min_instructions", {}))
+                merged.update({k: v for k, v in expect.items() if k != "min_instructions"})
+        check_expectations(r, merged)
+    for pattern in expectations:
+        if not any(pattern in r.name for r in reports):
+            reports.append(KernelReport(name=pattern, source="cuda",
+                                        failures=["no kernel in the extension matches this audit expectation"]))
+    problems = [f"ptxas performance warning: {w}" for w in build_log_warnings(ext.__file__)]
+    return reports, problems
+
+
+def audit_triton() -> list:
+    from pykernels import triton as triton_ops
+    from pykernels.triton.aot import compile_sm90
+
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in triton_ops.OPS:
+            module = importlib.import_module(f"pykernels.triton.{op}")
+            for kernel in module.AOT_KERNELS:
+                cubin, metadata = compile_sm90(kernel)
+                path = os.path.join(tmp, f"{len(reports)}.cubin")
+                Path(path).write_bytes(cubin)
+                (r,) = [x for x in _reports_from_binary(path, "triton") if x.name == metadata.name] or \
+                    _reports_from_binary(path, "triton")[:1]
+                r.name = kernel.name
+                r.shared_bytes = max(r.shared_bytes, int(metadata.shared))
+                r.threads_per_block = kernel.num_warps * 32
+                r.occupancy = occupancy(r.registers, r.shared_bytes, r.threads_per_block)
+                check_expectations(r, {"no_local_memory": True, **kernel.expect})
+                reports.append(r)
+    return reports
+
+
+def run(cuda: bool = True, triton: bool = True) -> dict:
+    reports, problems = [], []
+    if cuda:
+        cuda_reports, cuda_problems = audit_cuda()
+        reports += cuda_reports
+        problems += cuda_problems
+    if triton:
+        reports += audit_triton()
+    failed = [r for r in reports if not r.ok] or bool([p for p in problems if p.startswith("ptxas")])
+    return {"kernels": [asdict(r) for r in reports], "problems": problems, "ok": not failed,
+            "note": "static figures read from sm_90a binaries, not measurements"}
+
+
+def format_table(result: dict) -> str:
+    cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UBLKCP", "LDGSTS", "LDG.128"]
+    header = f"{'kernel':70} {'src':6} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>7} {'thr':>4} {'occ':>5} " + \
+        " ".join(f"{c:>7}" for c in cols) + "  status"
+    lines = [header, "-" * len(header)]
+    for k in result["kernels"]:
+        name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
+        occ = "-" if k["occupancy"] is None else f"{k['occupancy']:.2f}"
+        thr = "-" if k["threads_per_block"] is None else str(k["threads_per_block"])
+        counts = " ".join(f"{k['instructions'].get(c, 0):>7}" for c in cols)
+        status = "ok" if not k["failures"] else "FAIL: " + "; ".join(k["failures"])
+        lines.append(f"{name:70} {k['source']:6} {k['registers']:>4} {k['stack_bytes']:>5} {k['local_bytes']:>5} "
+                     f"{k['shared_bytes']:>7} {thr:>4} {occ:>5} {counts}  {status}")
+    lines += [f"problem: {p}" for p in result["problems"]]
+    lines.append(f"{len(result['kernels'])} kernels audited for sm_90a (static figures); "
+                 f"{'all checks pass' if result['ok'] else 'CHECKS FAILED'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pykernels.audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cuda-only", action="store_true", help="audit only the built CUDA extension")
+    group.add_argument("--triton-only", action="store_true", help="audit only the Triton AOT configs")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("note: TRITON_INTERPRET is set; Triton kernels are still compiled for sm_90", file=sys.stderr)
+    result = run(cuda=not args.triton_only, triton=not args.cuda_only)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

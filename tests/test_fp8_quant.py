@@ -1,0 +1,165 @@
+"""FP8 quantizers: the reference against float64 arithmetic, then every backend against the reference.
+
+Tolerances: scales must equal the reference's bit for bit on every backend (same float32 operations). FP8
+values must too, except that a hardware conversion may round a value lying exactly between two e4m3 codes
+differently: such values may differ by one e4m3 step (one unit in the last place of the code), and only
+rarely (at most 0.1% of elements).
+"""
+
+import math
+
+import pytest
+import torch
+
+import pykernels
+from pykernels.reference import fp8_quant as ref
+
+FP8 = torch.float8_e4m3fn
+# (leading shape, K, group_size): odd row counts, K with partial last groups, several group sizes.
+TOKEN_CASES = [((1,), 128, 128), ((7,), 300, 128), ((3, 5), 1000, 128), ((33,), 7168, 128), ((4,), 96, 32),
+               ((2,), 1, 128), ((9,), 520, 256), ((5,), 40, 16)]
+BLOCK_CASES = [((128, 128), 128), ((300, 520), 128), ((3, 129, 257), 128), ((2, 64, 96), 32), ((1, 7), 128)]
+
+
+def float64_token_groups(x, group_size, ue8m0):
+    """Scales and dequantization bounds from float64 math, independent of the reference's code path."""
+    x64 = x.double()
+    k = x.shape[-1]
+    groups = math.ceil(k / group_size)
+    scales = torch.empty((*x.shape[:-1], groups), dtype=torch.float64)
+    for g in range(groups):
+        amax = x64[..., g * group_size:(g + 1) * group_size].abs().amax(dim=-1)
+        s = torch.clamp(amax, min=1e-4) / 448.0
+        if ue8m0:
+            s = torch.pow(2.0, torch.ceil(torch.log2(s)))
+        scales[..., g] = s
+    return scales
+
+
+def fp8_step_distance(a, b):
+    """How many e4m3 codes apart two fp8 tensors are, element-wise (sign-magnitude codes)."""
+    def ordinal(t):
+        u = t.view(torch.uint8).to(torch.int32)
+        mag = u & 0x7F
+        return torch.where(u & 0x80 != 0, -mag, mag)
+    return (ordinal(a) - ordinal(b)).abs()
+
+
+def assert_fp8_close(got, want):
+    dist = fp8_step_distance(got, want)
+    assert int(dist.max()) <= 1, f"fp8 values differ by {int(dist.max())} steps"
+    assert int((dist > 0).sum()) <= max(1, want.numel() // 1000), f"{int((dist > 0).sum())} elements differ by one step"
+
+
+def random_input(shape, dtype):
+    x = torch.randn(shape, dtype=torch.float32) * torch.exp(torch.randn(shape[:-1] + (1,)) * 2)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("lead,k,group_size", TOKEN_CASES)
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_reference_token_groups_vs_float64(lead, k, group_size, ue8m0):
+    x = random_input(lead + (k,), torch.float32)
+    q, s = ref.per_token_group_quant_fp8(x, group_size, ue8m0)
+    s64 = float64_token_groups(x, group_size, ue8m0)
+    assert q.dtype == FP8 and s.dtype == torch.float32
+    assert q.shape == x.shape and s.shape == s64.shape
+    # float32 division of float32 inputs is correctly rounded: within one float32 ulp of float64 math.
+    torch.testing.assert_close(s.double(), s64, rtol=2 ** -23, atol=0)
+    # e4m3 keeps 3 mantissa bits (relative rounding error <= 2^-4); subnormals are 2^-9 apart.
+    scale_per_elem = s.double().repeat_interleave(group_size, dim=-1)[..., :k]
+    err = (q.double() * scale_per_elem - x.double()).abs()
+    bound = x.double().abs() * 2 ** -4 + scale_per_elem * 2 ** -10
+    assert bool((err <= bound * (1 + 1e-12)).all())
+    if ue8m0:
+        assert bool((torch.frexp(s)[0] == 0.5).all()), "ue8m0 scales must be powers of two"
+
+
+def test_reference_zero_and_partial_groups():
+    x = torch.zeros(3, 300)
+    x[1, 256:] = torch.randn(44)  # only the partial last group of row 1 is non-zero
+    q, s = ref.per_token_group_quant_fp8(x, 128)
+    assert s.shape == (3, 3)
+    floor = torch.tensor(1e-4, dtype=torch.float32) / 448.0
+    assert bool((s[0] == floor).all()) and bool((q[0].float() == 0).all())
+    assert float(s[1, 2]) == pytest.approx(float(x[1, 256:].abs().max()) / 448.0, rel=1e-6)
+    assert float(q[1, 256:].float().abs().max()) == 448.0
+
+
+@pytest.mark.parametrize("shape,block", BLOCK_CASES)
+def test_reference_blocks_vs_float64(shape, block):
+    w = random_input(shape, torch.float32)
+    q, s = ref.per_block_quant_fp8(w, block)
+    w3 = w.double().reshape((-1,) + tuple(shape[-2:]))
+    n, k = shape[-2:]
+    want = torch.empty((w3.shape[0], math.ceil(n / block), math.ceil(k / block)), dtype=torch.float64)
+    for i in range(want.shape[1]):
+        for j in range(want.shape[2]):
+            amax = w3[:, i * block:(i + 1) * block, j * block:(j + 1) * block].abs().amax(dim=(1, 2))
+            want[:, i, j] = torch.clamp(amax, min=1e-4) / 448.0
+    torch.testing.assert_close(s.double().reshape(want.shape), want, rtol=2 ** -23, atol=0)
+    deq = ref.dequantize_blocks(q, s, block).double()
+    per_elem = (deq - w.double()).abs()
+    assert bool((per_elem <= w.double().abs() * 2 ** -4 + float(s.max()) * 2 ** -10).all())
+
+
+BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lead,k,group_size", TOKEN_CASES)
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_token_groups_match_reference(backend, dtype, lead, k, group_size, ue8m0, device):
+    x = random_input(lead + (k,), dtype).to(device)
+    x.view(-1)[::97] = 0.0  # exact zeros alongside large values
+    q, s = pykernels.per_token_group_quant_fp8(x, group_size, ue8m0, backend=backend)
+    q_ref, s_ref = ref.per_token_group_quant_fp8(x.cpu(), group_size, ue8m0)
+    assert q.dtype == FP8 and q.shape == x.shape and s.shape == s_ref.shape
+    assert torch.equal(s.cpu(), s_ref)
+    assert_fp8_close(q.cpu(), q_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,block", BLOCK_CASES)
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_blocks_match_reference(backend, dtype, shape, block, ue8m0, device):
+    w = random_input(shape, dtype).to(device)
+    q, s = pykernels.per_block_quant_fp8(w, block, ue8m0, backend=backend)
+    q_ref, s_ref = ref.per_block_quant_fp8(w.cpu(), block, ue8m0)
+    assert torch.equal(s.cpu(), s_ref)
+    assert_fp8_close(q.cpu(), q_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_groups(backend, device):
+    x = torch.zeros(5, 260, dtype=torch.bfloat16, device=device)
+    q, s = pykernels.per_token_group_quant_fp8(x, backend=backend)
+    assert bool((s == torch.tensor(1e-4) / 448.0).all().cpu()) and bool((q.float() == 0).all().cpu())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_inputs_raise_before_launch(backend):
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        pykernels.per_token_group_quant_fp8(torch.ones(4, 128, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="x: expected a non-empty last dimension"):
+        pykernels.per_token_group_quant_fp8(torch.ones(4, 0), backend=backend)
+    with pytest.raises(ValueError, match="group_size: expected a power of two, got 96"):
+        pykernels.per_token_group_quant_fp8(torch.ones(4, 128), group_size=96, backend=backend)
+    with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
+        pykernels.per_token_group_quant_fp8(torch.ones(128, 4).t(), backend=backend)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        pykernels.per_token_group_quant_fp8([1.0, 2.0], backend=backend)
+    with pytest.raises(ValueError, match="w: expected 2 or 3 dimensions"):
+        pykernels.per_block_quant_fp8(torch.ones(128), backend=backend)
+    with pytest.raises(ValueError, match="block_size: expected a power of two, got 100"):
+        pykernels.per_block_quant_fp8(torch.ones(128, 128), block_size=100, backend=backend)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        pykernels.per_token_group_quant_fp8(torch.ones(4, 128), backend="cudnn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a CPU-only machine gives")
+def test_explicit_cuda_backend_without_gpu_says_why():
+    with pytest.raises(RuntimeError, match="backend='cuda' needs"):
+        pykernels.per_token_group_quant_fp8(torch.ones(4, 128), backend="cuda")
