@@ -105,7 +105,7 @@ inline void require_ndim(const TensorView& t, int ndim) {
 
 inline void require_size(const TensorView& t, int dim, int64_t expected, const std::string& what = "") {
   if (t.size(dim) != expected) {
-    throw_value_error(t.name, "size " + std::to_string(expected) + " in dim " + std::to_string(dim) +
+    throw_value_error(t.name, "size " + std::to_string(expected) + " in dim " + std::to_string(dim < 0 ? dim + t.ndim : dim) +
                                   (what.empty() ? "" : " (" + what + ")"),
                       "shape " + t.shape_str());
   }
