@@ -68,6 +68,9 @@ class CMakeBuild(build_ext):
             print(f"\n{BANNER}\npykernels: building WITHOUT the CUDA extension ({detail}).\n"
                   f"Only the Triton and torch backends will be available.\n{BANNER}\n",
                   file=sys.stderr, flush=True)
+            # A library left by an earlier in-place build must not ship inside a pure-Python install.
+            for stale in self._package_dir().glob("_C*"):
+                stale.unlink()
             self._write_info(info)
             return
         self.nvcc = detail
