@@ -2,7 +2,12 @@
 and Triton beside a torch reference. Every op takes backend="auto" | "cuda" | "triton" | "torch";
 pykernels.backends() says which can run on this machine and why not."""
 
+import warnings as _warnings
+
+import torch as _torch
+
 from pykernels._backend import backends
+from pykernels._backend import extension as _extension
 from pykernels.fp8_quant import per_block_quant_fp8, per_token_group_quant_fp8
 
 __version__ = "0.1.0"
@@ -12,3 +17,9 @@ __all__ = [
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
 ]
+
+# A GPU machine without the extension is almost always an install that found no nvcc: say so once, here,
+# since pip hides the build's own message. CPU-only machines are expected to lack it and stay quiet.
+if _extension()[0] is None and _torch.cuda.is_available():
+    _warnings.warn(f"pykernels: the CUDA backend is unavailable: {_extension()[1]}. Reinstall with nvcc >= 12.3 "
+                   "on PATH to build it; the Triton and torch backends work meanwhile.", stacklevel=2)
