@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -63,10 +64,12 @@ def _rooflines(ax, gpu: hardware.GPU, x):
     for dtype, style in (("fp8", "-"), ("bf16", "--")):
         peak = gpu.peak_flops(dtype)
         ax.plot(x, np.minimum(peak, x * bw) / 1e12, style, color="0.25", lw=1.6)
-        ax.text(x[-1], peak / 1e12 * 1.08, f"{dtype.upper()} {peak / 1e12:.0f} TFLOPS", ha="right", va="bottom",
-                fontsize=8, color="0.25")
-    ax.text(x[0] * 1.3, x[0] * 1.3 * bw / 1e12 * 1.25, f"HBM {gpu.hbm_tbps:g} TB/s", fontsize=8, color="0.25",
-            rotation=0, ha="left", va="bottom")
+        ridge = peak / bw
+        above = dtype == "fp8"  # the BF16 label goes under its roof, clear of the FP8 GEMM points above it
+        ax.text(ridge * 1.15, peak / 1e12 * (1.1 if above else 0.88), f"{dtype.upper()} {peak / 1e12:.0f} TFLOPS "
+                f"(ridge {ridge:.0f} FLOP/B)", ha="left", va="bottom" if above else "top", fontsize=8, color="0.25")
+    ax.text(x[0] * 1.5, x[0] * 1.5 * bw / 1e12 * 1.35, f"HBM {gpu.hbm_tbps:g} TB/s", fontsize=8, color="0.25",
+            ha="left", va="bottom")
 
 
 def _legend_for(ax, ops, backends, op_colors):
@@ -87,15 +90,15 @@ def plot_gpu(records: list, gpu: hardware.GPU, path: Path) -> Path:
     tensor = [r for r in records if r["flops"]]
     streams = [r for r in records if not r["flops"]]
     intensities = [r["flops"] / r["hbm_bytes"] for r in tensor] or [1.0]
-    x = np.logspace(np.log10(min(0.5, min(intensities) / 2)), np.log10(max(5e3, max(intensities) * 2)), 200)
+    x = np.logspace(np.log10(min(0.5, min(intensities) / 2)), np.log10(max(2e4, max(intensities) * 10)), 200)
     _rooflines(ax, gpu, x)
     for r in tensor:
-        t = r["time_s"]["median"]
-        ax.plot(r["flops"] / r["hbm_bytes"], r["flops"] / t / 1e12, BACKEND_MARKERS.get(r["backend"], "o"),
-                color=op_colors[r["op"]], ms=7, mec="k", mew=0.5, alpha=0.85)
-        if len(tensor) <= 12:
-            ax.annotate(f"{r['op']}/{r['backend']}\n{r['label']}", (r["flops"] / r["hbm_bytes"], r["flops"] / t / 1e12),
-                        fontsize=6, xytext=(4, -10), textcoords="offset points")
+        point = (r["flops"] / r["hbm_bytes"], r["flops"] / r["time_s"]["median"] / 1e12)
+        ax.plot(*point, BACKEND_MARKERS.get(r["backend"], "o"), color=op_colors[r["op"]], ms=7, mec="k", mew=0.5,
+                alpha=0.85)
+        if len(tensor) <= 16:
+            ax.annotate(f"{r['op']}/{r['backend']} [{r['label']}]", point, fontsize=6, xytext=(6, -2),
+                        textcoords="offset points", va="center")
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOPs per HBM byte, compulsory traffic)",
            ylabel="achieved TFLOPS", title=f"{gpu.name}: tensor-core ops")
     ax.set_ylim(bottom=min([0.5] + [r["flops"] / r["time_s"]["median"] / 1e12 / 2 for r in tensor]),
@@ -103,8 +106,8 @@ def plot_gpu(records: list, gpu: hardware.GPU, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.25)
     _legend_for(ax, sorted({r["op"] for r in tensor}), sorted({r["backend"] for r in tensor}), op_colors)
 
-    sizes = [max(r["link_bytes"] or 0, r["hbm_bytes"]) for r in streams] or [1e6, 1e9]
-    span = [min(sizes) / 3, max(sizes) * 3]
+    sizes = [r["link_bytes"] or r["hbm_bytes"] for r in streams] or [1e6, 1e9]
+    span = [min(sizes) / 3, max(sizes) * 30]
     bx.axhline(gpu.hbm_tbps * 1e3, color="0.25", lw=1.6)
     bx.text(span[0], gpu.hbm_tbps * 1e3 * 1.06, f"HBM {gpu.hbm_tbps:g} TB/s", fontsize=8, color="0.25")
     bx.axhline(gpu.nvlink_gbps, color="0.25", lw=1.6, ls=":")
@@ -115,12 +118,17 @@ def plot_gpu(records: list, gpu: hardware.GPU, path: Path) -> Path:
         over_link = bool(r["link_bytes"])
         moved = r["link_bytes"] if over_link else r["hbm_bytes"]
         bx.plot(moved, moved / t / 1e9, BACKEND_MARKERS.get(r["backend"], "o"), color=op_colors[r["op"]], ms=7,
-                mec="k", mew=0.5, alpha=0.85, mfc=op_colors[r["op"]] if not over_link else "none")
+                mec=op_colors[r["op"]] if over_link else "k", mew=1.5 if over_link else 0.5, alpha=0.85,
+                mfc="none" if over_link else op_colors[r["op"]])
+        if len(streams) <= 16:
+            bx.annotate(f"{r['op']}/{r['backend']} [{r['label']}]", (moved, moved / t / 1e9), fontsize=6,
+                        xytext=(6, -2), textcoords="offset points", va="center")
     bx.set(xscale="log", yscale="log", xlim=span, xlabel="bytes moved per call (HBM; hollow: NVLink bytes on the wire)",
            ylabel="achieved GB/s", title=f"{gpu.name}: bandwidth-bound and communication ops")
     bx.set_ylim(bottom=min([10.0] + [(max(r["link_bytes"] or 0, 0) or r["hbm_bytes"]) / r["time_s"]["median"] / 1e9 / 2
                                       for r in streams]), top=gpu.hbm_tbps * 1e3 * 2)
     bx.grid(True, which="both", alpha=0.25)
+    bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     _legend_for(bx, sorted({r["op"] for r in streams}), sorted({r["backend"] for r in streams}), op_colors)
     if not streams:
         bx.text(0.5, 0.5, "no bandwidth-bound measurements", transform=bx.transAxes, ha="center", color="0.4")
@@ -148,7 +156,7 @@ def plot_comparison(records: list, path: Path) -> Path:
     if not chosen:
         chosen = list(dict.fromkeys((o, lab, d) for (o, lab, _, d) in proj))[:10]
     gpus = hardware.COMPARISON
-    fig, ax = plt.subplots(figsize=(12, 0.62 * len(chosen) * len(gpus) / 2 + 1.8))
+    fig, ax = plt.subplots(figsize=(12, 0.24 * len(chosen) * len(gpus) + 1.6))
     height = 0.8 / len(gpus)
     for i, (op, label, dtype) in enumerate(chosen):
         base = proj[(op, label, "H100 SXM5", dtype)]["time_s"]["median"]
@@ -159,14 +167,18 @@ def plot_comparison(records: list, path: Path) -> Path:
             y = i + (j - (len(gpus) - 1) / 2) * height
             t = r["time_s"]["median"] * 1e6
             ax.barh(y, t, height=height * 0.92, color=GPU_COLORS[g], label=g if i == 0 else None)
-            ax.text(t * 1.04, y, f"{t / (base * 1e6):.2f}x  {r['bound']}", va="center", fontsize=7)
+            ends = [t]
             for m in records:
-                if (m["op"], m["label"], m["dtype"]) != (op, label, dtype) or m["status"] != "ok":
+                if (m["op"], m["label"], m["dtype"], m.get("gpu")) != (op, label, dtype, g) or m["status"] != "ok":
                     continue
-                if m["measured_on"] == "gpu" and m["gpu"] == g:
+                if m["measured_on"] == "gpu":
                     ax.plot(m["time_s"]["median"] * 1e6, y, "o", color="k", ms=5)
-                elif m["measured_on"] == "projection" and m["backend"] != "roofline" and m["gpu"] == g:
+                elif m["measured_on"] == "projection" and m["backend"] != "roofline":
                     ax.plot(m["time_s"]["median"] * 1e6, y, "D", mfc="none", mec="k", ms=5)
+                else:
+                    continue
+                ends.append(m["time_s"]["median"] * 1e6)
+            ax.text(max(ends) * 1.12, y, f"{t / (base * 1e6):.2f}x  {r['bound']}", va="center", fontsize=7)
     ax.set_yticks(range(len(chosen)))
     ax.set_yticklabels([f"{op}\n{label} ({dtype})" for op, label, dtype in chosen], fontsize=8)
     ax.invert_yaxis()

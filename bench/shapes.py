@@ -50,7 +50,7 @@ def _smoke():
         ("m_grouped_fp8_gemm_nt_contiguous", {"ms": [37, 0, 5], "n": 160, "k": 256}),
         ("m_grouped_fp8_gemm_nt_masked", {"masked_m": [5, 0, 17], "m_max": 24, "n": 160, "k": 256}),
         ("mla_decode", {"batch": 2, "s_q": 1, "h_q": 16, "seqlen": [65, 130], "kv_dtype": "bf16"}),
-        ("mla_decode", {"batch": 2, "s_q": 2, "h_q": 3, "seqlen": [63, 64], "kv_dtype": "fp8"}),
+        ("mla_decode", {"batch": 2, "s_q": 2, "h_q": 3, "seqlen": [63, 63], "kv_dtype": "fp8"}),
         ("moe_dispatch", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "dtype": "fp8"}),
         ("moe_dispatch", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "dtype": "bf16"}),
         ("moe_combine", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "dtype": "bf16"}),
