@@ -67,7 +67,7 @@ def _slug(text: str) -> str:
 
 
 def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, measured_on: str,
-                    gpu: hardware.GPU | None) -> dict:
+                    gpu: hardware.GPU | None, device_name: str | None = None) -> dict:
     stats = timing.summarize(run["samples"])
     t = stats["median"]
     stats["discarded_throttled"] = run.get("discarded_throttled", 0)
@@ -75,7 +75,8 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
         stats["sm_clock_mhz"] = run["sm_clock_mhz"]
     cost = prep.cost
     fields = dict(op=case.op, backend=backend, shape=case.shape, label=case.label, dtype=case.dtype, status="ok",
-                  measured_on=measured_on, gpu=gpu.name if gpu else None, time_s=stats, flops=cost.flops,
+                  measured_on=measured_on, device=device_name or measured_on, gpu=gpu.name if gpu else None,
+                  time_s=stats, flops=cost.flops,
                   hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes,
                   tflops=cost.flops / t / 1e12 if cost.flops else None, gbps=cost.hbm_bytes / t / 1e9,
                   link_gbps=cost.link_bytes / t / 1e9 if cost.link_bytes else None,
@@ -88,13 +89,16 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
         fields.update(roofline_s=proj.seconds, roofline_fraction=proj.seconds / t, bound=proj.bound)
     elif measured_on == "cpu":
         notes.append("CPU figure: not comparable with any GPU roofline")
+    else:
+        notes.append("GPU without a spec row (see device.detection; --gpu names it): no roofline")
     fields["note"] = "; ".join(notes) or None
     return results.record(**fields)
 
 
-def status_record(case: C.Case, backend: str, status: str, reason: str, measured_on: str) -> dict:
+def status_record(case: C.Case, backend: str, status: str, reason: str, measured_on: str,
+                  device_name: str | None = None) -> dict:
     return results.record(op=case.op, backend=backend, shape=case.shape, label=case.label, dtype=case.dtype,
-                          status=status, reason=reason, measured_on=measured_on)
+                          status=status, reason=reason, measured_on=measured_on, device=device_name or measured_on)
 
 
 def projection_cases() -> list:
@@ -141,6 +145,10 @@ def run(args) -> dict:
     dev = results.device_block(device, args.gpu)
     gpu = hardware.get(dev["gpu"]) if dev.get("gpu") else None
     measured_on = "gpu" if device.type == "cuda" else "cpu"
+    device_name = dev["name"] if measured_on == "gpu" else "cpu"
+    if measured_on == "gpu" and gpu is None:
+        print(f"Which GPU is this? {dev['detection']}. Measurements are kept without a roofline; rerun with "
+              f"--gpu NAME (or {hardware.GPU_ENV}=NAME) to get one.", file=sys.stderr)
     group, group_reason = process_group(device)
     world = group.size() if group is not None else 1
     rank = group.rank() if group is not None else 0
@@ -175,11 +183,12 @@ def run(args) -> dict:
         except C.Skip as exc:
             reason = str(exc) if group is not None or case.op not in ("moe_dispatch", "moe_combine") \
                 else f"{exc} ({group_reason})"
-            doc["records"] += [status_record(case, b, "skipped", reason, measured_on) for b in names]
+            doc["records"] += [status_record(case, b, "skipped", reason, measured_on, device_name) for b in names]
             bar.update(len(names))
             continue
         except Exception as exc:  # a broken op must not stop the other cases
-            doc["records"] += [status_record(case, b, "failed", f"inputs: {type(exc).__name__}: {exc}", measured_on)
+            doc["records"] += [status_record(case, b, "failed", f"inputs: {type(exc).__name__}: {exc}", measured_on,
+                                             device_name)
                                for b in names]
             bar.update(len(names))
             continue
@@ -187,12 +196,13 @@ def run(args) -> dict:
             bar.set_description(f"{case.op} [{case.label}] {backend}")
             try:
                 fn = prep.make(backend)
-                doc["records"].append(measured_record(case, backend, prep, timer(fn, **runs), measured_on, gpu))
+                doc["records"].append(measured_record(case, backend, prep, timer(fn, **runs), measured_on, gpu,
+                                                      device_name))
             except C.Skip as exc:
-                doc["records"].append(status_record(case, backend, "skipped", str(exc), measured_on))
+                doc["records"].append(status_record(case, backend, "skipped", str(exc), measured_on, device_name))
             except Exception as exc:
                 doc["records"].append(status_record(case, backend, "failed", f"{type(exc).__name__}: {exc}",
-                                                    measured_on))
+                                                    measured_on, device_name))
             bar.update(1)
         del prep
         gc.collect()
@@ -284,7 +294,8 @@ def compare_table(doc: dict, old: dict) -> str:
         if r["status"] != "ok" or r["measured_on"] == "projection" or prev is None:
             continue
         t0, t1 = prev["time_s"]["median"], r["time_s"]["median"]
-        rows.append([r["op"], f"{r['label']} {r['dtype']}", r["backend"], _fmt_time(t0), _fmt_time(t1), f"{t0 / t1:.2f}"])
+        rows.append([r["op"], f"{r['label']} {r['dtype']}", r["backend"], _fmt_time(t0), _fmt_time(t1),
+                     f"{t0 / t1:.2f}"])
     warn = ""
     if old["device"].get("name") != doc["device"].get("name"):
         warn = f"  [different devices: {old['device'].get('name')} vs {doc['device'].get('name')}]"

@@ -17,7 +17,7 @@ from pykernels import hardware
 SCHEMA = "pykernels-bench/1"
 MEASURED_ON = ("gpu", "cpu", "projection")
 STATUSES = ("ok", "skipped", "failed")
-RECORD_KEYS = ("op", "backend", "shape", "label", "dtype", "status", "reason", "measured_on", "gpu", "time_s",
+RECORD_KEYS = ("op", "backend", "shape", "label", "dtype", "status", "reason", "measured_on", "device", "gpu", "time_s",
                "flops", "hbm_bytes", "link_bytes", "tflops", "gbps", "link_gbps", "logical_gbps", "roofline_s",
                "roofline_fraction", "bound", "note")
 PEER_PACKAGES = ("deep_gemm", "flash_mla", "deep_ep", "flashinfer-python", "flashinfer", "vllm", "pynvml",
@@ -150,11 +150,3 @@ def save(doc: dict, path: Path) -> Path:
 
 def load(path) -> dict:
     return validate(json.loads(Path(path).read_text()))
-
-
-def is_bench_document(path) -> bool:
-    """True for files written by `python -m bench` (pytest-benchmark's JSON has another shape)."""
-    try:
-        return json.loads(Path(path).read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
-        return False

@@ -60,5 +60,6 @@ def test_op(benchmark, bench_case, request, gpu_timer):
     benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
     det = hardware.detect(override=request.config.getoption("--gpu")) if HAS_GPU else None
     record = harness.measured_record(case, backend, prep, {"samples": list(benchmark.stats.stats.data)},
-                                     "gpu" if HAS_GPU else "cpu", det.gpu if det else None)
+                                     "gpu" if HAS_GPU else "cpu", det.gpu if det else None,
+                                     torch.cuda.get_device_name() if HAS_GPU else "cpu")
     benchmark.extra_info.update(record)

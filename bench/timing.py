@@ -43,10 +43,6 @@ class Clocks:
         except Exception:  # no pynvml, no driver access (containers), or a GPU NVML does not know
             self.handle = None
 
-    @property
-    def readable(self) -> bool:
-        return self.handle is not None
-
     def sm_mhz(self) -> int | None:
         if self.handle is None:
             return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 SCALE_BLOCK = 128  # DeepSeek-V3 recipe: 1x128 activation groups, 128x128 weight blocks, float32 scales
@@ -48,9 +48,6 @@ class GPU:
     @property
     def link_bytes_per_s(self) -> float:
         return self.nvlink_gbps * 1e9
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 GPUS = {

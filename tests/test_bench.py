@@ -26,7 +26,8 @@ FP8 = torch.float8_e4m3fn
 
 
 def run_cli(*args, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the jobs as a machine without a GPU runs them, also when the test suite runs on a GPU
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -65,7 +66,6 @@ def test_schema_round_trip(tmp_path):
     doc = _doc()
     path = results.save(doc, tmp_path / "r.json")
     assert results.load(path) == json.loads(json.dumps(doc))
-    assert results.is_bench_document(path)
     rec = doc["records"][0]
     assert rec["measured_on"] == "cpu" and rec["time_s"]["median"] == 2e-3 and rec["time_s"]["n"] == 3
     assert rec["roofline_fraction"] is None and "CPU figure" in rec["note"]
@@ -304,11 +304,11 @@ def test_peer_with_wrong_output_is_never_timed(fake_ops, group):
 
 def _gpu_fixture(gpu):
     doc = results.new_document("gpu-fixture", {"kind": "gpu", "name": "NVIDIA H800", "gpu": gpu}, "deepseek-v3", {})
-    todo = C.cases_for([("fp8_gemm_nt", {"m": 4096, "n": 7168, "k": 2048}), ("fp8_gemm_nt", {"m": 64, "n": 7168, "k": 2048}),
+    moe = {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8"}
+    todo = C.cases_for([("fp8_gemm_nt", {"m": 4096, "n": 7168, "k": 2048}),
+                        ("fp8_gemm_nt", {"m": 64, "n": 7168, "k": 2048}),
                         ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 16, "seqlen": 8192, "kv_dtype": "bf16"}),
-                        ("per_token_group_quant_fp8", {"m": 4096, "k": 7168}),
-                        ("moe_dispatch", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8"})],
-                       world=8)
+                        ("per_token_group_quant_fp8", {"m": 4096, "k": 7168}), ("moe_dispatch", moe)], world=8)
     for case, frac in zip(todo, (0.7, 0.4, 0.8, 0.6, 0.5)):
         prep = C.Prepared(case, case.cost(), {}, extra={"logical_bytes": 1e8} if case.op == "moe_dispatch" else {})
         for backend, f in (("cuda", frac), ("triton", frac * 0.7)):
@@ -348,7 +348,7 @@ def test_main_job_smoke_on_cpu(tmp_path):
     doc = results.load(tmp_path / "cpu-smoke.json")
     assert doc["device"]["kind"] == "cpu" and doc["shape_set"] == "smoke"
     measured = [r for r in doc["records"] if r["measured_on"] != "projection"]
-    assert measured and all(r["measured_on"] == "cpu" for r in measured)
+    assert measured and all(r["measured_on"] == "cpu" and r["device"] == "cpu" for r in measured)
     assert {r["op"] for r in measured} == set(C.OPS)
     assert any(r["status"] == "ok" and r["backend"] == "torch" for r in measured)
     for header in ("time (±IQR)", "TFLOPS", "GB/s", "% roof", "bound", "vs torch", "H800 SXM5", "H20"):
