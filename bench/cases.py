@@ -347,17 +347,19 @@ def _prepare_mla(case, device):
         n = lens[0]
         softmax_scale = hardware.MLA_HEAD_DIM ** -0.5
         mask = None
-        if causal:
-            t = torch.arange(s_q, device=device)[:, None]
+        if causal:  # query row r = t * h_q + head sees keys [0, n - s_q + t]
+            t = torch.arange(s_q * h_q, device=device)[:, None] // h_q
             mask = torch.arange(n, device=device)[None, :] <= (n - s_q + t)
 
         def run():
+            # One latent KV head: fold heads and query tokens into one query axis of a single-head attention,
+            # so no per-head copy of the cache is ever materialized.
             cache = dequantized_cache() if kv_scale is not None else kv
-            keys = cache[block_table.long()].reshape(b, -1, hardware.MLA_HEAD_DIM)[:, :n]
-            keys = keys[:, None].expand(b, h_q, n, hardware.MLA_HEAD_DIM)
+            keys = cache[block_table.long()].reshape(b, 1, -1, hardware.MLA_HEAD_DIM)[:, :, :n]
             out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, keys[..., :hardware.MLA_HEAD_DIM_V], attn_mask=mask, scale=softmax_scale)
-            return out.transpose(1, 2)
+                q.reshape(b, 1, s_q * h_q, hardware.MLA_HEAD_DIM), keys, keys[..., :hardware.MLA_HEAD_DIM_V],
+                attn_mask=mask, scale=softmax_scale)
+            return out.reshape(b, s_q, h_q, hardware.MLA_HEAD_DIM_V)
         return run
 
     def flash_mla():
