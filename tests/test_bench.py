@@ -1,0 +1,385 @@
+"""The benchmark suite on a CPU: statistics, the results schema round-trip, every case's input builder
+against stand-ins that check the public API contract of each op (so the cases are right before the ops
+land on this branch), the projection records, the plotting script on a small fixture, the pytest-benchmark
+job, and `python -m bench --shapes smoke` end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import pykernels
+from bench import cases as C
+from bench import harness, results, roofline, shapes, timing
+from pykernels import hardware
+from pykernels.reference import fp8_quant as qref
+
+ROOT = Path(__file__).resolve().parent.parent
+FP8 = torch.float8_e4m3fn
+
+
+def run_cli(*args, timeout=240):
+    # the jobs as a machine without a GPU runs them, also when the test suite runs on a GPU
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ---- statistics and timers ----
+
+def test_summarize():
+    s = timing.summarize([3.0, 1.0, 2.0, 4.0, 100.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 100.0, 5)
+    assert s["mean"] == pytest.approx(22.0)
+    assert s["spread"] == pytest.approx((4.0 - 2.0) / 3.0)  # interquartile range over the median
+    assert timing.summarize([2.0])["spread"] == 0.0
+    with pytest.raises(ValueError, match="samples: expected at least one"):
+        timing.summarize([])
+
+
+def test_cpu_timer_takes_at_least_three_samples():
+    calls = []
+    out = timing.CpuTimer(budget_s=0.0)(lambda: calls.append(1), warmup=2, rep=10)
+    assert len(out["samples"]) == 3 and len(calls) == 5
+    assert all(t >= 0 for t in out["samples"])
+
+
+# ---- results schema ----
+
+def _doc():
+    doc = results.new_document("fixture", {"kind": "cpu", "name": "test cpu", "gpu": None}, "smoke", {})
+    case = C.Case("fp8_gemm_nt", {"m": 7, "n": 200, "k": 256})
+    prep = C.Prepared(case, case.cost(), {})
+    doc["records"].append(harness.measured_record(case, "torch", prep, {"samples": [2e-3, 1e-3, 3e-3]}, "cpu", None))
+    doc["records"].append(harness.status_record(case, "cuda", "skipped", "no GPU", "cpu"))
+    doc["records"] += harness.projection_records([])
+    return doc
+
+
+def test_schema_round_trip(tmp_path):
+    doc = _doc()
+    path = results.save(doc, tmp_path / "r.json")
+    assert results.load(path) == json.loads(json.dumps(doc))
+    rec = doc["records"][0]
+    assert rec["measured_on"] == "cpu" and rec["time_s"]["median"] == 2e-3 and rec["time_s"]["n"] == 3
+    assert rec["roofline_fraction"] is None and "CPU figure" in rec["note"]
+    assert rec["gbps"] == pytest.approx(rec["hbm_bytes"] / 2e-3 / 1e9)
+    assert rec["tflops"] == pytest.approx(2 * 7 * 200 * 256 / 2e-3 / 1e12)
+    assert set(rec) == set(results.RECORD_KEYS)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("status", "maybe", "status: expected one of"),
+    ("measured_on", "tpu", "measured_on: expected one of"),
+    ("time_s", {"median": 1.0, "min": 2.0, "max": 3.0, "n": 3}, "min <= median <= max"),
+])
+def test_schema_rejects_bad_records(field, value, message):
+    doc = _doc()
+    doc["records"][0][field] = value
+    with pytest.raises(ValueError, match=message):
+        results.validate(doc)
+    del doc["records"][0]["bound"]
+    with pytest.raises(ValueError, match="missing fields"):
+        results.validate_record(doc["records"][0])
+
+
+def test_gpu_record_fraction_and_scaled_projection():
+    case = C.Case("fp8_gemm_nt", {"m": 4096, "n": 7168, "k": 16384})
+    prep = C.Prepared(case, case.cost(), {})
+    roof = hardware.project(case.cost(), "H800", "fp8").seconds
+    rec = harness.measured_record(case, "cuda", prep, {"samples": [roof / 0.8] * 5, "discarded_throttled": 2},
+                                  "gpu", hardware.get("H800"))
+    assert rec["roofline_fraction"] == pytest.approx(0.8) and rec["bound"] == "compute"
+    assert "2 throttled runs discarded" in rec["note"]
+    proj = harness.projection_records([rec])
+    scaled = [r for r in proj if r["backend"] == "cuda"]
+    assert {r["gpu"] for r in scaled} == {"H100 SXM5", "H20", "H200 SXM"}  # not the GPU it was measured on
+    h20 = next(r for r in scaled if r["gpu"] == "H20")
+    assert h20["measured_on"] == "projection" and "projection" in h20["note"]
+    assert h20["time_s"]["median"] == pytest.approx(hardware.project(case.cost(), "H20", "fp8").seconds / 0.8)
+    roofs = [r for r in proj if r["backend"] == "roofline"]
+    assert len(roofs) == len(harness.projection_cases()) * len(hardware.COMPARISON)
+
+
+def test_shape_sets_cover_every_op():
+    for name in shapes.SHAPE_SETS:
+        todo = C.cases_for(shapes.shape_set(name), world=1)
+        assert {c.op for c in todo} == set(C.OPS)
+        assert len({c.key for c in todo}) == len(todo)  # labels tell cases apart
+        for c in todo:
+            cost = c.cost()
+            assert cost.hbm_bytes > 0 and all(math.isfinite(v) for v in cost)
+    with pytest.raises(ValueError, match="--shapes: expected one of"):
+        shapes.shape_set("llama")
+
+
+# ---- the cases against stand-ins for the ops of the other issues ----
+
+def _dequant_a(a, sa):
+    return qref.dequantize_token_groups(a, sa)
+
+
+def _dequant_b(b, sb):
+    return qref.dequantize_blocks(b, sb)
+
+
+def fake_fp8_gemm_nt(a_pair, b_pair, out=None, backend="auto"):
+    (a, sa), (b, sb) = a_pair, b_pair
+    m, k = a.shape
+    n = b.shape[0]
+    assert a.dtype == b.dtype == FP8 and sa.shape == (m, -(-k // 128)) and sb.shape == (-(-n // 128), -(-k // 128))
+    d = (_dequant_a(a, sa) @ _dequant_b(b, sb).T).to(torch.bfloat16)
+    return out.copy_(d) if out is not None else d
+
+
+def fake_contiguous(a_pair, b_pair, m_indices, out=None, backend="auto"):
+    (a, sa), (b, sb) = a_pair, b_pair
+    assert m_indices.dtype == torch.int32 and m_indices.shape == (a.shape[0],) and b.dim() == 3
+    assert a.shape[0] % 128 == 0
+    d = torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+    for g in range(b.shape[0]):
+        rows = m_indices == g
+        d[rows] = (_dequant_a(a[rows], sa[rows]) @ _dequant_b(b[g], sb[g]).T).to(torch.bfloat16)
+    return out.copy_(d) if out is not None else d
+
+
+def fake_masked(a_pair, b_pair, masked_m, expected_m, out=None, backend="auto"):
+    (a, sa), (b, sb) = a_pair, b_pair
+    assert a.dim() == 3 and sa.shape[:2] == a.shape[:2] and masked_m.shape == (a.shape[0],)
+    assert isinstance(expected_m, int) and expected_m >= 1
+    d = torch.stack([(_dequant_a(a[g], sa[g]) @ _dequant_b(b[g], sb[g]).T).to(torch.bfloat16)
+                     for g in range(a.shape[0])])
+    return out.copy_(d) if out is not None else d
+
+
+def fake_get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    assert cache_seqlens.dtype == torch.int32 and num_heads_k == 1
+    return ("schedule", num_q_tokens_per_head_k)
+
+
+def fake_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v=512, softmax_scale=None, causal=False,
+                    kv_scale=None, metadata=None, backend="auto"):
+    b, s_q, h, d = q.shape
+    assert d == 576 and head_dim_v == 512 and kv_cache.shape[1:] == (64, 1, 576) and q.dtype == torch.bfloat16
+    assert block_table.dtype == cache_seqlens.dtype == torch.int32
+    assert (kv_cache.dtype == FP8) == (kv_scale is not None)
+    assert metadata is None or metadata[0] == "schedule"
+    scale = softmax_scale or d ** -0.5
+    out = torch.empty(b, s_q, h, head_dim_v, dtype=q.dtype)
+    lse = torch.empty(b, h, s_q)
+    for i in range(b):
+        n = int(cache_seqlens[i])
+        k = kv_cache[block_table[i, :-(-n // 64)].long()].reshape(-1, d)[:n].float()
+        if kv_scale is not None:
+            k = k * kv_scale
+        s = torch.einsum("thd,nd->thn", q[i].float(), k) * scale
+        if causal:
+            allowed = torch.arange(n)[None, :] <= (n - s_q + torch.arange(s_q)[:, None])
+            s = s.masked_fill(~allowed[:, None, :], float("-inf"))
+        out[i] = (torch.softmax(s, -1) @ k[:, :head_dim_v]).to(q.dtype)
+        lse[i] = torch.logsumexp(s, -1).T
+    return out, lse
+
+
+class FakeBuffer:
+    """One-rank stand-in for pykernels.moe.Buffer: the API of issue 5, every token delivered to rank 0."""
+
+    def __init__(self, group, backend="auto"):
+        import torch.distributed as dist
+
+        assert dist.get_world_size(group) == 1
+        self.backend = backend
+
+    def get_dispatch_layout(self, topk_idx, num_experts):
+        assert topk_idx.dtype == torch.int64
+        per_expert = torch.bincount(topk_idx[topk_idx >= 0], minlength=num_experts)
+        in_rank = (topk_idx >= 0).any(1, keepdim=True)
+        return in_rank.sum(0), per_expert, in_rank
+
+    def dispatch(self, x, topk_idx, topk_weights, num_experts, layout=None):
+        assert layout is not None and len(layout) == 3
+        rows = (topk_idx >= 0).any(1)
+        if isinstance(x, tuple):
+            assert x[0].dtype == FP8 and x[1].shape == (x[0].shape[0], x[0].shape[1] // 128)
+            recv = (x[0][rows], x[1][rows])
+        else:
+            recv = x[rows]
+        counts = torch.bincount(topk_idx[rows][topk_idx[rows] >= 0], minlength=num_experts).tolist()
+        return recv, topk_idx[rows], topk_weights[rows], counts, rows
+
+    def combine(self, y, handle):
+        assert y.shape[0] == int(handle.sum())
+        out = torch.zeros(handle.shape[0], y.shape[1], dtype=y.dtype)
+        out[handle] = y
+        return out
+
+
+def fake_permute(recv_x, recv_topk_idx, alignment=128, backend="auto"):
+    r, k = recv_topk_idx.shape
+    num_local = int(recv_topk_idx.max()) + 1
+    perm = torch.full((r, k), -1, dtype=torch.int64)
+    rows, m_indices = [], []
+    for e in range(num_local):
+        pairs = (recv_topk_idx == e).nonzero()
+        start = len(m_indices)
+        for j, (t, slot) in enumerate(pairs.tolist()):
+            perm[t, slot] = start + j
+            rows.append(t)
+        padded = -(-len(pairs) // alignment) * alignment
+        m_indices += [e] * len(pairs) + [-1] * (padded - len(pairs))
+        rows += [0] * (padded - len(pairs))
+    return recv_x[torch.tensor(rows)], torch.tensor(m_indices, dtype=torch.int32), perm
+
+
+def fake_unpermute(y_sorted, perm, recv_topk_weights, backend="auto"):
+    assert perm.shape == recv_topk_weights.shape
+    gathered = y_sorted[perm.clamp(min=0)].float() * (recv_topk_weights * (perm >= 0))[..., None]
+    return gathered.sum(1).to(y_sorted.dtype)
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    moe = types.SimpleNamespace(Buffer=FakeBuffer, permute_to_experts=fake_permute,
+                                unpermute_from_experts=fake_unpermute)
+    for name, fn in [("fp8_gemm_nt", fake_fp8_gemm_nt), ("m_grouped_fp8_gemm_nt_contiguous", fake_contiguous),
+                     ("m_grouped_fp8_gemm_nt_masked", fake_masked), ("mla_decode", fake_mla_decode),
+                     ("get_mla_metadata", fake_get_mla_metadata), ("moe", moe)]:
+        monkeypatch.setattr(pykernels, name, fn, raising=False)
+
+
+@pytest.fixture(scope="module")
+def group():
+    import torch.distributed as dist
+
+    made = not dist.is_initialized()
+    g, why = harness.process_group(torch.device("cpu"))
+    assert g is not None, why
+    yield g
+    if made:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", C.cases_for(shapes.shape_set("smoke"), world=1), ids=lambda c: f"{c.op}-{c.label}")
+def test_smoke_cases_build_and_run(case, fake_ops, group):
+    prep = C.prepare(case, torch.device("cpu"), group)
+    prep.make("torch")()
+    for peer in ("deep_gemm", "flash_mla", "flashinfer", "deep_ep", "vllm-triton", "torch-scaled-mm"):
+        if peer in prep.makers:
+            with pytest.raises(C.Skip, match="GPU"):
+                prep.make(peer)
+    with pytest.raises(C.Skip, match="cuda"):
+        prep.make("cuda")
+    if case.op == "mla_decode":
+        # the SDPA baseline must agree with the op (checked inside make before it may be timed)
+        if len(set(case.shape["seqlen"])) == 1:
+            prep.make("torch-sdpa")()
+        else:
+            with pytest.raises(C.Skip, match="uniform lengths"):
+                prep.make("torch-sdpa")
+    if case.op in ("moe_dispatch", "moe_combine"):
+        assert prep.cost.link_bytes == 0 and prep.extra["received_rows"] <= case.shape["tokens"]
+
+
+def test_missing_op_is_skipped_with_the_reason(monkeypatch, group):
+    monkeypatch.delattr(pykernels, "fp8_gemm_nt", raising=False)
+    with pytest.raises(C.Skip, match=C.NOT_IN_BUILD):
+        C.prepare(C.Case("fp8_gemm_nt", {"m": 7, "n": 200, "k": 256}), torch.device("cpu"), group)
+
+
+def test_peer_with_wrong_output_is_never_timed(fake_ops, group):
+    case = C.Case("fp8_gemm_nt", {"m": 7, "n": 200, "k": 256})
+    prep = C.prepare(case, torch.device("cpu"), group)
+    prep.makers["deep_gemm"] = lambda: (lambda: torch.zeros(7, 200, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="differs from the torch reference"):
+        prep.make("deep_gemm")
+
+
+# ---- plots ----
+
+def _gpu_fixture(gpu):
+    doc = results.new_document("gpu-fixture", {"kind": "gpu", "name": "NVIDIA H800", "gpu": gpu}, "deepseek-v3", {})
+    moe = {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8"}
+    todo = C.cases_for([("fp8_gemm_nt", {"m": 4096, "n": 7168, "k": 2048}),
+                        ("fp8_gemm_nt", {"m": 64, "n": 7168, "k": 2048}),
+                        ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 16, "seqlen": 8192, "kv_dtype": "bf16"}),
+                        ("per_token_group_quant_fp8", {"m": 4096, "k": 7168}), ("moe_dispatch", moe)], world=8)
+    for case, frac in zip(todo, (0.7, 0.4, 0.8, 0.6, 0.5)):
+        prep = C.Prepared(case, case.cost(), {}, extra={"logical_bytes": 1e8} if case.op == "moe_dispatch" else {})
+        for backend, f in (("cuda", frac), ("triton", frac * 0.7)):
+            t = hardware.project(case.cost(), gpu, case.math_dtype).seconds / f
+            doc["records"].append(harness.measured_record(case, backend, prep, {"samples": [t, t * 1.02, t * 0.99]},
+                                                          "gpu", hardware.get(gpu)))
+    doc["records"] += harness.projection_records(doc["records"])
+    return doc
+
+
+def test_roofline_script_on_fixture(tmp_path):
+    h800, h20 = _gpu_fixture("H800 SXM5"), _gpu_fixture("H20")
+    cpu = _doc()
+    for i, doc in enumerate((h800, h20, cpu)):
+        results.save(doc, tmp_path / f"in{i}.json")
+    out = tmp_path / "plots"
+    proc = run_cli("bench/roofline.py", *[str(tmp_path / f"in{i}.json") for i in range(3)], "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("roofline-h800-sxm5.png", "roofline-h20.png", "cross-gpu.png"):
+        assert (out / name).stat().st_size > 20_000, name  # a drawn figure, not an empty canvas
+    assert not (out / "roofline-h100-sxm5.png").exists()
+
+
+def test_roofline_on_cpu_only_or_empty_input_says_so(tmp_path):
+    messages = roofline.plot_documents([_doc()], tmp_path)
+    assert any("No GPU measurements" in m and "projection chart only" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cross-gpu.png"]
+    empty = roofline.plot_records([], tmp_path / "empty", "0 files")
+    assert any("No GPU measurements" in m for m in empty) and (tmp_path / "empty" / "cross-gpu.png").exists()
+
+
+# ---- the jobs, end to end ----
+
+def test_main_job_smoke_on_cpu(tmp_path):
+    proc = run_cli("-m", "bench", "--shapes", "smoke", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = results.load(tmp_path / "cpu-smoke.json")
+    assert doc["device"]["kind"] == "cpu" and doc["shape_set"] == "smoke"
+    measured = [r for r in doc["records"] if r["measured_on"] != "projection"]
+    assert measured and all(r["measured_on"] == "cpu" and r["device"] == "cpu" for r in measured)
+    assert {r["op"] for r in measured} == set(C.OPS)
+    assert any(r["status"] == "ok" and r["backend"] == "torch" for r in measured)
+    for header in ("time (±IQR)", "TFLOPS", "GB/s", "% roof", "bound", "vs torch", "H800 SXM5", "H20"):
+        assert header in proc.stdout
+    assert "never comparable with GPU figures" in proc.stdout
+    assert (tmp_path / "cross-gpu.png").exists() and (tmp_path / "cpu-smoke-projection.txt").exists()
+    again = run_cli("-m", "bench", "--ops", "per_token", "--quick", "--interpret", "--out", str(tmp_path),
+                    "--name", "again", "--compare", str(tmp_path / "cpu-smoke.json"), "--no-plots")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Speed-up against cpu-smoke" in again.stdout
+    rec = {r["backend"]: r for r in results.load(tmp_path / "again.json")["records"] if r["measured_on"] == "cpu"}
+    assert rec["torch"]["status"] == "ok" and rec["triton"]["status"] == "ok"  # through the interpreter
+
+
+def test_pytest_benchmark_job(tmp_path):
+    skipped = run_cli("-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider")
+    assert skipped.returncode == 0, skipped.stdout[-3000:]
+    assert "passed" not in skipped.stdout and "pass --interpret" in skipped.stdout
+    out = tmp_path / "pb.json"
+    smoke = run_cli("-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider", "--interpret",
+                    "--bench-ops", "per_token_group", f"--benchmark-json={out}")
+    assert smoke.returncode == 0, smoke.stdout[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["gpu"]["kind"] == "cpu" and "versions" in data["machine_info"]
+    infos = [b["extra_info"] for b in data["benchmarks"]]
+    assert {i["backend"] for i in infos} == {"torch", "triton"}
+    assert all(i["measured_on"] == "cpu" and i["hbm_bytes"] > 0 for i in infos)
+    recs, _ = roofline.load_records(out)
+    assert len(recs) == 2
+
+
+def test_plain_pytest_run_does_not_collect_bench():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
