@@ -1,0 +1,238 @@
+"""FP8 block-scaled GEMM: the reference against float64 arithmetic, the API's argument checks, the
+Triton kernels (through the interpreter on CPU) against the reference, the CUDA kernel's host-side tile
+heuristic and scheduler, and on a GPU every backend on DeepSeek-V3's shapes.
+
+Tolerances:
+- reference vs float64 (dequantized operands): the reference rounds once to bfloat16 (relative 2^-9) after a
+  float32 accumulation whose error is at most about K * 2^-24 * sum|a*b| (summation order); the bound used is
+  2^-8 * |exact| + K * 2^-23 * (|A| @ |B|^T).
+- a kernel vs the reference: both accumulate the same exact fp8 products in float32 per 128-K block, in a
+  different order, then round to bfloat16; they may differ by one bfloat16 step plus the accumulation-order
+  term: |got - ref| <= 2^-7 * |ref| + K * 2^-22 * (|A| @ |B|^T).
+- against the unquantized product: DeepGEMM's calc_diff < 1e-3 (fp8 quantization error, typically 7e-4).
+"""
+
+import pytest
+import torch
+
+import pykernels
+from pykernels.reference import fp8_gemm as ref
+from pykernels.reference import fp8_quant
+
+FP8 = torch.float8_e4m3fn
+HAS_GPU = torch.cuda.is_available()
+
+
+def quantized_pair(x):
+    return fp8_quant.per_token_group_quant_fp8(x, 128)
+
+
+def quantized_weights(w):
+    return fp8_quant.per_block_quant_fp8(w, 128)
+
+
+def random_problem(m, n, k, groups=None, device="cpu"):
+    """Unquantized float32 operands (rows with varying magnitude) and their fp8 pairs."""
+    lead = () if groups is None else (groups,)
+    x = torch.randn(lead + (m, k)) * torch.exp(torch.randn(lead + (m, 1)))
+    w = torch.randn(lead + (n, k))  # one scale per 128x128 block: rows of like magnitude, as in real weights
+    a, sa = quantized_pair(x)
+    b, sb = quantized_weights(w)
+    return x, w, (a.to(device), sa.to(device)), (b.to(device), sb.to(device))
+
+
+def magnitude_bound(a, sa, b, sb):
+    """(|A| @ |B|^T) of the dequantized operands in float64, the scale of the accumulation-order error."""
+    return ref.dequantized_product(a.abs(), sa.abs(), b.abs(), sb.abs())
+
+
+def assert_matches_reference(got, want, a, sa, b, sb, rows=None):
+    """got vs the reference for rows `rows` (all when None): one bfloat16 step plus accumulation order."""
+    got, want = got.cpu().double(), want.cpu().double()
+    mag = magnitude_bound(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    if rows is not None:
+        got, want, mag = got[rows], want[rows], mag[rows]
+    assert bool(torch.isfinite(got).all()), "non-finite values in valid rows"
+    k = a.shape[-1]
+    bound = want.abs() * 2 ** -7 + mag * k * 2 ** -22
+    excess = (got - want).abs() - bound
+    assert float(excess.max()) <= 0, f"max excess {float(excess.max()):.3e} over the bound"
+
+
+# ---- reference ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 128), (7, 320, 512), (129, 200, 384), (64, 2112, 1024)])
+def test_reference_vs_float64(m, n, k):
+    x, w, (a, sa), (b, sb) = random_problem(m, n, k)
+    got = ref.fp8_gemm_nt(a, sa, b, sb)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    exact = ref.dequantized_product(a, sa, b, sb)
+    bound = exact.abs() * 2 ** -8 + magnitude_bound(a, sa, b, sb) * k * 2 ** -23
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    # With quantization: against the unquantized float64 product (DeepGEMM's acceptance metric).
+    assert ref.calc_diff(got, x.double() @ w.double().T) < 1e-3
+
+
+def test_reference_promotes_per_k_block():
+    """Scales applied per 128-K block: blocks with wildly different scales must not mix before scaling."""
+    m, n, k = 3, 130, 256
+    a = torch.full((m, k), 1.0).to(FP8)
+    b = torch.full((n, k), 1.0).to(FP8)
+    sa = torch.tensor([[1.0, 2.0 ** 20]] * m)
+    sb = torch.tensor([[1.0, 1.0], [3.0, 0.5]])
+    got = ref.fp8_gemm_nt(a, sa, b, sb).double()
+    # columns < 128 use sb row 0, columns 128.. (the partial block) row 1.
+    want = torch.empty(m, n, dtype=torch.float64)
+    want[:, :128] = 128 * 1.0 + 128 * 2.0 ** 20
+    want[:, 128:] = 128 * 3.0 + 128 * 2.0 ** 20 * 0.5
+    torch.testing.assert_close(got, want.to(torch.bfloat16).double(), rtol=0, atol=0)
+
+
+def test_calc_diff():
+    x = torch.randn(100, dtype=torch.float64)
+    assert ref.calc_diff(x, x) == pytest.approx(0.0, abs=1e-15)
+    assert ref.calc_diff(x, -x) == pytest.approx(2.0)
+    assert ref.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+# ---- argument checks ---------------------------------------------------------------------------------
+
+def _plain(m=8, n=256, k=256):
+    _, _, ap, bp = random_problem(m, n, k)
+    return ap, bp
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_gemm_nt_bad_arguments(backend):
+    (a, sa), (b, sb) = _plain()
+    call = pykernels.fp8_gemm_nt
+    with pytest.raises(TypeError, match=r"\(a, sa\): expected a \(tensor, scales\) pair"):
+        call(a, (b, sb), backend=backend)
+    with pytest.raises(TypeError, match="a: expected dtype float8_e4m3fn, got bfloat16"):
+        call((a.to(torch.bfloat16), sa), (b, sb), backend=backend)
+    with pytest.raises(TypeError, match="sa: expected dtype float32, got float16"):
+        call((a, sa.half()), (b, sb), backend=backend)
+    with pytest.raises(TypeError, match="b: expected a torch.Tensor"):
+        call((a, sa), (None, sb), backend=backend)
+    with pytest.raises(ValueError, match="a: expected 2 dimensions"):
+        call((a[None], sa[None]), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match="a: expected K .* multiple of 128, got 200"):
+        call((a[:, :200].contiguous(), sa[:, :2]), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match=r"b: expected K = 256 \(as in a\), got 384"):
+        (b3, sb3) = _plain(n=256, k=384)[1]
+        call((a, sa), (b3, sb3), backend=backend)
+    with pytest.raises(ValueError, match=r"sa: expected shape \[8, 2\] \(one per row per 128 columns of a\)"):
+        call((a, sa[:, :1].contiguous()), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match=r"sb: expected shape \[2, 2\] \(one per 128x128 block of b\)"):
+        call((a, sa), (b, sb.repeat(2, 1)), backend=backend)
+    with pytest.raises(ValueError, match="a: expected a contiguous tensor"):
+        wide = torch.zeros(8, 512, dtype=FP8)
+        call((wide[:, :256], sa), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match="sb: expected a contiguous tensor"):
+        call((a, sa), (b, sb.t().contiguous().t()), backend=backend)
+    with pytest.raises(TypeError, match="out: expected dtype bfloat16, got float32"):
+        call((a, sa), (b, sb), out=torch.empty(8, 256), backend=backend)
+    with pytest.raises(ValueError, match=r"out: expected shape \[8, 256\]"):
+        call((a, sa), (b, sb), out=torch.empty(8, 255, dtype=torch.bfloat16), backend=backend)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        call((a, sa), (b, sb), backend="cublas")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs tensors on two devices")
+def test_fp8_gemm_nt_wrong_device():
+    (a, sa), (b, sb) = _plain()
+    with pytest.raises(ValueError, match="b: expected a tensor on cuda"):
+        pykernels.fp8_gemm_nt((a.cuda(), sa.cuda()), (b, sb))
+    with pytest.raises(ValueError, match="sa: expected a tensor on"):
+        pykernels.fp8_gemm_nt((a.cuda(), sa), (b.cuda(), sb.cuda()))
+
+
+def test_wrong_device_is_named_before_launch(monkeypatch):
+    """Device mismatches, checked without a GPU: a meta-device scale tensor stands in for another device."""
+    (a, sa), (b, sb) = _plain()
+    with pytest.raises(ValueError, match="sa: expected a tensor on cpu"):
+        pykernels.fp8_gemm_nt((a, sa.to("meta")), (b, sb), backend="torch")
+    with pytest.raises(ValueError, match="b: expected a tensor on cpu"):
+        pykernels.fp8_gemm_nt((a, sa), (b.to("meta"), sb.to("meta")), backend="torch")
+    with pytest.raises(ValueError, match="out: expected a tensor on cpu"):
+        pykernels.fp8_gemm_nt((a, sa), (b, sb), out=torch.empty(8, 256, dtype=torch.bfloat16, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_contiguous_bad_arguments(backend):
+    _, _, (a, sa), (b, sb) = random_problem(256, 160, 256, groups=None)
+    _, _, _, (bg, sbg) = random_problem(1, 160, 256, groups=3)
+    idx = torch.zeros(256, dtype=torch.int32)
+    call = pykernels.m_grouped_fp8_gemm_nt_contiguous
+    with pytest.raises(ValueError, match="b: expected 3 dimensions"):
+        call((a, sa), (b, sb), idx, backend=backend)
+    with pytest.raises(ValueError, match="a: expected M_total a multiple of GROUPED_M_ALIGNMENT = 128"):
+        call((a[:200], sa[:200]), (bg, sbg), idx[:200], backend=backend)
+    with pytest.raises(TypeError, match="m_indices: expected dtype int32, got int64"):
+        call((a, sa), (bg, sbg), idx.long(), backend=backend)
+    with pytest.raises(ValueError, match=r"m_indices: expected shape \[256\]"):
+        call((a, sa), (bg, sbg), idx[:128], backend=backend)
+    with pytest.raises(ValueError, match=r"m_indices: expected values in \[-1, 3\)"):
+        call((a, sa), (bg, sbg), torch.full((256,), 3, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match=r"m_indices: expected each 128-row block to hold one group"):
+        mixed = idx.clone()
+        mixed[100:128] = 1
+        call((a, sa), (bg, sbg), mixed, backend=backend)
+    with pytest.raises(ValueError, match=r"sb: expected shape \[3, 2, 2\]"):
+        call((a, sa), (bg, sbg[:, :1].contiguous()), idx, backend=backend)
+    with pytest.raises(ValueError, match=r"out: expected shape \[256, 160\]"):
+        call((a, sa), (bg, sbg), idx, out=torch.empty(256, 128, dtype=torch.bfloat16), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_bad_arguments(backend):
+    _, _, (a, sa), (b, sb) = random_problem(16, 160, 256, groups=2)
+    masked = torch.tensor([3, 16], dtype=torch.int32)
+    call = pykernels.m_grouped_fp8_gemm_nt_masked
+    with pytest.raises(ValueError, match=r"b: expected 2 groups \(as in a\), got 1"):
+        call((a, sa), (b[:1].contiguous(), sb[:1].contiguous()), masked[:1], 4, backend=backend)
+    with pytest.raises(ValueError, match="a: expected 3 dimensions"):
+        call((a[0], sa[0]), (b, sb), masked, 4, backend=backend)
+    with pytest.raises(TypeError, match="masked_m: expected dtype int32"):
+        call((a, sa), (b, sb), masked.float(), 4, backend=backend)
+    with pytest.raises(ValueError, match=r"masked_m: expected shape \[2\]"):
+        call((a, sa), (b, sb), masked[:1], 4, backend=backend)
+    with pytest.raises(ValueError, match=r"masked_m: expected values in \[0, 16\]"):
+        call((a, sa), (b, sb), torch.tensor([0, 17], dtype=torch.int32), 4, backend=backend)
+    with pytest.raises(TypeError, match="expected_m: expected an int, got float"):
+        call((a, sa), (b, sb), masked, 4.0, backend=backend)
+    with pytest.raises(ValueError, match="expected_m: expected a positive row count hint, got 0"):
+        call((a, sa), (b, sb), masked, 0, backend=backend)
+    with pytest.raises(ValueError, match=r"sa: expected shape \[2, 16, 2\]"):
+        call((a, sa[:, :, :1].contiguous()), (b, sb), masked, 4, backend=backend)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error a CPU-only machine gives")
+def test_explicit_cuda_backend_without_gpu_says_why():
+    (a, sa), (b, sb) = _plain()
+    with pytest.raises(RuntimeError, match="fp8_gemm_nt: backend='cuda' needs"):
+        pykernels.fp8_gemm_nt((a, sa), (b, sb), backend="cuda")
+
+
+def test_empty_m_returns_empty():
+    (a, sa), (b, sb) = _plain()
+    out = pykernels.fp8_gemm_nt((a[:0], sa[:0]), (b, sb), backend="torch")
+    assert out.shape == (0, 256) and out.dtype == torch.bfloat16
+
+
+# ---- torch backend through the API ---------------------------------------------------------------------
+
+def test_torch_backend_layouts_agree_with_plain_reference():
+    _, _, (a, sa), (b, sb) = random_problem(256, 320, 256)
+    _, _, _, (bg, sbg) = random_problem(1, 320, 256, groups=2)
+    idx = torch.full((256,), -1, dtype=torch.int32)
+    idx[:100] = 1
+    idx[128:200] = 0
+    out = torch.full((256, 320), float("nan"), dtype=torch.bfloat16)
+    pykernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (bg, sbg), idx, out=out, backend="torch")
+    assert torch.equal(out[:100], ref.fp8_gemm_nt(a[:100], sa[:100], bg[1], sbg[1]))
+    assert torch.equal(out[128:200], ref.fp8_gemm_nt(a[128:200], sa[128:200], bg[0], sbg[0]))
+    masked = torch.tensor([0, 5], dtype=torch.int32)
+    a3, sa3 = a[:64].reshape(2, 32, 256), sa[:64].reshape(2, 32, 2)
+    got = pykernels.m_grouped_fp8_gemm_nt_masked((a3, sa3), (bg, sbg), masked, 4, backend="torch")
+    assert torch.equal(got[1, :5], ref.fp8_gemm_nt(a3[1, :5], sa3[1, :5], bg[1], sbg[1]))
