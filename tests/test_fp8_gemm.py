@@ -236,3 +236,80 @@ def test_torch_backend_layouts_agree_with_plain_reference():
     a3, sa3 = a[:64].reshape(2, 32, 256), sa[:64].reshape(2, 32, 2)
     got = pykernels.m_grouped_fp8_gemm_nt_masked((a3, sa3), (bg, sbg), masked, 4, backend="torch")
     assert torch.equal(got[1, :5], ref.fp8_gemm_nt(a3[1, :5], sa3[1, :5], bg[1], sbg[1]))
+
+
+# ---- Triton (interpreter on CPU, compiled on a GPU) vs the reference -------------------------------------
+
+# Every M in {1, 7, 64, 129, 300}, N in {128, 320, 2112} and K in {128, 512, 7168} appears; M and N tails
+# of both tile configurations, N's partial scale block (320, 2112 = 16.5 x 128), and a 56-block K.
+PLAIN_SHAPES = [(1, 2112, 7168), (7, 320, 512), (64, 128, 128), (129, 2112, 512), (300, 320, 7168), (300, 128, 128)]
+
+
+@pytest.mark.parametrize("m,n,k", PLAIN_SHAPES)
+def test_triton_plain_matches_reference(m, n, k, device):
+    _, _, (a, sa), (b, sb) = random_problem(m, n, k, device=device)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+    got = pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="triton")
+    assert got is out
+    assert_matches_reference(got, ref.fp8_gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu()), a, sa, b, sb)
+
+
+def contiguous_indices(segments, trailing_padding_blocks=0):
+    """m_indices for groups of `segments` rows each (0 = empty group), padded to 128 with -1."""
+    align = pykernels.GROUPED_M_ALIGNMENT
+    parts = []
+    for g, rows in enumerate(segments):
+        padded = -(-rows // align) * align
+        part = torch.full((padded,), -1, dtype=torch.int32)
+        part[:rows] = g
+        parts.append(part)
+    parts.append(torch.full((trailing_padding_blocks * align,), -1, dtype=torch.int32))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("segments,n,k", [([130, 0, 5, 128], 320, 256), ([64, 1], 2112, 128)])
+def test_triton_contiguous_matches_reference(segments, n, k, device):
+    idx = contiguous_indices(segments, trailing_padding_blocks=1)
+    m_total, groups = idx.numel(), len(segments)
+    _, _, (a, sa), _ = random_problem(m_total, n, k)
+    _, _, _, (b, sb) = random_problem(1, n, k, groups=groups)
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device=device)
+    got = pykernels.m_grouped_fp8_gemm_nt_contiguous((a.to(device), sa.to(device)), (b.to(device), sb.to(device)),
+                                                     idx.to(device), out=out, backend="triton")
+    valid = idx >= 0
+    want = ref.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, idx)
+    for g in range(groups):
+        rows = idx == g
+        if bool(rows.any()):
+            assert_matches_reference(got.cpu()[rows], want[rows], a[rows], sa[rows], b[g], sb[g])
+    assert int(valid.sum()) == sum(segments)
+
+
+@pytest.mark.parametrize("masked,m_max,n,k,expected_m", [([0, 70, 1, 33], 70, 192, 384, 32),
+                                                         ([130, 0, 77], 130, 320, 256, 100)])
+def test_triton_masked_matches_reference(masked, m_max, n, k, expected_m, device):
+    groups = len(masked)
+    _, _, (a, sa), (b, sb) = random_problem(m_max, n, k, groups=groups)
+    masked_m = torch.tensor(masked, dtype=torch.int32)
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device=device)
+    got = pykernels.m_grouped_fp8_gemm_nt_masked((a.to(device), sa.to(device)), (b.to(device), sb.to(device)),
+                                                 masked_m.to(device), expected_m, out=out, backend="triton")
+    assert got is out
+    got = got.cpu()
+    for g, rows in enumerate(masked):
+        if rows:
+            want = ref.fp8_gemm_nt(a[g, :rows], sa[g, :rows], b[g], sb[g])
+            assert_matches_reference(got[g, :rows], want, a[g, :rows], sa[g, :rows], b[g], sb[g])
+        # rows past masked_m are not computed: the poison stays.
+        assert bool(torch.isnan(got[g, rows:].float()).all())
+
+
+def test_triton_configs_cover_aot_list():
+    """Every config the wrapper can pick is among the configs the audit compiles for sm_90."""
+    from pykernels.triton import fp8_gemm as tri
+
+    audited = {(k.constexprs["BLOCK_M"], k.constexprs["BLOCK_N"], k.num_warps, k.num_stages) for k in tri.AOT_KERNELS}
+    for m in (1, 64, 65, 4096):
+        cfg = tri.triton_config(m, 7168)
+        assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) in audited
+        assert 128 % cfg.block_n == 0
