@@ -64,7 +64,11 @@ def _int_vector(x, name: str, length: int, device: torch.device) -> torch.Tensor
 def _launch_triton(layout: str, a, sa, b, sb, out, group_info, expected_m: int) -> None:
     from pykernels.triton import fp8_gemm as triton_fp8_gemm
 
-    triton_fp8_gemm.fp8_gemm(layout, a, sa, b, sb, out, group_info, expected_m)
+    if a.device.type == "cuda":
+        with torch.cuda.device(a.device):  # Triton launches on the current device
+            triton_fp8_gemm.fp8_gemm(layout, a, sa, b, sb, out, group_info, expected_m)
+    else:
+        triton_fp8_gemm.fp8_gemm(layout, a, sa, b, sb, out, group_info, expected_m)
 
 
 def fp8_gemm_nt(a_pair, b_pair, out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
@@ -88,7 +92,8 @@ def fp8_gemm_nt(a_pair, b_pair, out: torch.Tensor | None = None, backend: str = 
         _launch_triton("plain", a, sa, b.unsqueeze(0), sb.unsqueeze(0), out, None, m)
     else:
         ext, _ = _backend.extension()
-        ext.fp8_gemm_nt(a, sa, b, sb, out, _backend.current_stream(a.device))
+        with torch.cuda.device(a.device):  # the launcher sizes its grid and TMA maps on the current device
+            ext.fp8_gemm_nt(a, sa, b, sb, out, _backend.current_stream(a.device))
     return out
 
 
@@ -135,7 +140,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, m_indices: torch.Tensor, ou
         _launch_triton("contiguous", a, sa, b, sb, out, m_indices, m_total)
     else:
         ext, _ = _backend.extension()
-        ext.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, out, _backend.current_stream(a.device))
+        with torch.cuda.device(a.device):
+            ext.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, out, _backend.current_stream(a.device))
     return out
 
 
@@ -178,8 +184,9 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: torch.Tensor, expecte
         _launch_triton("masked", a, sa, b, sb, out, masked_m, expected_m)
     else:
         ext, _ = _backend.extension()
-        ext.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, int(expected_m), out,
-                                         _backend.current_stream(a.device))
+        with torch.cuda.device(a.device):
+            ext.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, int(expected_m), out,
+                                             _backend.current_stream(a.device))
     return out
 
 

@@ -113,6 +113,8 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
       full[s].init(1);                // the producer's arrive_and_expect_tx
       empty[s].init(kMathWG * 4);     // one arrive per math warp
     }
+    // The barriers must be initialized before the async proxy (TMA's complete_tx) touches them.
+    cutlass::arch::fence_view_async_shared();
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
