@@ -163,12 +163,13 @@ PYBIND11_MODULE(_C, m) {
       [](int layout, int m_rows, int n, int num_groups, int block_m, int block_n, int num_ctas,
          std::vector<int> group_info) {
         using namespace pykernels::fp8_gemm;
-        if (layout < 0 || layout > 2) throw pykernels::ArgError(pykernels::ArgError::Kind::Value, "layout: expected 0, 1 or 2");
+        if (layout < 0 || layout > 2) {
+          pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
+        }
         const size_t needed = layout == 1 ? size_t(m_rows) : layout == 2 ? size_t(num_groups) : 0;
         if (group_info.size() < needed) {
-          throw pykernels::ArgError(pykernels::ArgError::Kind::Value,
-                                    "group_info: expected " + std::to_string(needed) + " entries, got " +
-                                        std::to_string(group_info.size()));
+          pykernels::throw_value_error("group_info", std::to_string(needed) + " entries",
+                                       std::to_string(group_info.size()));
         }
         py::list per_cta;
         for (int cta = 0; cta < num_ctas; ++cta) {

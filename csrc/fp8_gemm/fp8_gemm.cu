@@ -125,7 +125,9 @@ void run(const Problem& pr, cudaStream_t stream) {
   require_dtype(out, DType::BFloat16);
   require_contiguous(out);
   require_aligned(out, 4);
-  if (b.size(-1) != pr.k) throw_value_error(b.name, "K = " + std::to_string(pr.k) + " (as in a)", "shape " + b.shape_str());
+  if (b.size(-1) != pr.k) {
+    throw_value_error(b.name, "K = " + std::to_string(pr.k) + " (as in a)", "shape " + b.shape_str());
+  }
   const int64_t k_blocks = pr.k / kBlockK;
   const int64_t n_blocks = (pr.n + kBlockK - 1) / kBlockK;
   if (pr.layout == Layout::Masked) {
