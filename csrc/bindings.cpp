@@ -6,9 +6,12 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <vector>
 
 #include "common/check.h"
 #include "common/py_tensor.h"
+#include "fp8_gemm/fp8_gemm.h"
+#include "fp8_gemm/fp8_gemm_schedule.h"
 #include "fp8_quant/fp8_quant.h"
 
 namespace py = pybind11;
@@ -107,4 +110,79 @@ PYBIND11_MODULE(_C, m) {
                                        block_size, ue8m0, as_stream(stream));
       },
       py::arg("w"), py::arg("out"), py::arg("scales"), py::arg("block_size"), py::arg("ue8m0"), py::arg("stream"));
+
+  // ---- fp8_gemm --------------------------------------------------------------------------------
+  m.def(
+      "fp8_gemm_nt",
+      [](py::handle a, py::handle sa, py::handle b, py::handle sb, py::handle out, py::handle stream) {
+        pykernels::fp8_gemm_nt(as_tensor(a, "a"), as_tensor(sa, "sa"), as_tensor(b, "b"), as_tensor(sb, "sb"),
+                               as_tensor(out, "out"), as_stream(stream));
+      },
+      py::arg("a"), py::arg("sa"), py::arg("b"), py::arg("sb"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "m_grouped_fp8_gemm_nt_contiguous",
+      [](py::handle a, py::handle sa, py::handle b, py::handle sb, py::handle m_indices, py::handle out,
+         py::handle stream) {
+        pykernels::m_grouped_fp8_gemm_nt_contiguous(as_tensor(a, "a"), as_tensor(sa, "sa"), as_tensor(b, "b"),
+                                                    as_tensor(sb, "sb"), as_tensor(m_indices, "m_indices"),
+                                                    as_tensor(out, "out"), as_stream(stream));
+      },
+      py::arg("a"), py::arg("sa"), py::arg("b"), py::arg("sb"), py::arg("m_indices"), py::arg("out"),
+      py::arg("stream"));
+  m.def(
+      "m_grouped_fp8_gemm_nt_masked",
+      [](py::handle a, py::handle sa, py::handle b, py::handle sb, py::handle masked_m, int expected_m,
+         py::handle out, py::handle stream) {
+        pykernels::m_grouped_fp8_gemm_nt_masked(as_tensor(a, "a"), as_tensor(sa, "sa"), as_tensor(b, "b"),
+                                                as_tensor(sb, "sb"), as_tensor(masked_m, "masked_m"), expected_m,
+                                                as_tensor(out, "out"), as_stream(stream));
+      },
+      py::arg("a"), py::arg("sa"), py::arg("b"), py::arg("sb"), py::arg("masked_m"), py::arg("expected_m"),
+      py::arg("out"), py::arg("stream"));
+  m.def(
+      "fp8_gemm_config",
+      [](int m, int n, int k, int num_groups, int num_sms) {
+        const auto c = pykernels::fp8_gemm::select_config(m, n, k, num_groups, num_sms);
+        py::dict d;
+        d["block_m"] = c.block_m;
+        d["block_n"] = c.block_n;
+        d["block_k"] = pykernels::fp8_gemm::kBlockK;
+        d["num_math_warpgroups"] = c.num_math_warpgroups;
+        d["num_stages"] = c.num_stages;
+        d["raster_group"] = c.raster_group;
+        d["num_tiles"] = c.num_tiles;
+        d["num_waves"] = c.num_waves;
+        d["wave_utilization"] = c.wave_utilization;
+        d["smem_bytes"] = c.smem_bytes;
+        return d;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_groups"), py::arg("num_sms"),
+      "The CUDA kernel's tile configuration for num_groups GEMMs of m x n x k on num_sms SMs");
+  m.def(
+      "fp8_gemm_tile_order",
+      [](int layout, int m_rows, int n, int num_groups, int block_m, int block_n, int num_ctas,
+         std::vector<int> group_info) {
+        using namespace pykernels::fp8_gemm;
+        if (layout < 0 || layout > 2) {
+          pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
+        }
+        const size_t needed = layout == 1 ? size_t(m_rows) : layout == 2 ? size_t(num_groups) : 0;
+        if (group_info.size() < needed) {
+          pykernels::throw_value_error("group_info", std::to_string(needed) + " entries",
+                                       std::to_string(group_info.size()));
+        }
+        py::list per_cta;
+        for (int cta = 0; cta < num_ctas; ++cta) {
+          Scheduler s(static_cast<Layout>(layout), m_rows, n, num_groups, block_m, block_n, kRasterGroup,
+                      group_info.data(), cta, num_ctas);
+          py::list tiles;
+          Tile t;
+          while (s.next(t)) tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t)));
+          per_cta.append(tiles);
+        }
+        return per_cta;
+      },
+      py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("num_groups"), py::arg("block_m"),
+      py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"),
+      "The persistent scheduler's tiles (group, m_block, n_block, valid_rows), per CTA, in visiting order");
 }

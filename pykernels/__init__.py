@@ -8,12 +8,19 @@ import torch as _torch
 
 from pykernels._backend import backends
 from pykernels._backend import extension as _extension
+from pykernels.fp8_gemm import (GROUPED_M_ALIGNMENT, fp8_gemm_config, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
+                                m_grouped_fp8_gemm_nt_masked)
 from pykernels.fp8_quant import per_block_quant_fp8, per_token_group_quant_fp8
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GROUPED_M_ALIGNMENT",
     "backends",
+    "fp8_gemm_config",
+    "fp8_gemm_nt",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
 ]

@@ -1,0 +1,225 @@
+#include "fp8_gemm/fp8_gemm.cuh"
+#include "fp8_gemm/fp8_gemm.h"
+
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace pykernels {
+namespace {
+
+using fp8_gemm::Config;
+using fp8_gemm::kBlockK;
+using fp8_gemm::Layout;
+
+// cuTensorMapEncodeTiled is a driver API: fetched through the runtime so that the module imports (and
+// its host-side functions run) on machines without a driver.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (fn == nullptr) {
+    void* symbol = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    PK_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &symbol, 12000, cudaEnableDefault,
+                                                   &found));
+    if (found != cudaDriverEntryPointSuccess || symbol == nullptr) {
+      throw std::runtime_error("pykernels: the CUDA driver does not provide cuTensorMapEncodeTiled (needs >= 12.0)");
+    }
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(symbol);
+  }
+  return fn;
+}
+
+// A 3-D map over an e4m3 operand [groups, rows, K] (K innermost), loading 128 x box_rows boxes with the
+// 128-byte swizzle wgmma reads. Boxes past `rows` are zero-filled, so tails need no masking and nothing
+// leaks in from the next group.
+CUtensorMap make_operand_map(const void* base, int64_t groups, int64_t rows, int64_t k, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {cuuint64_t(k), cuuint64_t(rows), cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {cuuint64_t(k), cuuint64_t(k * rows)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {cuuint32_t(kBlockK), cuuint32_t(box_rows), 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult status = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS) {
+    throw std::runtime_error("pykernels: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(int(status)) +
+                             " (dims " + std::to_string(k) + " x " + std::to_string(rows) + " x " +
+                             std::to_string(groups) + ", box rows " + std::to_string(box_rows) + ")");
+  }
+  return map;
+}
+
+int sm_count(int device) {
+  int sms = 0;
+  PK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+struct Problem {
+  Layout layout;
+  const TensorView *a, *sa, *b, *sb, *out;
+  const int* group_info;
+  int64_t a_groups;  // G for masked, else 1
+  int64_t m_rows;
+  int64_t n, k, num_groups;
+  int m_hint;  // rows per group the tile choice plans for
+};
+
+template <int kMathWG, int kBlockN>
+void launch_config(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
+  const CUtensorMap map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, 64 * kMathWG);
+  const CUtensorMap map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, kBlockN);
+  fp8_gemm::Params params;
+  params.layout = pr.layout;
+  params.m_rows = int(pr.m_rows);
+  params.n = int(pr.n);
+  params.k = int(pr.k);
+  params.num_groups = int(pr.num_groups);
+  params.sa = pr.sa->ptr<const float>();
+  params.sb = pr.sb->ptr<const float>();
+  params.out = pr.out->ptr<__nv_bfloat16>();
+  params.group_info = pr.group_info;
+  params.num_stages = cfg.num_stages;
+  auto kernel = fp8_gemm::fp8_gemm_kernel<kMathWG, kBlockN>;
+  PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg.smem_bytes));
+  kernel<<<num_ctas, (kMathWG + 1) * 128, cfg.smem_bytes, stream>>>(map_a, map_b, params);
+  PK_CHECK_LAUNCH("fp8_gemm_kernel");
+}
+
+template <int kMathWG>
+void launch_block_n(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
+  switch (cfg.block_n) {
+    case 112: return launch_config<kMathWG, 112>(pr, cfg, num_ctas, stream);
+    case 128: return launch_config<kMathWG, 128>(pr, cfg, num_ctas, stream);
+    case 160: return launch_config<kMathWG, 160>(pr, cfg, num_ctas, stream);
+  }
+  PK_ASSERT(false, "no kernel instantiated for BLOCK_N " + std::to_string(cfg.block_n));
+}
+
+void require_operand(const TensorView& x, int ndim) {
+  require_cuda(x);
+  require_dtype(x, DType::Float8E4M3);
+  require_ndim(x, ndim);
+  require_contiguous(x);
+  if (x.size(-1) <= 0 || x.size(-1) % kBlockK != 0) {
+    throw_value_error(x.name, "K (the last dimension) a positive multiple of 128", "shape " + x.shape_str());
+  }
+  require_aligned(x, 16);  // TMA reads from 16-byte aligned global addresses
+}
+
+void require_scales(const TensorView& s, const TensorView& of, int ndim) {
+  require_same_device(of, s);
+  require_dtype(s, DType::Float32);
+  require_ndim(s, ndim);
+  require_contiguous(s);
+  require_aligned(s, 4);
+}
+
+void run(const Problem& pr, cudaStream_t stream) {
+  const TensorView &a = *pr.a, &b = *pr.b, &out = *pr.out;
+  require_same_device(a, b);
+  require_same_device(a, out);
+  require_dtype(out, DType::BFloat16);
+  require_contiguous(out);
+  require_aligned(out, 4);
+  if (b.size(-1) != pr.k) {
+    throw_value_error(b.name, "K = " + std::to_string(pr.k) + " (as in a)", "shape " + b.shape_str());
+  }
+  const int64_t k_blocks = pr.k / kBlockK;
+  const int64_t n_blocks = (pr.n + kBlockK - 1) / kBlockK;
+  if (pr.layout == Layout::Masked) {
+    require_size(*pr.sa, 0, pr.a_groups, "groups of a");
+    require_size(*pr.sa, 1, pr.m_rows, "rows of a");
+  } else {
+    require_size(*pr.sa, 0, pr.m_rows, "rows of a");
+  }
+  require_size(*pr.sa, -1, k_blocks, "K / 128");
+  if (pr.sb->ndim == 3) require_size(*pr.sb, 0, pr.num_groups, "groups of b");
+  require_size(*pr.sb, -2, n_blocks, "ceil(N / 128)");
+  require_size(*pr.sb, -1, k_blocks, "K / 128");
+  const int64_t out_rows = pr.a_groups * pr.m_rows;
+  if (out.numel() != out_rows * pr.n || out.size(-1) != pr.n) {
+    throw_value_error(out.name, "shape with " + std::to_string(out_rows) + " rows of N = " + std::to_string(pr.n),
+                      "shape " + out.shape_str());
+  }
+  if (pr.m_rows >= (int64_t(1) << 31) / 2 || pr.n >= (int64_t(1) << 31) || pr.k >= (int64_t(1) << 31) ||
+      out_rows * pr.n >= (int64_t(1) << 62)) {
+    throw_value_error(a.name, "dimensions below 2^30", "shape " + a.shape_str());
+  }
+  if (out_rows == 0 || pr.n == 0 || pr.num_groups == 0) return;
+
+  int device = 0;
+  PK_CUDA_CHECK(cudaGetDevice(&device));
+  if (a.device_id >= 0 && a.device_id != device) {
+    throw_value_error(a.name, "a tensor on the current CUDA device cuda:" + std::to_string(device), a.device_str());
+  }
+  const int sms = sm_count(device);
+  const int plan_groups = pr.layout == Layout::Masked ? int(pr.num_groups) : 1;
+  const Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  // Upper bound of the tiles the scheduler can hand out; masked counts are only known on the device.
+  const int64_t max_tiles = pr.a_groups * ((pr.m_rows + cfg.block_m - 1) / cfg.block_m) *
+                            ((pr.n + cfg.block_n - 1) / cfg.block_n);
+  const int num_ctas = int(std::max<int64_t>(1, std::min<int64_t>(max_tiles, sms)));
+  if (cfg.num_math_warpgroups == 1) {
+    launch_block_n<1>(pr, cfg, num_ctas, stream);
+  } else {
+    launch_block_n<2>(pr, cfg, num_ctas, stream);
+  }
+}
+
+}  // namespace
+
+void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b, const TensorView& sb,
+                 const TensorView& out, cudaStream_t stream) {
+  require_operand(a, 2);
+  require_operand(b, 2);
+  require_scales(sa, a, 2);
+  require_scales(sb, b, 2);
+  Problem pr{Layout::Plain, &a, &sa, &b, &sb, &out, nullptr, 1, a.size(0), b.size(0), a.size(1), 1,
+             int(std::min<int64_t>(a.size(0), 1 << 30))};
+  run(pr, stream);
+}
+
+void m_grouped_fp8_gemm_nt_contiguous(const TensorView& a, const TensorView& sa, const TensorView& b,
+                                      const TensorView& sb, const TensorView& m_indices, const TensorView& out,
+                                      cudaStream_t stream) {
+  require_operand(a, 2);
+  require_operand(b, 3);
+  require_scales(sa, a, 2);
+  require_scales(sb, b, 3);
+  require_same_device(a, m_indices);
+  require_dtype(m_indices, DType::Int32);
+  require_ndim(m_indices, 1);
+  require_contiguous(m_indices);
+  require_size(m_indices, 0, a.size(0), "rows of a");
+  if (a.size(0) % 128 != 0) {
+    throw_value_error(a.name, "M_total a multiple of GROUPED_M_ALIGNMENT = 128", "shape " + a.shape_str());
+  }
+  Problem pr{Layout::Contiguous, &a, &sa, &b, &sb, &out, m_indices.ptr<const int>(), 1, a.size(0), b.size(1),
+             a.size(1), b.size(0), int(std::min<int64_t>(a.size(0), 1 << 30))};
+  run(pr, stream);
+}
+
+void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, const TensorView& b,
+                                  const TensorView& sb, const TensorView& masked_m, int expected_m,
+                                  const TensorView& out, cudaStream_t stream) {
+  require_operand(a, 3);
+  require_operand(b, 3);
+  require_scales(sa, a, 3);
+  require_scales(sb, b, 3);
+  require_same_device(a, masked_m);
+  require_dtype(masked_m, DType::Int32);
+  require_ndim(masked_m, 1);
+  require_contiguous(masked_m);
+  require_size(masked_m, 0, a.size(0), "groups of a");
+  require_size(b, 0, a.size(0), "groups of a");
+  if (expected_m <= 0) throw_value_error("expected_m", "a positive row count hint", std::to_string(expected_m));
+  Problem pr{Layout::Masked, &a, &sa, &b, &sb, &out, masked_m.ptr<const int>(), a.size(0), a.size(1), b.size(1),
+             a.size(2), b.size(0), int(std::min<int64_t>(expected_m, a.size(1)))};
+  run(pr, stream);
+}
+
+}  // namespace pykernels

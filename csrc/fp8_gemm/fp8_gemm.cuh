@@ -1,0 +1,243 @@
+// FP8 block-scaled GEMM for sm_90a (DeepSeek-V3 recipe): D[m, n] = bf16(sum over 128-K blocks kb of
+// (A[m, kb] . B[n, kb]) * sa[m, kb] * sb[n / 128, kb]), one persistent warp-specialized kernel serving
+// the plain, grouped-contiguous and grouped-masked layouts.
+//
+// Per CTA (BLOCK_M = 64 * kMathWG rows, BLOCK_N columns):
+//   warpgroup 0, the producer: gives registers back (setmaxnreg.dec to 40) and one thread walks the tile
+//     scheduler, issuing TMA loads (cp.async.bulk.tensor, 128-byte swizzle, out-of-range rows and columns
+//     filled with zeros) of each 128-K block of A and B into a ring of num_stages shared-memory stages;
+//     each load completes on the stage's "full" mbarrier by transaction count.
+//   warpgroups 1..kMathWG, the math: take registers (setmaxnreg.inc to 232), wait on "full", run 4 wgmma
+//     m64nBLOCK_Nk32 e4m3 (QGMMA) into a zeroed fragment, release the stage on its "empty" mbarrier, then
+//     promote on the CUDA cores: acc += fragment * sa[row] * sb[column block] in float32. The tensor core
+//     never accumulates more than one 128-K block (its FP8 accumulation keeps too few bits).
+//   Epilogue: each math thread converts its rows to bf16 and stores them with bounds checks, while the
+//   producer already fills stages for the next tile.
+//
+// Why CuTe's atoms and not hand-written PTX: the wgmma (SM90::GMMA::MMA_64xNx32_F32E4M3E4M3_SS_TN), TMA
+// (SM90_TMA_LOAD_3D), mbarrier (ClusterTransactionBarrier) and setmaxnreg wrappers are the tested ones
+// CUTLASS's own kernels run, and the shared-memory descriptor is filled through CuTe's named GmmaDescriptor
+// fields rather than packed bits. Only these thin arch-level headers are used, not CuTe's layout algebra
+// or CUTLASS's collectives: each instantiation then costs seconds of compile time, not a minute.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/arch/mma_sm90_gmma_ext.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "fp8_gemm/fp8_gemm_schedule.h"
+
+namespace pykernels::fp8_gemm {
+
+constexpr int kProducerRegisters = 40;
+constexpr int kMathRegisters = 232;
+
+template <int kBlockN>
+struct GmmaOp;
+template <>
+struct GmmaOp<112> { using type = cute::SM90::GMMA::MMA_64x112x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<128> { using type = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<160> { using type = cute::SM90::GMMA::MMA_64x160x32_F32E4M3E4M3_SS_TN<>; };
+
+struct Params {
+  Layout layout;
+  int m_rows;      // rows of A per group: M (plain), M_total (contiguous), M_max (masked)
+  int n;
+  int k;
+  int num_groups;  // groups of B
+  const float* sa;  // [G_a * m_rows, K / 128], G_a = G for masked, else 1
+  const float* sb;  // [G, ceil(N / 128), K / 128]
+  __nv_bfloat16* out;  // [G_a * m_rows, N]
+  const int* group_info;  // m_indices or masked_m (device memory)
+  int num_stages;
+};
+
+// K-major operand tile in shared memory, 128-byte rows swizzled by TMA (SWIZZLE_128B): 8-row core groups
+// 1024 bytes apart. The start address advances by 32 bytes per k32 step inside the swizzle atom, which
+// the hardware resolves because the tile base is 1024-byte aligned.
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem) {
+  cute::GmmaDescriptor desc;
+  desc.bitfield.start_address_ = static_cast<uint16_t>(cute::cast_smem_ptr_to_uint(smem) >> 4);
+  desc.bitfield.leading_byte_offset_ = 0;  // unused by swizzled K-major layouts
+  desc.bitfield.stride_byte_offset_ = 1024 >> 4;
+  desc.bitfield.base_offset_ = 0;
+  desc.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
+  return desc.desc_;
+}
+
+template <class Op, int... I>
+__device__ __forceinline__ void gmma(uint64_t desc_a, uint64_t desc_b, float* d, bool accumulate,
+                                     std::integer_sequence<int, I...>) {
+  Op::fma(desc_a, desc_b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+
+template <int kMathWG, int kBlockN>
+__global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
+    fp8_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
+                    const Params p) {
+  constexpr int kBlockM = 64 * kMathWG;
+  constexpr int kFrag = kBlockN / 2;  // fp32 accumulator registers per thread for m64 x kBlockN
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "wgmma e4m3 needs N a multiple of 8 (16 here)");
+  static_assert(kBlockN <= 2 * kBlockK, "a tile may span at most two 128-column scale blocks");
+  static_assert(kMathWG == 1 || kMathWG == 2, "one or two math warpgroups");
+  static_assert((kBlockM * kBlockK) % 1024 == 0 && (kBlockN * kBlockK) % 1024 == 0,
+                "swizzled stage tiles must stay 1024-byte aligned");
+  using Op = typename GmmaOp<kBlockN>::type;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int stages = p.num_stages;
+  uint8_t* smem_a = smem;
+  uint8_t* smem_b = smem_a + stages * kBlockM * kBlockK;
+  Barrier* full = reinterpret_cast<Barrier*>(smem_b + stages * kBlockN * kBlockK);
+  Barrier* empty = full + stages;
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    cute::prefetch_tma_descriptor(&tma_a);
+    cute::prefetch_tma_descriptor(&tma_b);
+    for (int s = 0; s < stages; ++s) {
+      full[s].init(1);                // the producer's arrive_and_expect_tx
+      empty[s].init(kMathWG * 4);     // one arrive per math warp
+    }
+    // The barriers must be initialized before the async proxy (TMA's complete_tx) touches them.
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int k_blocks = p.k / kBlockK;
+  Scheduler scheduler(p.layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info,
+                      blockIdx.x, gridDim.x);
+  Tile tile;
+  int stage = 0;
+  uint32_t phase = 0;
+
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    constexpr uint32_t kStageBytes = (kBlockM + kBlockN) * kBlockK;
+    const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+    while (scheduler.next(tile)) {
+      const int a_group = p.layout == Layout::Masked ? tile.group : 0;
+      const int a_row = tile.m_block * kBlockM;
+      const int b_row = tile.n_block * kBlockN;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        empty[stage].wait(phase ^ 1);
+        full[stage].arrive_and_expect_tx(kStageBytes);
+        uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
+        cute::SM90_TMA_LOAD_3D::copy(&tma_a, bar, hint, smem_a + stage * kBlockM * kBlockK, kb * kBlockK, a_row,
+                                     a_group);
+        cute::SM90_TMA_LOAD_3D::copy(&tma_b, bar, hint, smem_b + stage * kBlockN * kBlockK, kb * kBlockK, b_row,
+                                     tile.group);
+        if (++stage == stages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
+  const int math_wg = warpgroup - 1;
+  const int lane = threadIdx.x % 32;
+  const int warp_in_wg = (threadIdx.x / 32) % 4;
+  // wgmma's f32 fragment: register 4j+{0,1} holds row r, columns 8j + 2*(lane%4) + {0,1}; 4j+{2,3} row r+8.
+  const int row_in_tile = math_wg * 64 + warp_in_wg * 16 + lane / 4;
+  const int col_in_chunk = 2 * (lane % 4);
+  const int n_scale_blocks = ceil_div(p.n, kBlockK);
+  const bool n_even = (p.n % 2) == 0;
+
+  while (scheduler.next(tile)) {
+    const int valid_rows = scheduler.valid_rows(tile);
+    const int64_t group_row0 = p.layout == Layout::Masked ? int64_t(tile.group) * p.m_rows : 0;
+    const int row0 = tile.m_block * kBlockM + row_in_tile;
+    // Rows past the data still run (their TMA rows are zeros); their scale index is clamped in range.
+    const int row0_c = row0 < valid_rows ? row0 : valid_rows - 1;
+    const int row1_c = row0 + 8 < valid_rows ? row0 + 8 : valid_rows - 1;
+    const float* sa0 = p.sa + (group_row0 + row0_c) * k_blocks;
+    const float* sa1 = p.sa + (group_row0 + row1_c) * k_blocks;
+    const int n0 = tile.n_block * kBlockN;
+    const int sb_block0 = n0 / kBlockK;
+    const int sb_block1 = min((n0 + kBlockN - 1) / kBlockK, n_scale_blocks - 1);
+    const int split = (sb_block0 + 1) * kBlockK - n0;  // tile columns below this use scale block 0
+    const float* sb0 = p.sb + (int64_t(tile.group) * n_scale_blocks + sb_block0) * k_blocks;
+    const float* sb1 = p.sb + (int64_t(tile.group) * n_scale_blocks + sb_block1) * k_blocks;
+
+    float acc[kFrag];
+#pragma unroll
+    for (int i = 0; i < kFrag; ++i) acc[i] = 0.0f;
+
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      // Scale loads are issued before the wait so their latency hides behind it.
+      const float a0 = __ldg(sa0 + kb), a1 = __ldg(sa1 + kb);
+      const float b0 = __ldg(sb0 + kb), b1 = __ldg(sb1 + kb);
+      full[stage].wait(phase);
+      float frag[kFrag];
+#pragma unroll
+      for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
+      cute::warpgroup_arrive();
+      const uint8_t* a_tile = smem_a + stage * kBlockM * kBlockK + math_wg * 64 * kBlockK;
+      const uint8_t* b_tile = smem_b + stage * kBlockN * kBlockK;
+#pragma unroll
+      for (int kk = 0; kk < kBlockK / 32; ++kk) {
+        gmma<Op>(smem_descriptor(a_tile + kk * 32), smem_descriptor(b_tile + kk * 32), frag, kk > 0,
+                 std::make_integer_sequence<int, kFrag>{});
+      }
+      cute::warpgroup_commit_batch();
+#pragma unroll
+      for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
+      cute::warpgroup_wait<0>();
+      __syncwarp();
+      if (lane == 0) empty[stage].arrive();
+      if (++stage == p.num_stages) {
+        stage = 0;
+        phase ^= 1;
+      }
+      const float s00 = a0 * b0, s01 = a0 * b1, s10 = a1 * b0, s11 = a1 * b1;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool first = 8 * j + col_in_chunk + e < split;
+          acc[4 * j + e] += frag[4 * j + e] * (first ? s00 : s01);
+          acc[4 * j + 2 + e] += frag[4 * j + 2 + e] * (first ? s10 : s11);
+        }
+      }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + 8 * half;
+      if (row >= valid_rows) continue;
+      __nv_bfloat16* out_row = p.out + (group_row0 + row) * p.n;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        const int col = n0 + 8 * j + col_in_chunk;
+        const float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
+        if (n_even && col + 1 < p.n) {
+          *reinterpret_cast<__nv_bfloat162*>(out_row + col) = __floats2bfloat162_rn(v0, v1);
+        } else {
+          if (col < p.n) out_row[col] = __float2bfloat16_rn(v0);
+          if (col + 1 < p.n) out_row[col + 1] = __float2bfloat16_rn(v1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace pykernels::fp8_gemm

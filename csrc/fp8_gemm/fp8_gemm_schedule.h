@@ -1,0 +1,169 @@
+// Index math of the FP8 GEMM kernel, shared by the device code and the host (launcher, bindings, tests):
+// the tile heuristic, the grouped raster order and the persistent tile scheduler of the three layouts.
+//
+// Everything here is __host__ __device__ and free of CUDA calls, so the tests exercise on the CPU exactly
+// the code the kernel runs: every tile visited once, nothing out of range, groups skipped as specified.
+#pragma once
+
+#include <cuda_runtime.h>  // __host__ __device__ for the host compiler too
+
+#include <cstdint>
+
+namespace pykernels::fp8_gemm {
+
+constexpr int kBlockK = 128;           // one scale block of K: the unit of promotion
+constexpr int kMaxStages = 8;
+constexpr int kRasterGroup = 8;        // m-blocks per raster group (also the Triton kernel's GROUP_M)
+// Dynamic shared memory per block: sm_90's 227 KB opt-in less the 1 KB of static shared memory the
+// kernel image carries (cuobjdump reports it; the audit shows it).
+constexpr int kSmemLimit = 232448 - 1024;
+constexpr int kSmemReserve = 2048;     // barriers plus the 1024-byte alignment of the swizzled tiles
+
+enum class Layout : int { Plain = 0, Contiguous = 1, Masked = 2 };
+
+struct Config {
+  int block_m = 0;
+  int block_n = 0;
+  int num_math_warpgroups = 0;  // block_m / 64: each math warpgroup owns 64 rows
+  int num_stages = 0;
+  int raster_group = kRasterGroup;
+  int64_t num_tiles = 0;
+  int num_waves = 0;
+  double wave_utilization = 0.0;  // tiles / (waves * SMs)
+  int smem_bytes = 0;
+};
+
+__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+__host__ __device__ inline int stage_bytes(int block_m, int block_n) { return (block_m + block_n) * kBlockK; }
+
+// Tiles per shape, deterministic. BLOCK_M is 64 (one math warpgroup) when a group holds at most 64 rows,
+// else 128 (two). BLOCK_N minimizes the padded work of the busiest SM, waves * BLOCK_N (a tile's time
+// grows with its width at fixed BLOCK_M): non-power-of-two widths win when they fill the SMs better, as
+// 112 does for M=256, N=7168 on 132 SMs (128 tiles in one wave instead of 112 tiles of width 128 -- the
+// same wave count, but narrower tiles). Ties go to the better-filled last wave, then to the wider tile.
+// Stages: as many as fit in shared memory, at most kMaxStages.
+__host__ __device__ inline Config select_config(int m_per_group, int n, int k, int num_groups, int num_sms) {
+  Config best;
+  const int block_m = m_per_group <= 64 ? 64 : 128;
+  int64_t best_cost = -1;
+  const int block_n_choices[3] = {112, 128, 160};  // every BLOCK_N the extension instantiates
+  for (int block_n : block_n_choices) {
+    const int64_t tiles = int64_t(num_groups) * ceil_div(m_per_group, block_m) * ceil_div(n, block_n);
+    const int waves = int((tiles + num_sms - 1) / num_sms);
+    const int64_t cost = int64_t(waves) * block_n;
+    const double utilization = double(tiles) / (double(waves) * num_sms);
+    const bool better = best_cost < 0 || cost < best_cost ||
+                        (cost == best_cost && (utilization > best.wave_utilization ||
+                                               (utilization == best.wave_utilization && block_n > best.block_n)));
+    if (better) {
+      best_cost = cost;
+      best.block_m = block_m;
+      best.block_n = block_n;
+      best.num_tiles = tiles;
+      best.num_waves = waves;
+      best.wave_utilization = utilization;
+    }
+  }
+  best.num_math_warpgroups = block_m / 64;
+  const int per_stage = stage_bytes(best.block_m, best.block_n);
+  int stages = (kSmemLimit - kSmemReserve) / per_stage;
+  stages = stages > kMaxStages ? kMaxStages : stages;
+  // K does not bound the stages: past a tile's last K block the producer runs ahead into the next tile.
+  (void)k;
+  best.num_stages = stages < 2 ? 2 : stages;
+  best.smem_bytes = best.num_stages * per_stage + kSmemReserve;
+  return best;
+}
+
+// Tile index within one GEMM -> (m block, n block), raster_group m-blocks at a time: the SMs working at
+// the same moment share a few A row blocks and a band of B columns, both L2-resident. The Triton kernel's
+// _raster computes the same order.
+__host__ __device__ inline void raster_tile(int tile, int m_blocks, int n_blocks, int raster_group, int& m_block,
+                                            int& n_block) {
+  const int tiles_per_raster = raster_group * n_blocks;
+  const int first_m = (tile / tiles_per_raster) * raster_group;
+  const int rows = m_blocks - first_m < raster_group ? m_blocks - first_m : raster_group;
+  const int within = tile % tiles_per_raster;
+  m_block = first_m + within % rows;
+  n_block = within / rows;
+}
+
+struct Tile {
+  int group;    // which B (and, masked, which A) group
+  int m_block;  // within the group's rows
+  int n_block;
+};
+
+// The persistent scheduler: CTA `cta` of `num_ctas` visits tiles cta, cta + num_ctas, ... of the layout's
+// tile space, in raster order, skipping tiles with no rows to compute:
+//   Plain:      ceil(M / BM) x ceil(N / BN) tiles.
+//   Contiguous: ceil(M_total / BM) x ceil(N / BN); a tile's group is m_indices of its first row (segments
+//               are GROUPED_M_ALIGNMENT-aligned and BM divides it); tiles whose group is -1 or >= G are skipped.
+//   Masked:     the groups' tiles back to back, group g contributing ceil(min(masked_m[g], M_max) / BM) x
+//               ceil(N / BN) (read from masked_m on the device: no host sync, graph-capturable).
+// Producer and consumers of a CTA run the same scheduler and so agree on every tile.
+struct Scheduler {
+  Layout layout;
+  int m_rows;  // M, M_total or M_max
+  int m_blocks;
+  int n_blocks;
+  int num_groups;
+  int block_m;
+  int raster_group;
+  const int* group_info;  // m_indices (contiguous) or masked_m (masked); unused for plain
+  int next_index;
+  int stride;
+  // Masked layout: the group the walk is in and the index of its first tile (tile indices only grow).
+  int cursor_group = 0;
+  int cursor_first = 0;
+
+  __host__ __device__ Scheduler(Layout layout_, int m_rows_, int n, int num_groups_, int block_m_, int block_n,
+                                int raster_group_, const int* group_info_, int cta, int num_ctas)
+      : layout(layout_), m_rows(m_rows_), m_blocks(ceil_div(m_rows_, block_m_)), n_blocks(ceil_div(n, block_n)),
+        num_groups(num_groups_), block_m(block_m_), raster_group(raster_group_), group_info(group_info_),
+        next_index(cta), stride(num_ctas) {}
+
+  __host__ __device__ int masked_rows(int g) const {
+    const int rows = group_info[g];
+    return rows < 0 ? 0 : (rows > m_rows ? m_rows : rows);
+  }
+
+  // The next tile of this CTA; false when none is left.
+  __host__ __device__ bool next(Tile& tile) {
+    while (true) {
+      const int index = next_index;
+      if (layout == Layout::Masked) {
+        int group_tiles = 0;
+        while (cursor_group < num_groups) {
+          group_tiles = ceil_div(masked_rows(cursor_group), block_m) * n_blocks;
+          if (index < cursor_first + group_tiles) break;
+          cursor_first += group_tiles;
+          ++cursor_group;
+        }
+        if (cursor_group >= num_groups) return false;
+        next_index += stride;
+        tile.group = cursor_group;
+        raster_tile(index - cursor_first, group_tiles / n_blocks, n_blocks, raster_group, tile.m_block,
+                    tile.n_block);
+        return true;
+      }
+      if (index >= m_blocks * n_blocks) return false;
+      next_index += stride;
+      raster_tile(index, m_blocks, n_blocks, raster_group, tile.m_block, tile.n_block);
+      tile.group = 0;
+      if (layout == Layout::Contiguous) {
+        tile.group = group_info[tile.m_block * block_m];
+        if (tile.group < 0 || tile.group >= num_groups) continue;
+      }
+      return true;
+    }
+  }
+
+  // Rows of the tile's group that hold data (the epilogue stores rows below it).
+  __host__ __device__ int valid_rows(const Tile& tile) const {
+    return layout == Layout::Masked ? masked_rows(tile.group) : m_rows;
+  }
+};
+
+}  // namespace pykernels::fp8_gemm

@@ -1,0 +1,571 @@
+"""FP8 block-scaled GEMM: the reference against float64 arithmetic, the API's argument checks, the
+Triton kernels (through the interpreter on CPU) against the reference, the CUDA kernel's host-side tile
+heuristic and scheduler, and on a GPU every backend on DeepSeek-V3's shapes.
+
+Tolerances:
+- reference vs float64 (dequantized operands): the reference rounds once to bfloat16 (relative 2^-9) after a
+  float32 accumulation whose error is at most about K * 2^-24 * sum|a*b| (summation order); the bound used is
+  2^-8 * |exact| + K * 2^-23 * (|A| @ |B|^T).
+- a kernel vs the reference: both accumulate the same exact fp8 products in float32 per 128-K block, in a
+  different order, then round to bfloat16; they may differ by one bfloat16 step plus the accumulation-order
+  term: |got - ref| <= 2^-7 * |ref| + K * 2^-22 * (|A| @ |B|^T).
+- against the unquantized product: DeepGEMM's calc_diff < 1e-3 (fp8 quantization error, typically 7e-4).
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import pykernels
+from pykernels.reference import fp8_gemm as ref
+from pykernels.reference import fp8_quant
+from pykernels.triton.fp8_gemm import _raster
+
+FP8 = torch.float8_e4m3fn
+HAS_GPU = torch.cuda.is_available()
+
+
+def quantized_pair(x):
+    return fp8_quant.per_token_group_quant_fp8(x, 128)
+
+
+def quantized_weights(w):
+    return fp8_quant.per_block_quant_fp8(w, 128)
+
+
+def random_problem(m, n, k, groups=None, device="cpu"):
+    """Unquantized float32 operands (rows with varying magnitude) and their fp8 pairs."""
+    lead = () if groups is None else (groups,)
+    x = torch.randn(lead + (m, k)) * torch.exp(torch.randn(lead + (m, 1)))
+    w = torch.randn(lead + (n, k))  # one scale per 128x128 block: rows of like magnitude, as in real weights
+    a, sa = quantized_pair(x)
+    b, sb = quantized_weights(w)
+    return x, w, (a.to(device), sa.to(device)), (b.to(device), sb.to(device))
+
+
+def magnitude_bound(a, sa, b, sb):
+    """(|A| @ |B|^T) of the dequantized operands in float64, the scale of the accumulation-order error."""
+    return ref.dequantized_product(a.abs(), sa.abs(), b.abs(), sb.abs())
+
+
+def assert_matches_reference(got, want, a, sa, b, sb, rows=None):
+    """got vs the reference for rows `rows` (all when None): one bfloat16 step plus accumulation order."""
+    got, want = got.cpu().double(), want.cpu().double()
+    mag = magnitude_bound(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    if rows is not None:
+        got, want, mag = got[rows], want[rows], mag[rows]
+    assert bool(torch.isfinite(got).all()), "non-finite values in valid rows"
+    k = a.shape[-1]
+    bound = want.abs() * 2 ** -7 + mag * k * 2 ** -22
+    excess = (got - want).abs() - bound
+    assert float(excess.max()) <= 0, f"max excess {float(excess.max()):.3e} over the bound"
+
+
+# ---- reference ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n,k", [(1, 128, 128), (7, 320, 512), (129, 200, 384), (64, 2112, 1024)])
+def test_reference_vs_float64(m, n, k):
+    x, w, (a, sa), (b, sb) = random_problem(m, n, k)
+    got = ref.fp8_gemm_nt(a, sa, b, sb)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    exact = ref.dequantized_product(a, sa, b, sb)
+    bound = exact.abs() * 2 ** -8 + magnitude_bound(a, sa, b, sb) * k * 2 ** -23
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    # With quantization: against the unquantized float64 product (DeepGEMM's acceptance metric).
+    assert ref.calc_diff(got, x.double() @ w.double().T) < 1e-3
+
+
+def test_reference_promotes_per_k_block():
+    """Scales applied per 128-K block: blocks with wildly different scales must not mix before scaling."""
+    m, n, k = 3, 130, 256
+    a = torch.full((m, k), 1.0).to(FP8)
+    b = torch.full((n, k), 1.0).to(FP8)
+    sa = torch.tensor([[1.0, 2.0 ** 20]] * m)
+    sb = torch.tensor([[1.0, 1.0], [3.0, 0.5]])
+    got = ref.fp8_gemm_nt(a, sa, b, sb).double()
+    # columns < 128 use sb row 0, columns 128.. (the partial block) row 1.
+    want = torch.empty(m, n, dtype=torch.float64)
+    want[:, :128] = 128 * 1.0 + 128 * 2.0 ** 20
+    want[:, 128:] = 128 * 3.0 + 128 * 2.0 ** 20 * 0.5
+    torch.testing.assert_close(got, want.to(torch.bfloat16).double(), rtol=0, atol=0)
+
+
+def test_calc_diff():
+    x = torch.randn(100, dtype=torch.float64)
+    assert ref.calc_diff(x, x) == pytest.approx(0.0, abs=1e-15)
+    assert ref.calc_diff(x, -x) == pytest.approx(2.0)
+    assert ref.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+# ---- argument checks ---------------------------------------------------------------------------------
+
+def _plain(m=8, n=256, k=256):
+    _, _, ap, bp = random_problem(m, n, k)
+    return ap, bp
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_gemm_nt_bad_arguments(backend):
+    (a, sa), (b, sb) = _plain()
+    call = pykernels.fp8_gemm_nt
+    with pytest.raises(TypeError, match=r"\(a, sa\): expected a \(tensor, scales\) pair"):
+        call(a, (b, sb), backend=backend)
+    with pytest.raises(TypeError, match="a: expected dtype float8_e4m3fn, got bfloat16"):
+        call((a.to(torch.bfloat16), sa), (b, sb), backend=backend)
+    with pytest.raises(TypeError, match="sa: expected dtype float32, got float16"):
+        call((a, sa.half()), (b, sb), backend=backend)
+    with pytest.raises(TypeError, match="b: expected a torch.Tensor"):
+        call((a, sa), (None, sb), backend=backend)
+    with pytest.raises(ValueError, match="a: expected 2 dimensions"):
+        call((a[None], sa[None]), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match="a: expected K .* multiple of 128, got 200"):
+        call((a[:, :200].contiguous(), sa[:, :2]), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match=r"b: expected K = 256 \(as in a\), got 384"):
+        (b3, sb3) = _plain(n=256, k=384)[1]
+        call((a, sa), (b3, sb3), backend=backend)
+    with pytest.raises(ValueError, match=r"sa: expected shape \[8, 2\] \(one per row per 128 columns of a\)"):
+        call((a, sa[:, :1].contiguous()), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match=r"sb: expected shape \[2, 2\] \(one per 128x128 block of b\)"):
+        call((a, sa), (b, sb.repeat(2, 1)), backend=backend)
+    with pytest.raises(ValueError, match="a: expected a contiguous tensor"):
+        wide = torch.zeros(8, 512, dtype=FP8)
+        call((wide[:, :256], sa), (b, sb), backend=backend)
+    with pytest.raises(ValueError, match="sb: expected a contiguous tensor"):
+        call((a, sa), (b, sb.t().contiguous().t()), backend=backend)
+    with pytest.raises(TypeError, match="out: expected dtype bfloat16, got float32"):
+        call((a, sa), (b, sb), out=torch.empty(8, 256), backend=backend)
+    with pytest.raises(ValueError, match=r"out: expected shape \[8, 256\]"):
+        call((a, sa), (b, sb), out=torch.empty(8, 255, dtype=torch.bfloat16), backend=backend)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        call((a, sa), (b, sb), backend="cublas")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs tensors on two devices")
+def test_fp8_gemm_nt_wrong_device():
+    (a, sa), (b, sb) = _plain()
+    with pytest.raises(ValueError, match="b: expected a tensor on cuda"):
+        pykernels.fp8_gemm_nt((a.cuda(), sa.cuda()), (b, sb))
+    with pytest.raises(ValueError, match="sa: expected a tensor on"):
+        pykernels.fp8_gemm_nt((a.cuda(), sa), (b.cuda(), sb.cuda()))
+
+
+def test_wrong_device_is_named_before_launch(monkeypatch):
+    """Device mismatches, checked without a GPU: a meta-device scale tensor stands in for another device."""
+    (a, sa), (b, sb) = _plain()
+    with pytest.raises(ValueError, match="sa: expected a tensor on cpu"):
+        pykernels.fp8_gemm_nt((a, sa.to("meta")), (b, sb), backend="torch")
+    with pytest.raises(ValueError, match="b: expected a tensor on cpu"):
+        pykernels.fp8_gemm_nt((a, sa), (b.to("meta"), sb.to("meta")), backend="torch")
+    with pytest.raises(ValueError, match="out: expected a tensor on cpu"):
+        pykernels.fp8_gemm_nt((a, sa), (b, sb), out=torch.empty(8, 256, dtype=torch.bfloat16, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_contiguous_bad_arguments(backend):
+    _, _, (a, sa), (b, sb) = random_problem(256, 160, 256, groups=None)
+    _, _, _, (bg, sbg) = random_problem(1, 160, 256, groups=3)
+    idx = torch.zeros(256, dtype=torch.int32)
+    call = pykernels.m_grouped_fp8_gemm_nt_contiguous
+    with pytest.raises(ValueError, match="b: expected 3 dimensions"):
+        call((a, sa), (b, sb), idx, backend=backend)
+    with pytest.raises(ValueError, match="a: expected M_total a multiple of GROUPED_M_ALIGNMENT = 128"):
+        call((a[:200], sa[:200]), (bg, sbg), idx[:200], backend=backend)
+    with pytest.raises(TypeError, match="m_indices: expected dtype int32, got int64"):
+        call((a, sa), (bg, sbg), idx.long(), backend=backend)
+    with pytest.raises(ValueError, match=r"m_indices: expected shape \[256\]"):
+        call((a, sa), (bg, sbg), idx[:128], backend=backend)
+    with pytest.raises(ValueError, match=r"m_indices: expected values in \[-1, 3\)"):
+        call((a, sa), (bg, sbg), torch.full((256,), 3, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match=r"m_indices: expected each 128-row block to hold one group"):
+        mixed = idx.clone()
+        mixed[100:128] = 1
+        call((a, sa), (bg, sbg), mixed, backend=backend)
+    with pytest.raises(ValueError, match=r"sb: expected shape \[3, 2, 2\]"):
+        call((a, sa), (bg, sbg[:, :1].contiguous()), idx, backend=backend)
+    with pytest.raises(ValueError, match=r"out: expected shape \[256, 160\]"):
+        call((a, sa), (bg, sbg), idx, out=torch.empty(256, 128, dtype=torch.bfloat16), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_bad_arguments(backend):
+    _, _, (a, sa), (b, sb) = random_problem(16, 160, 256, groups=2)
+    masked = torch.tensor([3, 16], dtype=torch.int32)
+    call = pykernels.m_grouped_fp8_gemm_nt_masked
+    with pytest.raises(ValueError, match=r"b: expected 2 groups \(as in a\), got 1"):
+        call((a, sa), (b[:1].contiguous(), sb[:1].contiguous()), masked[:1], 4, backend=backend)
+    with pytest.raises(ValueError, match="a: expected 3 dimensions"):
+        call((a[0], sa[0]), (b, sb), masked, 4, backend=backend)
+    with pytest.raises(TypeError, match="masked_m: expected dtype int32"):
+        call((a, sa), (b, sb), masked.float(), 4, backend=backend)
+    with pytest.raises(ValueError, match=r"masked_m: expected shape \[2\]"):
+        call((a, sa), (b, sb), masked[:1], 4, backend=backend)
+    with pytest.raises(ValueError, match=r"masked_m: expected values in \[0, 16\]"):
+        call((a, sa), (b, sb), torch.tensor([0, 17], dtype=torch.int32), 4, backend=backend)
+    with pytest.raises(TypeError, match="expected_m: expected an int, got float"):
+        call((a, sa), (b, sb), masked, 4.0, backend=backend)
+    with pytest.raises(ValueError, match="expected_m: expected a positive row count hint, got 0"):
+        call((a, sa), (b, sb), masked, 0, backend=backend)
+    with pytest.raises(ValueError, match=r"sa: expected shape \[2, 16, 2\]"):
+        call((a, sa[:, :, :1].contiguous()), (b, sb), masked, 4, backend=backend)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error a CPU-only machine gives")
+def test_explicit_cuda_backend_without_gpu_says_why():
+    (a, sa), (b, sb) = _plain()
+    with pytest.raises(RuntimeError, match="fp8_gemm_nt: backend='cuda' needs"):
+        pykernels.fp8_gemm_nt((a, sa), (b, sb), backend="cuda")
+
+
+def test_empty_m_returns_empty():
+    (a, sa), (b, sb) = _plain()
+    out = pykernels.fp8_gemm_nt((a[:0], sa[:0]), (b, sb), backend="torch")
+    assert out.shape == (0, 256) and out.dtype == torch.bfloat16
+
+
+# ---- torch backend through the API ---------------------------------------------------------------------
+
+def test_torch_backend_layouts_agree_with_plain_reference():
+    _, _, (a, sa), (b, sb) = random_problem(256, 320, 256)
+    _, _, _, (bg, sbg) = random_problem(1, 320, 256, groups=2)
+    idx = torch.full((256,), -1, dtype=torch.int32)
+    idx[:100] = 1
+    idx[128:200] = 0
+    out = torch.full((256, 320), float("nan"), dtype=torch.bfloat16)
+    pykernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (bg, sbg), idx, out=out, backend="torch")
+    assert torch.equal(out[:100], ref.fp8_gemm_nt(a[:100], sa[:100], bg[1], sbg[1]))
+    assert torch.equal(out[128:200], ref.fp8_gemm_nt(a[128:200], sa[128:200], bg[0], sbg[0]))
+    masked = torch.tensor([0, 5], dtype=torch.int32)
+    a3, sa3 = a[:64].reshape(2, 32, 256), sa[:64].reshape(2, 32, 2)
+    got = pykernels.m_grouped_fp8_gemm_nt_masked((a3, sa3), (bg, sbg), masked, 4, backend="torch")
+    assert torch.equal(got[1, :5], ref.fp8_gemm_nt(a3[1, :5], sa3[1, :5], bg[1], sbg[1]))
+
+
+# ---- Triton (interpreter on CPU, compiled on a GPU) vs the reference -------------------------------------
+
+# Every M in {1, 7, 64, 129, 300}, N in {128, 320, 2112} and K in {128, 512, 7168} appears; M and N tails
+# of both tile configurations, N's partial scale block (320, 2112 = 16.5 x 128), and a 56-block K.
+PLAIN_SHAPES = [(1, 2112, 7168), (7, 320, 512), (64, 128, 128), (129, 2112, 512), (300, 320, 7168), (300, 128, 128)]
+
+
+KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("m,n,k", PLAIN_SHAPES)
+def test_plain_matches_reference(backend, m, n, k, device):
+    _, _, (a, sa), (b, sb) = random_problem(m, n, k, device=device)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+    got = pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend=backend)
+    assert got is out
+    assert_matches_reference(got, ref.fp8_gemm_nt(a.cpu(), sa.cpu(), b.cpu(), sb.cpu()), a, sa, b, sb)
+
+
+def contiguous_indices(segments, trailing_padding_blocks=0):
+    """m_indices for groups of `segments` rows each (0 = empty group), padded to 128 with -1."""
+    align = pykernels.GROUPED_M_ALIGNMENT
+    parts = []
+    for g, rows in enumerate(segments):
+        padded = -(-rows // align) * align
+        part = torch.full((padded,), -1, dtype=torch.int32)
+        part[:rows] = g
+        parts.append(part)
+    parts.append(torch.full((trailing_padding_blocks * align,), -1, dtype=torch.int32))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("segments,n,k", [([130, 0, 5, 128], 320, 256), ([64, 1], 2112, 128)])
+def test_contiguous_matches_reference(backend, segments, n, k, device):
+    idx = contiguous_indices(segments, trailing_padding_blocks=1)
+    m_total, groups = idx.numel(), len(segments)
+    _, _, (a, sa), _ = random_problem(m_total, n, k)
+    _, _, _, (b, sb) = random_problem(1, n, k, groups=groups)
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device=device)
+    got = pykernels.m_grouped_fp8_gemm_nt_contiguous((a.to(device), sa.to(device)), (b.to(device), sb.to(device)),
+                                                     idx.to(device), out=out, backend=backend)
+    valid = idx >= 0
+    want = ref.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, idx)
+    for g in range(groups):
+        rows = idx == g
+        if bool(rows.any()):
+            assert_matches_reference(got.cpu()[rows], want[rows], a[rows], sa[rows], b[g], sb[g])
+    assert int(valid.sum()) == sum(segments)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("masked,m_max,n,k,expected_m", [([0, 70, 1, 33], 70, 192, 384, 32),
+                                                         ([130, 0, 77], 130, 320, 256, 100)])
+def test_masked_matches_reference(backend, masked, m_max, n, k, expected_m, device):
+    groups = len(masked)
+    _, _, (a, sa), (b, sb) = random_problem(m_max, n, k, groups=groups)
+    masked_m = torch.tensor(masked, dtype=torch.int32)
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device=device)
+    got = pykernels.m_grouped_fp8_gemm_nt_masked((a.to(device), sa.to(device)), (b.to(device), sb.to(device)),
+                                                 masked_m.to(device), expected_m, out=out, backend=backend)
+    assert got is out
+    got = got.cpu()
+    for g, rows in enumerate(masked):
+        if rows:
+            want = ref.fp8_gemm_nt(a[g, :rows], sa[g, :rows], b[g], sb[g])
+            assert_matches_reference(got[g, :rows], want, a[g, :rows], sa[g, :rows], b[g], sb[g])
+        # rows past masked_m are not computed: the poison stays.
+        assert bool(torch.isnan(got[g, rows:].float()).all())
+
+
+def test_triton_configs_cover_aot_list():
+    """Every config the wrapper can pick is among the configs the audit compiles for sm_90."""
+    from pykernels.triton import fp8_gemm as tri
+
+    audited = {(k.constexprs["BLOCK_M"], k.constexprs["BLOCK_N"], k.num_warps, k.num_stages) for k in tri.AOT_KERNELS}
+    for m in (1, 64, 65, 4096):
+        cfg = tri.triton_config(m, 7168)
+        assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) in audited
+        assert 128 % cfg.block_n == 0
+
+
+# ---- the CUDA kernel's host-side index math (runs without a GPU) -----------------------------------------
+
+def _extension():
+    from pykernels import _backend
+
+    ext, why = _backend.extension()
+    if ext is None:
+        pytest.skip(f"pykernels._C is not built: {why}")
+    return ext
+
+
+def python_raster(tile, m_blocks, n_blocks, group):
+    per_raster = group * n_blocks
+    first = (tile // per_raster) * group
+    rows = min(m_blocks - first, group)
+    return first + (tile % per_raster) % rows, (tile % per_raster) // rows
+
+
+@pytest.mark.parametrize("m,n,k,groups,sms", [(256, 7168, 7168, 1, 132), (4096, 2112, 7168, 1, 132),
+                                              (1, 24576, 1536, 1, 132), (64, 7168, 2048, 4, 78),
+                                              (300, 320, 512, 1, 114), (128, 32768, 512, 1, 132)])
+def test_config_minimizes_padded_work(m, n, k, groups, sms):
+    _extension()
+    cfg = pykernels.fp8_gemm_config(m, n, k, num_groups=groups, num_sms=sms)
+    assert cfg == pykernels.fp8_gemm_config(m, n, k, num_groups=groups, num_sms=sms)  # deterministic
+    block_m = 64 if m <= 64 else 128
+    assert cfg["block_m"] == block_m and cfg["num_math_warpgroups"] == block_m // 64 and cfg["block_k"] == 128
+
+    def cost(bn):
+        tiles = groups * -(-m // block_m) * -(-n // bn)
+        waves = -(-tiles // sms)
+        return waves * bn, -tiles / (waves * sms), -bn
+
+    assert cost(cfg["block_n"]) == min(cost(bn) for bn in (112, 128, 160))
+    tiles = groups * -(-m // block_m) * -(-n // cfg["block_n"])
+    assert cfg["num_tiles"] == tiles and cfg["num_waves"] == -(-tiles // sms)
+    assert cfg["wave_utilization"] == pytest.approx(tiles / (cfg["num_waves"] * sms))
+    assert 2 <= cfg["num_stages"] <= 8
+    assert cfg["smem_bytes"] <= 232448 - 1024  # dynamic, beside 1 KB of static shared memory
+    assert cfg["num_stages"] * (block_m + cfg["block_n"]) * 128 <= cfg["smem_bytes"]
+
+
+def test_config_picks_unaligned_block_n_when_it_fills_the_sms():
+    _extension()
+    # DeepGEMM's example: M=256, N=7168 gives 128 tiles of width 112 in one wave on 132 SMs.
+    assert pykernels.fp8_gemm_config(256, 7168, 7168, num_sms=132)["block_n"] == 112
+    assert pykernels.fp8_gemm_config(64, 4096, 7168, num_sms=132)["block_m"] == 64
+
+
+def test_config_bad_arguments():
+    with pytest.raises(ValueError, match="K: expected a positive multiple of 128, got 100"):
+        pykernels.fp8_gemm_config(64, 128, 100)
+    with pytest.raises(ValueError, match="M, N, num_groups: expected positive values"):
+        pykernels.fp8_gemm_config(0, 128, 128)
+    with pytest.raises(TypeError, match="N: expected an int"):
+        pykernels.fp8_gemm_config(1, 128.0, 128)
+    with pytest.raises(ValueError, match="num_sms: expected a positive int"):
+        pykernels.fp8_gemm_config(1, 128, 128, num_sms=0)
+
+
+def _expected_tiles(layout, m_rows, n, groups, bm, bn, info):
+    n_blocks = -(-n // bn)
+    if layout == 0:
+        return {(0, mb, nb) for mb in range(-(-m_rows // bm)) for nb in range(n_blocks)}
+    if layout == 1:
+        return {(info[mb * bm], mb, nb) for mb in range(-(-m_rows // bm)) for nb in range(n_blocks)
+                if 0 <= info[mb * bm] < groups}
+    return {(g, mb, nb) for g in range(groups) for mb in range(-(-min(max(info[g], 0), m_rows) // bm))
+            for nb in range(n_blocks)}
+
+
+SCHEDULES = [
+    (0, 300, 2112, 1, []),
+    (0, 1, 7168, 1, []),
+    (1, 640, 320, 4, contiguous_indices([130, 0, 5, 128], trailing_padding_blocks=1).tolist()),
+    (1, 256, 4096, 3, contiguous_indices([0, 0, 200]).tolist()),
+    (2, 70, 192, 4, [0, 70, 1, 33]),
+    (2, 256, 7168, 3, [0, 0, 0]),
+    (2, 512, 2112, 5, [512, 3, 0, 129, 64]),
+]
+
+
+@pytest.mark.parametrize("layout,m_rows,n,groups,info", SCHEDULES)
+@pytest.mark.parametrize("bm,bn", [(64, 112), (128, 128), (128, 160)])
+@pytest.mark.parametrize("num_ctas", [1, 7, 132])
+def test_scheduler_visits_every_tile_once(layout, m_rows, n, groups, info, bm, bn, num_ctas):
+    ext = _extension()
+    per_cta = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, num_ctas, info)
+    assert len(per_cta) == num_ctas
+    visited = [tuple(t[:3]) for tiles in per_cta for t in tiles]
+    assert len(visited) == len(set(visited)), "a tile was visited twice"
+    assert set(visited) == _expected_tiles(layout, m_rows, n, groups, bm, bn, info)
+    for g, mb, nb, valid in (t for tiles in per_cta for t in tiles):
+        assert 0 <= g < groups and 0 <= nb * bn < n and 0 <= mb * bm < valid <= m_rows
+        if layout == 2:
+            assert valid == info[g]
+    # Balanced: no CTA holds more than one tile above the even share (contiguous padding tiles are skipped
+    # where they fall, so only the tile indices are balanced there).
+    counts = [len(t) for t in per_cta]
+    if layout != 1:
+        assert max(counts) - min(counts) <= 1
+
+
+@triton.jit
+def raster_probe(out_ptr, m_blocks, n_blocks, GROUP_M: tl.constexpr):
+    """Writes the Triton kernel's (m block, n block) for each program id."""
+    pid = tl.program_id(0)
+    pm, pn = _raster(pid, m_blocks, n_blocks, GROUP_M)
+    tl.store(out_ptr + 2 * pid, pm)
+    tl.store(out_ptr + 2 * pid + 1, pn)
+
+
+def test_scheduler_raster_matches_triton_kernel(device):
+    """The CUDA scheduler's plain-layout order is the Triton kernel's _raster order (same L2 plan)."""
+    ext = _extension()
+    m_rows, n, bm, bn = 1300, 2112, 128, 128
+    m_blocks, n_blocks = -(-m_rows // bm), -(-n // bn)
+    probe = torch.empty(2 * m_blocks * n_blocks, dtype=torch.int32, device=device)
+    raster_probe[(m_blocks * n_blocks,)](probe, m_blocks, n_blocks, GROUP_M=8)
+    (cuda_order,) = ext.fp8_gemm_tile_order(0, m_rows, n, 1, bm, bn, 1, [])
+    assert [(t[1], t[2]) for t in cuda_order] == [tuple(p) for p in probe.cpu().view(-1, 2).tolist()]
+    assert [(t[1], t[2]) for t in cuda_order] == [python_raster(i, m_blocks, n_blocks, 8)
+                                                  for i in range(m_blocks * n_blocks)]
+
+
+def test_extension_bad_arguments_raise_before_launch():
+    """The launchers' own checks (the CUDA path's last line of defence), reachable without a GPU."""
+    ext = _extension()
+    (a, sa), (b, sb) = _plain()
+    out = torch.empty(8, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="a: expected a CUDA tensor"):
+        ext.fp8_gemm_nt(a, sa, b, sb, out, 0)
+
+
+# ---- GPU: CUDA and compiled Triton on DeepSeek-V3's shapes ---------------------------------------------
+
+DEEPSEEK_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def gpu_problem(m, n, k, groups=None):
+    lead = () if groups is None else (groups,)
+    x = torch.randn(lead + (m, k), device="cuda")
+    w = torch.randn(lead + (n, k), device="cuda")
+    a, sa = fp8_quant.per_token_group_quant_fp8(x, 128)
+    b, sb = fp8_quant.per_block_quant_fp8(w, 128)
+    return x, w, (a, sa), (b, sb)
+
+
+def assert_accurate(got, x, w, a, sa, b, sb):
+    """DeepGEMM's acceptance: calc_diff < 1e-3 against the unquantized product (typical 7e-4), and a relative
+    error (Frobenius) < 1e-2 against the product of the dequantized operands."""
+    exact = x.float() @ w.float().T
+    assert ref.calc_diff(got, exact) < 1e-3
+    deq = (a.float() * sa.repeat_interleave(128, dim=-1)) @ \
+        (b.float() * sb.repeat_interleave(128, 0)[: b.shape[0]].repeat_interleave(128, 1)).T
+    assert float((got.float() - deq).norm() / deq.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("n,k", DEEPSEEK_NK)
+@pytest.mark.parametrize("m", [1, 64, 128, 4096])
+def test_gpu_deepseek_shapes(backend, m, n, k):
+    x, w, (a, sa), (b, sb) = gpu_problem(m, n, k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    got = pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend=backend)
+    torch.cuda.synchronize()
+    assert bool(torch.isfinite(got).all())
+    assert_accurate(got, x, w, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("groups,m_per_group,n,k", [(4, 8192, 4096, 7168), (8, 4096, 7168, 2048)])
+def test_gpu_contiguous(backend, groups, m_per_group, n, k):
+    # Uneven segments around the nominal size, each padded to 128 rows with -1.
+    sizes = [m_per_group + d for d in ([-100, 37, 0, 63] * 2)[:groups]]
+    idx = contiguous_indices(sizes).cuda()
+    m_total = idx.numel()
+    x = torch.randn(m_total, k, device="cuda")
+    w = torch.randn(groups, n, k, device="cuda")
+    a, sa = fp8_quant.per_token_group_quant_fp8(x, 128)
+    b, sb = fp8_quant.per_block_quant_fp8(w, 128)
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    got = pykernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), idx, out=out, backend=backend)
+    torch.cuda.synchronize()
+    for g in range(groups):
+        rows = idx == g
+        assert_accurate(got[rows], x[rows], w[g], a[rows], sa[rows], b[g], sb[g])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("groups,expected_m", [(1, 1024), (2, 512), (4, 256)])
+@pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)])
+def test_gpu_masked(backend, groups, expected_m, n, k):
+    m_max = 2 * expected_m
+    x, w, (a, sa), (b, sb) = gpu_problem(m_max, n, k, groups=groups)
+    masked = torch.randint(int(expected_m * 0.7), int(expected_m * 1.3) + 1, (groups,), dtype=torch.int32)
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    got = pykernels.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), masked.cuda(), expected_m, out=out,
+                                                 backend=backend)
+    torch.cuda.synchronize()
+    for g, rows in enumerate(masked.tolist()):
+        assert_accurate(got[g, :rows], x[g, :rows], w[g], a[g, :rows], sa[g, :rows], b[g], sb[g])
+        assert bool(torch.isnan(got[g, rows:].float()).all()), "rows past masked_m were written"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_masked_cuda_graph(backend):
+    """The masked path reads masked_m on the device: a captured graph follows new counts on replay."""
+    groups, m_max, n, k = 4, 256, 4096, 7168
+    x, w, (a, sa), (b, sb) = gpu_problem(m_max, n, k, groups=groups)
+    masked = torch.tensor([256, 0, 17, 128], dtype=torch.int32, device="cuda")
+    out = torch.zeros((groups, m_max, n), dtype=torch.bfloat16, device="cuda")
+    call = lambda: pykernels.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), masked, 128, out=out,  # noqa: E731
+                                                          backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up outside capture (Triton compiles, the extension sets its shared-memory limit)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for counts in ([1, 200, 0, 64], [256, 256, 256, 256], [0, 0, 0, 3]):
+        masked.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for g, rows in enumerate(counts):
+            if rows:
+                assert_accurate(out[g, :rows], x[g, :rows], w[g], a[g, :rows], sa[g, :rows], b[g], sb[g])
+            assert bool(torch.isnan(out[g, rows:].float()).all())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_matches_triton():
+    """CUDA and Triton agree with each other within the kernel-vs-reference bound on an odd shape."""
+    _, _, (a, sa), (b, sb) = gpu_problem(300, 2112, 7168)
+    cuda = pykernels.fp8_gemm_nt((a, sa), (b, sb), backend="cuda")
+    tri = pykernels.fp8_gemm_nt((a, sa), (b, sb), backend="triton")
+    assert_matches_reference(cuda, tri.cpu(), a, sa, b, sb)
