@@ -3,12 +3,17 @@ and Triton beside a torch reference. Every op takes backend="auto" | "cuda" | "t
 pykernels.backends() says which can run on this machine and why not."""
 
 from pykernels._backend import backends
+from pykernels import moe
 from pykernels.fp8_quant import per_block_quant_fp8, per_token_group_quant_fp8
+from pykernels.moe import permute_to_experts, unpermute_from_experts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends",
+    "moe",
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
+    "permute_to_experts",
+    "unpermute_from_experts",
 ]
