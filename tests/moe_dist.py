@@ -21,6 +21,8 @@ from datetime import timedelta
 import torch
 
 GROUP_TIMEOUT_S = 60
+# Where a rank's tensors live: the CPU over gloo, the rank's own GPU over NCCL (set by _rank_main).
+DEVICE = torch.device("cpu")
 
 
 def free_port() -> int:
@@ -29,12 +31,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, program, args, results):
+def _rank_main(rank, world, port, program, args, results, dist_backend):
     import torch.distributed as dist
 
+    global DEVICE
     try:
         torch.set_num_threads(1)  # world processes share two cores
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        if dist_backend == "nccl":
+            torch.cuda.set_device(rank)
+            DEVICE = torch.device("cuda", rank)
+        dist.init_process_group(dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=GROUP_TIMEOUT_S))
         out = program(rank, world, *args)
         results.put(("ok", rank, out))
@@ -45,13 +51,14 @@ def _rank_main(rank, world, port, program, args, results):
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, program, *args, timeout: float = 120.0):
+def run_ranks(world: int, program, *args, timeout: float = 120.0, dist_backend: str = "gloo"):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, program, args, results), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, program, args, results, dist_backend),
+                         daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -158,23 +165,24 @@ def program_dispatch_combine(rank, world, backend, seed, token_counts, hidden, t
     inputs = make_inputs(seed, token_counts, hidden, topk, experts, allowed)
     x, idx, w = inputs[rank]
     buffer = moe.Buffer(None, backend=backend)
-    layout = buffer.get_dispatch_layout(idx, experts)
+    layout = buffer.get_dispatch_layout(idx.to(DEVICE), experts)
     want_rank, want_expert, _ = ref.dispatch_layout(idx, experts, world)
-    assert torch.equal(layout.num_tokens_per_rank, want_rank), (layout.num_tokens_per_rank, want_rank)
-    assert torch.equal(layout.num_tokens_per_expert, want_expert)
-    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, idx, w, experts, layout=layout)
+    assert torch.equal(layout.num_tokens_per_rank.cpu(), want_rank), (layout.num_tokens_per_rank, want_rank)
+    assert torch.equal(layout.num_tokens_per_expert.cpu(), want_expert)
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE),
+                                                                   experts, layout=layout)
 
     rows, ids, weights, _ = expected_receive(inputs, rank, world, experts)
     assert recv_x.shape == rows.shape, (recv_x.shape, rows.shape)
-    assert torch.equal(recv_x, rows), "received rows differ from the routed tokens"
-    assert torch.equal(recv_idx, ids), "recv_topk_idx differs from the source routing"
-    assert torch.equal(recv_w, weights), "recv_topk_weights differ from the source routing"
+    assert torch.equal(recv_x.cpu(), rows), "received rows differ from the routed tokens"
+    assert torch.equal(recv_idx.cpu(), ids), "recv_topk_idx differs from the source routing"
+    assert torch.equal(recv_w.cpu(), weights), "recv_topk_weights differ from the source routing"
     num_local = experts // world
     want_per_expert = [int((ids == e).sum()) for e in range(num_local)]
     assert per_expert == want_per_expert, (per_expert, want_per_expert)
 
     # DeepEP's check: combining the rows as received gives x times the number of ranks each token went to.
-    back = buffer.combine(recv_x, handle)
+    back = buffer.combine(recv_x, handle).cpu()
     fanout = sum(((idx >= 0) & (idx // num_local == r)).any(1).long() for r in range(world))
     want = x.double() * fanout.double().unsqueeze(1)
     # Up to world bf16 addends summed in float32, rounded once to bf16: within 2^-8 relative.
@@ -186,7 +194,7 @@ def program_dispatch_combine(rank, world, backend, seed, token_counts, hidden, t
                                                        num_local_experts=num_local, backend=backend)
     assert x_sorted.shape[0] % 16 == 0 and m_indices.shape == (x_sorted.shape[0],)
     y = moe.unpermute_from_experts(x_sorted, perm, recv_w, backend=backend)
-    out = buffer.combine(y, handle)
+    out = buffer.combine(y, handle).cpu()
     want = x.double() * w.double().sum(1, keepdim=True)
     # Two bf16 roundings (after the weighted sum, after the combine), each 2^-9 relative, weights positive.
     assert bool(((out.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all())
@@ -205,15 +213,19 @@ def program_fp8(rank, world, backend, seed, token_counts, hidden, topk, experts)
     rows, ids, weights, sources = expected_receive(inputs, rank, world, experts)
     buffer = moe.Buffer(None, backend=backend)
 
-    pair = per_token_group_quant_fp8(x, backend="torch")
-    (rx, rs), recv_idx, recv_w, _, handle = buffer.dispatch(pair, idx, w, experts)
+    dx, didx, dw = (t.to(DEVICE) for t in (x, idx, w))
+    pair = per_token_group_quant_fp8(dx, backend="torch")
+    (rx, rs), recv_idx, recv_w, _, handle = buffer.dispatch(pair, didx, dw, experts)
+    (drx, drs), drecv_idx = (rx, rs), recv_idx
+    rx, rs, recv_idx, recv_w = rx.cpu(), rs.cpu(), recv_idx.cpu(), recv_w.cpu()
     want_q, want_s = fq.per_token_group_quant_fp8(rows)
     assert rx.dtype == torch.float8_e4m3fn and rs.shape == (rows.shape[0], hidden // 128)
     assert torch.equal(rx.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(rs, want_s)
     assert torch.equal(recv_idx, ids) and torch.equal(recv_w, weights)
 
-    (qx, qs), recv_idx2, _, _, _ = buffer.dispatch(x, idx, w, experts, quantize_fp8=True)
-    assert torch.equal(recv_idx2, ids)
+    (qx, qs), recv_idx2, _, _, _ = buffer.dispatch(dx, didx, dw, experts, quantize_fp8=True)
+    qx, qs = qx.cpu(), qs.cpu()
+    assert torch.equal(recv_idx2.cpu(), ids)
     assert torch.equal(qs, want_s), "on-the-fly scales differ from per_token_group_quant_fp8"
     # The bytes may differ from the quantizer's by one e4m3 step where a value lies on a rounding tie.
     assert fp8_steps(qx, want_q) <= 1
@@ -222,8 +234,9 @@ def program_fp8(rank, world, backend, seed, token_counts, hidden, topk, experts)
     bound = rows.double().abs() * 2 ** -4 + qs.double().repeat_interleave(128, 1) * 2 ** -9
     assert bool(((deq - rows.double()).abs() <= bound * (1 + 1e-9)).all())
 
-    (xs, ss), m_indices, perm = moe.permute_to_experts((rx, rs), recv_idx, num_local_experts=experts // world,
+    (xs, ss), m_indices, perm = moe.permute_to_experts((drx, drs), drecv_idx, num_local_experts=experts // world,
                                                        backend=backend)
+    xs, ss, m_indices, perm = xs.cpu(), ss.cpu(), m_indices.cpu(), perm.cpu()
     valid = perm >= 0
     r_of_pair = torch.nonzero(valid, as_tuple=True)[0]
     assert torch.equal(xs[perm[valid].long()].view(torch.uint8), rx[r_of_pair].view(torch.uint8))

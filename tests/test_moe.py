@@ -317,3 +317,143 @@ def test_moe_layer_end_to_end_multi_rank(world):
 def test_harness_reports_a_failing_rank_without_hanging():
     with pytest.raises(AssertionError, match="rank 1 of 2 failed"):
         moe_dist.run_ranks(2, moe_dist.program_fails_on_rank_1, timeout=60)
+
+
+# ---- the CUDA kernels' index math, run on the host ------------------------------------------------------
+
+def _extension():
+    from pykernels import _backend
+
+    ext, why = _backend.extension()
+    if ext is None:
+        pytest.skip(f"the CUDA extension is not built here: {why}")
+    return ext
+
+
+@pytest.mark.parametrize("tokens,topk,experts,world,hidden", STAGE_CASES + [(300, 8, 256, 8, 0), (0, 2, 4, 2, 0)])
+def test_cuda_planners_match_reference(tokens, topk, experts, world, hidden):
+    ext = _extension()
+    idx, _ = routing(tokens, topk, experts, seed=tokens + 1)
+    per_rank = torch.full((world,), -7, dtype=torch.int64)
+    per_expert = torch.full((experts,), -7, dtype=torch.int64)
+    slots = torch.full((tokens, world), -7, dtype=torch.int32)
+    ext.moe_plan_dispatch_layout(idx, per_rank, per_expert, slots, experts)
+    want_rank, want_expert, want_slots = ref.dispatch_layout(idx, experts, world)
+    assert torch.equal(per_rank, want_rank) and torch.equal(per_expert, want_expert)
+    assert torch.equal(slots, want_slots)
+
+    num_local = experts // world
+    local, _ = routing(tokens, topk, num_local, seed=tokens + 2)
+    counts = torch.full((num_local,), -7, dtype=torch.int64)
+    rank = torch.full(local.shape, -7, dtype=torch.int32)
+    ext.moe_plan_expert_ranks(local, counts, rank)
+    want_counts, want_rank_in_expert = ref.expert_ranks(local, num_local)
+    assert torch.equal(counts, want_counts) and torch.equal(rank, want_rank_in_expert)
+    starts, total = ref.padded_starts(want_counts.tolist(), 128)
+    assert [ext.moe_padded_rows(int(c), 128) for c in want_counts] == [-(-int(c) // 128) * 128 for c in want_counts]
+    m_indices = torch.full((total,), -1, dtype=torch.int32)
+    pos = torch.full(local.shape, -7, dtype=torch.int32)
+    ext.moe_plan_permute(local, rank, torch.tensor(starts), m_indices, pos)
+    _, _, want_m, want_pos = ref.permute(torch.zeros(tokens, 1), None, local, want_rank_in_expert,
+                                         torch.tensor(starts), total)
+    assert torch.equal(pos, want_pos) and torch.equal(m_indices, want_m)
+    # Every sorted row is used at most once and never past its expert's padded segment.
+    rows = pos[pos >= 0]
+    assert rows.unique().numel() == rows.numel() and (rows.numel() == 0 or int(rows.max()) < total)
+
+
+def test_cuda_launchers_validate_before_launch():
+    ext = _extension()
+    idx, w = routing(8, 2, 8)
+    x = torch.randn(8, 256).bfloat16()
+    slots = torch.zeros(8, 4, dtype=torch.int32)
+    offsets = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="topk_idx: expected dtype int64"):
+        ext.moe_dispatch_layout(idx.int(), torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int64),
+                                slots, 8, 0)
+    with pytest.raises(ValueError, match="topk_idx: expected a CUDA tensor"):
+        ext.moe_dispatch_layout(idx, torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int64), slots, 8, 0)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        ext.moe_pack(x, None, idx, w, slots, offsets, torch.empty(8, 256).bfloat16(),
+                     torch.empty(8, 4, dtype=torch.int32), 2, False, 0)
+    with pytest.raises(TypeError, match="x: expected dtype float8_e4m3fn"):
+        ext.moe_pack(x, torch.ones(8, 2), idx, w, slots, offsets, x, x, 2, False, 0)
+    with pytest.raises(TypeError, match="buf: expected dtype bfloat16 or float32"):
+        ext.moe_combine_reduce(x.half(), slots, offsets, x, 0)
+    with pytest.raises(ValueError, match="recv_topk_idx: expected a CUDA tensor"):
+        ext.moe_expert_ranks(idx, torch.empty(4, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match="num_local: expected a value in \\[1, 256\\]"):
+        ext.moe_plan_expert_ranks(idx, torch.empty(300, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="y_sorted: expected a CUDA tensor"):
+        ext.moe_unpermute(x, torch.zeros(8, 2, dtype=torch.int32), torch.zeros(8, 2), x, 0)
+    with pytest.raises(ValueError, match="rank: expected a CPU tensor|rank: expected shape|rank: expected size"):
+        ext.moe_plan_permute(idx, torch.zeros(8, 3, dtype=torch.int32), torch.zeros(8, dtype=torch.int64),
+                             torch.zeros(16, dtype=torch.int32), torch.zeros(8, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="topk_idx: expected ids in \\[0, 8\\) or -1, got 9"):
+        ext.moe_plan_dispatch_layout(idx.clone().fill_(9), torch.empty(4, dtype=torch.int64),
+                                     torch.empty(8, dtype=torch.int64), slots, 8)
+
+
+# ---- GPU: DeepSeek-V3 sizes and NCCL ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_stages_deepseek_v3_sizes_gpu(backend):
+    """4096 tokens, hidden 7168, top-8 of 256 experts on EP8: every stage against the reference."""
+    if backend == "cuda":
+        _extension()
+    tokens, hidden, topk, experts, world = 4096, 7168, 8, 256, 8
+    num_local = experts // world
+    dev = torch.device("cuda")
+    stages = moe._stages(backend)
+    idx, w = routing(tokens, topk, experts, seed=42)
+    x = torch.randn(tokens, hidden).bfloat16()
+    per_rank, per_expert, slots = stages.dispatch_layout(idx.to(dev), experts, world)
+    want_rank, want_expert, want_slots = ref.dispatch_layout(idx, experts, world)
+    assert torch.equal(per_rank.cpu(), want_rank) and torch.equal(per_expert.cpu(), want_expert)
+    assert torch.equal(slots.cpu(), want_slots)
+    offsets = ref.exclusive_cumsum(want_rank)
+    args = (idx, w, want_slots, offsets, int(want_rank.sum()), num_local)
+    on = [t.to(dev) for t in args[:4]] + list(args[4:])
+    send_x, meta = stages.pack(x.to(dev), None, *on)
+    want_x, want_meta = ref.pack(x, None, *args)
+    assert torch.equal(send_x.cpu(), want_x) and torch.equal(meta.cpu(), want_meta)
+    send_q, meta_q = stages.pack(x.to(dev), None, *on, quantize=True)
+    want_q, want_meta_q = ref.pack(x, None, *args, quantize=True)
+    assert torch.equal(meta_q.cpu(), want_meta_q) and moe_dist.fp8_steps(send_q.cpu(), want_q) <= 1
+    buf = torch.randn(int(want_rank.sum()), hidden).bfloat16()
+    got = stages.combine_reduce(buf.to(dev), want_slots.to(dev), offsets.to(dev))
+    torch.testing.assert_close(got.cpu(), ref.combine_reduce(buf, want_slots, offsets), rtol=2 ** -8, atol=1e-6)
+
+    # The receive side of one rank: 4096 rows routed to its 32 local experts.
+    local, lw = routing(tokens, topk, num_local, seed=43)
+    counts, rank = stages.expert_ranks(local.to(dev), num_local)
+    want_counts, want_rank_in_expert = ref.expert_ranks(local, num_local)
+    assert torch.equal(counts.cpu(), want_counts) and torch.equal(rank.cpu(), want_rank_in_expert)
+    starts, total = ref.padded_starts(want_counts.tolist(), 128)
+    starts = torch.tensor(starts)
+    q, s = fq.per_token_group_quant_fp8(x)
+    got = stages.permute(q.to(dev), s.to(dev), local.to(dev), rank, starts.to(dev), total)
+    want = ref.permute(q, s, local, want_rank_in_expert, starts, total)
+    valid = want[3][want[3] >= 0].long()
+    assert torch.equal(got[3].cpu(), want[3]) and torch.equal(got[2].cpu(), want[2])
+    assert torch.equal(got[0].cpu()[valid].view(torch.uint8), want[0][valid].view(torch.uint8))
+    assert torch.equal(got[1].cpu()[valid], want[1][valid])
+    y = torch.randn(total, hidden).bfloat16()
+    out = stages.unpermute(y.to(dev), want[3].to(dev), lw.to(dev))
+    torch.testing.assert_close(out.cpu(), ref.unpermute(y, want[3], lw), rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_dispatch_combine_nccl(backend):
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"NCCL dispatch/combine needs at least 2 GPUs; this machine has {gpus}")
+    world = min(gpus, 8)
+    counts = [512 + 37 * r for r in range(world)]
+    counts[1] = 0  # a rank without tokens
+    moe_dist.run_ranks(world, moe_dist.program_dispatch_combine, backend, 17, counts, 7168, 8, 32 * world, None,
+                       dist_backend="nccl", timeout=300)
+    moe_dist.run_ranks(world, moe_dist.program_fp8, backend, 18, counts, 7168, 8, 32 * world,
+                       dist_backend="nccl", timeout=300)
