@@ -237,6 +237,41 @@ def test_bad_inputs_raise_before_any_communication():
         moe.Buffer(transport=object())
 
 
+def test_explicit_backend_that_cannot_run_says_why_before_communication():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="cuda")
+    idx, w = routing(6, 2, 8)
+    if torch.cuda.is_available():
+        pytest.skip("checks the error a CPU-only machine gives")
+    with pytest.raises(RuntimeError, match="backend='cuda' needs"):
+        buffer.dispatch(torch.randn(6, 128).bfloat16(), idx, w, 8)
+
+
+class Loopback(moe.Transport):
+    """A one-rank transport that hands every row straight back: Buffer works with any Transport."""
+
+    rank, world_size = 0, 1
+
+    def exchange_counts(self, counts):
+        return counts.clone()
+
+    def exchange_rows(self, send, send_splits, recv_splits):
+        assert list(send_splits) == list(recv_splits)
+        return send.clone()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_buffer_over_a_swapped_in_transport(backend):
+    buffer = moe.Buffer(transport=Loopback(), backend=backend)
+    idx, w = routing(23, 3, 6, seed=9)
+    x = torch.randn(23, 256).bfloat16()
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, idx, w, 6)
+    routed = (idx >= 0).any(1)
+    assert torch.equal(recv_x, x[routed]) and torch.equal(recv_idx, idx[routed]) and torch.equal(recv_w, w[routed])
+    assert per_expert == [int((idx == e).sum()) for e in range(6)]
+    out = buffer.combine(recv_x, handle)
+    assert torch.equal(out[routed], x[routed]) and bool((out[~routed] == 0).all())
+
+
 def test_layout_is_local_and_matches_reference():
     buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
     idx, _ = routing(33, 4, 16, seed=2)
