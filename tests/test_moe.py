@@ -259,17 +259,21 @@ class Loopback(moe.Transport):
         return send.clone()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_buffer_over_a_swapped_in_transport(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffer_over_a_swapped_in_transport(backend, device):
     buffer = moe.Buffer(transport=Loopback(), backend=backend)
     idx, w = routing(23, 3, 6, seed=9)
     x = torch.randn(23, 256).bfloat16()
-    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, idx, w, 6)
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6)
     routed = (idx >= 0).any(1)
-    assert torch.equal(recv_x, x[routed]) and torch.equal(recv_idx, idx[routed]) and torch.equal(recv_w, w[routed])
+    assert torch.equal(recv_x.cpu(), x[routed]) and torch.equal(recv_idx.cpu(), idx[routed])
+    assert torch.equal(recv_w.cpu(), w[routed])
     assert per_expert == [int((idx == e).sum()) for e in range(6)]
-    out = buffer.combine(recv_x, handle)
+    out = buffer.combine(recv_x, handle).cpu()
     assert torch.equal(out[routed], x[routed]) and bool((out[~routed] == 0).all())
+    (q, s), _, _, _, handle = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6, quantize_fp8=True)
+    want_q, want_s = fq.per_token_group_quant_fp8(x[routed])
+    assert torch.equal(s.cpu(), want_s) and moe_dist.fp8_steps(q.cpu(), want_q) <= 1
 
 
 def test_layout_is_local_and_matches_reference():

@@ -249,6 +249,9 @@ void moe_pack(const TensorView& x, const TensorView* x_scales, const TensorView&
   require_matrix(meta, DType::Int32, send_x.size(0), 2 * topk + num_scales, &x, "[N, 2 * top-k + H / 128]");
   if (tokens == 0 || send_x.size(0) == 0) return;
   if (quantize) {
+    // 16-byte bf16 loads and 8-byte fp8 stores; a torch allocation of rows of 128 elements always allows them.
+    require_aligned(x, 16);
+    require_aligned(send_x, 8);
     moe::pack_quantize_kernel<<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
         x.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), topk_weights.ptr<const float>(),
         slots.ptr<const int32_t>(), send_offsets.ptr<const int64_t>(), send_x.ptr<uint8_t>(), meta.ptr<int32_t>(),
