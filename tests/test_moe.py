@@ -346,10 +346,10 @@ def test_bad_calls_leave_no_rank_hanging():
 
 @pytest.mark.skipif(not hasattr(pykernels, "m_grouped_fp8_gemm_nt_contiguous"),
                     reason="grouped FP8 GEMM not in this build")
-@pytest.mark.parametrize("world", [2, 4])
-def test_moe_layer_end_to_end_multi_rank(world):
+@pytest.mark.parametrize("world,backend", [(2, "torch"), (4, "torch"), (2, "triton")])
+def test_moe_layer_end_to_end_multi_rank(world, backend):
     counts = [40, 9, 0, 23][:world]
-    diffs = moe_dist.run_ranks(world, moe_dist.program_moe_layer, "torch", 13, counts, 256, 192, 4, 8)
+    diffs = moe_dist.run_ranks(world, moe_dist.program_moe_layer, backend, 13, counts, 256, 192, 4, 8)
     assert max(diffs) < 1e-4
 
 
