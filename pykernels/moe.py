@@ -124,8 +124,6 @@ class _CudaStages:
                              num_local, bool(quantize), _backend.current_stream(x.device))
         return send_x, meta
 
-    unpack_meta = staticmethod(reference.unpack_meta)
-
     def combine_reduce(self, buf, token_slots, send_offsets):
         out = torch.empty((token_slots.shape[0], buf.shape[1]), dtype=buf.dtype, device=buf.device)
         self._ext().moe_combine_reduce(buf, token_slots, send_offsets, out, _backend.current_stream(buf.device))
@@ -136,8 +134,6 @@ class _CudaStages:
         rank = torch.empty(topk_idx.shape, dtype=torch.int32, device=topk_idx.device)
         self._ext().moe_expert_ranks(topk_idx, counts, rank, _backend.current_stream(topk_idx.device))
         return counts, rank
-
-    padded_starts = staticmethod(reference.padded_starts)
 
     def permute(self, x, x_scales, topk_idx, rank, starts, total_rows):
         x_sorted = torch.empty((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)
@@ -230,7 +226,6 @@ class DispatchHandle:
     send_offsets: torch.Tensor  # [W] int64 on the tokens' device: first send row of each destination
     send_splits: tuple  # rows sent to each rank
     recv_splits: tuple  # rows received from each rank
-    num_tokens: int
 
 
 class Buffer:
@@ -308,7 +303,7 @@ class Buffer:
         source rank in rank order, each source's tokens in ascending order.
         """
         data, scales = _payload(x, "x")
-        num_tokens, hidden = data.shape
+        hidden = data.shape[1]
         world = self.world_size
         _num_experts(num_experts, world)
         if quantize_fp8 and (scales is not None or hidden % SCALE_GROUP):
@@ -337,7 +332,7 @@ class Buffer:
         recv_x = self.transport.exchange_rows(send_x, send_splits, recv_splits)
         recv_meta = self.transport.exchange_rows(send_meta, send_splits, recv_splits)
         recv_idx, recv_weights, recv_scales = reference.unpack_meta(recv_meta, topk_idx.shape[1])
-        handle = DispatchHandle(layout.token_slots, send_offsets, send_splits, recv_splits, num_tokens)
+        handle = DispatchHandle(layout.token_slots, send_offsets, send_splits, recv_splits)
         out_x = recv_x if recv_scales is None else (recv_x, recv_scales)
         return out_x, recv_idx, recv_weights, per_expert, handle
 

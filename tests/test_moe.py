@@ -271,6 +271,10 @@ def test_buffer_over_a_swapped_in_transport(backend, device):
     assert per_expert == [int((idx == e).sum()) for e in range(6)]
     out = buffer.combine(recv_x, handle).cpu()
     assert torch.equal(out[routed], x[routed]) and bool((out[~routed] == 0).all())
+    # A layout given as the plain (per_rank, per_expert, in_rank) triple gives the same exchange.
+    layout = tuple(buffer.get_dispatch_layout(idx.to(device), 6))
+    again = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6, layout=layout)
+    assert torch.equal(again[0].cpu(), recv_x.cpu()) and torch.equal(again[4].token_slots, handle.token_slots)
     (q, s), _, _, _, handle = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6, quantize_fp8=True)
     want_q, want_s = fq.per_token_group_quant_fp8(x[routed])
     assert torch.equal(s.cpu(), want_s) and moe_dist.fp8_steps(q.cpu(), want_q) <= 1

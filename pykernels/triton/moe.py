@@ -291,10 +291,6 @@ def pack(x, x_scales, topk_idx, topk_weights, token_slots, send_offsets, num_sen
     return send_x, meta
 
 
-unpack_meta = reference.unpack_meta
-padded_starts = reference.padded_starts
-
-
 def combine_reduce(buf, token_slots, send_offsets):
     tokens, world = token_slots.shape
     hidden = buf.shape[1]
@@ -349,7 +345,6 @@ def unpermute(y_sorted, pos, weights):
 
 # Configs compiled ahead of time for sm_90 by the static audit: what the wrappers launch at DeepSeek-V3's
 # sizes (4096 tokens, hidden 7168, top-8 of 256 experts, EP8: 8 ranks, 32 local experts).
-_DSV3 = {"hidden": 7168, "topk": 8, "experts": 256, "world": 8}
 _ROW_COPY = {"no_local_memory": True, "min_instructions": {"LDG.128": 1, "STG.128": 1}}
 
 AOT_KERNELS = [
