@@ -289,13 +289,15 @@ class Buffer:
         return DispatchLayout(per_rank.long(), per_expert.long(), in_rank, slots)
 
     def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, layout=None,
-                 *, quantize_fp8: bool = False):
+                 *, quantize_fp8: bool = False, check_ids: bool = True):
         """Sends each token once to every rank hosting one of its experts.
 
         x: bf16 [T, H], or (x_fp8 [T, H] float8_e4m3fn, scales [T, H / 128] float32) with H % 128 == 0.
         topk_idx: int64 [T, k], expert ids in [0, num_experts) or -1. topk_weights: float32 [T, k].
         layout: get_dispatch_layout's result for these topk_idx, to skip recomputing it.
         quantize_fp8: quantize a bf16 x to FP8 (groups of 128) while packing, halving the bytes sent.
+        check_ids: read the range of topk_idx (one host sync on a GPU) to refuse bad ids before any
+        communication; False skips that read when the caller guarantees ids in [-1, num_experts).
 
         Returns (recv_x, recv_topk_idx [R, k] int64 with local expert ids (-1 for other ranks' experts),
         recv_topk_weights [R, k] float32 (0 where the id is -1), num_recv_tokens_per_expert (list of L ints),
@@ -309,7 +311,7 @@ class Buffer:
         if quantize_fp8 and (scales is not None or hidden % SCALE_GROUP):
             raise ValueError(f"quantize_fp8: expected a bf16 x with a hidden size that is a multiple of "
                              f"{SCALE_GROUP}, got {'an FP8 pair' if scales is not None else f'hidden {hidden}'}")
-        _routing(topk_idx, topk_weights, data, "x", num_experts)
+        _routing(topk_idx, topk_weights, data, "x", num_experts if check_ids else None)
         which = self._resolve(data.device, "moe dispatch", num_experts)
         stages = _stages(which)
         num_local = num_experts // world
