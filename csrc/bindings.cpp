@@ -18,13 +18,6 @@ using pykernels::as_tensor;
 
 namespace {
 
-// An optional tensor argument: None, or a view that lives in `slot`.
-const pykernels::TensorView* optional_tensor(py::handle obj, const std::string& name, pykernels::TensorView& slot) {
-  if (obj.is_none()) return nullptr;
-  slot = as_tensor(obj, name);
-  return &slot;
-}
-
 // What the runtime says about the machine, without ever failing: no driver and no GPU are answers.
 py::dict device_info() {
   py::dict info;
@@ -116,6 +109,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("w"), py::arg("out"), py::arg("scales"), py::arg("block_size"), py::arg("ue8m0"), py::arg("stream"));
   // ---- moe -------------------------------------------------------------------------------------------
+  // An optional tensor argument (scales): None, or a view that lives in `slot`.
+  const auto optional_tensor = [](py::handle obj, const std::string& name,
+                                  pykernels::TensorView& slot) -> const pykernels::TensorView* {
+    if (obj.is_none()) return nullptr;
+    slot = as_tensor(obj, name);
+    return &slot;
+  };
   m.def(
       "moe_dispatch_layout",
       [](py::handle topk_idx, py::handle per_rank, py::handle per_expert, py::handle slots, int num_experts,
@@ -128,7 +128,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"));
   m.def(
       "moe_pack",
-      [](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle topk_weights, py::handle slots,
+      [optional_tensor](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle topk_weights,
+                        py::handle slots,
          py::handle send_offsets, py::handle send_x, py::handle meta, int num_local, bool quantize, py::handle stream) {
         pykernels::TensorView scales_view;
         pykernels::moe_pack(as_tensor(x, "x"), optional_tensor(x_scales, "x_scales", scales_view),
@@ -156,7 +157,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("topk_idx"), py::arg("counts"), py::arg("rank"), py::arg("stream"));
   m.def(
       "moe_permute",
-      [](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle rank, py::handle starts,
+      [optional_tensor](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle rank, py::handle starts,
          py::handle x_sorted, py::handle s_sorted, py::handle m_indices, py::handle pos, py::handle stream) {
         pykernels::TensorView scales_view, sorted_scales_view;
         pykernels::moe_permute(as_tensor(x, "recv_x"), optional_tensor(x_scales, "recv_scales", scales_view),
