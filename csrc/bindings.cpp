@@ -108,6 +108,7 @@ PYBIND11_MODULE(_C, m) {
                                        block_size, ue8m0, as_stream(stream));
       },
       py::arg("w"), py::arg("out"), py::arg("scales"), py::arg("block_size"), py::arg("ue8m0"), py::arg("stream"));
+
   // ---- moe -------------------------------------------------------------------------------------------
   // An optional tensor argument (scales): None, or a view that lives in `slot`.
   const auto optional_tensor = [](py::handle obj, const std::string& name,
