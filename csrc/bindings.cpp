@@ -13,6 +13,7 @@
 #include "fp8_gemm/fp8_gemm.h"
 #include "fp8_gemm/fp8_gemm_schedule.h"
 #include "fp8_quant/fp8_quant.h"
+#include "moe/moe.h"
 
 namespace py = pybind11;
 using pykernels::as_stream;
@@ -185,4 +186,100 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("num_groups"), py::arg("block_m"),
       py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"),
       "The persistent scheduler's tiles (group, m_block, n_block, valid_rows), per CTA, in visiting order");
+
+  // ---- moe -------------------------------------------------------------------------------------------
+  // An optional tensor argument (scales): None, or a view that lives in `slot`.
+  const auto optional_tensor = [](py::handle obj, const std::string& name,
+                                  pykernels::TensorView& slot) -> const pykernels::TensorView* {
+    if (obj.is_none()) return nullptr;
+    slot = as_tensor(obj, name);
+    return &slot;
+  };
+  m.def(
+      "moe_dispatch_layout",
+      [](py::handle topk_idx, py::handle per_rank, py::handle per_expert, py::handle slots, int num_experts,
+         py::handle stream) {
+        pykernels::moe_dispatch_layout(as_tensor(topk_idx, "topk_idx"), as_tensor(per_rank, "num_tokens_per_rank"),
+                                       as_tensor(per_expert, "num_tokens_per_expert"), as_tensor(slots, "token_slots"),
+                                       num_experts, as_stream(stream));
+      },
+      py::arg("topk_idx"), py::arg("per_rank"), py::arg("per_expert"), py::arg("slots"), py::arg("num_experts"),
+      py::arg("stream"));
+  m.def(
+      "moe_pack",
+      [optional_tensor](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle topk_weights,
+                        py::handle slots,
+         py::handle send_offsets, py::handle send_x, py::handle meta, int num_local, bool quantize, py::handle stream) {
+        pykernels::TensorView scales_view;
+        pykernels::moe_pack(as_tensor(x, "x"), optional_tensor(x_scales, "x_scales", scales_view),
+                            as_tensor(topk_idx, "topk_idx"), as_tensor(topk_weights, "topk_weights"),
+                            as_tensor(slots, "token_slots"), as_tensor(send_offsets, "send_offsets"),
+                            as_tensor(send_x, "send_x"), as_tensor(meta, "send_meta"), num_local, quantize,
+                            as_stream(stream));
+      },
+      py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("slots"),
+      py::arg("send_offsets"), py::arg("send_x"), py::arg("meta"), py::arg("num_local"), py::arg("quantize"),
+      py::arg("stream"));
+  m.def(
+      "moe_combine_reduce",
+      [](py::handle buf, py::handle slots, py::handle send_offsets, py::handle out, py::handle stream) {
+        pykernels::moe_combine_reduce(as_tensor(buf, "buf"), as_tensor(slots, "token_slots"),
+                                      as_tensor(send_offsets, "send_offsets"), as_tensor(out, "out"), as_stream(stream));
+      },
+      py::arg("buf"), py::arg("slots"), py::arg("send_offsets"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "moe_expert_ranks",
+      [](py::handle topk_idx, py::handle counts, py::handle rank, py::handle stream) {
+        pykernels::moe_expert_ranks(as_tensor(topk_idx, "recv_topk_idx"), as_tensor(counts, "counts"),
+                                    as_tensor(rank, "rank"), as_stream(stream));
+      },
+      py::arg("topk_idx"), py::arg("counts"), py::arg("rank"), py::arg("stream"));
+  m.def(
+      "moe_permute",
+      [optional_tensor](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle rank, py::handle starts,
+         py::handle x_sorted, py::handle s_sorted, py::handle m_indices, py::handle pos, py::handle stream) {
+        pykernels::TensorView scales_view, sorted_scales_view;
+        pykernels::moe_permute(as_tensor(x, "recv_x"), optional_tensor(x_scales, "recv_scales", scales_view),
+                               as_tensor(topk_idx, "recv_topk_idx"), as_tensor(rank, "rank"),
+                               as_tensor(starts, "starts"), as_tensor(x_sorted, "x_sorted"),
+                               optional_tensor(s_sorted, "s_sorted", sorted_scales_view),
+                               as_tensor(m_indices, "m_indices"), as_tensor(pos, "perm"), as_stream(stream));
+      },
+      py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("rank"), py::arg("starts"),
+      py::arg("x_sorted"), py::arg("s_sorted"), py::arg("m_indices"), py::arg("pos"), py::arg("stream"));
+  m.def(
+      "moe_unpermute",
+      [](py::handle y_sorted, py::handle pos, py::handle weights, py::handle out, py::handle stream) {
+        pykernels::moe_unpermute(as_tensor(y_sorted, "y_sorted"), as_tensor(pos, "perm"),
+                                 as_tensor(weights, "recv_topk_weights"), as_tensor(out, "out"), as_stream(stream));
+      },
+      py::arg("y_sorted"), py::arg("pos"), py::arg("weights"), py::arg("out"), py::arg("stream"));
+  m.def(
+      "moe_plan_dispatch_layout",
+      [](py::handle topk_idx, py::handle per_rank, py::handle per_expert, py::handle slots, int num_experts) {
+        pykernels::moe_plan_dispatch_layout(as_tensor(topk_idx, "topk_idx"), as_tensor(per_rank, "per_rank"),
+                                            as_tensor(per_expert, "per_expert"), as_tensor(slots, "slots"),
+                                            num_experts);
+      },
+      py::arg("topk_idx"), py::arg("per_rank"), py::arg("per_expert"), py::arg("slots"), py::arg("num_experts"),
+      "The dispatch layout computed on the host with the kernels' index math (CPU tensors)");
+  m.def(
+      "moe_plan_expert_ranks",
+      [](py::handle topk_idx, py::handle counts, py::handle rank) {
+        pykernels::moe_plan_expert_ranks(as_tensor(topk_idx, "topk_idx"), as_tensor(counts, "counts"),
+                                         as_tensor(rank, "rank"));
+      },
+      py::arg("topk_idx"), py::arg("counts"), py::arg("rank"),
+      "Rows per local expert and each pair's rank within its expert, on the host (CPU tensors)");
+  m.def(
+      "moe_plan_permute",
+      [](py::handle topk_idx, py::handle rank, py::handle starts, py::handle m_indices, py::handle pos) {
+        pykernels::moe_plan_permute(as_tensor(topk_idx, "topk_idx"), as_tensor(rank, "rank"),
+                                    as_tensor(starts, "starts"), as_tensor(m_indices, "m_indices"),
+                                    as_tensor(pos, "pos"));
+      },
+      py::arg("topk_idx"), py::arg("rank"), py::arg("starts"), py::arg("m_indices"), py::arg("pos"),
+      "The expert-sorted row of every pair and the m_indices it implies, on the host (CPU tensors)");
+  m.def("moe_padded_rows", &pykernels::moe_padded_rows, py::arg("count"), py::arg("alignment"),
+        "Rows an expert segment of `count` rows takes once padded to `alignment`");
 }

@@ -6,11 +6,13 @@ import warnings as _warnings
 
 import torch as _torch
 
+from pykernels import moe
 from pykernels._backend import backends
 from pykernels._backend import extension as _extension
 from pykernels.fp8_gemm import (GROUPED_M_ALIGNMENT, fp8_gemm_config, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
                                 m_grouped_fp8_gemm_nt_masked)
 from pykernels.fp8_quant import per_block_quant_fp8, per_token_group_quant_fp8
+from pykernels.moe import permute_to_experts, unpermute_from_experts
 
 __version__ = "0.1.0"
 
@@ -21,8 +23,11 @@ __all__ = [
     "fp8_gemm_nt",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
+    "moe",
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
+    "permute_to_experts",
+    "unpermute_from_experts",
 ]
 
 # A GPU machine without the extension is almost always an install that found no nvcc: say so once, here,

@@ -1,0 +1,386 @@
+// MoE expert-parallel stages (see pykernels/reference/moe.py for their exact definitions).
+//
+// Row stages (pack, permute, combine-reduce, unpermute) give each token row to one CTA, which reads every
+// 16-byte chunk of the row once and writes it to all of that row's destinations: they are pure bandwidth.
+// Counting stages (dispatch layout, expert ranks) are one-CTA, one-pass scans: chunks of 1024 tokens (or
+// pairs), warp votes for the within-warp prefix, a shared-memory scan over the 32 warps, and running totals
+// carried from chunk to chunk. At DeepSeek-V3 sizes (4096 tokens x top-8) that is 4 or 32 chunks, a few
+// microseconds, and it avoids both a second kernel and any host round trip.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/fp8.cuh"
+#include "fp8_quant/fp8_quant.cuh"
+
+namespace pykernels {
+namespace moe {
+
+constexpr int kScanThreads = 1024;          // one CTA scans everything
+constexpr int kScanWarps = kScanThreads / 32;
+constexpr int kMaxWorld = 64;               // destination sets are 64-bit masks
+constexpr int kMaxExperts = 4096;           // per-expert counters live in shared memory
+constexpr int kMaxLocalExperts = 256;       // expert_ranks keeps a [warps][experts] table in shared memory
+constexpr int kMaxTopk = 32;
+constexpr int kRowThreads = 128;
+constexpr int kScaleGroup = 128;
+static_assert(kScanThreads % 32 == 0 && kScanWarps <= 32, "the warp scan runs in one warp's worth of entries");
+static_assert(kScanWarps * kMaxLocalExperts * 4 + kMaxLocalExperts * 4 <= 48 * 1024, "static shared memory");
+
+// ---- index math, shared by the kernels and the host planners the tests run on the CPU ----------------
+
+// Bit r set when the token has an expert on rank r (experts r*num_local .. (r+1)*num_local-1).
+__host__ __device__ inline uint64_t destination_mask(const int64_t* topk_row, int topk, int num_local) {
+  uint64_t mask = 0;
+#pragma unroll 1
+  for (int j = 0; j < topk; ++j) {
+    const int64_t e = topk_row[j];
+    if (e >= 0) mask |= uint64_t{1} << (e / num_local);
+  }
+  return mask;
+}
+
+// The id rank `rank` knows expert `e` by, or -1 when e lives elsewhere (or is -1).
+__host__ __device__ inline int32_t local_expert_id(int64_t e, int rank, int num_local) {
+  const int64_t local = e - static_cast<int64_t>(rank) * num_local;
+  return (e >= 0 && local >= 0 && local < num_local) ? static_cast<int32_t>(local) : -1;
+}
+
+// Rows an expert's segment takes in the expert-sorted buffer.
+__host__ __device__ inline int64_t padded_rows(int64_t count, int alignment) {
+  return (count + alignment - 1) / alignment * alignment;
+}
+
+// Row of the send buffer that carries a token to its destination: the destination's first row plus the
+// token's slot within that destination's segment.
+__host__ __device__ inline int64_t send_row(const int64_t* send_offsets, const int32_t* token_slots_row, int rank) {
+  return send_offsets[rank] + token_slots_row[rank];
+}
+
+// Row of the expert-sorted buffer that carries pair (token, slot), or -1.
+__host__ __device__ inline int64_t sorted_row(int64_t e, const int64_t* starts, int32_t rank_in_expert) {
+  return e >= 0 ? starts[e] + rank_in_expert : -1;
+}
+
+// ---- device helpers -------------------------------------------------------------------------------
+
+__device__ inline unsigned lanes_below() {
+  unsigned mask;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(mask));
+  return mask;
+}
+
+// In-place exclusive scan of table[w][col] over the warps w, starting at running[col]; running[col] gets
+// the total. Called by every thread, with one thread per column.
+__device__ inline void scan_warp_counts(int* table, int columns, int* running) {
+#pragma unroll 1
+  for (int col = threadIdx.x; col < columns; col += blockDim.x) {
+    int base = running[col];
+#pragma unroll 1  // a serial chain through shared memory; unrolling only buys registers the CTA lacks
+    for (int w = 0; w < kScanWarps; ++w) {
+      const int c = table[w * columns + col];
+      table[w * columns + col] = base;
+      base += c;
+    }
+    running[col] = base;
+  }
+}
+
+// ---- counting stages -------------------------------------------------------------------------------
+
+// topk_idx [T, topk] -> per_rank [world], per_expert [num_experts], slots [T, world] (int32, -1 = not sent).
+__global__ void __launch_bounds__(kScanThreads) dispatch_layout_kernel(
+    const int64_t* __restrict__ topk_idx, int64_t* __restrict__ per_rank, int64_t* __restrict__ per_expert,
+    int32_t* __restrict__ slots, int num_tokens, int topk, int num_experts, int world) {
+  __shared__ int expert_count[kMaxExperts];
+  __shared__ int warp_count[kScanWarps * kMaxWorld];
+  __shared__ int running[kMaxWorld];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int num_local = num_experts / world;
+  for (int e = threadIdx.x; e < num_experts; e += kScanThreads) expert_count[e] = 0;
+  for (int r = threadIdx.x; r < world; r += kScanThreads) running[r] = 0;
+  __syncthreads();
+  for (int base = 0; base < num_tokens; base += kScanThreads) {
+    const int t = base + threadIdx.x;
+    const bool valid = t < num_tokens;
+    const int64_t* row = topk_idx + static_cast<int64_t>(valid ? t : 0) * topk;
+    const uint64_t mask = valid ? destination_mask(row, topk, num_local) : 0;
+    if (valid) {
+#pragma unroll 1
+      for (int j = 0; j < topk; ++j) {
+        if (row[j] >= 0) atomicAdd(&expert_count[row[j]], 1);
+      }
+    }
+#pragma unroll 1
+    for (int r = 0; r < world; ++r) {
+      const unsigned votes = __ballot_sync(0xffffffffu, (mask >> r) & 1);
+      if (lane == 0) warp_count[warp * world + r] = __popc(votes);
+    }
+    __syncthreads();
+    scan_warp_counts(warp_count, world, running);
+    __syncthreads();
+#pragma unroll 1
+    for (int r = 0; r < world; ++r) {
+      const bool hit = (mask >> r) & 1;
+      const unsigned votes = __ballot_sync(0xffffffffu, hit);
+      if (valid) {
+        slots[static_cast<int64_t>(t) * world + r] = hit ? warp_count[warp * world + r] + __popc(votes & lanes_below()) : -1;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll 1
+  for (int r = threadIdx.x; r < world; r += kScanThreads) per_rank[r] = running[r];
+#pragma unroll 1
+  for (int e = threadIdx.x; e < num_experts; e += kScanThreads) per_expert[e] = expert_count[e];
+}
+
+// topk_idx [R * topk] local ids -> counts [num_local], rank [R * topk] (int32 rank within its expert, -1).
+__global__ void __launch_bounds__(kScanThreads) expert_ranks_kernel(
+    const int64_t* __restrict__ topk_idx, int64_t* __restrict__ counts, int32_t* __restrict__ rank,
+    int64_t num_pairs, int num_local) {
+  __shared__ int warp_count[kScanWarps * kMaxLocalExperts];
+  __shared__ int running[kMaxLocalExperts];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) running[e] = 0;
+#pragma unroll 1
+  for (int64_t base = 0; base < num_pairs; base += kScanThreads) {
+#pragma unroll 1
+    for (int e = lane; e < num_local; e += 32) warp_count[warp * num_local + e] = 0;
+    __syncthreads();
+    const int64_t p = base + threadIdx.x;
+    const int e = p < num_pairs ? static_cast<int>(topk_idx[p]) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int before = __popc(peers & lanes_below());
+    if (e >= 0 && before == 0) warp_count[warp * num_local + e] = __popc(peers);
+    __syncthreads();
+    scan_warp_counts(warp_count, num_local, running);
+    __syncthreads();
+    if (p < num_pairs) rank[p] = e >= 0 ? warp_count[warp * num_local + e] + before : -1;
+    __syncthreads();  // the next chunk clears the table these reads use
+  }
+#pragma unroll 1
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) counts[e] = running[e];
+}
+
+// ---- row stages ------------------------------------------------------------------------------------
+
+// Copies one row of `row_units` units of type V (uint4 = 16 bytes when the row allows it) to `count` rows.
+template <typename V>
+__device__ inline void copy_row_to(const V* __restrict__ src, V* __restrict__ dst_base, const int64_t* dst_rows,
+                                   int count, int64_t row_units) {
+  for (int64_t i = threadIdx.x; i < row_units; i += blockDim.x) {
+    const V v = src[i];
+    for (int d = 0; d < count; ++d) dst_base[dst_rows[d] * row_units + i] = v;
+  }
+}
+
+// The metadata rows of token t, for each destination (int32 words: ids | weight bits | scale bits).
+__device__ inline void write_meta(const int64_t* topk_row, const float* weight_row, const float* scale_row,
+                                  int topk, int num_scales, int num_local, const int* dst_ranks,
+                                  const int64_t* dst_rows, int count, int32_t* meta, int meta_width) {
+  const int per_dst = 2 * topk + num_scales;
+  for (int i = threadIdx.x; i < count * per_dst; i += blockDim.x) {
+    const int d = i / per_dst, w = i % per_dst;
+    int32_t value;
+    if (w < topk) {
+      value = local_expert_id(topk_row[w], dst_ranks[d], num_local);
+    } else if (w < 2 * topk) {
+      const bool mine = local_expert_id(topk_row[w - topk], dst_ranks[d], num_local) >= 0;
+      value = __float_as_int(mine ? weight_row[w - topk] : 0.0f);
+    } else {
+      value = __float_as_int(scale_row[w - 2 * topk]);
+    }
+    meta[dst_rows[d] * meta_width + w] = value;
+  }
+}
+
+// Loads token t's destinations into shared memory; returns how many there are.
+__device__ inline int load_destinations(const int32_t* slots_row, const int64_t* send_offsets, int world,
+                                        int* dst_ranks, int64_t* dst_rows) {
+  __shared__ int count;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int r = 0; r < world; ++r) {
+      if (slots_row[r] >= 0) {
+        dst_ranks[n] = r;
+        dst_rows[n] = send_row(send_offsets, slots_row, r);
+        ++n;
+      }
+    }
+    count = n;
+  }
+  __syncthreads();
+  return count;
+}
+
+// One CTA per token: its payload row (V units) and metadata to each destination's send row.
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads) pack_kernel(
+    const V* __restrict__ x, const float* __restrict__ x_scales, const int64_t* __restrict__ topk_idx,
+    const float* __restrict__ topk_weights, const int32_t* __restrict__ slots, const int64_t* __restrict__ send_offsets,
+    V* __restrict__ send_x, int32_t* __restrict__ meta, int64_t row_units, int topk, int num_scales, int num_local,
+    int world, int meta_width) {
+  __shared__ int dst_ranks[kMaxWorld];
+  __shared__ int64_t dst_rows[kMaxWorld];
+  const int64_t t = blockIdx.x;
+  const int count = load_destinations(slots + t * world, send_offsets, world, dst_ranks, dst_rows);
+  if (count == 0) return;
+  copy_row_to<V>(x + t * row_units, send_x, dst_rows, count, row_units);
+  write_meta(topk_idx + t * topk, topk_weights + t * topk, x_scales + t * num_scales, topk, num_scales, num_local,
+             dst_ranks, dst_rows, count, meta, meta_width);
+}
+
+// One CTA per token, bf16 in, FP8 out: 16 lanes per 128-element group, 8 elements (16 bytes) per lane,
+// the scale reduced across the 16 lanes; the quantized bytes and the scale go to every destination.
+__global__ void __launch_bounds__(kRowThreads) pack_quantize_kernel(
+    const __nv_bfloat16* __restrict__ x, const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+    const int32_t* __restrict__ slots, const int64_t* __restrict__ send_offsets, uint8_t* __restrict__ send_x,
+    int32_t* __restrict__ meta, int hidden, int topk, int num_local, int world, int meta_width) {
+  constexpr int kVec = 8, kLanesPerGroup = kScaleGroup / kVec;
+  static_assert(kLanesPerGroup == 16, "two groups per warp");
+  __shared__ int dst_ranks[kMaxWorld];
+  __shared__ int64_t dst_rows[kMaxWorld];
+  const int64_t t = blockIdx.x;
+  const int count = load_destinations(slots + t * world, send_offsets, world, dst_ranks, dst_rows);
+  if (count == 0) return;
+  const int groups = hidden / kScaleGroup;
+  const int lane_in_group = threadIdx.x % kLanesPerGroup;
+  const int groups_per_pass = kRowThreads / kLanesPerGroup;
+  // The loop bound is uniform across the CTA, so every shuffle sees all 32 lanes.
+  for (int g0 = 0; g0 < groups; g0 += groups_per_pass) {
+    const int g = g0 + static_cast<int>(threadIdx.x) / kLanesPerGroup;
+    const bool valid = g < groups;
+    const int64_t col = static_cast<int64_t>(g) * kScaleGroup + lane_in_group * kVec;
+    float vals[kVec];
+    float amax = 0.0f;
+    if (valid) {
+      fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
+      amax = fp8_quant::abs_max(vals);
+    }
+    for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    }
+    if (!valid) continue;
+    const float scale = fp8_scale_from_amax(amax, false);
+    for (int d = 0; d < count; ++d) {
+      fp8_quant::quantize_store<kVec>(vals, scale, send_x + dst_rows[d] * hidden + col);
+      if (lane_in_group == 0) meta[dst_rows[d] * meta_width + 2 * topk + g] = __float_as_int(scale);
+    }
+  }
+  write_meta(topk_idx + t * topk, topk_weights + t * topk, nullptr, topk, 0, num_local, dst_ranks, dst_rows, count,
+             meta, meta_width);
+}
+
+template <typename T>
+__device__ inline float as_float(T v) { return fp8_quant::to_float<T>(v); }
+
+template <typename T>
+__device__ inline T from_float(float v);
+template <>
+__device__ inline float from_float<float>(float v) { return v; }
+template <>
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One CTA per token: out[t] = sum over its destinations, in rank order, of the rows they returned.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRowThreads) combine_reduce_kernel(
+    const T* __restrict__ buf, const int32_t* __restrict__ slots, const int64_t* __restrict__ send_offsets,
+    T* __restrict__ out, int64_t hidden, int world) {
+  __shared__ int dst_ranks[kMaxWorld];
+  __shared__ int64_t dst_rows[kMaxWorld];
+  const int64_t t = blockIdx.x;
+  const int count = load_destinations(slots + t * world, send_offsets, world, dst_ranks, dst_rows);
+  using Chunk = fp8_quant::Vec<T, VEC>;
+  for (int64_t c = threadIdx.x; c * VEC < hidden; c += blockDim.x) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+    for (int d = 0; d < count; ++d) {
+      const Chunk v = *reinterpret_cast<const Chunk*>(buf + dst_rows[d] * hidden + c * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], as_float(v.v[i]));
+    }
+    Chunk o;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o.v[i] = from_float<T>(acc[i]);
+    *reinterpret_cast<Chunk*>(out + t * hidden + c * VEC) = o;
+  }
+}
+
+// One CTA per received token: its row (V units) and scales to the sorted row of each of its pairs.
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads) permute_kernel(
+    const V* __restrict__ x, const float* __restrict__ x_scales, const int64_t* __restrict__ topk_idx,
+    const int32_t* __restrict__ rank, const int64_t* __restrict__ starts, V* __restrict__ x_sorted,
+    float* __restrict__ s_sorted, int32_t* __restrict__ m_indices, int32_t* __restrict__ pos, int64_t row_units,
+    int topk, int num_scales) {
+  __shared__ int64_t dst_rows[kMaxTopk];
+  __shared__ int count;
+  const int64_t i = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int j = 0; j < topk; ++j) {
+      const int64_t e = topk_idx[i * topk + j];
+      const int64_t row = sorted_row(e, starts, rank[i * topk + j]);
+      pos[i * topk + j] = static_cast<int32_t>(row);
+      if (row >= 0) {
+        m_indices[row] = static_cast<int32_t>(e);
+        dst_rows[n++] = row;
+      }
+    }
+    count = n;
+  }
+  __syncthreads();
+  copy_row_to<V>(x + i * row_units, x_sorted, dst_rows, count, row_units);
+  if (x_scales != nullptr) {
+    for (int k = threadIdx.x; k < count * num_scales; k += blockDim.x) {
+      s_sorted[dst_rows[k / num_scales] * num_scales + k % num_scales] = x_scales[i * num_scales + k % num_scales];
+    }
+  }
+}
+
+// One CTA per token: out[i] = sum over its pairs, in slot order, of weight * expert row, in float32.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRowThreads) unpermute_kernel(
+    const T* __restrict__ y_sorted, const int32_t* __restrict__ pos, const float* __restrict__ weights,
+    T* __restrict__ out, int64_t hidden, int topk) {
+  __shared__ int64_t rows[kMaxTopk];
+  __shared__ float row_weights[kMaxTopk];
+  __shared__ int count;
+  const int64_t i = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int j = 0; j < topk; ++j) {
+      const int32_t p = pos[i * topk + j];
+      if (p >= 0) {
+        rows[n] = p;
+        row_weights[n++] = weights[i * topk + j];
+      }
+    }
+    count = n;
+  }
+  __syncthreads();
+  using Chunk = fp8_quant::Vec<T, VEC>;
+  for (int64_t c = threadIdx.x; c * VEC < hidden; c += blockDim.x) {
+    float acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
+    for (int d = 0; d < count; ++d) {
+      const Chunk v = *reinterpret_cast<const Chunk*>(y_sorted + rows[d] * hidden + c * VEC);
+      // Rounded product, then rounded sum: the reference's two float32 operations, never fused.
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] = __fadd_rn(acc[k], __fmul_rn(row_weights[d], as_float(v.v[k])));
+    }
+    Chunk o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(acc[k]);
+    *reinterpret_cast<Chunk*>(out + i * hidden + c * VEC) = o;
+  }
+}
+
+}  // namespace moe
+}  // namespace pykernels

@@ -1,0 +1,52 @@
+// Launchers for the MoE dispatch/combine stages (definitions in pykernels/reference/moe.py). Each validates
+// its arguments, throwing ArgError before anything is launched, then enqueues on `stream`. Optional tensors
+// (scales) are passed as nullptr.
+//
+// The moe_plan_* functions run the kernels' index math (the __host__ __device__ helpers of moe.cuh)
+// serially on CPU tensors, so that the tests can hold it to the reference on a machine without a GPU.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/tensor_view.h"
+
+namespace pykernels {
+
+// topk_idx [T, k] int64 -> per_rank [W] int64, per_expert [E] int64, slots [T, W] int32.
+void moe_dispatch_layout(const TensorView& topk_idx, const TensorView& per_rank, const TensorView& per_expert,
+                         const TensorView& slots, int num_experts, cudaStream_t stream);
+
+// x [T, H] bf16 (or fp8 with x_scales [T, H/128]) -> send_x [N, H] (fp8 when quantize), meta [N, M] int32.
+void moe_pack(const TensorView& x, const TensorView* x_scales, const TensorView& topk_idx,
+              const TensorView& topk_weights, const TensorView& slots, const TensorView& send_offsets,
+              const TensorView& send_x, const TensorView& meta, int num_local, bool quantize, cudaStream_t stream);
+
+// buf [N, H] (bf16 / float32), slots [T, W], send_offsets [W] -> out [T, H].
+void moe_combine_reduce(const TensorView& buf, const TensorView& slots, const TensorView& send_offsets,
+                        const TensorView& out, cudaStream_t stream);
+
+// topk_idx [R, k] int64 local ids -> counts [L] int64, rank [R, k] int32.
+void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, const TensorView& rank,
+                      cudaStream_t stream);
+
+// x [R, H] (bf16 / fp8, scales [R, S]) -> x_sorted [M, H], s_sorted [M, S], m_indices [M] (pre-filled with -1),
+// pos [R, k] int32.
+void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorView& topk_idx, const TensorView& rank,
+                 const TensorView& starts, const TensorView& x_sorted, const TensorView* s_sorted,
+                 const TensorView& m_indices, const TensorView& pos, cudaStream_t stream);
+
+// y_sorted [M, N] (bf16 / float32), pos [R, k] int32, weights [R, k] float32 -> out [R, N].
+void moe_unpermute(const TensorView& y_sorted, const TensorView& pos, const TensorView& weights,
+                   const TensorView& out, cudaStream_t stream);
+
+// Host planners (CPU tensors, same outputs as the kernels above).
+void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_rank, const TensorView& per_expert,
+                              const TensorView& slots, int num_experts);
+void moe_plan_expert_ranks(const TensorView& topk_idx, const TensorView& counts, const TensorView& rank);
+void moe_plan_permute(const TensorView& topk_idx, const TensorView& rank, const TensorView& starts,
+                      const TensorView& m_indices, const TensorView& pos);
+int64_t moe_padded_rows(int64_t count, int alignment);
+
+}  // namespace pykernels

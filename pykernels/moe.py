@@ -1,0 +1,424 @@
+"""MoE expert-parallel dispatch and combine over torch.distributed, with DeepEP's semantics, and the bridge
+to the grouped FP8 GEMM (permute_to_experts / unpermute_from_experts).
+
+    buffer = Buffer(group)                      # NCCL on GPUs, gloo on CPUs
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, topk_idx, topk_weights, num_experts)
+    x_sorted, m_indices, perm = permute_to_experts(recv_x, recv_idx)
+    y_sorted = m_grouped_fp8_gemm_nt_contiguous(x_sorted, weights, m_indices)
+    y = unpermute_from_experts(y_sorted, perm, recv_w)
+    out = buffer.combine(y, handle)             # [T, H] on the source ranks
+
+The stage definitions (layout, pack, combine-reduce, expert ranks, permute, unpermute) are in
+pykernels/reference/moe.py. Every argument is checked on the calling rank before any communication, so a
+bad call raises there instead of leaving the other ranks waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pykernels import _backend, _validate
+from pykernels._validate import FP8
+from pykernels.reference import moe as reference
+
+SCALE_GROUP = reference.SCALE_GROUP
+# Limits of the CUDA kernels (csrc/moe/moe.cuh); beyond them the CUDA backend declines the call.
+CUDA_MAX_WORLD = 64
+CUDA_MAX_EXPERTS = 4096
+CUDA_MAX_LOCAL_EXPERTS = 256
+CUDA_MAX_TOPK = 32
+PAYLOAD_DTYPES = (torch.bfloat16,)
+COMBINE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+# ---- transport -----------------------------------------------------------------------------------------
+
+class Transport(abc.ABC):
+    """Moves rows between the ranks of a group. Buffer talks to its transport through these two calls only,
+    so a direct NVLink transport (CUDA IPC peer buffers) can replace the all-to-all one without any change
+    to Buffer's API."""
+
+    rank: int
+    world_size: int
+
+    @abc.abstractmethod
+    def exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts [W, C] int64 (row r goes to rank r) -> [W, C] (row r came from rank r)."""
+
+    @abc.abstractmethod
+    def exchange_rows(self, send: torch.Tensor, send_splits: list, recv_splits: list) -> torch.Tensor:
+        """send [sum(send_splits), ...], rows grouped by destination rank -> [sum(recv_splits), ...], rows
+        grouped by source rank in rank order, each source's rows in the order it sent them."""
+
+
+class AllToAllTransport(Transport):
+    """torch.distributed all_to_all_single with uneven splits on the group's stream (NCCL on GPUs, gloo on
+    CPUs, where the list form of all_to_all is missing in most releases). Rows travel as raw bytes, so every
+    payload dtype (fp8 included) crosses backends that know only a few of them."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def exchange_counts(self, counts):
+        out = torch.empty_like(counts)
+        self._dist.all_to_all_single(out, counts, group=self.group)
+        return out
+
+    def exchange_rows(self, send, send_splits, recv_splits):
+        row_shape = send.shape[1:]
+        row_bytes = math.prod(row_shape) * send.element_size()
+        send_bytes = send.contiguous().view(torch.uint8).reshape(send.shape[0], row_bytes)
+        recv_bytes = torch.empty((sum(recv_splits), row_bytes), dtype=torch.uint8, device=send.device)
+        self._dist.all_to_all_single(recv_bytes, send_bytes, output_split_sizes=list(recv_splits),
+                                     input_split_sizes=list(send_splits), group=self.group)
+        return recv_bytes.view(send.dtype).reshape(-1, *row_shape)
+
+
+# ---- stage implementations per backend -------------------------------------------------------------------
+
+def _stages(which: str):
+    """The module implementing the stages for a resolved backend (same functions as the reference)."""
+    if which == "torch":
+        return reference
+    if which == "triton":
+        from pykernels.triton import moe as triton_moe
+
+        return triton_moe
+    return _cuda_stages
+
+
+class _CudaStages:
+    """The reference's stage functions, run by the pykernels._C kernels on the caller's stream."""
+
+    @staticmethod
+    def _ext():
+        ext, _ = _backend.extension()
+        return ext
+
+    def dispatch_layout(self, topk_idx, num_experts, world):
+        t = topk_idx.shape[0]
+        per_rank = torch.empty(world, dtype=torch.int64, device=topk_idx.device)
+        per_expert = torch.empty(num_experts, dtype=torch.int64, device=topk_idx.device)
+        slots = torch.empty((t, world), dtype=torch.int32, device=topk_idx.device)
+        self._ext().moe_dispatch_layout(topk_idx, per_rank, per_expert, slots, num_experts,
+                                        _backend.current_stream(topk_idx.device))
+        return per_rank, per_expert, slots
+
+    def pack(self, x, x_scales, topk_idx, topk_weights, token_slots, send_offsets, num_send, num_local,
+             quantize=False):
+        fp8 = x_scales is not None or quantize
+        k = topk_idx.shape[1]
+        send_x = torch.empty((num_send, x.shape[1]), dtype=FP8 if fp8 else x.dtype, device=x.device)
+        meta = torch.empty((num_send, reference.meta_width(k, x.shape[1] if fp8 else None)), dtype=torch.int32,
+                           device=x.device)
+        self._ext().moe_pack(x, x_scales, topk_idx, topk_weights, token_slots, send_offsets, send_x, meta,
+                             num_local, bool(quantize), _backend.current_stream(x.device))
+        return send_x, meta
+
+    def combine_reduce(self, buf, token_slots, send_offsets):
+        out = torch.empty((token_slots.shape[0], buf.shape[1]), dtype=buf.dtype, device=buf.device)
+        self._ext().moe_combine_reduce(buf, token_slots, send_offsets, out, _backend.current_stream(buf.device))
+        return out
+
+    def expert_ranks(self, topk_idx, num_local):
+        counts = torch.empty(num_local, dtype=torch.int64, device=topk_idx.device)
+        rank = torch.empty(topk_idx.shape, dtype=torch.int32, device=topk_idx.device)
+        self._ext().moe_expert_ranks(topk_idx, counts, rank, _backend.current_stream(topk_idx.device))
+        return counts, rank
+
+    def permute(self, x, x_scales, topk_idx, rank, starts, total_rows):
+        x_sorted = torch.empty((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)
+        s_sorted = None if x_scales is None else torch.empty((total_rows, x_scales.shape[1]), dtype=torch.float32,
+                                                             device=x.device)
+        m_indices = torch.full((total_rows,), -1, dtype=torch.int32, device=x.device)
+        pos = torch.empty(topk_idx.shape, dtype=torch.int32, device=x.device)
+        self._ext().moe_permute(x, x_scales, topk_idx, rank, starts, x_sorted, s_sorted, m_indices, pos,
+                                _backend.current_stream(x.device))
+        return x_sorted, s_sorted, m_indices, pos
+
+    def unpermute(self, y_sorted, pos, weights):
+        out = torch.empty((pos.shape[0], y_sorted.shape[1]), dtype=y_sorted.dtype, device=y_sorted.device)
+        self._ext().moe_unpermute(y_sorted, pos, weights, out, _backend.current_stream(y_sorted.device))
+        return out
+
+
+_cuda_stages = _CudaStages()
+
+
+# ---- argument checks -------------------------------------------------------------------------------------
+
+def _payload(x, name: str):
+    """x as (data [T, H], scales [T, H/128] or None), checked: bf16, or an FP8 pair with H % 128 == 0."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise TypeError(f"{name}: expected a tensor or a (x_fp8, scales) pair, got a sequence of {len(x)}")
+        data, scales = x
+        _validate.tensor(data, f"{name}[0]", (FP8,), ndim=2, contiguous=True)
+        _validate.tensor(scales, f"{name}[1]", (torch.float32,), ndim=2, contiguous=True)
+        if data.shape[1] % SCALE_GROUP:
+            raise ValueError(f"{name}[0]: expected a hidden size that is a multiple of {SCALE_GROUP} for FP8, "
+                             f"got {data.shape[1]}")
+        _validate.shape(scales, f"{name}[1]", (data.shape[0], data.shape[1] // SCALE_GROUP), "[T, H / 128]")
+        _validate.same_device(data, f"{name}[0]", **{f"{name}[1]": scales})
+        return data, scales
+    _validate.tensor(x, name, PAYLOAD_DTYPES, ndim=2, contiguous=True)
+    return x, None
+
+
+def _routing(topk_idx, topk_weights, data, data_name: str, num_experts=None, idx_name: str = "topk_idx"):
+    _validate.tensor(topk_idx, idx_name, (torch.int64,), ndim=2, contiguous=True)
+    if topk_idx.shape[0] != data.shape[0]:
+        raise ValueError(f"{idx_name}: expected {data.shape[0]} rows (one per token of {data_name}), "
+                         f"got {topk_idx.shape[0]}")
+    if topk_idx.shape[1] == 0:
+        raise ValueError(f"{idx_name}: expected at least one expert slot per token, got 0")
+    _validate.same_device(data, data_name, **{idx_name: topk_idx})
+    if topk_weights is not None:
+        _validate.tensor(topk_weights, "topk_weights", (torch.float32,), ndim=2, contiguous=True)
+        _validate.shape(topk_weights, "topk_weights", tuple(topk_idx.shape), "same as topk_idx")
+        _validate.same_device(topk_idx, "topk_idx", topk_weights=topk_weights)
+    if num_experts is not None and topk_idx.numel():
+        # One read of two scalars: the price of refusing a bad id before it corrupts another rank's buffers.
+        lo, hi = (int(v) for v in torch.aminmax(topk_idx))
+        if lo < -1 or hi >= num_experts:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"{idx_name}: expected expert ids in [0, {num_experts}) or -1, got {bad}")
+
+
+def _num_experts(num_experts, world: int) -> int:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
+    if num_experts <= 0 or num_experts % world:
+        raise ValueError(f"num_experts: expected a positive multiple of the group size {world}, got {num_experts}")
+    return num_experts
+
+
+# ---- layout and handle -----------------------------------------------------------------------------------
+
+class DispatchLayout(tuple):
+    """(num_tokens_per_rank [W], num_tokens_per_expert [E], is_token_in_rank [T, W] bool), as DeepEP returns
+    them, carrying also token_slots [T, W] int32 (each token's row in its destinations' send segments)."""
+
+    def __new__(cls, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, token_slots):
+        self = super().__new__(cls, (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
+        self.token_slots = token_slots
+        return self
+
+    num_tokens_per_rank = property(lambda self: self[0])
+    num_tokens_per_expert = property(lambda self: self[1])
+    is_token_in_rank = property(lambda self: self[2])
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What combine needs to send every row back and sum it into its token."""
+
+    token_slots: torch.Tensor  # [T, W] int32, -1 where the token did not go
+    send_offsets: torch.Tensor  # [W] int64 on the tokens' device: first send row of each destination
+    send_splits: tuple  # rows sent to each rank
+    recv_splits: tuple  # rows received from each rank
+
+
+class Buffer:
+    """Expert-parallel dispatch and combine over a torch.distributed process group.
+
+    group: a ProcessGroup (None = the default group). backend: which kernels run the local stages
+    ("auto" | "cuda" | "triton" | "torch", chosen per call from the tensors' device). transport: how rows
+    cross ranks; AllToAllTransport(group) unless given.
+    """
+
+    def __init__(self, group=None, backend: str = "auto", transport: Transport | None = None):
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(map(repr, _backend.BACKENDS))}, got {backend!r}")
+        if transport is None:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError("Buffer: torch.distributed is not initialized; call "
+                                   "torch.distributed.init_process_group first (nccl on GPUs, gloo on CPUs)")
+            transport = AllToAllTransport(group if group is not None else dist.group.WORLD)
+        elif not isinstance(transport, Transport):
+            raise TypeError(f"transport: expected a pykernels.moe.Transport, got {type(transport).__name__}")
+        self.group = group
+        self.backend = backend
+        self.transport = transport
+        self.rank = transport.rank
+        self.world_size = transport.world_size
+
+    def _resolve(self, device, op, num_experts=None):
+        cuda_ok = self.world_size <= CUDA_MAX_WORLD and (num_experts is None or num_experts <= CUDA_MAX_EXPERTS)
+        return _backend.resolve(self.backend, device, op, cuda_ok=cuda_ok)
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
+        """-> (num_tokens_per_rank [W] int64, num_tokens_per_expert [E] int64, is_token_in_rank [T, W] bool).
+        Local: no communication."""
+        _num_experts(num_experts, self.world_size)
+        _validate.tensor(topk_idx, "topk_idx", (torch.int64,), ndim=2, contiguous=True)
+        _routing(topk_idx, None, topk_idx, "topk_idx", num_experts)
+        return self._layout(topk_idx, num_experts,
+                            self._resolve(topk_idx.device, "moe get_dispatch_layout", num_experts))
+
+    def _layout(self, topk_idx, num_experts, which) -> DispatchLayout:
+        per_rank, per_expert, slots = _stages(which).dispatch_layout(topk_idx, num_experts, self.world_size)
+        return DispatchLayout(per_rank, per_expert, slots >= 0, slots)
+
+    def _check_layout(self, layout, topk_idx, num_experts):
+        if not isinstance(layout, (tuple, list)) or len(layout) != 3:
+            raise TypeError("layout: expected the (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank) "
+                            f"that get_dispatch_layout returns, got {type(layout).__name__}")
+        per_rank, per_expert, in_rank = layout
+        t, w = topk_idx.shape[0], self.world_size
+        for name, tensor, dtypes, shape in (("layout[0]", per_rank, (torch.int64, torch.int32), (w,)),
+                                            ("layout[1]", per_expert, (torch.int64, torch.int32), (num_experts,)),
+                                            ("layout[2]", in_rank, (torch.bool,), (t, w))):
+            _validate.tensor(tensor, name, dtypes)
+            _validate.shape(tensor, name, shape)
+            _validate.same_device(topk_idx, "topk_idx", **{name: tensor})
+        slots = getattr(layout, "token_slots", None)
+        if slots is None:  # a layout built elsewhere: its slots follow from is_token_in_rank
+            slots = torch.where(in_rank, torch.cumsum(in_rank.long(), 0) - 1, -1).to(torch.int32)
+        return DispatchLayout(per_rank.long(), per_expert.long(), in_rank, slots)
+
+    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, layout=None,
+                 *, quantize_fp8: bool = False, check_ids: bool = True):
+        """Sends each token once to every rank hosting one of its experts.
+
+        x: bf16 [T, H], or (x_fp8 [T, H] float8_e4m3fn, scales [T, H / 128] float32) with H % 128 == 0.
+        topk_idx: int64 [T, k], expert ids in [0, num_experts) or -1. topk_weights: float32 [T, k].
+        layout: get_dispatch_layout's result for these topk_idx, to skip recomputing it.
+        quantize_fp8: quantize a bf16 x to FP8 (groups of 128) while packing, halving the bytes sent.
+        check_ids: read the range of topk_idx (one host sync on a GPU) to refuse bad ids before any
+        communication; False skips that read when the caller guarantees ids in [-1, num_experts).
+
+        Returns (recv_x, recv_topk_idx [R, k] int64 with local expert ids (-1 for other ranks' experts),
+        recv_topk_weights [R, k] float32 (0 where the id is -1), num_recv_tokens_per_expert (list of L ints),
+        handle). recv_x has x's form (an FP8 pair when x is one or quantize_fp8 is set); rows are grouped by
+        source rank in rank order, each source's tokens in ascending order.
+        """
+        data, scales = _payload(x, "x")
+        hidden = data.shape[1]
+        world = self.world_size
+        _num_experts(num_experts, world)
+        if quantize_fp8 and (scales is not None or hidden % SCALE_GROUP):
+            raise ValueError(f"quantize_fp8: expected a bf16 x with a hidden size that is a multiple of "
+                             f"{SCALE_GROUP}, got {'an FP8 pair' if scales is not None else f'hidden {hidden}'}")
+        _routing(topk_idx, topk_weights, data, "x", num_experts if check_ids else None)
+        which = self._resolve(data.device, "moe dispatch", num_experts)
+        stages = _stages(which)
+        num_local = num_experts // world
+        layout = self._layout(topk_idx, num_experts, which) if layout is None else \
+            self._check_layout(layout, topk_idx, num_experts)
+
+        # Counts first: each destination learns how many rows (and rows per local expert) it will receive.
+        counts = torch.cat([layout.num_tokens_per_rank.view(world, 1),
+                            layout.num_tokens_per_expert.view(world, num_local)], dim=1)
+        recv_counts = self.transport.exchange_counts(counts)
+        host = torch.cat([counts[:, 0], recv_counts.flatten()]).tolist()  # the one host sync
+        send_splits = tuple(host[:world])
+        recv_table = [host[world + r * (num_local + 1): world + (r + 1) * (num_local + 1)] for r in range(world)]
+        recv_splits = tuple(row[0] for row in recv_table)
+        per_expert = [sum(row[1 + e] for row in recv_table) for e in range(num_local)]
+
+        send_offsets = reference.exclusive_cumsum(layout.num_tokens_per_rank)
+        send_x, send_meta = stages.pack(data, scales, topk_idx, topk_weights, layout.token_slots, send_offsets,
+                                        sum(send_splits), num_local, quantize_fp8)
+        recv_x = self.transport.exchange_rows(send_x, send_splits, recv_splits)
+        recv_meta = self.transport.exchange_rows(send_meta, send_splits, recv_splits)
+        recv_idx, recv_weights, recv_scales = reference.unpack_meta(recv_meta, topk_idx.shape[1])
+        handle = DispatchHandle(layout.token_slots, send_offsets, send_splits, recv_splits)
+        out_x = recv_x if recv_scales is None else (recv_x, recv_scales)
+        return out_x, recv_idx, recv_weights, per_expert, handle
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """y: [R, N] bf16 (or float32), one row per received token in dispatch's receive order -> [T, N] on
+        the source ranks: each token's rows summed over the ranks it was sent to (unweighted, as in DeepEP;
+        weight the expert outputs first, e.g. with unpermute_from_experts)."""
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
+        _validate.tensor(y, "y", COMBINE_DTYPES, ndim=2, contiguous=True)
+        received = sum(handle.recv_splits)
+        if y.shape[0] != received:
+            raise ValueError(f"y: expected {received} rows (one per token this rank received), got {y.shape[0]}")
+        _validate.same_device(y, "y", **{"handle.token_slots": handle.token_slots})
+        which = self._resolve(y.device, "moe combine")
+        buf = self.transport.exchange_rows(y, handle.recv_splits, handle.send_splits)
+        return _stages(which).combine_reduce(buf, handle.token_slots, handle.send_offsets)
+
+
+# ---- expert-sorted layout for the grouped GEMM ----------------------------------------------------------
+
+def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128, num_local_experts=None,
+                       backend: str = "auto"):
+    """Expands received tokens into one row per (token, local expert) pair, grouped by expert in expert order
+    and padded per expert to `alignment` rows: the layout m_grouped_fp8_gemm_nt_contiguous takes.
+
+    recv_x: bf16 [R, H] or an FP8 pair (x_fp8 [R, H], scales [R, H / 128]). recv_topk_idx: int64 [R, k] of
+    local expert ids or -1. num_local_experts: L (default: the largest id + 1; experts past it get no rows).
+    Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert of each row, -1 on
+    padding rows, whose content is unspecified), perm int32 [R, k]: the row of each pair, -1 for id -1).
+    """
+    data, scales = _payload(recv_x, "recv_x")
+    _routing(recv_topk_idx, None, data, "recv_x", idx_name="recv_topk_idx")
+    _validate.power_of_two(alignment, "alignment")
+    if num_local_experts is not None:
+        if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int):
+            raise TypeError(f"num_local_experts: expected an int, got {type(num_local_experts).__name__}")
+        if num_local_experts <= 0:
+            raise ValueError(f"num_local_experts: expected a positive int, got {num_local_experts}")
+    lo, hi = (int(v) for v in torch.aminmax(recv_topk_idx)) if recv_topk_idx.numel() else (-1, -1)
+    num_local = num_local_experts if num_local_experts is not None else max(hi + 1, 1)
+    if lo < -1 or hi >= num_local:
+        raise ValueError(f"recv_topk_idx: expected local expert ids in [0, {num_local}) or -1, "
+                         f"got {lo if lo < -1 else hi}")
+    cuda_ok = num_local <= CUDA_MAX_LOCAL_EXPERTS and recv_topk_idx.shape[1] <= CUDA_MAX_TOPK
+    stages = _stages(_backend.resolve(backend, data.device, "permute_to_experts", cuda_ok=cuda_ok))
+    counts, rank = stages.expert_ranks(recv_topk_idx, num_local)
+    starts, total = reference.padded_starts(counts.tolist(), alignment)
+    starts_t = torch.tensor(starts, dtype=torch.int64).to(data.device)
+    x_sorted, s_sorted, m_indices, perm = stages.permute(data, scales, recv_topk_idx, rank, starts_t, total)
+    return (x_sorted if scales is None else (x_sorted, s_sorted)), m_indices, perm
+
+
+def unpermute_from_experts(y_sorted: torch.Tensor, perm: torch.Tensor, recv_topk_weights: torch.Tensor,
+                           backend: str = "auto") -> torch.Tensor:
+    """The inverse of permute_to_experts with the routing weights applied: out[i] = sum_j
+    recv_topk_weights[i, j] * y_sorted[perm[i, j]] over the pairs with perm >= 0, in float32, ->
+    [R, N] in y_sorted's dtype (bf16 or float32), ready for Buffer.combine."""
+    _validate.tensor(y_sorted, "y_sorted", COMBINE_DTYPES, ndim=2, contiguous=True)
+    _validate.tensor(perm, "perm", (torch.int32,), ndim=2, contiguous=True)
+    _validate.tensor(recv_topk_weights, "recv_topk_weights", (torch.float32,), ndim=2, contiguous=True)
+    _validate.shape(recv_topk_weights, "recv_topk_weights", tuple(perm.shape), "same as perm")
+    _validate.same_device(y_sorted, "y_sorted", perm=perm, recv_topk_weights=recv_topk_weights)
+    if perm.numel():
+        lo, hi = (int(v) for v in torch.aminmax(perm))
+        if lo < -1 or hi >= y_sorted.shape[0]:
+            raise ValueError(f"perm: expected rows in [0, {y_sorted.shape[0]}) of y_sorted or -1, "
+                             f"got {lo if lo < -1 else hi}")
+    cuda_ok = perm.shape[1] <= CUDA_MAX_TOPK
+    stages = _stages(_backend.resolve(backend, y_sorted.device, "unpermute_from_experts", cuda_ok=cuda_ok))
+    return stages.unpermute(y_sorted, perm, recv_topk_weights)
+
+
+# What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name):
+# row stages move 16-byte vectors both ways; nothing may touch local memory.
+_VECTOR_COPY = {"no_local_memory": True, "min_instructions": {"LDG.128": 1, "STG.128": 1}}
+CUDA_AUDIT = {
+    "pykernels::moe::pack_kernel<uint4>": _VECTOR_COPY,
+    "pykernels::moe::permute_kernel<uint4>": _VECTOR_COPY,
+    "pykernels::moe::pack_quantize_kernel": {"no_local_memory": True, "min_instructions": {"LDG.128": 1}},
+    "pykernels::moe::combine_reduce_kernel<__nv_bfloat16, 8>": _VECTOR_COPY,
+    "pykernels::moe::combine_reduce_kernel<float, 4>": _VECTOR_COPY,
+    "pykernels::moe::unpermute_kernel<__nv_bfloat16, 8>": _VECTOR_COPY,
+    "pykernels::moe::unpermute_kernel<float, 4>": _VECTOR_COPY,
+    "pykernels::moe::dispatch_layout_kernel": {"no_local_memory": True},
+    "pykernels::moe::expert_ranks_kernel": {"no_local_memory": True},
+}

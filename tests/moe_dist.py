@@ -1,0 +1,322 @@
+"""Multi-process harness for the MoE tests: CPU ranks over gloo, and the programs each rank runs.
+
+run_ranks(world, program, *args) spawns `world` processes, each joining a gloo group on a fresh local port,
+runs program(rank, world, *args) in each and returns their results in rank order. It never hangs: the first
+rank to fail (or to die, or a run past `timeout`) terminates all the others, and its traceback is raised.
+Collectives time out on their own too (the group's timeout), so a rank stuck in one cannot outlive the test.
+
+Every rank builds the inputs of all ranks from the same seed, so each can compute the expected result of
+the whole exchange by itself, in float64, without trusting any collective.
+"""
+
+from __future__ import annotations
+
+import math
+import queue as queue_module
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+
+GROUP_TIMEOUT_S = 60
+# Where a rank's tensors live: the CPU over gloo, the rank's own GPU over NCCL (set by _rank_main).
+DEVICE = torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, program, args, results, dist_backend):
+    import torch.distributed as dist
+
+    global DEVICE
+    try:
+        torch.set_num_threads(1)  # world processes share two cores
+        if dist_backend == "nccl":
+            torch.cuda.set_device(rank)
+            DEVICE = torch.device("cuda", rank)
+        dist.init_process_group(dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+        out = program(rank, world, *args)
+        results.put(("ok", rank, out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent, whatever it is
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, program, *args, timeout: float = 120.0, dist_backend: str = "gloo"):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, program, args, results, dist_backend),
+                         daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    done = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(done) < world:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = [r for r in range(world) if r not in done]
+                raise TimeoutError(f"ranks {missing} of {world} did not finish within {timeout:.0f} s")
+            try:
+                status, rank, payload = results.get(timeout=min(remaining, 1.0))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a report")
+                continue
+            if status == "error":
+                raise AssertionError(f"rank {rank} of {world} failed:\n{payload}")
+            done[rank] = payload
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [done[r] for r in range(world)]
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------
+
+def make_routing(tokens: int, topk: int, experts: int, gen: torch.Generator, allowed=None, drop: float = 0.2):
+    """topk_idx [T, k]: distinct experts per token (from `allowed` if given), a fraction `drop` of the slots
+    set to -1, every 5th token routed nowhere. topk_weights [T, k]: positive, 0 in -1 slots."""
+    pool = torch.arange(experts) if allowed is None else torch.as_tensor(allowed, dtype=torch.int64)
+    scores = torch.rand((tokens, pool.numel()), generator=gen)
+    idx = pool[scores.topk(min(topk, pool.numel()), dim=1).indices]
+    if idx.shape[1] < topk:
+        idx = torch.cat([idx, torch.full((tokens, topk - idx.shape[1]), -1, dtype=idx.dtype)], dim=1)
+    idx = torch.where(torch.rand((tokens, topk), generator=gen) < drop, -1, idx)
+    idx[::5] = -1
+    weights = torch.where(idx >= 0, torch.rand((tokens, topk), generator=gen) + 0.05, 0.0)
+    return idx.contiguous(), weights.float().contiguous()
+
+
+def make_inputs(seed: int, token_counts, hidden: int, topk: int, experts: int, allowed=None):
+    """Per rank: (x bf16 [T_r, H], topk_idx, topk_weights), the same on every rank for the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in token_counts:
+        x = (torch.randn((t, hidden), generator=gen) * torch.exp(torch.randn((t, 1), generator=gen))).bfloat16()
+        idx, w = make_routing(t, topk, experts, gen, allowed)
+        out.append((x, idx, w))
+    return out
+
+
+def expected_receive(inputs, rank: int, world: int, experts: int):
+    """What `rank` must receive: (rows [R, H], local ids [R, k], weights [R, k], source (rank, token) per row)."""
+    num_local = experts // world
+    lo, hi = rank * num_local, (rank + 1) * num_local
+    rows, ids, weights, sources = [], [], [], []
+    for src, (x, idx, w) in enumerate(inputs):
+        mine = (idx >= lo) & (idx < hi)
+        for t in torch.nonzero(mine.any(dim=1), as_tuple=True)[0].tolist():
+            rows.append(x[t])
+            ids.append(torch.where(mine[t], idx[t] - lo, -1))
+            weights.append(torch.where(mine[t], w[t], 0.0))
+            sources.append((src, t))
+    hidden, topk = inputs[0][0].shape[1], inputs[0][1].shape[1]
+    if not rows:
+        return (torch.empty((0, hidden), dtype=torch.bfloat16), torch.empty((0, topk), dtype=torch.int64),
+                torch.empty((0, topk)), sources)
+    return torch.stack(rows), torch.stack(ids), torch.stack(weights), sources
+
+
+def fp8_steps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two fp8 tensors in e4m3 codes (sign-magnitude, so -0 and +0 are equal)."""
+    def ordinal(t):
+        u = t.view(torch.uint8).to(torch.int32)
+        return torch.where(u & 0x80 != 0, -(u & 0x7F), u & 0x7F)
+    return int((ordinal(a) - ordinal(b)).abs().max()) if a.numel() else 0
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity metric in float64: 0 for identical tensors."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+# ---- rank programs ----------------------------------------------------------------------------------------
+
+def program_dispatch_combine(rank, world, backend, seed, token_counts, hidden, topk, experts, allowed=None):
+    """Dispatch bf16, check every received row and count against the routing, then combine twice: the
+    received rows as they are (DeepEP's check: x times the number of destination ranks) and identity experts
+    weighted through permute/unpermute (x times the sum of its weights)."""
+    from pykernels import moe
+    from pykernels.reference import moe as ref
+
+    inputs = make_inputs(seed, token_counts, hidden, topk, experts, allowed)
+    x, idx, w = inputs[rank]
+    buffer = moe.Buffer(None, backend=backend)
+    layout = buffer.get_dispatch_layout(idx.to(DEVICE), experts)
+    want_rank, want_expert, _ = ref.dispatch_layout(idx, experts, world)
+    assert torch.equal(layout.num_tokens_per_rank.cpu(), want_rank), (layout.num_tokens_per_rank, want_rank)
+    assert torch.equal(layout.num_tokens_per_expert.cpu(), want_expert)
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE),
+                                                                   experts, layout=layout)
+
+    rows, ids, weights, _ = expected_receive(inputs, rank, world, experts)
+    assert recv_x.shape == rows.shape, (recv_x.shape, rows.shape)
+    assert torch.equal(recv_x.cpu(), rows), "received rows differ from the routed tokens"
+    assert torch.equal(recv_idx.cpu(), ids), "recv_topk_idx differs from the source routing"
+    assert torch.equal(recv_w.cpu(), weights), "recv_topk_weights differ from the source routing"
+    num_local = experts // world
+    want_per_expert = [int((ids == e).sum()) for e in range(num_local)]
+    assert per_expert == want_per_expert, (per_expert, want_per_expert)
+
+    # DeepEP's check: combining the rows as received gives x times the number of ranks each token went to.
+    back = buffer.combine(recv_x, handle).cpu()
+    fanout = sum(((idx >= 0) & (idx // num_local == r)).any(1).long() for r in range(world))
+    want = x.double() * fanout.double().unsqueeze(1)
+    # Up to world bf16 addends summed in float32, rounded once to bf16: within 2^-8 relative.
+    assert back.dtype == torch.bfloat16 and back.shape == x.shape
+    assert bool(((back.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-30).all())
+
+    # Identity experts weighted by the router: combine(unpermute(permute(recv))) = x * sum of its weights.
+    x_sorted, m_indices, perm = moe.permute_to_experts(recv_x, recv_idx, alignment=16,
+                                                       num_local_experts=num_local, backend=backend)
+    assert x_sorted.shape[0] % 16 == 0 and m_indices.shape == (x_sorted.shape[0],)
+    y = moe.unpermute_from_experts(x_sorted, perm, recv_w, backend=backend)
+    out = buffer.combine(y, handle).cpu()
+    want = x.double() * w.double().sum(1, keepdim=True)
+    # Two bf16 roundings (after the weighted sum, after the combine), each 2^-9 relative, weights positive.
+    assert bool(((out.double() - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all())
+    return {"received": int(recv_x.shape[0]), "sent": sum(handle.send_splits)}
+
+
+def program_fp8(rank, world, backend, seed, token_counts, hidden, topk, experts):
+    """FP8 dispatch both ways: a pre-quantized (x_fp8, scales) pair arrives bit-exact, and quantize_fp8=True
+    arrives as the quantizer's output, within FP8 error of the bf16 tokens; the permuted FP8 rows carry
+    their scales."""
+    from pykernels import moe, per_token_group_quant_fp8
+    from pykernels.reference import fp8_quant as fq
+
+    inputs = make_inputs(seed, token_counts, hidden, topk, experts)
+    x, idx, w = inputs[rank]
+    rows, ids, weights, sources = expected_receive(inputs, rank, world, experts)
+    buffer = moe.Buffer(None, backend=backend)
+
+    dx, didx, dw = (t.to(DEVICE) for t in (x, idx, w))
+    pair = per_token_group_quant_fp8(dx, backend="torch")
+    (rx, rs), recv_idx, recv_w, _, handle = buffer.dispatch(pair, didx, dw, experts)
+    (drx, drs), drecv_idx = (rx, rs), recv_idx
+    rx, rs, recv_idx, recv_w = rx.cpu(), rs.cpu(), recv_idx.cpu(), recv_w.cpu()
+    want_q, want_s = fq.per_token_group_quant_fp8(rows)
+    assert rx.dtype == torch.float8_e4m3fn and rs.shape == (rows.shape[0], hidden // 128)
+    assert torch.equal(rx.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(rs, want_s)
+    assert torch.equal(recv_idx, ids) and torch.equal(recv_w, weights)
+
+    (qx, qs), recv_idx2, _, _, _ = buffer.dispatch(dx, didx, dw, experts, quantize_fp8=True, check_ids=False)
+    qx, qs = qx.cpu(), qs.cpu()
+    assert torch.equal(recv_idx2.cpu(), ids)
+    assert torch.equal(qs, want_s), "on-the-fly scales differ from per_token_group_quant_fp8"
+    # The bytes may differ from the quantizer's by one e4m3 step where a value lies on a rounding tie.
+    assert fp8_steps(qx, want_q) <= 1
+    deq = fq.dequantize_token_groups(qx, qs).double()
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus the subnormal spacing of 2^-9 * scale.
+    bound = rows.double().abs() * 2 ** -4 + qs.double().repeat_interleave(128, 1) * 2 ** -9
+    assert bool(((deq - rows.double()).abs() <= bound * (1 + 1e-9)).all())
+
+    (xs, ss), m_indices, perm = moe.permute_to_experts((drx, drs), drecv_idx, num_local_experts=experts // world,
+                                                       backend=backend)
+    xs, ss, m_indices, perm = xs.cpu(), ss.cpu(), m_indices.cpu(), perm.cpu()
+    valid = perm >= 0
+    r_of_pair = torch.nonzero(valid, as_tuple=True)[0]
+    assert torch.equal(xs[perm[valid].long()].view(torch.uint8), rx[r_of_pair].view(torch.uint8))
+    assert torch.equal(ss[perm[valid].long()], rs[r_of_pair])
+    assert torch.equal(m_indices[perm[valid].long()].long(), recv_idx[valid])
+    del handle
+    return int(rx.shape[0])
+
+
+def program_moe_layer(rank, world, backend, seed, token_counts, hidden, inter, topk, experts):
+    """One MoE layer end to end: FP8 dispatch -> permute_to_experts -> grouped FP8 GEMM with this rank's
+    expert weights -> unpermute (routing weights) -> combine, against a dense single-process float64
+    reference built from the same quantized operands."""
+    import pykernels
+    from pykernels import moe
+    from pykernels.reference import fp8_quant as fq
+
+    inputs = make_inputs(seed, token_counts, hidden, topk, experts)
+    gen = torch.Generator().manual_seed(seed + 1)
+    w_all = torch.randn((experts, inter, hidden), generator=gen) / math.sqrt(hidden)
+    wq, ws = fq.per_block_quant_fp8(w_all)
+    num_local = experts // world
+    mine = slice(rank * num_local, (rank + 1) * num_local)
+
+    x, idx, w = inputs[rank]
+    buffer = moe.Buffer(None, backend=backend)
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, idx, w, experts, quantize_fp8=True)
+    x_sorted, m_indices, perm = moe.permute_to_experts(recv_x, recv_idx, alignment=128,
+                                                       num_local_experts=num_local, backend=backend)
+    y_sorted = pykernels.m_grouped_fp8_gemm_nt_contiguous(
+        x_sorted, (wq[mine].contiguous(), ws[mine].contiguous()), m_indices, backend="torch")
+    y = moe.unpermute_from_experts(y_sorted, perm, recv_w, backend=backend)
+    out = buffer.combine(y, handle)
+
+    xq, xs = fq.per_token_group_quant_fp8(x)
+    a = fq.dequantize_token_groups(xq, xs).double()
+    b = fq.dequantize_blocks(wq, ws).double()
+    want = torch.zeros((x.shape[0], inter), dtype=torch.float64)
+    for j in range(topk):
+        valid = idx[:, j] >= 0
+        e = idx[valid, j]
+        want[valid] += w[valid, j].double().unsqueeze(1) * torch.einsum("th,tnh->tn", a[valid], b[e])
+    assert out.shape == (x.shape[0], inter) and out.dtype == torch.bfloat16
+    # bf16 roundings of the GEMM output, the weighted sum and the combine; FP8 operands are shared.
+    diff = calc_diff(out, want)
+    assert diff < 1e-4, diff
+    if want.numel():
+        assert bool(((out.double() - want).abs() <= want.abs().max() * 2 ** -6).all())
+    return diff
+
+
+def program_bad_calls_then_dispatch(rank, world, backend):
+    """Every rank makes bad calls (which must raise locally, with no collective entered), then all ranks
+    dispatch normally: had any bad call reached a collective, this exchange would hang or mismatch."""
+    from pykernels import moe
+
+    buffer = moe.Buffer(None, backend=backend)
+    x = torch.randn(6, 256).bfloat16()
+    idx = torch.tensor([[0, 1], [2, -1], [-1, -1], [3, 0], [1, 2], [3, -1]])
+    w = torch.rand(6, 2)
+    errors = 0
+    for call, exc in ((lambda: buffer.dispatch(x, idx + 4, w, 4), ValueError),
+                      (lambda: buffer.dispatch(x, idx, w, 5), ValueError),
+                      (lambda: buffer.dispatch(x[:5], idx, w, 4), ValueError),
+                      (lambda: buffer.dispatch(x.float(), idx, w, 4), TypeError)):
+        try:
+            call()
+        except exc:
+            errors += 1
+    recv_x, _, _, _, handle = buffer.dispatch(x, idx, w, 4)
+    out = buffer.combine(recv_x, handle)
+    assert out.shape == x.shape
+    return errors
+
+
+def program_fails_on_rank_1(rank, world):
+    """Rank 1 fails while rank 0 waits in a collective that can never complete: the harness must report
+    rank 1's error and end rank 0."""
+    import torch.distributed as dist
+
+    if rank == 1:
+        raise ValueError("deliberate failure on rank 1")
+    dist.barrier()

@@ -1,0 +1,502 @@
+"""MoE dispatch/combine and the expert permutation: the reference against independent loops, every
+backend's stages against the reference, argument checks that fire before any communication, and the whole
+exchange across 2 and 4 CPU ranks over gloo (tests/moe_dist.py spawns them, with a hard timeout).
+
+Tolerances: layouts, slots, counts, packed rows and permutations are integer or copy results and must be
+exact. Sums (combine, unpermute) are float32 accumulations in a fixed order, so backends must agree with the
+reference to float32 rounding of the final cast: bit-exact for float32 outputs up to the addition order, and
+within one bf16 ulp (2^-8 relative) for bf16 outputs. FP8 bytes may differ by one e4m3 step on rounding ties.
+"""
+
+import pytest
+import torch
+
+import moe_dist
+import pykernels
+from pykernels import moe
+from pykernels.reference import fp8_quant as fq
+from pykernels.reference import moe as ref
+
+BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+FP8 = torch.float8_e4m3fn
+
+
+def routing(tokens, topk, experts, seed=0, allowed=None):
+    return moe_dist.make_routing(tokens, topk, experts, torch.Generator().manual_seed(seed), allowed)
+
+
+# ---- the reference against independent loops ----------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens,topk,experts,world", [(1, 1, 2, 2), (37, 4, 16, 4), (130, 8, 64, 8), (0, 2, 4, 2)])
+def test_reference_layout_vs_loops(tokens, topk, experts, world):
+    idx, _ = routing(tokens, topk, experts, seed=tokens)
+    per_rank, per_expert, slots = ref.dispatch_layout(idx, experts, world)
+    num_local = experts // world
+    next_slot = [0] * world
+    want_expert = [0] * experts
+    for t in range(tokens):
+        ranks = {int(e) // num_local for e in idx[t] if e >= 0}
+        for e in idx[t]:
+            if e >= 0:
+                want_expert[int(e)] += 1
+        for r in range(world):
+            if r in ranks:
+                assert int(slots[t, r]) == next_slot[r]
+                next_slot[r] += 1
+            else:
+                assert int(slots[t, r]) == -1
+    assert per_rank.tolist() == next_slot and per_expert.tolist() == want_expert
+    assert slots.dtype == torch.int32 and per_rank.dtype == torch.int64
+
+
+def test_reference_expert_ranks_and_permute_vs_loops():
+    idx, _ = routing(50, 6, 8, seed=3)
+    counts, rank = ref.expert_ranks(idx, 8)
+    seen = [0] * 8
+    for i in range(50):
+        for j in range(6):
+            e = int(idx[i, j])
+            assert int(rank[i, j]) == (seen[e] if e >= 0 else -1)
+            if e >= 0:
+                seen[e] += 1
+    assert counts.tolist() == seen
+    starts, total = ref.padded_starts(counts.tolist(), 16)
+    assert total == sum(-(-c // 16) * 16 for c in seen) and starts[0] == 0
+    x = torch.randn(50, 64).bfloat16()
+    xs, _, m_indices, pos = ref.permute(x, None, idx, rank, torch.tensor(starts), total)
+    for i in range(50):
+        for j in range(6):
+            e = int(idx[i, j])
+            if e < 0:
+                assert int(pos[i, j]) == -1
+                continue
+            p = int(pos[i, j])
+            assert starts[e] <= p < starts[e] + seen[e] and int(m_indices[p]) == e and torch.equal(xs[p], x[i])
+    assert int((m_indices >= 0).sum()) == sum(seen)
+
+
+def test_reference_unpermute_and_combine_vs_float64():
+    idx, w = routing(40, 4, 8, seed=5)
+    counts, rank = ref.expert_ranks(idx, 8)
+    starts, total = ref.padded_starts(counts.tolist(), 8)
+    _, _, _, pos = ref.permute(torch.zeros(40, 1), None, idx, rank, torch.tensor(starts), total)
+    y = torch.randn(total, 96)
+    got = ref.unpermute(y, pos, w)
+    want = torch.zeros(40, 96, dtype=torch.float64)
+    for i in range(40):
+        for j in range(4):
+            if pos[i, j] >= 0:
+                want[i] += float(w[i, j]) * y[int(pos[i, j])].double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # float32 sums of <= 4 terms
+
+    per_rank, _, slots = ref.dispatch_layout(idx, 8, 4)
+    offsets = ref.exclusive_cumsum(per_rank)
+    buf = torch.randn(int(per_rank.sum()), 96)
+    got = ref.combine_reduce(buf, slots, offsets)
+    want = torch.zeros(40, 96, dtype=torch.float64)
+    for t in range(40):
+        for r in range(4):
+            if slots[t, r] >= 0:
+                want[t] += buf[int(offsets[r] + slots[t, r])].double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+# ---- every backend's stages against the reference --------------------------------------------------------
+
+STAGE_CASES = [(1, 1, 4, 2, 128), (37, 4, 16, 4, 256), (70, 8, 32, 8, 384), (5, 3, 6, 3, 200)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens,topk,experts,world,hidden", STAGE_CASES)
+def test_dispatch_stages_match_reference(backend, tokens, topk, experts, world, hidden, device):
+    stages = moe._stages(backend)
+    idx, w = routing(tokens, topk, experts, seed=tokens + hidden)
+    x = torch.randn(tokens, hidden).bfloat16()
+    per_rank, per_expert, slots = stages.dispatch_layout(idx.to(device), experts, world)
+    want_rank, want_expert, want_slots = ref.dispatch_layout(idx, experts, world)
+    assert torch.equal(per_rank.cpu(), want_rank) and torch.equal(per_expert.cpu(), want_expert)
+    assert torch.equal(slots.cpu(), want_slots)
+
+    offsets = ref.exclusive_cumsum(want_rank)
+    num_send, num_local = int(want_rank.sum()), experts // world
+    args = (idx, w, want_slots, offsets, num_send, num_local)
+    on = [t.to(device) for t in args[:4]] + list(args[4:])
+    send_x, meta = stages.pack(x.to(device), None, *on)
+    want_x, want_meta = ref.pack(x, None, *args)
+    assert torch.equal(send_x.cpu(), want_x) and torch.equal(meta.cpu(), want_meta)
+
+    if hidden % 128 == 0:  # FP8 pairs and on-the-fly quantization
+        q, s = fq.per_token_group_quant_fp8(x)
+        send_q, meta_q = stages.pack(q.to(device), s.to(device), *on)
+        want_q, want_meta_q = ref.pack(q, s, *args)
+        assert torch.equal(send_q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(meta_q.cpu(), want_meta_q)
+        send_q, meta_q = stages.pack(x.to(device), None, *on, quantize=True)
+        assert torch.equal(meta_q.cpu(), want_meta_q), "fused quantization: scales or metadata differ"
+        assert moe_dist.fp8_steps(send_q.cpu(), want_q) <= 1
+
+    for dtype in (torch.bfloat16, torch.float32):
+        buf = torch.randn(num_send, hidden).to(dtype)
+        got = stages.combine_reduce(buf.to(device), want_slots.to(device), offsets.to(device))
+        want = ref.combine_reduce(buf, want_slots, offsets)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu(), want, rtol=2 ** -8 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,topk,num_local,hidden,alignment", [(1, 1, 1, 128, 128), (45, 4, 5, 256, 16),
+                                                                   (90, 8, 32, 384, 128), (7, 2, 3, 136, 4)])
+def test_permute_stages_match_reference(backend, rows, topk, num_local, hidden, alignment, device):
+    stages = moe._stages(backend)
+    idx, w = routing(rows, topk, num_local, seed=rows)
+    counts, rank = stages.expert_ranks(idx.to(device), num_local)
+    want_counts, want_rank = ref.expert_ranks(idx, num_local)
+    assert torch.equal(counts.cpu(), want_counts) and torch.equal(rank.cpu(), want_rank)
+    starts, total = ref.padded_starts(want_counts.tolist(), alignment)
+    starts = torch.tensor(starts)
+    x = torch.randn(rows, hidden).bfloat16()
+    scales = torch.rand(rows, hidden // 128) if hidden % 128 == 0 else None
+    data = x if scales is None else x.to(FP8)
+    got = stages.permute(data.to(device), None if scales is None else scales.to(device), idx.to(device),
+                         want_rank.to(device), starts.to(device), total)
+    want = ref.permute(data, scales, idx, want_rank, starts, total)
+    valid = want[3][want[3] >= 0].long()
+    assert torch.equal(got[3].cpu(), want[3]) and torch.equal(got[2].cpu(), want[2])
+    assert torch.equal(got[0].cpu()[valid].view(torch.uint8), want[0][valid].view(torch.uint8))
+    if scales is not None:
+        assert torch.equal(got[1].cpu()[valid], want[1][valid])
+    for dtype in (torch.bfloat16, torch.float32):
+        y = torch.randn(total, hidden).to(dtype)
+        y[want[2] < 0] = float("nan")  # padding rows must never be read
+        out = stages.unpermute(y.to(device), want[3].to(device), w.to(device))
+        assert out.dtype == dtype and not bool(out.isnan().any())
+        torch.testing.assert_close(out.cpu(), ref.unpermute(y, want[3], w),
+                                   rtol=2 ** -8 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permute_unpermute_round_trip(backend, device):
+    """permute_to_experts then unpermute_from_experts with weights 1/count gives each token back."""
+    idx, _ = routing(60, 6, 10, seed=11)
+    x = torch.randn(60, 256).bfloat16().to(device)
+    x_sorted, m_indices, perm = moe.permute_to_experts(x, idx.to(device), alignment=32, backend=backend)
+    assert x_sorted.shape[0] % 32 == 0 and m_indices.dtype == torch.int32 and perm.shape == idx.shape
+    counts = [int((m_indices.cpu() == e).sum()) for e in range(10)]
+    assert counts == [int((idx == e).sum()) for e in range(10)]
+    fan = (idx >= 0).sum(1, keepdim=True)
+    w = torch.where(idx >= 0, 1.0 / fan.clamp(min=1).float(), 0.0).to(device)
+    back = moe.unpermute_from_experts(x_sorted, perm, w, backend=backend).cpu()
+    routed = fan.squeeze(1) > 0
+    # A mean of identical bf16 rows in float32, rounded once: within one bf16 ulp.
+    torch.testing.assert_close(back[routed], x.cpu()[routed], rtol=2 ** -8, atol=0)
+    assert bool((back[~routed] == 0).all())
+
+
+# ---- argument checks: before any communication ----------------------------------------------------------
+
+class NoCommunication(moe.Transport):
+    """A transport for a world of 4 that fails the test if Buffer ever reaches it."""
+
+    rank, world_size = 0, 4
+
+    def exchange_counts(self, counts):
+        raise AssertionError("communication started before the arguments were checked")
+
+    exchange_rows = exchange_counts
+
+
+def test_bad_inputs_raise_before_any_communication():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
+    x = torch.randn(6, 256).bfloat16()
+    idx, w = routing(6, 2, 8)
+    cases = [
+        (lambda: buffer.dispatch(x, idx.clone().fill_(8), w, 8), ValueError, "topk_idx: expected expert ids in \\[0, 8\\)"),
+        (lambda: buffer.dispatch(x, idx.clone().fill_(-2), w, 8), ValueError, "got -2"),
+        (lambda: buffer.dispatch(x, idx, w, 10), ValueError, "num_experts: expected a positive multiple of the group size 4"),
+        (lambda: buffer.dispatch(x, idx, w, 8.0), TypeError, "num_experts: expected an int"),
+        (lambda: buffer.dispatch(x[:5], idx, w, 8), ValueError, "topk_idx: expected 5 rows"),
+        (lambda: buffer.dispatch(x, idx, w[:5], 8), ValueError, "topk_weights: expected shape"),
+        (lambda: buffer.dispatch(x.float(), idx, w, 8), TypeError, "x: expected dtype bfloat16"),
+        (lambda: buffer.dispatch(x, idx.int(), w, 8), TypeError, "topk_idx: expected dtype int64"),
+        (lambda: buffer.dispatch(x, idx, w.double(), 8), TypeError, "topk_weights: expected dtype float32"),
+        (lambda: buffer.dispatch((x.to(FP8)[:, :200].contiguous(), torch.ones(6, 2)), idx, w, 8), ValueError,
+         "multiple of 128 for FP8"),
+        (lambda: buffer.dispatch((x.to(FP8), torch.ones(6, 3)), idx, w, 8), ValueError, "x\\[1\\]: expected shape"),
+        (lambda: buffer.dispatch((x, torch.ones(6, 2)), idx, w, 8), TypeError, "x\\[0\\]: expected dtype float8"),
+        (lambda: buffer.dispatch(x[:, :200].contiguous(), idx, w, 8, quantize_fp8=True), ValueError, "quantize_fp8"),
+        (lambda: buffer.dispatch(x, idx, w, 8, layout=(1, 2)), TypeError, "layout: expected"),
+        (lambda: buffer.get_dispatch_layout(idx, 6), ValueError, "num_experts"),
+        (lambda: buffer.combine(x, None), TypeError, "handle: expected the DispatchHandle"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        moe.Buffer(transport=NoCommunication(), backend="nccl")
+    with pytest.raises(TypeError, match="transport: expected a pykernels.moe.Transport"):
+        moe.Buffer(transport=object())
+
+
+def test_explicit_backend_that_cannot_run_says_why_before_communication():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="cuda")
+    idx, w = routing(6, 2, 8)
+    if torch.cuda.is_available():
+        pytest.skip("checks the error a CPU-only machine gives")
+    with pytest.raises(RuntimeError, match="backend='cuda' needs"):
+        buffer.dispatch(torch.randn(6, 128).bfloat16(), idx, w, 8)
+
+
+class Loopback(moe.Transport):
+    """A one-rank transport that hands every row straight back: Buffer works with any Transport."""
+
+    rank, world_size = 0, 1
+
+    def exchange_counts(self, counts):
+        return counts.clone()
+
+    def exchange_rows(self, send, send_splits, recv_splits):
+        assert list(send_splits) == list(recv_splits)
+        return send.clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffer_over_a_swapped_in_transport(backend, device):
+    buffer = moe.Buffer(transport=Loopback(), backend=backend)
+    idx, w = routing(23, 3, 6, seed=9)
+    x = torch.randn(23, 256).bfloat16()
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6)
+    routed = (idx >= 0).any(1)
+    assert torch.equal(recv_x.cpu(), x[routed]) and torch.equal(recv_idx.cpu(), idx[routed])
+    assert torch.equal(recv_w.cpu(), w[routed])
+    assert per_expert == [int((idx == e).sum()) for e in range(6)]
+    out = buffer.combine(recv_x, handle).cpu()
+    assert torch.equal(out[routed], x[routed]) and bool((out[~routed] == 0).all())
+    # A layout given as the plain (per_rank, per_expert, in_rank) triple gives the same exchange.
+    layout = tuple(buffer.get_dispatch_layout(idx.to(device), 6))
+    again = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6, layout=layout)
+    assert torch.equal(again[0].cpu(), recv_x.cpu()) and torch.equal(again[4].token_slots, handle.token_slots)
+    (q, s), _, _, _, handle = buffer.dispatch(x.to(device), idx.to(device), w.to(device), 6, quantize_fp8=True)
+    want_q, want_s = fq.per_token_group_quant_fp8(x[routed])
+    assert torch.equal(s.cpu(), want_s) and moe_dist.fp8_steps(q.cpu(), want_q) <= 1
+
+
+def test_layout_is_local_and_matches_reference():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
+    idx, _ = routing(33, 4, 16, seed=2)
+    layout = buffer.get_dispatch_layout(idx, 16)
+    per_rank, per_expert, in_rank = layout
+    want_rank, want_expert, want_slots = ref.dispatch_layout(idx, 16, 4)
+    assert torch.equal(per_rank, want_rank) and torch.equal(per_expert, want_expert)
+    assert torch.equal(in_rank, want_slots >= 0) and in_rank.dtype == torch.bool
+
+
+def test_permute_and_unpermute_bad_inputs():
+    x = torch.randn(4, 256).bfloat16()
+    idx = torch.tensor([[0, 1], [1, -1], [-1, -1], [2, 0]])
+    with pytest.raises(ValueError, match="recv_topk_idx: expected local expert ids in \\[0, 2\\)"):
+        moe.permute_to_experts(x, idx, num_local_experts=2)
+    with pytest.raises(ValueError, match="recv_topk_idx: expected 4 rows"):
+        moe.permute_to_experts(x, idx[:3])
+    with pytest.raises(ValueError, match="alignment: expected a power of two"):
+        moe.permute_to_experts(x, idx, alignment=100)
+    with pytest.raises(TypeError, match="recv_x: expected dtype bfloat16"):
+        moe.permute_to_experts(x.half(), idx)
+    _, _, perm = moe.permute_to_experts(x, idx, alignment=4)
+    with pytest.raises(ValueError, match="recv_topk_weights: expected shape"):
+        moe.unpermute_from_experts(torch.randn(12, 8), perm, torch.rand(4, 3))
+    with pytest.raises(ValueError, match="perm: expected rows in \\[0, 3\\)"):
+        moe.unpermute_from_experts(torch.randn(3, 8), perm, torch.rand(4, 2))
+    with pytest.raises(TypeError, match="perm: expected dtype int32"):
+        moe.unpermute_from_experts(torch.randn(12, 8), perm.long(), torch.rand(4, 2))
+
+
+# ---- multi-rank over gloo -------------------------------------------------------------------------------
+
+# (world, token counts per rank, hidden, topk, experts, allowed experts or None): uneven counts, a rank
+# without tokens, and (allowed) experts only on some ranks, so that other ranks receive nothing.
+DIST_CASES = [
+    (2, [37, 20], 256, 4, 8, None),
+    (4, [37, 0, 5, 64], 136, 6, 16, [0, 1, 2, 3, 4, 5, 6, 7, 12, 13]),
+]
+
+
+@pytest.mark.parametrize("world,counts,hidden,topk,experts,allowed", DIST_CASES)
+def test_dispatch_combine_multi_rank(world, counts, hidden, topk, experts, allowed):
+    stats = moe_dist.run_ranks(world, moe_dist.program_dispatch_combine, "torch", world, counts, hidden, topk,
+                               experts, allowed)
+    assert sum(s["received"] for s in stats) == sum(s["sent"] for s in stats)
+    if allowed is not None:
+        assert stats[2]["received"] == 0, "rank 2 hosts none of the allowed experts"
+
+
+def test_dispatch_combine_multi_rank_triton():
+    moe_dist.run_ranks(2, moe_dist.program_dispatch_combine, "triton", 7, [9, 14], 128, 3, 4, None)
+
+
+def test_fp8_dispatch_multi_rank():
+    received = moe_dist.run_ranks(4, moe_dist.program_fp8, "torch", 3, [21, 0, 8, 30], 256, 4, 16)
+    assert sum(received) > 0
+
+
+def test_all_tokens_routed_nowhere_multi_rank():
+    """With every slot -1 nothing is sent or received, and combine returns zeros."""
+    stats = moe_dist.run_ranks(2, moe_dist.program_dispatch_combine, "torch", 5, [6, 3], 128, 2, 4, [])
+    assert all(s["received"] == 0 and s["sent"] == 0 for s in stats)
+
+
+def test_bad_calls_leave_no_rank_hanging():
+    assert moe_dist.run_ranks(2, moe_dist.program_bad_calls_then_dispatch, "torch") == [4, 4]
+
+
+@pytest.mark.skipif(not hasattr(pykernels, "m_grouped_fp8_gemm_nt_contiguous"),
+                    reason="grouped FP8 GEMM not in this build")
+@pytest.mark.parametrize("world,backend", [(2, "torch"), (4, "torch"), (2, "triton")])
+def test_moe_layer_end_to_end_multi_rank(world, backend):
+    counts = [40, 9, 0, 23][:world]
+    diffs = moe_dist.run_ranks(world, moe_dist.program_moe_layer, backend, 13, counts, 256, 192, 4, 8)
+    assert max(diffs) < 1e-4
+
+
+def test_harness_reports_a_failing_rank_without_hanging():
+    with pytest.raises(AssertionError, match="rank 1 of 2 failed"):
+        moe_dist.run_ranks(2, moe_dist.program_fails_on_rank_1, timeout=60)
+
+
+# ---- the CUDA kernels' index math, run on the host ------------------------------------------------------
+
+def _extension():
+    from pykernels import _backend
+
+    ext, why = _backend.extension()
+    if ext is None:
+        pytest.skip(f"the CUDA extension is not built here: {why}")
+    return ext
+
+
+@pytest.mark.parametrize("tokens,topk,experts,world,hidden", STAGE_CASES + [(300, 8, 256, 8, 0), (0, 2, 4, 2, 0)])
+def test_cuda_planners_match_reference(tokens, topk, experts, world, hidden):
+    ext = _extension()
+    idx, _ = routing(tokens, topk, experts, seed=tokens + 1)
+    per_rank = torch.full((world,), -7, dtype=torch.int64)
+    per_expert = torch.full((experts,), -7, dtype=torch.int64)
+    slots = torch.full((tokens, world), -7, dtype=torch.int32)
+    ext.moe_plan_dispatch_layout(idx, per_rank, per_expert, slots, experts)
+    want_rank, want_expert, want_slots = ref.dispatch_layout(idx, experts, world)
+    assert torch.equal(per_rank, want_rank) and torch.equal(per_expert, want_expert)
+    assert torch.equal(slots, want_slots)
+
+    num_local = experts // world
+    local, _ = routing(tokens, topk, num_local, seed=tokens + 2)
+    counts = torch.full((num_local,), -7, dtype=torch.int64)
+    rank = torch.full(local.shape, -7, dtype=torch.int32)
+    ext.moe_plan_expert_ranks(local, counts, rank)
+    want_counts, want_rank_in_expert = ref.expert_ranks(local, num_local)
+    assert torch.equal(counts, want_counts) and torch.equal(rank, want_rank_in_expert)
+    starts, total = ref.padded_starts(want_counts.tolist(), 128)
+    assert [ext.moe_padded_rows(int(c), 128) for c in want_counts] == [-(-int(c) // 128) * 128 for c in want_counts]
+    m_indices = torch.full((total,), -1, dtype=torch.int32)
+    pos = torch.full(local.shape, -7, dtype=torch.int32)
+    ext.moe_plan_permute(local, rank, torch.tensor(starts), m_indices, pos)
+    _, _, want_m, want_pos = ref.permute(torch.zeros(tokens, 1), None, local, want_rank_in_expert,
+                                         torch.tensor(starts), total)
+    assert torch.equal(pos, want_pos) and torch.equal(m_indices, want_m)
+    # Every sorted row is used at most once and never past its expert's padded segment.
+    rows = pos[pos >= 0]
+    assert rows.unique().numel() == rows.numel() and (rows.numel() == 0 or int(rows.max()) < total)
+
+
+def test_cuda_launchers_validate_before_launch():
+    ext = _extension()
+    idx, w = routing(8, 2, 8)
+    x = torch.randn(8, 256).bfloat16()
+    slots = torch.zeros(8, 4, dtype=torch.int32)
+    offsets = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="topk_idx: expected dtype int64"):
+        ext.moe_dispatch_layout(idx.int(), torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int64),
+                                slots, 8, 0)
+    with pytest.raises(ValueError, match="topk_idx: expected a CUDA tensor"):
+        ext.moe_dispatch_layout(idx, torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int64), slots, 8, 0)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        ext.moe_pack(x, None, idx, w, slots, offsets, torch.empty(8, 256).bfloat16(),
+                     torch.empty(8, 4, dtype=torch.int32), 2, False, 0)
+    with pytest.raises(TypeError, match="x: expected dtype float8_e4m3fn"):
+        ext.moe_pack(x, torch.ones(8, 2), idx, w, slots, offsets, x, x, 2, False, 0)
+    with pytest.raises(TypeError, match="buf: expected dtype bfloat16 or float32"):
+        ext.moe_combine_reduce(x.half(), slots, offsets, x, 0)
+    with pytest.raises(ValueError, match="recv_topk_idx: expected a CUDA tensor"):
+        ext.moe_expert_ranks(idx, torch.empty(4, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match="num_local: expected a value in \\[1, 256\\]"):
+        ext.moe_plan_expert_ranks(idx, torch.empty(300, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="y_sorted: expected a CUDA tensor"):
+        ext.moe_unpermute(x, torch.zeros(8, 2, dtype=torch.int32), torch.zeros(8, 2), x, 0)
+    with pytest.raises(ValueError, match="rank: expected a CPU tensor|rank: expected shape|rank: expected size"):
+        ext.moe_plan_permute(idx, torch.zeros(8, 3, dtype=torch.int32), torch.zeros(8, dtype=torch.int64),
+                             torch.zeros(16, dtype=torch.int32), torch.zeros(8, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="topk_idx: expected ids in \\[0, 8\\) or -1, got 9"):
+        ext.moe_plan_dispatch_layout(idx.clone().fill_(9), torch.empty(4, dtype=torch.int64),
+                                     torch.empty(8, dtype=torch.int64), slots, 8)
+
+
+# ---- GPU: DeepSeek-V3 sizes and NCCL ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_stages_deepseek_v3_sizes_gpu(backend):
+    """4096 tokens, hidden 7168, top-8 of 256 experts on EP8: every stage against the reference."""
+    if backend == "cuda":
+        _extension()
+    tokens, hidden, topk, experts, world = 4096, 7168, 8, 256, 8
+    num_local = experts // world
+    dev = torch.device("cuda")
+    stages = moe._stages(backend)
+    idx, w = routing(tokens, topk, experts, seed=42)
+    x = torch.randn(tokens, hidden).bfloat16()
+    per_rank, per_expert, slots = stages.dispatch_layout(idx.to(dev), experts, world)
+    want_rank, want_expert, want_slots = ref.dispatch_layout(idx, experts, world)
+    assert torch.equal(per_rank.cpu(), want_rank) and torch.equal(per_expert.cpu(), want_expert)
+    assert torch.equal(slots.cpu(), want_slots)
+    offsets = ref.exclusive_cumsum(want_rank)
+    args = (idx, w, want_slots, offsets, int(want_rank.sum()), num_local)
+    on = [t.to(dev) for t in args[:4]] + list(args[4:])
+    send_x, meta = stages.pack(x.to(dev), None, *on)
+    want_x, want_meta = ref.pack(x, None, *args)
+    assert torch.equal(send_x.cpu(), want_x) and torch.equal(meta.cpu(), want_meta)
+    send_q, meta_q = stages.pack(x.to(dev), None, *on, quantize=True)
+    want_q, want_meta_q = ref.pack(x, None, *args, quantize=True)
+    assert torch.equal(meta_q.cpu(), want_meta_q) and moe_dist.fp8_steps(send_q.cpu(), want_q) <= 1
+    buf = torch.randn(int(want_rank.sum()), hidden).bfloat16()
+    got = stages.combine_reduce(buf.to(dev), want_slots.to(dev), offsets.to(dev))
+    torch.testing.assert_close(got.cpu(), ref.combine_reduce(buf, want_slots, offsets), rtol=2 ** -8, atol=1e-6)
+
+    # The receive side of one rank: 4096 rows routed to its 32 local experts.
+    local, lw = routing(tokens, topk, num_local, seed=43)
+    counts, rank = stages.expert_ranks(local.to(dev), num_local)
+    want_counts, want_rank_in_expert = ref.expert_ranks(local, num_local)
+    assert torch.equal(counts.cpu(), want_counts) and torch.equal(rank.cpu(), want_rank_in_expert)
+    starts, total = ref.padded_starts(want_counts.tolist(), 128)
+    starts = torch.tensor(starts)
+    q, s = fq.per_token_group_quant_fp8(x)
+    got = stages.permute(q.to(dev), s.to(dev), local.to(dev), rank, starts.to(dev), total)
+    want = ref.permute(q, s, local, want_rank_in_expert, starts, total)
+    valid = want[3][want[3] >= 0].long()
+    assert torch.equal(got[3].cpu(), want[3]) and torch.equal(got[2].cpu(), want[2])
+    assert torch.equal(got[0].cpu()[valid].view(torch.uint8), want[0][valid].view(torch.uint8))
+    assert torch.equal(got[1].cpu()[valid], want[1][valid])
+    y = torch.randn(total, hidden).bfloat16()
+    out = stages.unpermute(y.to(dev), want[3].to(dev), lw.to(dev))
+    torch.testing.assert_close(out.cpu(), ref.unpermute(y, want[3], lw), rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_dispatch_combine_nccl(backend):
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"NCCL dispatch/combine needs at least 2 GPUs; this machine has {gpus}")
+    world = min(gpus, 8)
+    counts = [512 + 37 * r for r in range(world)]
+    counts[1] = 0  # a rank without tokens
+    moe_dist.run_ranks(world, moe_dist.program_dispatch_combine, backend, 17, counts, 7168, 8, 32 * world, None,
+                       dist_backend="nccl", timeout=300)
+    moe_dist.run_ranks(world, moe_dist.program_fp8, backend, 18, counts, 7168, 8, 32 * world,
+                       dist_backend="nccl", timeout=300)
