@@ -21,3 +21,32 @@ def round_to_e4m3(x):
     magic = ((ulp_exponent + 127 + 23) << 23).to(tl.float32, bitcast=True) * 1.5  # 1.5 * 2^23 * ulp
     # |x| < 16 ulp, far below 2^22 ulp: adding and subtracting `magic` rounds x to a multiple of ulp.
     return (x + magic) - magic
+
+
+@triton.jit
+def fp8_scale_from_amax(amax, UE8M0: tl.constexpr):
+    """max(amax, 1e-4) / 448, then (UE8M0) rounded up to a power of two by bumping the exponent field: the
+    DeepSeek-V3 scale rule of pykernels/reference/fp8_quant.py, bit for bit."""
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    if UE8M0:
+        bits = scale.to(tl.int32, bitcast=True)
+        bits = tl.where((bits & 0x007FFFFF) != 0, (bits & -8388608) + 0x00800000, bits)  # -8388608 == ~0x7fffff
+        scale = bits.to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def quantize_e4m3(x, scale):
+    """x / scale, saturated to +-448 and rounded onto the float8_e4m3fn grid (still float32): the value the
+    reference quantizer stores. Division, not multiplication by 1/scale, as the reference divides."""
+    return round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+
+
+@triton.jit
+def round_to_bf16(x):
+    """Rounds float32 `x` to the nearest bfloat16 value, ties to even, still as float32, so the cast that
+    follows is exact: the interpreter's float32 -> bf16 cast truncates while the GPU's rounds. NaN is left
+    to the cast, which the bit trick could turn into infinity."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)

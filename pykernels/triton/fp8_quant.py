@@ -7,18 +7,7 @@ import triton
 import triton.language as tl
 
 from pykernels.triton.aot import AotKernel
-from pykernels.triton.common import round_to_e4m3
-
-
-@triton.jit
-def _scale_from_amax(amax, UE8M0: tl.constexpr):
-    # max(amax, 1e-4) / 448, then (UE8M0) rounded up to a power of two by bumping the exponent field.
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
-    if UE8M0:
-        bits = scale.to(tl.int32, bitcast=True)
-        bits = tl.where((bits & 0x007FFFFF) != 0, (bits & -8388608) + 0x00800000, bits)  # -8388608 == ~0x7fffff
-        scale = bits.to(tl.float32, bitcast=True)
-    return scale
+from pykernels.triton.common import fp8_scale_from_amax, quantize_e4m3
 
 
 @triton.jit
@@ -40,8 +29,8 @@ def per_token_group_quant_fp8_kernel(
     mask = (offs_m[:, None] < rows) & (offs_k[None, :] < k)
     offs = offs_m[:, None].to(tl.int64) * k + offs_k[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), UE8M0)
-    q = round_to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
+    scale = fp8_scale_from_amax(tl.max(tl.abs(x), axis=1), UE8M0)
+    q = quantize_e4m3(x, scale[:, None])
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m.to(tl.int64) * groups_per_row + group, scale, mask=offs_m < rows)
 
@@ -64,8 +53,8 @@ def per_block_quant_fp8_kernel(
     mask = (offs_n[:, None] < n) & (offs_k[None, :] < k)
     offs = (g.to(tl.int64) * n + offs_n[:, None]) * k + offs_k[None, :]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), UE8M0)
-    q = round_to_e4m3(tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0))
+    scale = fp8_scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), UE8M0)
+    q = quantize_e4m3(w, scale)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + (g * tl.num_programs(1) + nb) * tl.num_programs(0) + kb, scale)
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from pykernels.reference import moe as reference
 from pykernels.triton.aot import AotKernel
-from pykernels.triton.common import round_to_e4m3
+from pykernels.triton.common import fp8_scale_from_amax, quantize_e4m3, round_to_bf16
 
 NUM_WARPS = 4
 SCALE_GROUP = reference.SCALE_GROUP
@@ -26,13 +26,9 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 @triton.jit
 def _to_output(acc, out_ptr):
-    """float32 sums to the output's dtype. bf16 is rounded here, to nearest even in integer ops, because the
-    interpreter's float32 -> bf16 cast truncates while the GPU's rounds; the cast that follows is then exact
-    on every target (NaN is left to the cast, which the bit trick could turn into infinity)."""
+    """float32 sums to the output's dtype, bf16 rounded to nearest even on every target."""
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = acc.to(tl.uint32, bitcast=True)
-        rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        acc = tl.where(acc != acc, acc, rounded)
+        acc = round_to_bf16(acc)
     return acc.to(out_ptr.dtype.element_ty)
 
 
@@ -104,8 +100,8 @@ def pack_kernel(
     if QUANTIZE:
         # per_token_group_quant_fp8 with groups of 128, exactly as the reference computes it.
         xg = tl.reshape(row.to(tl.float32), [NG, 128])
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xg), axis=1), 1e-4), 448.0)
-        q = round_to_e4m3(tl.clamp(tl.math.div_rn(xg, scale[:, None]), -448.0, 448.0))
+        scale = fp8_scale_from_amax(tl.max(tl.abs(xg), axis=1), False)
+        q = quantize_e4m3(xg, scale[:, None])
         payload = tl.reshape(q, [BLOCK_H]).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         scale_bits = scale.to(tl.int32, bitcast=True)
     else:
