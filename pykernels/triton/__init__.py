@@ -5,4 +5,4 @@ the environment variable must be set before these modules are first imported.
 """
 
 # The ops whose Triton kernels the static audit compiles ahead of time.
-OPS = ("fp8_quant",)
+OPS = ("fp8_quant", "mla_decode")
