@@ -110,6 +110,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("w"), py::arg("out"), py::arg("scales"), py::arg("block_size"), py::arg("ue8m0"), py::arg("stream"));
 
   // ---- mla_decode ------------------------------------------------------------------------------
+  m.def("mla_layouts_consistent", &pykernels::mla_layouts_consistent,
+        "Host check that the MLA kernel's shared-memory views and accumulator row map agree with CuTe's layouts");
   m.def(
       "mla_plan_splits",
       [](const std::vector<int>& seqlens, int num_parts) {

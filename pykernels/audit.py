@@ -53,7 +53,7 @@ INSTRUCTION_CLASSES = {
     "STL": "local store",
 }
 
-OPS = ("fp8_quant",)  # pykernels.<op> modules that declare CUDA_AUDIT
+OPS = ("fp8_quant", "mla_decode")  # pykernels.<op> modules that declare CUDA_AUDIT
 
 
 @dataclass

@@ -461,3 +461,9 @@ def test_gpu_cuda_argument_errors_before_launch():
     with pytest.raises(TypeError, match="kv_scale"):
         ext.mla_decode(q, cache.to(FP8), table, seqlens, None, sched.part_splits, sched.splits,
                        sched.split_offsets, out, lse, part, lpart, 0.1, False, 0)
+
+
+def test_cuda_kernel_layout_assumptions():
+    """The CUDA kernel reads V through an MN-major view of the K tile and maps accumulator values to rows
+    by a compile-time formula; both are checked against CuTe's layouts on the host."""
+    assert _extension().mla_layouts_consistent()

@@ -25,6 +25,31 @@ void launch_decode(const mla::Params& params, int m_blocks, int num_parts, cudaS
 
 }  // namespace
 
+bool mla_layouts_consistent() {
+  // V's MN-major view and K's K-major view must address the same bytes.
+  const mla::LayoutK layout_k{};
+  const mla::LayoutV layout_v{};
+  for (int t = 0; t < mla::kPageSize; ++t) {
+    for (int d = 0; d < mla::kHeadDimV; ++d) {
+      if (layout_k(t, d) != layout_v(d, t)) return false;
+    }
+  }
+  // The softmax and the epilogue address rows as first_row(thread) + 8 * row_slot(value); the (M, N) index
+  // is column-major, so column + 1 is index + M.
+  auto rows_match = [](auto tv, int m) {
+    for (int thr = 0; thr < 128; ++thr) {
+      for (int v = 0; v < int(cute::size<1>(tv)); ++v) {
+        if (int(tv(thr, v)) % m != mla::first_row(thr) + 8 * mla::row_slot(v)) return false;
+        // Pairs (v even, v + 1) are adjacent columns of one row: P and the output are stored in pairs.
+        if (v % 2 == 1 && int(tv(thr, v)) != int(tv(thr, v - 1)) + m) return false;
+      }
+    }
+    return true;
+  };
+  return rows_match(mla::MmaS{}.get_layoutC_TV(), mla::kRowsPerTile) &&
+         rows_match(mla::MmaO{}.get_layoutC_TV(), mla::kRowsPerTile);
+}
+
 void mla_plan_splits_host(const std::vector<int>& seqlens, int num_parts, std::vector<int>& part_splits,
                           std::vector<int>& splits, std::vector<int>& split_offsets) {
   if (num_parts < 1) throw_value_error("num_parts", "an int >= 1", std::to_string(num_parts));

@@ -125,6 +125,9 @@ __device__ inline void load_page(const Params& p, SharedStorage<kFp8>& smem, int
     const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kTileElems;
     uint8_t* dst = smem.kv.raw[stage];
     constexpr int kChunks = kTileElems / 16;
+    // Not unrolled: precomputed addresses for every chunk would be loop invariants held in registers
+    // across the whole kernel, beside the 128-register accumulator.
+#pragma unroll 1
     for (int c = threadIdx.x; c < kChunks; c += kThreads) {
       const int token = c / (kHeadDimK / 16);
       const bool ok = token < valid_tokens;
@@ -134,6 +137,9 @@ __device__ inline void load_page(const Params& p, SharedStorage<kFp8>& smem, int
     const bf16* src = static_cast<const bf16*>(p.kv) + static_cast<int64_t>(block_id) * kTileElems;
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.tile[stage]), LayoutK{});
     constexpr int kChunksPerRow = kHeadDimK / 8;
+    // Not unrolled: precomputed addresses for every chunk would be loop invariants held in registers
+    // across the whole kernel, beside the 128-register accumulator.
+#pragma unroll 1
     for (int c = threadIdx.x; c < kPageSize * kChunksPerRow; c += kThreads) {
       const int token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
       const bool ok = token < valid_tokens;
@@ -149,6 +155,7 @@ __device__ inline void convert_page(SharedStorage<true>& smem, int stage) {
   Tensor sK = make_tensor(make_smem_ptr(smem.kv.tile[0]), LayoutK{});
   const uint8_t* raw = smem.kv.raw[stage];
   constexpr int kChunksPerRow = kHeadDimK / 8;
+#pragma unroll 1
   for (int c = threadIdx.x; c < kPageSize * kChunksPerRow; c += kThreads) {
     const int token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     const uint2 bytes = *reinterpret_cast<const uint2*>(raw + token * kHeadDimK + col);
@@ -180,10 +187,13 @@ __device__ inline PageJob first_page_of(const Params& p, int g) {
   return PageJob{g, p.splits[g * kSplitFields + 1], p.splits[g * kSplitFields]};
 }
 
-// The two rows a thread's accumulator fragment covers sit 8 apart (the wgmma accumulator layout): slot 0 or 1.
-template <class Coord>
-__device__ inline int row_slot(const Coord& coord) {
-  return (get<0>(coord) / 8) % 2;
+// A thread's wgmma accumulator fragment covers two rows, 8 apart: row(i) = first_row() + 8 * row_slot(i),
+// with the slot a compile-time function of the fragment index (values come in pairs of columns, then the
+// row + 8 pair). Keeping it compile-time keeps the per-row arrays in registers. mla_layouts_consistent()
+// checks this against CuTe's thread-value layouts of both MMAs on the host.
+__host__ __device__ constexpr int row_slot(int i) { return (i >> 1) & 1; }
+__host__ __device__ constexpr int first_row(int thread_in_warpgroup) {
+  return (thread_in_warpgroup / 32) * 16 + (thread_in_warpgroup % 32) / 4;
 }
 
 __device__ inline float quad_max(float v) {
@@ -229,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRowsPerTile>, Int<kVHalf>>{});
   Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kPageSize>>{});
 
-  int phase[2] = {0, 0};
+  uint32_t phases = 0;  // bit s: parity of stage s's next completion (a bit field, not an array: no local memory)
   int stage = 0;
   PageJob job = first_page_of(p, first);
   load_page<kFp8>(p, smem, stage, job, p.seqlens[job.request]);
@@ -244,6 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
     {
       const bf16* q = p.q + (static_cast<int64_t>(request) * rows + row_base) * kHeadDimK;
       constexpr int kChunksPerRow = kHeadDimK / 8;
+#pragma unroll 1
       for (int c = tid; c < kRowsPerTile * kChunksPerRow; c += kThreads) {
         const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
         const bool ok = row_base + row < rows;
@@ -258,8 +269,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
     int key_limit[2];
+    CUTE_UNROLL
     for (int slot = 0; slot < 2; ++slot) {
-      const int row = row_base + (tid_wg / 32) * 16 + (tid_wg % 32) / 4 + slot * 8;
+      const int row = row_base + first_row(tid_wg) + slot * 8;
       key_limit[slot] = p.causal ? seqlen - p.s_q + row / p.h_q + 1 : seqlen;
     }
     clear(acc_o);
@@ -272,8 +284,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
         const PageJob next = page + 1 < page_end ? PageJob{g, page + 1, request} : first_page_of(p, g + 1);
         load_page<kFp8>(p, smem, stage ^ 1, next, p.seqlens[next.request]);
       }
-      cutlass::arch::ClusterBarrier::wait(&smem.full[stage], phase[stage]);
-      phase[stage] ^= 1;
+      cutlass::arch::ClusterBarrier::wait(&smem.full[stage], (phases >> stage) & 1);
+      phases ^= 1u << stage;
       if constexpr (kFp8) convert_page(smem, stage);
       // Generic-proxy writes (cp.async, the FP8 conversion, P) must be fenced before wgmma reads them.
       cutlass::arch::fence_view_async_shared();
@@ -298,13 +310,14 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
         float tile_max[2] = {-INFINITY, -INFINITY};
         CUTE_UNROLL
         for (int i = 0; i < size(acc_s); ++i) {
-          const int slot = row_slot(tScS(i));
+          const int slot = row_slot(i);
           const int token = page * kPageSize + get<1>(tScS(i));
           const bool visible = token < key_limit[slot];
           acc_s(i) = visible ? acc_s(i) * score_scale : -INFINITY;
           tile_max[slot] = fmaxf(tile_max[slot], acc_s(i));
         }
         float ref[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
+        CUTE_UNROLL
         for (int slot = 0; slot < 2; ++slot) {
           const float m_new = fmaxf(row_max[slot], quad_max(tile_max[slot]));
           // A row that has seen no key yet keeps max -inf; a reference of 0 keeps exp2 at 0 instead of NaN.
@@ -312,23 +325,25 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
           alpha[slot] = exp2f(row_max[slot] - ref[slot]);
           row_max[slot] = m_new;
         }
+        // Values i, i + 1 (i even) are columns c, c + 1 of one row: stored as one bf16 pair.
         CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) {
-          const int slot = row_slot(tScS(i));
-          const float pv = exp2f(acc_s(i) - ref[slot]);
-          tile_sum[slot] += pv;
-          sP(get<0>(tScS(i)), get<1>(tScS(i))) = bf16(pv);
+        for (int i = 0; i < size(acc_s); i += 2) {
+          const int slot = row_slot(i);
+          const float p0 = exp2f(acc_s(i) - ref[slot]), p1 = exp2f(acc_s(i + 1) - ref[slot]);
+          tile_sum[slot] += p0 + p1;
+          *reinterpret_cast<__nv_bfloat162*>(&sP(get<0>(tScS(i)), get<1>(tScS(i)))) = __floats2bfloat162_rn(p0, p1);
         }
+        CUTE_UNROLL
         for (int slot = 0; slot < 2; ++slot) {
           row_sum[slot] = row_sum[slot] * alpha[slot] + quad_sum(tile_sum[slot]);
-          if (tid_wg % 4 == 0) smem.row_scale[(tid_wg / 32) * 16 + (tid_wg % 32) / 4 + slot * 8] = alpha[slot];
+          if (tid_wg % 4 == 0) smem.row_scale[first_row(tid_wg) + slot * 8] = alpha[slot];
         }
         cutlass::arch::fence_view_async_shared();
       }
       __syncthreads();
 
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= smem.row_scale[get<0>(tOcO(i))];
+      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= smem.row_scale[first_row(tid_wg) + 8 * row_slot(i)];
       Tensor sVhalf = local_tile(sV, Shape<Int<kVHalf>, Int<kPageSize>>{}, make_coord(wg, 0));
       Tensor tOrV = thr_o.partition_fragment_B(sVhalf);
       warpgroup_fence_operand(acc_o);
@@ -345,8 +360,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
 
     // Epilogue: 1 / l through shared memory to warpgroup 1; warpgroup 0 writes the lse.
     if (wg == 0) {
+      CUTE_UNROLL
       for (int slot = 0; slot < 2; ++slot) {
-        const int local = (tid_wg / 32) * 16 + (tid_wg % 32) / 4 + slot * 8;
+        const int local = first_row(tid_wg) + slot * 8;
         const float l = row_sum[slot];
         if (tid_wg % 4 == 0) {
           smem.row_scale[local] = l > 0.0f ? kv_scale / l : 0.0f;
@@ -365,15 +381,18 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
     }
     __syncthreads();
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); ++i) {
-      const int local = get<0>(tOcO(i)), row = row_base + local;
+    for (int i = 0; i < size(acc_o); i += 2) {
+      const int local = first_row(tid_wg) + 8 * row_slot(i), row = row_base + local;
       if (row >= rows) continue;
       const int col = wg * kVHalf + get<1>(tOcO(i));
-      const float v = acc_o(i) * smem.row_scale[local];
+      const float inv = smem.row_scale[local];
+      const float v0 = acc_o(i) * inv, v1 = acc_o(i + 1) * inv;
       if (unsplit) {
-        p.out[(static_cast<int64_t>(request) * rows + row) * kHeadDimV + col] = bf16(v);
+        *reinterpret_cast<__nv_bfloat162*>(p.out + (static_cast<int64_t>(request) * rows + row) * kHeadDimV + col) =
+            __floats2bfloat162_rn(v0, v1);
       } else {
-        p.out_partial[(static_cast<int64_t>(g) * rows + row) * kHeadDimV + col] = v;
+        *reinterpret_cast<float2*>(p.out_partial + (static_cast<int64_t>(g) * rows + row) * kHeadDimV + col) =
+            make_float2(v0, v1);
       }
     }
     __syncthreads();

@@ -10,6 +10,9 @@
 
 namespace pykernels {
 
+// Host check of the kernel's layout assumptions (V's view of the K tile; accumulator rows per thread).
+bool mla_layouts_consistent();
+
 // The split-KV plan on the host (for tests and for callers without a GPU): seqlens -> (part_splits
 // [num_parts + 1], splits [4 * capacity], split_offsets [b + 1]); capacity = b + num_parts.
 void mla_plan_splits_host(const std::vector<int>& seqlens, int num_parts, std::vector<int>& part_splits,
