@@ -2,8 +2,16 @@
 SM part), stage 2 merges the splits of each request by their lse.
 
 The M dimension of every tl.dot is 64 query rows: all s_q x h_q rows of a request packed together (row
-r = t * h_q + h, the order of q's memory), so each 64-token KV page is read once per split for all heads,
-not once per small group of heads.
+r = t * h_q + h, the order of q's memory), so each 64-token KV page is read from HBM once per split for all
+heads, not once per small group of heads.
+
+Registers decide the shape of the page loop. The 64 x 512 float32 accumulator takes 128 registers per
+thread over 8 warps; a single 64 x 576 x 64 score product beside it spilled (Triton hoists the wgmma
+descriptors of the loop-invariant Q tile and of both K stages out of the loop: 0.5-1 KB of stack per
+thread). So the scores are accumulated over nine 64-column chunks in a runtime loop, each chunk of Q and K
+loaded where it is used (cp.async-pipelined), and V, the page's first 512 columns, is loaded again for
+P V. The second read of the page and the per-page Q chunks come from L1/L2, not HBM; the CUDA kernel keeps
+Q and the page resident in shared memory instead.
 """
 
 from __future__ import annotations
@@ -66,8 +74,6 @@ def mla_decode_split_kernel(
         seqlen = tl.load(seqlens_ptr + request)
         n_splits = tl.load(split_offsets_ptr + request + 1) - tl.load(split_offsets_ptr + request)
         q_rows = q_ptr + (request.to(tl.int64) * rows + offs_m[:, None]) * (DV + DR)
-        q_nope = tl.load(q_rows + offs_v[None, :], mask=row_ok[:, None], other=0.0)
-        q_pe = tl.load(q_rows + DV + offs_r[None, :], mask=row_ok[:, None], other=0.0)
         if CAUSAL:
             key_limit = seqlen - s_q + offs_m // h_q + 1  # exclusive, per row
         else:
@@ -82,12 +88,16 @@ def mla_decode_split_kernel(
             # cannot reach the accumulator.
             token_ok = tokens < seqlen
             kv_rows = kv_ptr + (block_id.to(tl.int64) * PAGE + offs_n[:, None]) * (DV + DR)
+            s = tl.zeros([BLOCK_M, PAGE], dtype=tl.float32)
+            for c in range(0, DV + DR, DR):
+                q_c = tl.load(q_rows + c + offs_r[None, :], mask=row_ok[:, None], other=0.0)
+                k_c = tl.load(kv_rows + c + offs_r[None, :], mask=token_ok[:, None], other=0.0)
+                if FP8:
+                    k_c = k_c.to(tl.bfloat16)
+                s = tl.dot(q_c, tl.trans(k_c), s)
             k_nope = tl.load(kv_rows + offs_v[None, :], mask=token_ok[:, None], other=0.0)
-            k_pe = tl.load(kv_rows + DV + offs_r[None, :], mask=token_ok[:, None], other=0.0)
             if FP8:
                 k_nope = k_nope.to(tl.bfloat16)
-                k_pe = k_pe.to(tl.bfloat16)
-            s = tl.dot(q_nope, tl.trans(k_nope)) + tl.dot(q_pe, tl.trans(k_pe))
             s = s * score_scale
             visible = tokens[None, :] < key_limit[:, None]
             s = tl.where(visible, s, float("-inf"))
