@@ -28,43 +28,39 @@ ATOL, RTOL = 1e-2, 1e-2
 LSE_RTOL = 1e-4
 
 
-def make_batch(lengths, s_q, h_q, device, fp8=False, extra_pages=3, table_slack=2, causal=False):
-    """With causal, lengths below s_q are raised to s_q (the query tokens are the cache's last s_q).
-    A paged cache holding random latent rows for each request, pages in a shuffled order, every unused
-    page and every position past a sequence's end filled with NaN. Returns (q, kv_cache, block_table,
-    cache_seqlens, kv_scale, dense): dense[i] is request i's [L_i, 576] rows in float64 (after FP8
-    quantization and kv_scale, when fp8), the independent view the float64 check uses."""
+def make_batch(lengths, s_q, h_q, device, fp8=False, extra_pages=3, table_slack=2, causal=False, keep_dense=True):
+    """A paged cache holding random latent rows for each request, pages in a shuffled order, every unused
+    page and every position past a sequence's end filled with NaN, block_table entries past the pages a
+    request uses filled with garbage. With causal, lengths below s_q are raised to s_q (the query tokens
+    are the cache's last s_q). Returns (q, kv_cache, block_table, cache_seqlens, kv_scale, dense): dense[i]
+    is request i's [L_i, 576] rows in float64 on the CPU (after FP8 quantization and kv_scale, when fp8),
+    the independent view the float64 check uses (None when keep_dense=False, for GPU-sized batches)."""
     if causal:
         lengths = [max(n, s_q) for n in lengths]
     b = len(lengths)
     pages = [-(-n // PAGE_SIZE) for n in lengths]
     max_blocks = max(pages) + table_slack
     num_blocks = sum(pages) + extra_pages
-    order = torch.randperm(num_blocks)
-    cache = torch.full((num_blocks, PAGE_SIZE, 1, 576), float("nan"))
+    order = torch.randperm(num_blocks).to(device)
+    store_dtype = FP8 if fp8 else torch.bfloat16
+    cache = torch.full((num_blocks, PAGE_SIZE, 1, 576), float("nan"), device=device).to(store_dtype)
     block_table = torch.randint(-5, 10 ** 6, (b, max_blocks), dtype=torch.int32)  # garbage past the used pages
-    kv_scale = torch.tensor([0.0173], dtype=torch.float32) if fp8 else None
-    dense, used = [], 0
+    kv_scale = torch.tensor([0.0173], dtype=torch.float32, device=device) if fp8 else None
+    dense, used = ([] if keep_dense else None), 0
     for i, n in enumerate(lengths):
         ids = order[used: used + pages[i]]
         used += pages[i]
-        block_table[i, : pages[i]] = ids.int()
-        rows = torch.randn(n, 576)
-        if fp8:
-            codes = (rows / kv_scale).clamp(-448, 448).to(FP8)
-            rows = codes.float()  # fill the cache with exact e4m3 values
-            dense.append(codes.double() * kv_scale.double())
-        else:
-            rows = rows.bfloat16().float()
-            dense.append(rows.double())
-        padded = torch.full((pages[i] * PAGE_SIZE, 576), float("nan"))
-        padded[:n] = rows
+        block_table[i, : pages[i]] = ids.int().cpu()
+        rows = torch.randn(n, 576, device=device)
+        stored = (rows / kv_scale).clamp(-448, 448).to(FP8) if fp8 else rows.bfloat16()
+        if keep_dense:
+            dense.append(stored.double().cpu() * (kv_scale.double().cpu() if fp8 else 1.0))
+        padded = torch.full((pages[i] * PAGE_SIZE, 576), float("nan"), device=device).to(store_dtype)
+        padded[:n] = stored
         cache[ids] = padded.reshape(pages[i], PAGE_SIZE, 1, 576)
-    cache = cache.to(FP8) if fp8 else cache.bfloat16()
-    q = torch.randn(b, s_q, h_q, 576).bfloat16()
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(q), to(cache), to(block_table), to(seqlens), to(kv_scale), dense
+    q = torch.randn(b, s_q, h_q, 576, device=device).bfloat16()
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    return q, cache, block_table.to(device), seqlens, kv_scale, dense
 
 
 def float64_attention(q, dense, s_q, causal, scale):
@@ -383,7 +379,7 @@ def flashmla_lengths(b, s_k, varlen, generator):
 def test_gpu_flashmla_sweep(backend, s_k, h_q, s_q, varlen):
     gen = torch.Generator().manual_seed(s_k * 1000 + h_q * 10 + s_q)
     lengths = flashmla_lengths(128, s_k, varlen, gen)
-    q, cache, table, seqlens, _, _ = make_batch(lengths, s_q, h_q, "cuda", extra_pages=64, causal=True)
+    q, cache, table, seqlens, _, _ = make_batch(lengths, s_q, h_q, "cuda", extra_pages=64, causal=True, keep_dense=False)
     sched = pykernels.get_mla_metadata(seqlens, s_q * h_q, 1)
     out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend=backend)
     want_out, want_lse = ref.mla_decode(q, cache, table, seqlens, causal=True)
@@ -396,7 +392,7 @@ def test_gpu_flashmla_sweep(backend, s_k, h_q, s_q, varlen):
 @pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2), (3, 2)])
 def test_gpu_fp8_cache(backend, h_q, s_q):
     lengths = [4096, 1, 63, 65, 100_000, 777] + [2048] * 26
-    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, "cuda", fp8=True, causal=True)
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, "cuda", fp8=True, causal=True, keep_dense=False)
     out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, kv_scale=kv_scale, backend=backend)
     want_out, want_lse = ref.mla_decode(q, cache, table, seqlens, causal=True, kv_scale=kv_scale)
     torch.testing.assert_close(out.float(), want_out.float(), atol=ATOL, rtol=RTOL)
@@ -418,7 +414,7 @@ def test_gpu_small_cases_vs_float64(backend, h_q):
 def test_gpu_cuda_graph_capture(backend):
     """Plan once, capture the decode, replay after the cache contents change: the replay must see them."""
     lengths = [4096, 1, 65, 8000, 300] * 4
-    q, cache, table, seqlens, _, _ = make_batch(lengths, 2, 64, "cuda", causal=True)
+    q, cache, table, seqlens, _, _ = make_batch(lengths, 2, 64, "cuda", causal=True, keep_dense=False)
     sched = pykernels.get_mla_metadata(seqlens, 2 * 64, 1)
     pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend=backend)  # warm-up, checks
     torch.cuda.synchronize()
