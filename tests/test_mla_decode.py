@@ -312,6 +312,37 @@ def test_get_mla_metadata_errors():
         pykernels.get_mla_metadata(lens, 16, 1, num_sm_parts=2.0)
 
 
+def test_cuda_launcher_checks_run_before_any_launch():
+    """The launcher validates on any machine (CPU tensors reach it through DLPack): dtype and shape errors
+    name the argument, and a CPU tensor is refused before anything is enqueued."""
+    ext = _extension()
+    q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    seqlens = torch.tensor([5], dtype=torch.int32)
+    sched = pykernels.get_mla_metadata(seqlens, 16, 1, num_sm_parts=4)
+    out = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16)
+    lse = torch.empty(1, 16, 1)
+    partial, lse_partial = torch.empty(sched.capacity, 16, 512), torch.empty(sched.capacity, 16)
+
+    def call(q=q, cache=cache, kv_scale=None, out=out):
+        ext.mla_decode(q, cache, table, seqlens, kv_scale, sched.part_splits, sched.splits, sched.split_offsets, out,
+                       lse, partial, lse_partial, 0.1, False, 0)
+
+    with pytest.raises(TypeError, match="q: expected dtype bfloat16"):
+        call(q=q.float())
+    with pytest.raises(TypeError, match="kv_scale: expected a float32 tensor"):
+        call(cache=cache.to(FP8))
+    with pytest.raises(ValueError, match="kv_cache: expected size 64 in dim 1"):
+        call(cache=cache[:, :32].contiguous())
+    with pytest.raises(ValueError, match="out: expected size 512 in dim 3"):
+        call(out=torch.empty(1, 1, 16, 576, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="q: expected a CUDA tensor"):
+        call()
+    with pytest.raises(ValueError, match="cache_seqlens: expected a CUDA tensor"):
+        ext.mla_plan_splits_device(seqlens, sched.part_splits, sched.splits, sched.split_offsets, 0)
+
+
 def test_explicit_cuda_backend_says_why():
     args = good_args()
     with pytest.raises(RuntimeError, match="backend='cuda'"):
@@ -333,7 +364,7 @@ def test_triton_bf16(device, h_q, s_q, causal):
     assert_close(out, lse, *float64_attention(q, dense, s_q, causal, scale))
 
 
-@pytest.mark.parametrize("h_q,s_q,causal", [(16, 1, False), (3, 2, True), (128, 2, True)])
+@pytest.mark.parametrize("h_q,s_q,causal", [(1, 1, False), (16, 1, False), (3, 2, True), (64, 2, False), (128, 2, True)])
 def test_triton_fp8(device, h_q, s_q, causal):
     lengths = [1, 64, 65, 400] if h_q <= 16 else [130, 2]
     q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, device, fp8=True, causal=causal)
