@@ -14,6 +14,7 @@
 #include "fp8_gemm/fp8_gemm_schedule.h"
 #include "fp8_quant/fp8_quant.h"
 #include "moe/moe.h"
+#include "mla_decode/mla_decode.h"
 
 namespace py = pybind11;
 using pykernels::as_stream;
@@ -282,4 +283,46 @@ PYBIND11_MODULE(_C, m) {
       "The expert-sorted row of every pair and the m_indices it implies, on the host (CPU tensors)");
   m.def("moe_padded_rows", &pykernels::moe_padded_rows, py::arg("count"), py::arg("alignment"),
         "Rows an expert segment of `count` rows takes once padded to `alignment`");
+
+  // ---- mla_decode ------------------------------------------------------------------------------
+  m.def("mla_layouts_consistent", &pykernels::mla_layouts_consistent,
+        "Host check that the MLA kernel's shared-memory views and accumulator row map agree with CuTe's layouts");
+  m.def(
+      "mla_plan_splits",
+      [](const std::vector<int>& seqlens, int num_parts) {
+        std::vector<int> part_splits, splits, split_offsets;
+        pykernels::mla_plan_splits_host(seqlens, num_parts, part_splits, splits, split_offsets);
+        py::list split_list;
+        for (int g = 0; g < split_offsets.back(); ++g) {
+          split_list.append(py::make_tuple(splits[4 * g], splits[4 * g + 1], splits[4 * g + 2], splits[4 * g + 3]));
+        }
+        return py::make_tuple(part_splits, split_list, split_offsets);
+      },
+      py::arg("seqlens"), py::arg("num_parts"),
+      "The split-KV plan the CUDA kernels run, computed on the host: (part_splits, splits, split_offsets)");
+  m.def(
+      "mla_plan_splits_device",
+      [](py::handle seqlens, py::handle part_splits, py::handle splits, py::handle split_offsets, py::handle stream) {
+        pykernels::mla_plan_splits_device(as_tensor(seqlens, "cache_seqlens"), as_tensor(part_splits, "part_splits"),
+                                          as_tensor(splits, "splits"), as_tensor(split_offsets, "split_offsets"),
+                                          as_stream(stream));
+      },
+      py::arg("cache_seqlens"), py::arg("part_splits"), py::arg("splits"), py::arg("split_offsets"), py::arg("stream"));
+  m.def(
+      "mla_decode",
+      [](py::handle q, py::handle kv_cache, py::handle block_table, py::handle seqlens, py::handle kv_scale,
+         py::handle part_splits, py::handle splits, py::handle split_offsets, py::handle out, py::handle lse,
+         py::handle out_partial, py::handle lse_partial, float softmax_scale, bool causal, py::handle stream) {
+        pykernels::TensorView scale_view;
+        if (!kv_scale.is_none()) scale_view = as_tensor(kv_scale, "kv_scale");
+        pykernels::mla_decode(as_tensor(q, "q"), as_tensor(kv_cache, "kv_cache"), as_tensor(block_table, "block_table"),
+                              as_tensor(seqlens, "cache_seqlens"), kv_scale.is_none() ? nullptr : &scale_view,
+                              as_tensor(part_splits, "part_splits"), as_tensor(splits, "splits"),
+                              as_tensor(split_offsets, "split_offsets"), as_tensor(out, "out"), as_tensor(lse, "lse"),
+                              as_tensor(out_partial, "out_partial"), as_tensor(lse_partial, "lse_partial"),
+                              softmax_scale, causal, as_stream(stream));
+      },
+      py::arg("q"), py::arg("kv_cache"), py::arg("block_table"), py::arg("cache_seqlens"), py::arg("kv_scale"),
+      py::arg("part_splits"), py::arg("splits"), py::arg("split_offsets"), py::arg("out"), py::arg("lse"),
+      py::arg("out_partial"), py::arg("lse_partial"), py::arg("softmax_scale"), py::arg("causal"), py::arg("stream"));
 }

@@ -53,7 +53,7 @@ INSTRUCTION_CLASSES = {
     "STL": "local store",
 }
 
-OPS = ("fp8_quant", "fp8_gemm", "moe")  # pykernels.<op> modules that declare CUDA_AUDIT
+OPS = ("fp8_quant", "fp8_gemm", "mla_decode", "moe")  # pykernels.<op> modules that declare CUDA_AUDIT
 
 
 @dataclass

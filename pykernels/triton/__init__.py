@@ -5,4 +5,4 @@ the environment variable must be set before these modules are first imported.
 """
 
 # The ops whose Triton kernels the static audit compiles ahead of time.
-OPS = ("fp8_quant", "fp8_gemm", "moe")
+OPS = ("fp8_quant", "fp8_gemm", "mla_decode", "moe")

@@ -1,5 +1,7 @@
 """Triton helpers shared by the op kernels."""
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -50,3 +52,36 @@ def round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
     return tl.where(x != x, x, rounded)
+
+
+def _fix_interpreter_bf16_dot() -> None:
+    """Makes the interpreter's tl.dot correct for bfloat16 operands.
+
+    Triton 3.9's interpreter keeps bfloat16 tensors as their raw uint16 bits and its create_dot multiplies
+    those bits as integers (the result is garbage of order 1e10). Widening to float32 first (exact: a
+    bfloat16 is the top half of a float32) gives the product the GPU's HGMMA computes, with float32
+    accumulation. Only the interpreter is touched; compiled kernels are unaffected.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_pykernels_bf16", False):
+        return
+    original = builder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar == tl.bfloat16 or handle.dtype == tl.bfloat16:
+            bits = handle.data.astype(np.uint32) << 16
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._pykernels_bf16 = True
+    builder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _fix_interpreter_bf16_dot()

@@ -1,0 +1,35 @@
+// Launchers for MLA decode over a paged latent KV cache. Each validates its arguments, throwing ArgError
+// before anything is launched, then enqueues on `stream`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "common/tensor_view.h"
+
+namespace pykernels {
+
+// Host check of the kernel's layout assumptions (V's view of the K tile; accumulator rows per thread).
+bool mla_layouts_consistent();
+
+// The split-KV plan on the host (for tests and for callers without a GPU): seqlens -> (part_splits
+// [num_parts + 1], splits [4 * capacity], split_offsets [b + 1]); capacity = b + num_parts.
+void mla_plan_splits_host(const std::vector<int>& seqlens, int num_parts, std::vector<int>& part_splits,
+                          std::vector<int>& splits, std::vector<int>& split_offsets);
+
+// The same plan computed by a one-thread kernel from device seqlens into device int32 tensors (capturable).
+void mla_plan_splits_device(const TensorView& seqlens, const TensorView& part_splits, const TensorView& splits,
+                            const TensorView& split_offsets, cudaStream_t stream);
+
+// q [b, s_q, h_q, 576] bf16; kv_cache [num_blocks, 64, 1, 576] bf16 or float8_e4m3fn (with kv_scale [1] f32);
+// block_table [b, max_blocks] int32; seqlens [b] int32; the schedule's three int32 tensors; out [b, s_q, h_q,
+// 512] bf16; lse [b, h_q, s_q] f32; out_partial [capacity, s_q * h_q, 512] f32; lse_partial [capacity, s_q * h_q].
+// kv_scale may be a view with data == nullptr (bf16 cache).
+void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorView& block_table,
+                const TensorView& seqlens, const TensorView* kv_scale, const TensorView& part_splits,
+                const TensorView& splits, const TensorView& split_offsets, const TensorView& out,
+                const TensorView& lse, const TensorView& out_partial, const TensorView& lse_partial,
+                float softmax_scale, bool causal, cudaStream_t stream);
+
+}  // namespace pykernels

@@ -1,0 +1,496 @@
+"""MLA decode: the reference against float64 math on the dense (unpaged) cache, the split-KV scheduler
+(Python and C++ give the same plan; the splits cover every page once), argument checks, then the Triton
+kernels (interpreter on CPU) and the CUDA kernels (GPU only) against the reference.
+
+Tolerances. out is bfloat16: one rounding of a value |v| costs up to 2^-9 |v|. The kernels also round P
+(the softmax weights, in [0, 1]) to bfloat16 before P V, as FlashMLA does: a relative error of 2^-9 per
+weight, so |out - exact| <= 2^-8 max|V| + 2^-8 |out|. Hence atol 1e-2 (V ~ N(0, 1), max|V| < 5 over our
+sizes) and rtol 1e-2 against the float64 answer; the float32 reference itself lands within 2^-8 |out| +
+1e-5. lse is computed in float32 from float32 scores of bfloat16 inputs: 1e-4 relative to its magnitude
+(the float64 answer uses the same bfloat16 inputs, so only summation order and float32 rounding differ).
+FP8 caches are compared to the reference on the same e4m3 cache (the dequantization is exact), with the
+same tolerances.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import pykernels
+from pykernels import _backend
+from pykernels.mla_decode import FIXED_OVERHEAD, PAGE_SIZE, num_sm_parts_for, plan_splits
+from pykernels.reference import mla_decode as ref
+
+FP8 = torch.float8_e4m3fn
+ATOL, RTOL = 1e-2, 1e-2
+LSE_RTOL = 1e-4
+
+
+def make_batch(lengths, s_q, h_q, device, fp8=False, extra_pages=3, table_slack=2, causal=False, keep_dense=True):
+    """A paged cache holding random latent rows for each request, pages in a shuffled order, every unused
+    page and every position past a sequence's end filled with NaN, block_table entries past the pages a
+    request uses filled with garbage. With causal, lengths below s_q are raised to s_q (the query tokens
+    are the cache's last s_q). Returns (q, kv_cache, block_table, cache_seqlens, kv_scale, dense): dense[i]
+    is request i's [L_i, 576] rows in float64 on the CPU (after FP8 quantization and kv_scale, when fp8),
+    the independent view the float64 check uses (None when keep_dense=False, for GPU-sized batches)."""
+    if causal:
+        lengths = [max(n, s_q) for n in lengths]
+    b = len(lengths)
+    pages = [-(-n // PAGE_SIZE) for n in lengths]
+    max_blocks = max(pages) + table_slack
+    num_blocks = sum(pages) + extra_pages
+    order = torch.randperm(num_blocks).to(device)
+    store_dtype = FP8 if fp8 else torch.bfloat16
+    cache = torch.full((num_blocks, PAGE_SIZE, 1, 576), float("nan"), device=device).to(store_dtype)
+    block_table = torch.randint(-5, 10 ** 6, (b, max_blocks), dtype=torch.int32)  # garbage past the used pages
+    kv_scale = torch.tensor([0.0173], dtype=torch.float32, device=device) if fp8 else None
+    dense, used = ([] if keep_dense else None), 0
+    for i, n in enumerate(lengths):
+        ids = order[used: used + pages[i]]
+        used += pages[i]
+        block_table[i, : pages[i]] = ids.int().cpu()
+        rows = torch.randn(n, 576, device=device)
+        stored = (rows / kv_scale).clamp(-448, 448).to(FP8) if fp8 else rows.bfloat16()
+        if keep_dense:
+            dense.append(stored.double().cpu() * (kv_scale.double().cpu() if fp8 else 1.0))
+        padded = torch.full((pages[i] * PAGE_SIZE, 576), float("nan"), device=device).to(store_dtype)
+        padded[:n] = stored
+        cache[ids] = padded.reshape(pages[i], PAGE_SIZE, 1, 576)
+    q = torch.randn(b, s_q, h_q, 576, device=device).bfloat16()
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    return q, cache, block_table.to(device), seqlens, kv_scale, dense
+
+
+def float64_attention(q, dense, s_q, causal, scale):
+    """Per request, token and head, straight from the dense rows: (out [b, s_q, h_q, 512], lse [b, h_q, s_q])."""
+    b, _, h_q, _ = q.shape
+    out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64)
+    lse = torch.zeros(b, h_q, s_q, dtype=torch.float64)
+    for i in range(b):
+        kv = dense[i]
+        n = kv.shape[0]
+        for t in range(s_q):
+            visible = n - s_q + t + 1 if causal and s_q > 1 else n
+            scores = q[i, t].cpu().double() @ kv[:visible].T * scale  # [h_q, visible]
+            top = scores.max(dim=-1, keepdim=True).values
+            weights = torch.exp(scores - top)
+            denom = weights.sum(dim=-1, keepdim=True)
+            out[i, t] = (weights / denom) @ kv[:visible, :512]
+            lse[i, :, t] = (top + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def assert_close(out, lse, want_out, want_lse):
+    out, lse = out.cpu().double(), lse.cpu().double()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    err = (out - want_out).abs() - (ATOL + RTOL * want_out.abs())
+    assert err.max() <= 0, f"out off by {float((out - want_out).abs().max()):.4g}"
+    lse_err = (lse - want_lse).abs() - LSE_RTOL * (1 + want_lse.abs())
+    assert lse_err.max() <= 0, f"lse off by {float((lse - want_lse).abs().max()):.4g}"
+
+
+# ---- reference vs float64 -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths,s_q,h_q,causal", [
+    ([1, 63, 64, 65], 1, 16, False),
+    ([1, 63, 64, 65], 2, 3, True),
+    ([200, 7], 4, 5, True),
+    ([130, 1000], 2, 128, False),
+])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_reference_vs_float64(lengths, s_q, h_q, causal, fp8):
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, "cpu", fp8, causal=causal)
+    scale = 192 ** -0.5 * 1.7  # a DeepSeek-V3-like scale, not the default
+    out, lse = ref.mla_decode(q, cache, table, seqlens, softmax_scale=scale, causal=causal, kv_scale=kv_scale)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    want_out, want_lse = float64_attention(q, dense, s_q, causal, scale)
+    # float32 math, one bfloat16 rounding of out: 2^-8 relative plus float32 noise.
+    assert ((out.double() - want_out).abs() <= 2 ** -8 * want_out.abs() + 1e-5).all()
+    assert ((lse.double() - want_lse).abs() <= 1e-5 * (1 + want_lse.abs())).all()
+
+
+def test_reference_causal_rule():
+    """Token t of s_q sees keys 0 .. L - s_q + t: with L = s_q, token 0 sees only key 0, so its output is
+    exactly V[0] and its lse is its one score."""
+    q, cache, table, seqlens, _, dense = make_batch([3], 3, 2, "cpu")
+    out, lse = ref.mla_decode(q, cache, table, seqlens, causal=True)
+    v0 = dense[0][0, :512]
+    assert torch.equal(out[0, 0].float(), v0.float().bfloat16().float().expand(2, 512))
+    score = (q[0, 0].double() @ dense[0][0]) * 576 ** -0.5
+    assert torch.allclose(lse[0, :, 0].double(), score, rtol=1e-5, atol=1e-5)
+    full, _ = ref.mla_decode(q, cache, table, seqlens, causal=False)
+    assert not torch.equal(full[0, 0], out[0, 0])
+
+
+def test_default_softmax_scale_is_576():
+    q, cache, table, seqlens, _, _ = make_batch([70], 1, 4, "cpu")
+    a = pykernels.mla_decode(q, cache, table, seqlens, backend="torch")
+    b = pykernels.mla_decode(q, cache, table, seqlens, softmax_scale=576 ** -0.5, backend="torch")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert "192 ** -0.5 * mscale ** 2" in pykernels.mla_decode.__doc__
+
+
+# ---- scheduler ----------------------------------------------------------------------------------------
+
+SCHEDULER_CASES = [
+    ([1], 1), ([1], 132), ([63, 64, 65], 4), ([1, 63, 64, 65], 132), ([100_000, 1, 5, 64, 65, 3000], 132),
+    ([100_000] + [7] * 127, 66), ([4096] * 128, 132), ([16384] * 128, 33), ([1] * 300, 8), ([640], 3),
+]
+
+
+def check_plan(lengths, num_parts, part_splits, splits, split_offsets):
+    b = len(lengths)
+    pages = [-(-n // PAGE_SIZE) for n in lengths]
+    assert len(part_splits) == num_parts + 1 and part_splits[0] == 0
+    assert all(x <= y for x, y in zip(part_splits, part_splits[1:]))
+    assert part_splits[-1] == len(splits) == split_offsets[-1]
+    assert len(splits) <= b + num_parts - 1, "more splits than the buffers' capacity"
+    budget = -(-sum(p + FIXED_OVERHEAD for p in pages) // num_parts) + FIXED_OVERHEAD
+    for p in range(num_parts - 1):
+        cost = sum(e - s + FIXED_OVERHEAD for _, s, e, _ in splits[part_splits[p]: part_splits[p + 1]])
+        assert cost <= budget, f"part {p} costs {cost} > budget {budget}"
+    for i in range(b):
+        mine = splits[split_offsets[i]: split_offsets[i + 1]]
+        assert mine, f"request {i} has no split"
+        assert [s[0] for s in mine] == [i] * len(mine)
+        assert [s[3] for s in mine] == list(range(len(mine)))
+        # Contiguous, non-empty, in order, exactly [0, pages): each page once.
+        assert mine[0][1] == 0 and mine[-1][2] == pages[i]
+        assert all(s[1] < s[2] for s in mine)
+        assert all(a[2] == c[1] for a, c in zip(mine, mine[1:]))
+
+
+@pytest.mark.parametrize("lengths,num_parts", SCHEDULER_CASES)
+def test_scheduler_covers_every_page_once(lengths, num_parts):
+    check_plan(lengths, num_parts, *plan_splits(lengths, num_parts))
+
+
+def test_scheduler_random_batches():
+    rng = random.Random(7)
+    for _ in range(200):
+        lengths = [rng.choice([1, 63, 64, 65, rng.randint(1, 20000)]) for _ in range(rng.randint(1, 40))]
+        num_parts = rng.randint(1, 140)
+        check_plan(lengths, num_parts, *plan_splits(lengths, num_parts))
+
+
+def test_scheduler_balances_work():
+    """A 100k-token request among short ones is cut into many splits, so no part does far more than its share."""
+    lengths = [100_000] + [64] * 31
+    part_splits, splits, _ = plan_splits(lengths, 66)
+    long_splits = [s for s in splits if s[0] == 0]
+    assert len(long_splits) > 40
+    costs = [sum(e - s + FIXED_OVERHEAD for _, s, e, _ in splits[a:b]) for a, b in zip(part_splits, part_splits[1:])]
+    assert max(costs) <= sum(costs) / 66 + 2 * FIXED_OVERHEAD
+
+
+def _extension():
+    ext, why = _backend.extension()
+    if ext is None:
+        pytest.skip(f"CUDA extension not built: {why}")
+    return ext
+
+
+@pytest.mark.parametrize("lengths,num_parts", SCHEDULER_CASES)
+def test_scheduler_cpp_matches_python(lengths, num_parts):
+    ext = _extension()
+    got = ext.mla_plan_splits(lengths, num_parts)
+    want = plan_splits(lengths, num_parts)
+    assert list(got[0]) == want[0]
+    assert [tuple(s) for s in got[1]] == want[1]
+    assert list(got[2]) == want[2]
+
+
+def test_scheduler_cpp_matches_python_random():
+    ext = _extension()
+    rng = random.Random(11)
+    for _ in range(200):
+        lengths = [rng.randint(1, 70000) if rng.random() < 0.1 else rng.randint(1, 300) for _ in range(rng.randint(1, 64))]
+        num_parts = rng.randint(1, 140)
+        got = ext.mla_plan_splits(lengths, num_parts)
+        assert (list(got[0]), [tuple(s) for s in got[1]], list(got[2])) == plan_splits(lengths, num_parts)
+
+
+def test_scheduler_cpp_rejects_empty_sequences():
+    ext = _extension()
+    with pytest.raises(ValueError, match="seqlens"):
+        ext.mla_plan_splits([5, 0], 4)
+
+
+def test_get_mla_metadata_tensors():
+    seqlens = torch.tensor([1, 63, 64, 65, 5000], dtype=torch.int32)
+    sched = pykernels.get_mla_metadata(seqlens, 2 * 16, 1)
+    assert isinstance(sched, pykernels.MlaSchedule)
+    assert sched.num_parts == num_sm_parts_for(32, 1, 132) == 132
+    assert sched.batch == 5 and sched.capacity == 5 + 132
+    part_splits, splits, split_offsets = plan_splits(seqlens.tolist(), 132)
+    assert sched.part_splits.tolist() == part_splits
+    assert sched.split_offsets.tolist() == split_offsets
+    assert [tuple(s) for s in sched.splits[: len(splits)].tolist()] == splits
+    assert pykernels.get_mla_metadata(seqlens, 128 * 2, 1).num_parts == 132 // 4
+    assert pykernels.get_mla_metadata(seqlens, 16, 1, num_sm_parts=3).num_parts == 3
+
+
+# ---- argument checks ----------------------------------------------------------------------------------
+
+def good_args():
+    q, cache, table, seqlens, _, _ = make_batch([70, 5], 2, 4, "cpu")
+    return dict(q=q, kv_cache=cache, block_table=table, cache_seqlens=seqlens)
+
+
+def with_entry(table, row, col, value):
+    table = table.clone()
+    table[row, col] = value
+    return table
+
+
+@pytest.mark.parametrize("change,exc,pattern", [
+    (lambda a: dict(q=a["q"].float()), TypeError, "q: expected dtype bfloat16"),
+    (lambda a: dict(q=torch.zeros(2, 2, 4, 512, dtype=torch.bfloat16)), ValueError, "q: expected head dim 576"),
+    (lambda a: dict(q=torch.zeros(2, 5, 4, 576, dtype=torch.bfloat16)), ValueError, "q: expected s_q"),
+    (lambda a: dict(q=torch.zeros(2, 1, 129, 576, dtype=torch.bfloat16)), ValueError, "q: expected h_q"),
+    (lambda a: dict(q=a["q"].transpose(1, 2)), ValueError, "q: expected a contiguous"),
+    (lambda a: dict(kv_cache=a["kv_cache"].half()), TypeError, "kv_cache: expected dtype"),
+    (lambda a: dict(kv_cache=torch.zeros(8, 64, 1, 512, dtype=torch.bfloat16)), ValueError, "kv_cache: expected head dim 576"),
+    (lambda a: dict(kv_cache=torch.zeros(8, 32, 1, 576, dtype=torch.bfloat16)), ValueError, "kv_cache: expected page size 64"),
+    (lambda a: dict(kv_cache=torch.zeros(8, 64, 2, 576, dtype=torch.bfloat16)), ValueError, "kv_cache: expected 1 KV head"),
+    (lambda a: dict(kv_cache=a["kv_cache"][..., 0]), ValueError, "kv_cache: expected 4 dimensions"),
+    (lambda a: dict(block_table=a["block_table"].long()), TypeError, "block_table: expected dtype int32"),
+    (lambda a: dict(block_table=a["block_table"][:1]), ValueError, "block_table: expected shape"),
+    (lambda a: dict(cache_seqlens=a["cache_seqlens"].long()), TypeError, "cache_seqlens: expected dtype int32"),
+    (lambda a: dict(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens: expected shape"),
+    (lambda a: dict(cache_seqlens=torch.tensor([70, 0], dtype=torch.int32)), ValueError, "cache_seqlens: expected every length >= 1"),
+    (lambda a: dict(cache_seqlens=torch.tensor([70, 64 * 4 + 1], dtype=torch.int32)), ValueError, "cache_seqlens: expected lengths <= 256"),
+    (lambda a: dict(block_table=with_entry(a["block_table"], 0, 1, 10 ** 6)), ValueError,
+     "block_table: expected page ids in 0..5 .* got 1000000"),
+    (lambda a: dict(block_table=with_entry(a["block_table"], 1, 0, -1)), ValueError,
+     "block_table: expected page ids in 0..5 .* got -1"),
+    (lambda a: dict(head_dim_v=576), ValueError, "head_dim_v: expected 512"),
+    (lambda a: dict(head_dim_v=512.0), TypeError, "head_dim_v: expected an int"),
+    (lambda a: dict(softmax_scale=-1.0), ValueError, "softmax_scale: expected a finite positive"),
+    (lambda a: dict(softmax_scale="0.1"), TypeError, "softmax_scale: expected a float"),
+    (lambda a: dict(causal=1), TypeError, "causal: expected a bool"),
+    (lambda a: dict(kv_scale=torch.ones(1)), TypeError, "kv_scale: expected None"),
+    (lambda a: dict(kv_cache=a["kv_cache"].to(FP8)), TypeError, "kv_scale: expected a float32 tensor"),
+    (lambda a: dict(kv_cache=a["kv_cache"].to(FP8), kv_scale=torch.ones(1, dtype=torch.float64)), TypeError,
+     "kv_scale: expected dtype float32"),
+    (lambda a: dict(kv_cache=a["kv_cache"].to(FP8), kv_scale=torch.ones(2)), ValueError, "kv_scale: expected one element"),
+    (lambda a: dict(cache_seqlens=torch.tensor([70, 1], dtype=torch.int32), causal=True), ValueError,
+     "cache_seqlens: expected lengths >= s_q"),
+    (lambda a: dict(metadata=object()), TypeError, "metadata: expected an MlaSchedule"),
+    (lambda a: dict(metadata=pykernels.get_mla_metadata(torch.tensor([5], dtype=torch.int32), 8, 1)), ValueError,
+     "metadata: expected a schedule planned for 2 requests"),
+    (lambda a: dict(backend="cudnn"), ValueError, "backend: expected one of"),
+])
+def test_argument_errors(change, exc, pattern):
+    args = good_args()
+    args.update(change(args))
+    backend = args.pop("backend", "torch")
+    with pytest.raises(exc, match=pattern):
+        pykernels.mla_decode(**args, backend=backend)
+
+
+def test_wrong_device_is_rejected():
+    args = good_args()
+    args["block_table"] = args["block_table"].to("meta")
+    with pytest.raises(ValueError, match="block_table: expected a tensor on cpu"):
+        pykernels.mla_decode(**args, backend="torch")
+
+
+def test_get_mla_metadata_errors():
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    with pytest.raises(TypeError, match="cache_seqlens: expected dtype int32"):
+        pykernels.get_mla_metadata(lens.long(), 16, 1)
+    with pytest.raises(ValueError, match="cache_seqlens: expected every length >= 1"):
+        pykernels.get_mla_metadata(torch.tensor([3, 0], dtype=torch.int32), 16, 1)
+    with pytest.raises(ValueError, match="num_heads_k: expected an int in 1..1"):
+        pykernels.get_mla_metadata(lens, 16, 2)
+    with pytest.raises(ValueError, match="num_q_tokens_per_head_k"):
+        pykernels.get_mla_metadata(lens, 0, 1)
+    with pytest.raises(TypeError, match="num_sm_parts: expected an int"):
+        pykernels.get_mla_metadata(lens, 16, 1, num_sm_parts=2.0)
+
+
+def test_cuda_launcher_checks_run_before_any_launch():
+    """The launcher validates on any machine (CPU tensors reach it through DLPack): dtype and shape errors
+    name the argument, and a CPU tensor is refused before anything is enqueued."""
+    ext = _extension()
+    q = torch.zeros(1, 1, 16, 576, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 64, 1, 576, dtype=torch.bfloat16)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    seqlens = torch.tensor([5], dtype=torch.int32)
+    sched = pykernels.get_mla_metadata(seqlens, 16, 1, num_sm_parts=4)
+    out = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16)
+    lse = torch.empty(1, 16, 1)
+    partial, lse_partial = torch.empty(sched.capacity, 16, 512), torch.empty(sched.capacity, 16)
+
+    def call(q=q, cache=cache, kv_scale=None, out=out):
+        ext.mla_decode(q, cache, table, seqlens, kv_scale, sched.part_splits, sched.splits, sched.split_offsets, out,
+                       lse, partial, lse_partial, 0.1, False, 0)
+
+    with pytest.raises(TypeError, match="q: expected dtype bfloat16"):
+        call(q=q.float())
+    with pytest.raises(TypeError, match="kv_scale: expected a float32 tensor"):
+        call(cache=cache.to(FP8))
+    with pytest.raises(ValueError, match="kv_cache: expected size 64 in dim 1"):
+        call(cache=cache[:, :32].contiguous())
+    with pytest.raises(ValueError, match="out: expected size 512 in dim 3"):
+        call(out=torch.empty(1, 1, 16, 576, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="q: expected a CUDA tensor"):
+        call()
+    with pytest.raises(ValueError, match="cache_seqlens: expected a CUDA tensor"):
+        ext.mla_plan_splits_device(seqlens, sched.part_splits, sched.splits, sched.split_offsets, 0)
+
+
+def test_explicit_cuda_backend_says_why():
+    args = good_args()
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        pykernels.mla_decode(**args, backend="cuda")
+
+
+# ---- Triton (interpreter on CPU, compiled on a GPU) vs float64 ------------------------------------------
+
+TRITON_LENGTHS = [1, 63, 64, 65, 900]  # a long request among short ones, ends mid-page and on page ends
+
+
+@pytest.mark.parametrize("h_q", [1, 3, 16, 64, 128])
+@pytest.mark.parametrize("s_q,causal", [(1, False), (2, False), (2, True)])
+def test_triton_bf16(device, h_q, s_q, causal):
+    lengths = TRITON_LENGTHS if h_q <= 16 else [65, 1, 300]
+    q, cache, table, seqlens, _, dense = make_batch(lengths, s_q, h_q, device, causal=causal)
+    scale = 0.135
+    out, lse = pykernels.mla_decode(q, cache, table, seqlens, softmax_scale=scale, causal=causal, backend="triton")
+    assert_close(out, lse, *float64_attention(q, dense, s_q, causal, scale))
+
+
+@pytest.mark.parametrize("h_q,s_q,causal", [(1, 1, False), (16, 1, False), (3, 2, True), (64, 2, False), (128, 2, True)])
+def test_triton_fp8(device, h_q, s_q, causal):
+    lengths = [1, 64, 65, 400] if h_q <= 16 else [130, 2]
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, device, fp8=True, causal=causal)
+    out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=causal, kv_scale=kv_scale, backend="triton")
+    assert_close(out, lse, *float64_attention(q, dense, s_q, causal, 576 ** -0.5))
+
+
+@pytest.mark.parametrize("num_sm_parts", [1, 5])
+def test_triton_with_precomputed_metadata(device, num_sm_parts):
+    """Few parts: long requests stay whole (written directly) or split in a few pieces; the schedule object
+    is reused for two calls."""
+    lengths = [700, 1, 64, 130]
+    q, cache, table, seqlens, _, dense = make_batch(lengths, 2, 8, device, causal=True)
+    sched = pykernels.get_mla_metadata(seqlens, 16, 1, num_sm_parts=num_sm_parts)
+    want = float64_attention(q, dense, 2, True, 576 ** -0.5)
+    for _ in range(2):
+        out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend="triton")
+        assert_close(out, lse, *want)
+
+
+def test_triton_long_request_among_short(device):
+    lengths = [1, 3000, 2, 64]
+    q, cache, table, seqlens, _, dense = make_batch(lengths, 1, 16, device)
+    out, lse = pykernels.mla_decode(q, cache, table, seqlens, backend="triton")
+    assert_close(out, lse, *float64_attention(q, dense, 1, False, 576 ** -0.5))
+
+
+# ---- GPU: CUDA and compiled Triton on FlashMLA's sweep ---------------------------------------------------
+
+def flashmla_lengths(b, s_k, varlen, generator):
+    if not varlen:
+        return [s_k] * b
+    lens = torch.normal(float(s_k), s_k / 2, (b,), generator=generator).clamp(min=1, max=2 * s_k).int()
+    return lens.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("s_k", [4096, 8192, 16384])
+@pytest.mark.parametrize("h_q", [16, 32, 64, 128])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gpu_flashmla_sweep(backend, s_k, h_q, s_q, varlen):
+    gen = torch.Generator().manual_seed(s_k * 1000 + h_q * 10 + s_q)
+    lengths = flashmla_lengths(128, s_k, varlen, gen)
+    q, cache, table, seqlens, _, _ = make_batch(lengths, s_q, h_q, "cuda", extra_pages=64, causal=True, keep_dense=False)
+    sched = pykernels.get_mla_metadata(seqlens, s_q * h_q, 1)
+    out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend=backend)
+    want_out, want_lse = ref.mla_decode(q, cache, table, seqlens, causal=True)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, want_lse, atol=LSE_RTOL * 20, rtol=LSE_RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2), (3, 2)])
+def test_gpu_fp8_cache(backend, h_q, s_q):
+    lengths = [4096, 1, 63, 65, 100_000, 777] + [2048] * 26
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, "cuda", fp8=True, causal=True, keep_dense=False)
+    out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, kv_scale=kv_scale, backend=backend)
+    want_out, want_lse = ref.mla_decode(q, cache, table, seqlens, causal=True, kv_scale=kv_scale)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, want_lse, atol=LSE_RTOL * 20, rtol=LSE_RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("h_q", [1, 3, 16, 64, 128])
+def test_gpu_small_cases_vs_float64(backend, h_q):
+    lengths = [1, 63, 64, 65, 100_000, 5, 64 * 7]
+    q, cache, table, seqlens, _, dense = make_batch(lengths, 2, h_q, "cuda", causal=True)
+    out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, backend=backend)
+    assert_close(out, lse, *float64_attention(q, dense, 2, True, 576 ** -0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cuda_graph_capture(backend):
+    """Plan once, capture the decode, replay after the cache contents change: the replay must see them."""
+    lengths = [4096, 1, 65, 8000, 300] * 4
+    q, cache, table, seqlens, _, _ = make_batch(lengths, 2, 64, "cuda", causal=True, keep_dense=False)
+    sched = pykernels.get_mla_metadata(seqlens, 2 * 64, 1)
+    pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend=backend)  # warm-up, checks
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend=backend)
+    q.copy_(torch.randn_like(q, dtype=torch.float32).bfloat16())
+    used = torch.isfinite(cache.float())
+    cache.copy_(torch.where(used, torch.randn_like(cache, dtype=torch.float32), cache.float()).bfloat16())
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = ref.mla_decode(q, cache, table, seqlens, causal=True)
+    torch.testing.assert_close(out.float(), want_out.float(), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, want_lse, atol=LSE_RTOL * 20, rtol=LSE_RTOL)
+
+
+@pytest.mark.gpu
+def test_gpu_device_planner_matches_python():
+    lengths = [1, 63, 64, 65, 100_000] + [4096] * 60
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    sched = pykernels.get_mla_metadata(seqlens, 32, 1)
+    part_splits, splits, split_offsets = plan_splits(lengths, sched.num_parts)
+    assert sched.part_splits.tolist() == part_splits
+    assert sched.split_offsets.tolist() == split_offsets
+    assert [tuple(s) for s in sched.splits[: len(splits)].tolist()] == splits
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_argument_errors_before_launch():
+    q, cache, table, seqlens, _, _ = make_batch([70], 1, 16, "cuda")
+    ext = _extension()
+    sched = pykernels.get_mla_metadata(seqlens, 16, 1)
+    out = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(1, 16, 1, device="cuda")
+    part = torch.empty(sched.capacity, 16, 512, device="cuda")
+    lpart = torch.empty(sched.capacity, 16, device="cuda")
+    with pytest.raises(ValueError, match="q: expected size 576"):
+        ext.mla_decode(q[..., :512].contiguous(), cache, table, seqlens, None, sched.part_splits, sched.splits,
+                       sched.split_offsets, out, lse, part, lpart, 0.1, False, 0)
+    with pytest.raises(TypeError, match="kv_scale"):
+        ext.mla_decode(q, cache.to(FP8), table, seqlens, None, sched.part_splits, sched.splits,
+                       sched.split_offsets, out, lse, part, lpart, 0.1, False, 0)
+
+
+def test_cuda_kernel_layout_assumptions():
+    """The CUDA kernel reads V through an MN-major view of the K tile and maps accumulator values to rows
+    by a compile-time formula; both are checked against CuTe's layouts on the host."""
+    assert _extension().mla_layouts_consistent()
