@@ -1,6 +1,7 @@
 """Benchmark cases: for each (op, shape) the inputs, the cost, and one zero-argument callable per backend.
 
-Backends are pykernels' own ("torch", "triton", "cuda"), baselines written with torch ("torch-sdpa"), and
+Backends are pykernels' own ("torch", "triton", "cuda"), baselines written with torch ("torch-sdpa",
+"torch-dequant-mm"), and
 peers when importable ("deep_gemm", "vllm-triton", "torch-scaled-mm", "flash_mla", "flashinfer", "deep_ep").
 A peer's output is compared once with pykernels' torch reference before it is timed, so a peer called the
 wrong way is reported as failed, never timed as if it did the same work.
@@ -30,7 +31,7 @@ class Skip(Exception):
 OPS = {
     "per_token_group_quant_fp8": ("bf16", "per_token_group_quant_fp8", ()),
     "per_block_quant_fp8": ("bf16", "per_block_quant_fp8", ()),
-    "fp8_gemm_nt": ("fp8", "fp8_gemm_nt", ("deep_gemm", "vllm-triton", "torch-scaled-mm")),
+    "fp8_gemm_nt": ("fp8", "fp8_gemm_nt", ("torch-dequant-mm", "deep_gemm", "vllm-triton", "torch-scaled-mm")),
     "m_grouped_fp8_gemm_nt_contiguous": ("fp8", "m_grouped_fp8_gemm_nt_contiguous", ("deep_gemm",)),
     "m_grouped_fp8_gemm_nt_masked": ("fp8", "m_grouped_fp8_gemm_nt_masked", ("deep_gemm",)),
     "mla_decode": ("bf16", "mla_decode", ("torch-sdpa", "flash_mla", "flashinfer")),
@@ -241,6 +242,14 @@ def _vllm_triton(device, a, b):
     return lambda: f(a[0], b[0], a[1], b[1], [128, 128], torch.bfloat16)
 
 
+def _dequant_mm(a, b):
+    """The baseline without an FP8 GEMM: dequantize both operands to bf16 (timed too), then a bf16 matmul."""
+    from pykernels.reference.fp8_quant import dequantize_blocks, dequantize_token_groups
+
+    (a8, sa), (b8, sb) = a, b
+    return lambda: dequantize_token_groups(a8, sa).to(torch.bfloat16) @ dequantize_blocks(b8, sb).to(torch.bfloat16).t()
+
+
 def _scaled_mm(device, a, b, want):
     """torch._scaled_mm with 1x128 activation and 128x128 weight scales: cuBLASLt >= 12.9 on SM90. The
     scale layouts it wants have changed across releases, so each candidate is checked before use."""
@@ -298,6 +307,7 @@ def _prepare_gemm(case, device):
 
     makers["deep_gemm"] = lambda: _deep_gemm(case, device, a, b, out, extra_args)
     if case.op == "fp8_gemm_nt":
+        makers["torch-dequant-mm"] = lambda: _dequant_mm(a, b)
         makers["vllm-triton"] = lambda: _vllm_triton(device, a, b)
         makers["torch-scaled-mm"] = lambda: _scaled_mm(device, a, b, reference)
     return Prepared(case, case.cost(), makers, reference,

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from pykernels import hardware  # noqa: E402
 
 GPU_COLORS = {"H100 SXM5": "#1f77b4", "H800 SXM5": "#ff7f0e", "H20": "#d62728", "H200 SXM": "#2ca02c"}
-BACKEND_MARKERS = {"cuda": "o", "triton": "s", "torch": "v", "torch-sdpa": "<", "torch-scaled-mm": ">",
+BACKEND_MARKERS = {"cuda": "o", "triton": "s", "torch": "v", "torch-sdpa": "<", "torch-scaled-mm": ">", "torch-dequant-mm": "^",
                    "deep_gemm": "D", "flash_mla": "D", "deep_ep": "D", "flashinfer": "P", "vllm-triton": "X"}
 # The cases the cross-GPU chart shows: one or two per regime, so it stays readable.
 CHART_CASES = [
