@@ -22,15 +22,6 @@ int vector_width(const TensorView& x, const TensorView& q, int64_t k, int64_t gr
   return ok ? vec : 1;
 }
 
-// The kernels launch on the current device, which must be the tensors' (streams and memory belong to one).
-void require_current_device(const TensorView& x) {
-  int device = 0;
-  PK_CUDA_CHECK(cudaGetDevice(&device));
-  if (x.device_id >= 0 && x.device_id != device) {
-    throw_value_error(x.name, "a tensor on the current CUDA device cuda:" + std::to_string(device), x.device_str());
-  }
-}
-
 int sm_count_of_current_device() {
   int device = 0, sms = 0;
   PK_CUDA_CHECK(cudaGetDevice(&device));
@@ -123,7 +114,6 @@ void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const T
   const int64_t k = x.size(-1);
   if (k == 0) throw_value_error(x.name, "a non-empty last dimension", "shape " + x.shape_str());
   require_cuda(x);
-  require_current_device(x);
   require_same_device(x, q);
   require_same_device(x, scales);
   require_contiguous(x);
@@ -151,7 +141,6 @@ void per_block_quant_fp8(const TensorView& w, const TensorView& q, const TensorV
     throw_value_error("block_size", "a power of two", std::to_string(block_size));
   }
   require_cuda(w);
-  require_current_device(w);
   require_same_device(w, q);
   require_same_device(w, scales);
   require_contiguous(w);
