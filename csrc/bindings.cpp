@@ -144,6 +144,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fp8_gemm_config",
       [](int m, int n, int k, int num_groups, int num_sms) {
+        // select_config divides by the SM count and the block counts: reject what would trap the process.
+        if (m <= 0 || n <= 0 || num_groups <= 0 || num_sms <= 0) {
+          pykernels::throw_value_error("m, n, num_groups, num_sms", "positive values",
+                                       std::to_string(m) + ", " + std::to_string(n) + ", " +
+                                           std::to_string(num_groups) + ", " + std::to_string(num_sms));
+        }
+        if (k <= 0 || k % pykernels::fp8_gemm::kBlockK != 0) {
+          pykernels::throw_value_error("k", "a positive multiple of 128", std::to_string(k));
+        }
         const auto c = pykernels::fp8_gemm::select_config(m, n, k, num_groups, num_sms);
         py::dict d;
         d["block_m"] = c.block_m;
@@ -167,6 +176,13 @@ PYBIND11_MODULE(_C, m) {
         using namespace pykernels::fp8_gemm;
         if (layout < 0 || layout > 2) {
           pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
+        }
+        if (block_m <= 0 || block_n <= 0 || m_rows < 0 || n < 0 || num_groups < 0 || num_ctas < 0) {
+          pykernels::throw_value_error("block_m, block_n, m_rows, n, num_groups, num_ctas",
+                                       "positive tile sizes and non-negative counts",
+                                       std::to_string(block_m) + ", " + std::to_string(block_n) + ", " +
+                                           std::to_string(m_rows) + ", " + std::to_string(n) + ", " +
+                                           std::to_string(num_groups) + ", " + std::to_string(num_ctas));
         }
         const size_t needed = layout == 1 ? size_t(m_rows) : layout == 2 ? size_t(num_groups) : 0;
         if (group_info.size() < needed) {

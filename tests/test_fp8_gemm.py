@@ -384,6 +384,18 @@ def test_config_bad_arguments():
         pykernels.fp8_gemm_config(1, 128, 128, num_sms=0)
 
 
+def test_index_math_bindings_reject_what_would_divide_by_zero():
+    ext = _extension()
+    with pytest.raises(ValueError, match="num_sms: expected positive values, got 1, 128, 1, 0"):
+        ext.fp8_gemm_config(1, 128, 128, 1, 0)
+    with pytest.raises(ValueError, match="k: expected a positive multiple of 128, got 100"):
+        ext.fp8_gemm_config(1, 128, 100, 1, 132)
+    with pytest.raises(ValueError, match="num_ctas: expected positive tile sizes and non-negative counts"):
+        ext.fp8_gemm_tile_order(0, 10, 10, 1, 0, 112, 1, [])
+    with pytest.raises(ValueError, match="num_ctas: expected positive tile sizes"):
+        ext.fp8_gemm_tile_order(0, 10, 10, 1, 64, 0, 1, [])
+
+
 def _expected_tiles(layout, m_rows, n, groups, bm, bn, info):
     n_blocks = -(-n // bn)
     if layout == 0:

@@ -139,6 +139,34 @@ def test_all_zero_groups(backend, device):
     assert bool((s == torch.tensor(1e-4) / 448.0).all().cpu()) and bool((q.float() == 0).all().cpu())
 
 
+def test_launches_switch_to_the_inputs_device():
+    # Both backends launch on the current device; an input on another GPU must make its device current.
+    from pykernels.fp8_quant import _on_device
+
+    guard = _on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with _on_device(torch.device("cpu")):
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_input_on_a_device_that_is_not_current(backend):
+    x = random_input((33, 520), torch.bfloat16).to("cuda:1")
+    w = random_input((2, 300, 256), torch.bfloat16).to("cuda:1")
+    with torch.cuda.device(0):
+        q, s = pykernels.per_token_group_quant_fp8(x, backend=backend)
+        qw, sw = pykernels.per_block_quant_fp8(w, backend=backend)
+    torch.cuda.synchronize(1)
+    q_ref, s_ref = ref.per_token_group_quant_fp8(x.cpu(), 128, False)
+    qw_ref, sw_ref = ref.per_block_quant_fp8(w.cpu(), 128, False)
+    assert q.device == x.device and qw.device == w.device
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(sw.cpu(), sw_ref)
+    assert_fp8_close(q.cpu(), q_ref)
+    assert_fp8_close(qw.cpu(), qw_ref)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_inputs_raise_before_launch(backend):
     with pytest.raises(TypeError, match="x: expected dtype"):
