@@ -400,15 +400,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
   }
 }
 
-// grid (rows, b), 128 threads: one query row of one request, 4 output columns per thread. Requests with a
-// single split were written by the decode kernel and are skipped.
+// grid (b, rows), 128 threads: one query row of one request, 4 output columns per thread (the batch on x,
+// whose limit is 2^31 - 1, not y's 65535). Requests with a single split were written by the decode kernel
+// and are skipped.
 constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int* split_offsets,
                                                                        const float* out_partial,
                                                                        const float* lse_partial, bf16* out,
                                                                        float* lse, int s_q, int h_q) {
-  const int row = blockIdx.x, request = blockIdx.y;
+  const int request = blockIdx.x, row = blockIdx.y;
   const int rows = s_q * h_q;
   const int first = split_offsets[request], last = split_offsets[request + 1];
   if (last - first <= 1) return;
