@@ -119,8 +119,11 @@ __device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
 template <bool kFp8>
 __device__ inline void load_page(const Params& p, SharedStorage<kFp8>& smem, int stage, const PageJob& job,
                                  int seqlen) {
-  const int block_id = p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page];
   const int valid_tokens = min(kPageSize, seqlen - job.page * kPageSize);
+  // The page planned for an empty request (see pages_of) reads nothing; page 0 keeps its zero-byte copies'
+  // source addresses valid whatever its block_table entry holds.
+  const int block_id =
+      valid_tokens > 0 ? p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page] : 0;
   if constexpr (kFp8) {
     const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kTileElems;
     uint8_t* dst = smem.kv.raw[stage];
