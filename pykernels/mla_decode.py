@@ -38,7 +38,9 @@ def plan_splits(seqlens, num_parts: int):
     split_offsets [b + 1]): part p runs splits part_splits[p] .. part_splits[p + 1] - 1, request i owns splits
     split_offsets[i] .. split_offsets[i + 1] - 1, in page order.
     """
-    pages = [cdiv(int(n), PAGE_SIZE) for n in seqlens]
+    # A length below 1 (never accepted eagerly; possible only in a replayed CUDA graph) still gets one fully
+    # masked page, as in mla_decode_plan.h: every split must hold a page.
+    pages = [max(1, cdiv(int(n), PAGE_SIZE)) for n in seqlens]
     total = sum(p + FIXED_OVERHEAD for p in pages)
     budget = cdiv(total, num_parts) + FIXED_OVERHEAD
     part_splits, splits, split_offsets = [0], [], []

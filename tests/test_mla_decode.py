@@ -212,6 +212,20 @@ def test_scheduler_cpp_matches_python_random():
         assert (list(got[0]), [tuple(s) for s in got[1]], list(got[2])) == plan_splits(lengths, num_parts)
 
 
+def test_scheduler_gives_unchecked_empty_lengths_one_page():
+    """A replayed CUDA graph may see lengths of 0 (padding slots) that no check saw. Each such request must
+    still own one split of one (fully masked) page: the CUDA kernel loads every split's first page before
+    it starts the split, so a split without a page would shift the page pipeline of the other requests on
+    its SM part."""
+    lengths = [0, 100_000, 0, 1, 0] + [4096] * 20 + [0]
+    for num_parts in (1, 3, 132):
+        part_splits, splits, split_offsets = plan_splits(lengths, num_parts)
+        check_plan([max(n, 1) for n in lengths], num_parts, part_splits, splits, split_offsets)
+        for i, n in enumerate(lengths):
+            if n == 0:
+                assert splits[split_offsets[i]: split_offsets[i + 1]] == [(i, 0, 1, 0)]
+
+
 def test_scheduler_cpp_rejects_empty_sequences():
     ext = _extension()
     with pytest.raises(ValueError, match="seqlens"):
@@ -460,6 +474,30 @@ def test_gpu_cuda_graph_capture(backend):
     want_out, want_lse = ref.mla_decode(q, cache, table, seqlens, causal=True)
     torch.testing.assert_close(out.float(), want_out.float(), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(lse, want_lse, atol=LSE_RTOL * 20, rtol=LSE_RTOL)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_empty_padding_slots():
+    """Plan and decode inside one graph, then replay with two slots emptied (length 0, as a serving loop pads
+    its batch): no check sees those lengths; the other requests must come out right and the empty ones as
+    output 0, lse -inf."""
+    lengths = [4096, 70, 65, 8000, 300] * 4
+    q, cache, table, seqlens, _, _ = make_batch(lengths, 1, 16, "cuda", keep_dense=False)
+    pykernels.mla_decode(q, cache, table, seqlens, backend="cuda")  # warm-up, checks
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = pykernels.mla_decode(q, cache, table, seqlens, backend="cuda")  # plans on the GPU, captured
+    empty = torch.zeros(len(lengths), dtype=torch.bool, device="cuda")
+    empty[[1, 7]] = True
+    seqlens.masked_fill_(empty, 0)
+    graph.replay()
+    torch.cuda.synchronize()
+    keep = ~empty
+    want_out, want_lse = ref.mla_decode(q[keep], cache, table[keep], seqlens[keep])
+    torch.testing.assert_close(out[keep].float(), want_out.float(), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse[keep], want_lse, atol=LSE_RTOL * 20, rtol=LSE_RTOL)
+    assert bool((out[empty] == 0).all()) and bool((lse[empty] == float("-inf")).all())
 
 
 @pytest.mark.gpu

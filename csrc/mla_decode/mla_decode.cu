@@ -184,7 +184,7 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
   } else {
     launch_decode<false>(params, m_blocks, static_cast<int>(num_parts), stream);
   }
-  mla::mla_combine_kernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(b)), mla::kCombineThreads, 0,
+  mla::mla_combine_kernel<<<dim3(static_cast<unsigned>(b), static_cast<unsigned>(rows)), mla::kCombineThreads, 0,
                             stream>>>(params.split_offsets, params.out_partial, params.lse_partial, params.out,
                                       params.lse, params.s_q, params.h_q);
   PK_CHECK_LAUNCH("mla_combine_kernel");

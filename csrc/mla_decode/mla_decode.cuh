@@ -119,8 +119,11 @@ __device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
 template <bool kFp8>
 __device__ inline void load_page(const Params& p, SharedStorage<kFp8>& smem, int stage, const PageJob& job,
                                  int seqlen) {
-  const int block_id = p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page];
   const int valid_tokens = min(kPageSize, seqlen - job.page * kPageSize);
+  // The page planned for an empty request (see pages_of) reads nothing; page 0 keeps its zero-byte copies'
+  // source addresses valid whatever its block_table entry holds.
+  const int block_id =
+      valid_tokens > 0 ? p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page] : 0;
   if constexpr (kFp8) {
     const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kTileElems;
     uint8_t* dst = smem.kv.raw[stage];
@@ -400,15 +403,16 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
   }
 }
 
-// grid (rows, b), 128 threads: one query row of one request, 4 output columns per thread. Requests with a
-// single split were written by the decode kernel and are skipped.
+// grid (b, rows), 128 threads: one query row of one request, 4 output columns per thread (the batch on x,
+// whose limit is 2^31 - 1, not y's 65535). Requests with a single split were written by the decode kernel
+// and are skipped.
 constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int* split_offsets,
                                                                        const float* out_partial,
                                                                        const float* lse_partial, bf16* out,
                                                                        float* lse, int s_q, int h_q) {
-  const int row = blockIdx.x, request = blockIdx.y;
+  const int request = blockIdx.x, row = blockIdx.y;
   const int rows = s_q * h_q;
   const int first = split_offsets[request], last = split_offsets[request + 1];
   if (last - first <= 1) return;

@@ -12,6 +12,15 @@ constexpr int kPageSize = 64;       // tokens per cache page and per KV tile
 constexpr int kFixedOverhead = 5;   // cost of one split in pages: Q load, epilogue, its share of the combine
 constexpr int kSplitFields = 4;     // request, first page, end page, index within the request
 
+// Pages a request of `seqlen` tokens is planned with. A length below 1 is refused by every checked entry
+// point, but a CUDA graph replays lengths nobody checks (a serving loop may pad its batch with empty
+// slots): such a request still gets one page, all of it masked (output 0, lse -inf). A split without a
+// page would break the CUDA kernel's pipeline, which loads each split's first page before it starts the
+// split, and so corrupt the other requests of its SM part.
+__host__ __device__ inline int pages_of(int seqlen) {
+  return seqlen < 1 ? 1 : (seqlen + kPageSize - 1) / kPageSize;
+}
+
 // Greedy balanced partition of the batch's pages over `num_parts` SM parts.
 // A request of L tokens costs ceil(L / 64) + kFixedOverhead; each part may spend
 // ceil(total / num_parts) + kFixedOverhead; requests are walked in order and cut at a page boundary when a
@@ -22,14 +31,14 @@ constexpr int kSplitFields = 4;     // request, first page, end page, index with
 __host__ __device__ inline void plan_splits(const int* seqlens, int batch, int num_parts, int* part_splits,
                                             int* splits, int* split_offsets) {
   int64_t total = 0;
-  for (int i = 0; i < batch; ++i) total += (seqlens[i] + kPageSize - 1) / kPageSize + kFixedOverhead;
+  for (int i = 0; i < batch; ++i) total += pages_of(seqlens[i]) + kFixedOverhead;
   const int64_t budget = (total + num_parts - 1) / num_parts + kFixedOverhead;
   int part = 0, count = 0;
   int64_t remaining = budget;
   part_splits[0] = 0;
   for (int request = 0; request < batch; ++request) {
     split_offsets[request] = count;
-    const int pages = (seqlens[request] + kPageSize - 1) / kPageSize;
+    const int pages = pages_of(seqlens[request]);
     int page = 0, index = 0;
     while (true) {
       const int left = pages - page;
