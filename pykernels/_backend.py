@@ -7,6 +7,7 @@ backend that cannot run raises RuntimeError saying why; it never falls back sile
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -106,6 +107,14 @@ def resolve(backend: str, device: torch.device, op: str, cuda_ok: bool = True, t
     if reasons[backend] is not None:
         raise RuntimeError(f"{op}: {reasons[backend]}")
     return backend
+
+
+def on_device(device: torch.device):
+    """Makes `device` the current CUDA device for a launch (a no-op for CPU tensors). Triton launches, and
+    the extension's launchers size grids and set kernel attributes, on the current device, while the stream
+    they are given belongs to the tensors' device: the two must agree when the inputs are not on the
+    current GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def current_stream(device: torch.device) -> int:

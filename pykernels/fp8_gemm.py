@@ -64,10 +64,7 @@ def _int_vector(x, name: str, length: int, device: torch.device) -> torch.Tensor
 def _launch_triton(layout: str, a, sa, b, sb, out, group_info, expected_m: int) -> None:
     from pykernels.triton import fp8_gemm as triton_fp8_gemm
 
-    if a.device.type == "cuda":
-        with torch.cuda.device(a.device):  # Triton launches on the current device
-            triton_fp8_gemm.fp8_gemm(layout, a, sa, b, sb, out, group_info, expected_m)
-    else:
+    with _backend.on_device(a.device):
         triton_fp8_gemm.fp8_gemm(layout, a, sa, b, sb, out, group_info, expected_m)
 
 
@@ -92,7 +89,7 @@ def fp8_gemm_nt(a_pair, b_pair, out: torch.Tensor | None = None, backend: str = 
         _launch_triton("plain", a, sa, b.unsqueeze(0), sb.unsqueeze(0), out, None, m)
     else:
         ext, _ = _backend.extension()
-        with torch.cuda.device(a.device):  # the launcher sizes its grid and TMA maps on the current device
+        with _backend.on_device(a.device):
             ext.fp8_gemm_nt(a, sa, b, sb, out, _backend.current_stream(a.device))
     return out
 
@@ -140,7 +137,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, m_indices: torch.Tensor, ou
         _launch_triton("contiguous", a, sa, b, sb, out, m_indices, m_total)
     else:
         ext, _ = _backend.extension()
-        with torch.cuda.device(a.device):
+        with _backend.on_device(a.device):
             ext.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, out, _backend.current_stream(a.device))
     return out
 
@@ -184,7 +181,7 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: torch.Tensor, expecte
         _launch_triton("masked", a, sa, b, sb, out, masked_m, expected_m)
     else:
         ext, _ = _backend.extension()
-        with torch.cuda.device(a.device):
+        with _backend.on_device(a.device):
             ext.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, int(expected_m), out,
                                              _backend.current_stream(a.device))
     return out

@@ -3,18 +3,11 @@ block x block weight blocks. See pykernels/reference/fp8_quant.py for the exact 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from pykernels import _backend, _validate
 from pykernels._validate import FLOAT_INPUTS, FP8, cdiv
 from pykernels.reference import fp8_quant as reference
-
-
-def _on_device(device: torch.device):
-    """Both backends launch on the current CUDA device (grid size, stream's device): make it the tensors'."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, ue8m0: bool = False,
@@ -39,7 +32,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, ue8m0: boo
     scales = torch.empty((*x.shape[:-1], cdiv(k, group_size)), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return q, scales
-    with _on_device(x.device):
+    with _backend.on_device(x.device):
         if which == "cuda":
             ext, _ = _backend.extension()
             ext.per_token_group_quant_fp8(x, q, scales, group_size, bool(ue8m0), _backend.current_stream(x.device))
@@ -69,7 +62,7 @@ def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128, ue8m0: bool = Fa
                          device=w.device)
     if w.numel() == 0:
         return q, scales
-    with _on_device(w.device):
+    with _backend.on_device(w.device):
         if which == "cuda":
             ext, _ = _backend.extension()
             ext.per_block_quant_fp8(w, q, scales, block_size, bool(ue8m0), _backend.current_stream(w.device))

@@ -157,8 +157,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         split_offsets=torch.zeros(b + 1, dtype=torch.int32, device=device))
     if _backend.cuda_unavailable_reason(device) is None:
         ext, _ = _backend.extension()
-        ext.mla_plan_splits_device(cache_seqlens, schedule.part_splits, schedule.splits, schedule.split_offsets,
-                                   _backend.current_stream(device))
+        with _backend.on_device(device):
+            ext.mla_plan_splits_device(cache_seqlens, schedule.part_splits, schedule.splits, schedule.split_offsets,
+                                       _backend.current_stream(device))
         return schedule
     part_splits, splits, split_offsets = plan_splits(cache_seqlens.tolist(), num_sm_parts)
     schedule.part_splits.copy_(torch.tensor(part_splits, dtype=torch.int32))
@@ -291,16 +292,17 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     out_partial = torch.empty(metadata.capacity, rows, HEAD_DIM_V, dtype=torch.float32, device=q.device)
     lse_partial = torch.empty(metadata.capacity, rows, dtype=torch.float32, device=q.device)
     scale_tensor = kv_scale.reshape(1) if kv_scale is not None else None
-    if which == "cuda":
-        ext, _ = _backend.extension()
-        ext.mla_decode(q, kv_cache, block_table, cache_seqlens, scale_tensor, metadata.part_splits, metadata.splits,
-                       metadata.split_offsets, out, lse, out_partial, lse_partial, scale, causal,
-                       _backend.current_stream(q.device))
-    else:
-        from pykernels.triton import mla_decode as triton_mla
+    with _backend.on_device(q.device):
+        if which == "cuda":
+            ext, _ = _backend.extension()
+            ext.mla_decode(q, kv_cache, block_table, cache_seqlens, scale_tensor, metadata.part_splits,
+                           metadata.splits, metadata.split_offsets, out, lse, out_partial, lse_partial, scale, causal,
+                           _backend.current_stream(q.device))
+        else:
+            from pykernels.triton import mla_decode as triton_mla
 
-        triton_mla.mla_decode(q, kv_cache, block_table, cache_seqlens, scale_tensor, metadata, out, lse, out_partial,
-                              lse_partial, scale, causal)
+            triton_mla.mla_decode(q, kv_cache, block_table, cache_seqlens, scale_tensor, metadata, out, lse,
+                                  out_partial, lse_partial, scale, causal)
     return out, lse
 
 

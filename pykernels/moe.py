@@ -268,7 +268,8 @@ class Buffer:
                             self._resolve(topk_idx.device, "moe get_dispatch_layout", num_experts))
 
     def _layout(self, topk_idx, num_experts, which) -> DispatchLayout:
-        per_rank, per_expert, slots = _stages(which).dispatch_layout(topk_idx, num_experts, self.world_size)
+        with _backend.on_device(topk_idx.device):
+            per_rank, per_expert, slots = _stages(which).dispatch_layout(topk_idx, num_experts, self.world_size)
         return DispatchLayout(per_rank, per_expert, slots >= 0, slots)
 
     def _check_layout(self, layout, topk_idx, num_experts):
@@ -329,8 +330,9 @@ class Buffer:
         per_expert = [sum(row[1 + e] for row in recv_table) for e in range(num_local)]
 
         send_offsets = reference.exclusive_cumsum(layout.num_tokens_per_rank)
-        send_x, send_meta = stages.pack(data, scales, topk_idx, topk_weights, layout.token_slots, send_offsets,
-                                        sum(send_splits), num_local, quantize_fp8)
+        with _backend.on_device(data.device):
+            send_x, send_meta = stages.pack(data, scales, topk_idx, topk_weights, layout.token_slots, send_offsets,
+                                            sum(send_splits), num_local, quantize_fp8)
         recv_x = self.transport.exchange_rows(send_x, send_splits, recv_splits)
         recv_meta = self.transport.exchange_rows(send_meta, send_splits, recv_splits)
         recv_idx, recv_weights, recv_scales = reference.unpack_meta(recv_meta, topk_idx.shape[1])
@@ -351,7 +353,8 @@ class Buffer:
         _validate.same_device(y, "y", **{"handle.token_slots": handle.token_slots})
         which = self._resolve(y.device, "moe combine")
         buf = self.transport.exchange_rows(y, handle.recv_splits, handle.send_splits)
-        return _stages(which).combine_reduce(buf, handle.token_slots, handle.send_offsets)
+        with _backend.on_device(buf.device):
+            return _stages(which).combine_reduce(buf, handle.token_slots, handle.send_offsets)
 
 
 # ---- expert-sorted layout for the grouped GEMM ----------------------------------------------------------
@@ -381,10 +384,11 @@ def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128
                          f"got {lo if lo < -1 else hi}")
     cuda_ok = num_local <= CUDA_MAX_LOCAL_EXPERTS and recv_topk_idx.shape[1] <= CUDA_MAX_TOPK
     stages = _stages(_backend.resolve(backend, data.device, "permute_to_experts", cuda_ok=cuda_ok))
-    counts, rank = stages.expert_ranks(recv_topk_idx, num_local)
-    starts, total = reference.padded_starts(counts.tolist(), alignment)
-    starts_t = torch.tensor(starts, dtype=torch.int64).to(data.device)
-    x_sorted, s_sorted, m_indices, perm = stages.permute(data, scales, recv_topk_idx, rank, starts_t, total)
+    with _backend.on_device(data.device):
+        counts, rank = stages.expert_ranks(recv_topk_idx, num_local)
+        starts, total = reference.padded_starts(counts.tolist(), alignment)
+        starts_t = torch.tensor(starts, dtype=torch.int64).to(data.device)
+        x_sorted, s_sorted, m_indices, perm = stages.permute(data, scales, recv_topk_idx, rank, starts_t, total)
     return (x_sorted if scales is None else (x_sorted, s_sorted)), m_indices, perm
 
 
@@ -405,7 +409,8 @@ def unpermute_from_experts(y_sorted: torch.Tensor, perm: torch.Tensor, recv_topk
                              f"got {lo if lo < -1 else hi}")
     cuda_ok = perm.shape[1] <= CUDA_MAX_TOPK
     stages = _stages(_backend.resolve(backend, y_sorted.device, "unpermute_from_experts", cuda_ok=cuda_ok))
-    return stages.unpermute(y_sorted, perm, recv_topk_weights)
+    with _backend.on_device(y_sorted.device):
+        return stages.unpermute(y_sorted, perm, recv_topk_weights)
 
 
 # What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name):

@@ -171,3 +171,29 @@ def test_audit_passes_and_covers_the_quantizers():
         cuda = [k for k in result["kernels"] if k["source"] == "cuda"]
         assert any("per_token_group_quant_fp8_kernel<__nv_bfloat16, 8" in k["name"] and k["instructions"].get("LDG.128")
                    for k in cuda), "the bf16 quantizer must use 16-byte loads"
+
+
+def test_every_kernel_launch_makes_the_inputs_device_current(monkeypatch):
+    """Triton and the extension launch on the current CUDA device; each op must switch to its inputs'
+    device first (inputs on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU). On
+    the CPU the guard is recorded instead of entered: each op's Triton path must pass through it."""
+    import contextlib
+
+    seen = []
+    monkeypatch.setattr(_backend, "on_device", lambda device: seen.append((device.type, device.index))
+                        or contextlib.nullcontext())
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = (dev.type, dev.index)
+
+    x = torch.randn(3, 256, device=dev, dtype=torch.bfloat16)
+    a = pykernels.per_token_group_quant_fp8(x, backend="triton")
+    b = pykernels.per_block_quant_fp8(torch.randn(128, 256, device=dev), backend="triton")
+    pykernels.fp8_gemm_nt(a, b, backend="triton")
+    idx = torch.tensor([[0, 1], [1, -1], [0, 0]], device=dev)
+    x_sorted, _, perm = pykernels.permute_to_experts(x, idx, backend="triton")
+    pykernels.unpermute_from_experts(x_sorted, perm, torch.ones(3, 2, device=dev), backend="triton")
+    kv = torch.randn(2, 64, 1, 576, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(1, 1, 3, 576, device=dev, dtype=torch.bfloat16)
+    pykernels.mla_decode(q, kv, torch.tensor([[1, 0]], dtype=torch.int32, device=dev),
+                         torch.tensor([70], dtype=torch.int32, device=dev), backend="triton")
+    assert len(seen) >= 6 and all(s == expected for s in seen), seen

@@ -141,11 +141,11 @@ def test_all_zero_groups(backend, device):
 
 def test_launches_switch_to_the_inputs_device():
     # Both backends launch on the current device; an input on another GPU must make its device current.
-    from pykernels.fp8_quant import _on_device
+    from pykernels._backend import on_device
 
-    guard = _on_device(torch.device("cuda", 1))
+    guard = on_device(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    with _on_device(torch.device("cpu")):
+    with on_device(torch.device("cpu")):
         pass
 
 
