@@ -47,6 +47,28 @@ def same_device(reference: torch.Tensor, ref_name: str, **others: torch.Tensor) 
             raise ValueError(f"{name}: expected a tensor on {reference.device} (where {ref_name} is), got {t.device}")
 
 
+def boolean(value, name: str) -> bool:
+    """Checks a flag is a real bool: a string such as "no" is truthy and would silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+# The kernels index with 32-bit integers; a size past this cannot be addressed by them.
+INT32_MAX = 2**31 - 1
+
+
+def integer(value, name: str, low: int | None = None, high: int | None = INT32_MAX) -> int:
+    """Checks an int (not a bool) within [low, high]; by default no larger than the kernels can index."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value}")
+    return value
+
+
 def power_of_two(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
