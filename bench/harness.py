@@ -14,7 +14,7 @@ import torch
 
 from pykernels import hardware
 from bench import cases as C
-from bench import results, shapes, timing
+from bench import projection, results, roofline, shapes, timing
 
 GPU_RUNS = {"warmup": 5, "rep": 30}
 GPU_QUICK = {"warmup": 2, "rep": 8}
@@ -101,44 +101,6 @@ def status_record(case: C.Case, backend: str, status: str, reason: str, measured
                           status=status, reason=reason, measured_on=measured_on, device=device_name or measured_on)
 
 
-def projection_cases() -> list:
-    return C.cases_for(shapes.shape_set("deepseek-v3"), shapes.projection_world())
-
-
-def projection_records(measured: list) -> list:
-    """Roofline time of every DeepSeek-V3 case on each comparison GPU, and, for each GPU measurement of the
-    same case, the other GPUs' times scaled by the fraction of roofline that measurement reached."""
-    out = []
-    by_key = {}
-    for rec in measured:
-        if rec["measured_on"] == "gpu" and rec["status"] == "ok" and rec["roofline_fraction"]:
-            by_key.setdefault((rec["op"], rec["label"], rec["dtype"]), []).append(rec)
-    for case in projection_cases():
-        cost = case.cost()
-        for name in hardware.COMPARISON:
-            proj = hardware.project(cost, name, case.math_dtype)
-            out.append(results.record(
-                op=case.op, backend="roofline", shape=case.shape, label=case.label, dtype=case.dtype, status="ok",
-                measured_on="projection", gpu=name, time_s=_point(proj.seconds), flops=cost.flops,
-                hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes, roofline_s=proj.seconds,
-                roofline_fraction=1.0, bound=proj.bound, note="analytic roofline: peak datasheet rates"))
-            for rec in by_key.get(case.key, []):
-                if rec["gpu"] == name:
-                    continue
-                f = rec["roofline_fraction"]
-                out.append(results.record(
-                    op=case.op, backend=rec["backend"], shape=case.shape, label=case.label, dtype=case.dtype,
-                    status="ok", measured_on="projection", gpu=name, time_s=_point(proj.seconds / f),
-                    flops=cost.flops, hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes,
-                    roofline_s=proj.seconds, roofline_fraction=f, bound=proj.bound,
-                    note=f"projection: {name} roofline / the {f:.0%} of roofline measured on {rec['gpu']}"))
-    return out
-
-
-def _point(seconds: float) -> dict:
-    return {"median": seconds, "min": seconds, "max": seconds, "mean": seconds, "n": 0, "spread": 0.0}
-
-
 def run(args) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     shape_name = args.shapes or ("deepseek-v3" if device.type == "cuda" else "smoke")
@@ -209,7 +171,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    doc["records"] += projection_records(doc["records"])
+    doc["records"] += projection.projection_records(doc["records"])
     return doc
 
 
@@ -313,8 +275,6 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out)
     path = results.save(doc, out / f"{doc['name']}.json")
-    from bench import roofline
-
     full = out / f"{doc['name']}-projection.txt"
     full.write_text(projection_table(doc) + "\n")
     print(measured_table(doc))

@@ -17,7 +17,7 @@ import torch
 
 import pykernels
 from bench import cases as C
-from bench import harness, results, roofline, shapes, timing
+from bench import harness, projection, results, roofline, shapes, timing
 from pykernels import hardware
 from pykernels.reference import fp8_quant as qref
 
@@ -58,7 +58,7 @@ def _doc():
     prep = C.Prepared(case, case.cost(), {})
     doc["records"].append(harness.measured_record(case, "torch", prep, {"samples": [2e-3, 1e-3, 3e-3]}, "cpu", None))
     doc["records"].append(harness.status_record(case, "cuda", "skipped", "no GPU", "cpu"))
-    doc["records"] += harness.projection_records([])
+    doc["records"] += projection.projection_records([])
     return doc
 
 
@@ -97,14 +97,14 @@ def test_gpu_record_fraction_and_scaled_projection():
                                   "gpu", hardware.get("H800"))
     assert rec["roofline_fraction"] == pytest.approx(0.8) and rec["bound"] == "compute"
     assert "2 throttled runs discarded" in rec["note"]
-    proj = harness.projection_records([rec])
+    proj = projection.projection_records([rec])
     scaled = [r for r in proj if r["backend"] == "cuda"]
     assert {r["gpu"] for r in scaled} == {"H100 SXM5", "H20", "H200 SXM"}  # not the GPU it was measured on
     h20 = next(r for r in scaled if r["gpu"] == "H20")
     assert h20["measured_on"] == "projection" and "projection" in h20["note"]
     assert h20["time_s"]["median"] == pytest.approx(hardware.project(case.cost(), "H20", "fp8").seconds / 0.8)
     roofs = [r for r in proj if r["backend"] == "roofline"]
-    assert len(roofs) == len(harness.projection_cases()) * len(hardware.COMPARISON)
+    assert len(roofs) == len(projection.projection_cases()) * len(hardware.COMPARISON)
 
 
 def test_shape_sets_cover_every_op():
@@ -315,7 +315,7 @@ def _gpu_fixture(gpu):
             t = hardware.project(case.cost(), gpu, case.math_dtype).seconds / f
             doc["records"].append(harness.measured_record(case, backend, prep, {"samples": [t, t * 1.02, t * 0.99]},
                                                           "gpu", hardware.get(gpu)))
-    doc["records"] += harness.projection_records(doc["records"])
+    doc["records"] += projection.projection_records(doc["records"])
     return doc
 
 
