@@ -443,7 +443,8 @@ def _prepare_moe_comm(case, device, group):
     dist.all_reduce(counts, group=group)
     received = int(counts[rank])
     cost = hardware.Cost(0.0, float((sent + received) * row), float(sent_remote * row))
-    extra = {"received_rows": received, "logical_bytes": received * hidden * 2}
+    # DeepEP's "logical" bytes: received rows, the rank's own included, at their size on the wire
+    extra = {"received_rows": received, "logical_bytes": received * row}
 
     def own(backend):
         def make():

@@ -14,7 +14,7 @@ import torch
 
 from pykernels import hardware
 from bench import cases as C
-from bench import projection, results, roofline, shapes, timing
+from bench import anchors, projection, results, roofline, shapes, timing
 
 GPU_RUNS = {"warmup": 5, "rep": 30}
 GPU_QUICK = {"warmup": 2, "rep": 8}
@@ -68,7 +68,11 @@ def _slug(text: str) -> str:
 
 def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, measured_on: str,
                     gpu: hardware.GPU | None, device_name: str | None = None) -> dict:
-    stats = timing.summarize(run["samples"])
+    """A record from a timer's result: `samples` (eager calls), and from a GPU `kernel_samples` with
+    `kernel_method`, `launches`; `syncs` from either. Derived figures use the kernel time where there is one."""
+    call = timing.summarize(run["samples"])
+    kernel = timing.summarize(run["kernel_samples"]) if run.get("kernel_samples") else None
+    stats = dict(kernel or call)
     t = stats["median"]
     stats["discarded_throttled"] = run.get("discarded_throttled", 0)
     if "sm_clock_mhz" in run:
@@ -76,7 +80,9 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
     cost = prep.cost
     fields = dict(op=case.op, backend=backend, shape=case.shape, label=case.label, dtype=case.dtype, status="ok",
                   measured_on=measured_on, device=device_name or measured_on, gpu=gpu.name if gpu else None,
-                  time_s=stats, flops=cost.flops,
+                  time_s=stats, kernel_s=kernel, call_s=call, kernel_method=run.get("kernel_method") if kernel else None,
+                  host_overhead_s=call["median"] - kernel["median"] if kernel else None,
+                  launches_per_call=run.get("launches"), syncs_per_call=run.get("syncs"), flops=cost.flops,
                   hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes,
                   tflops=cost.flops / t / 1e12 if cost.flops else None, gbps=cost.hbm_bytes / t / 1e9,
                   link_gbps=cost.link_bytes / t / 1e9 if cost.link_bytes else None,
@@ -84,6 +90,10 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
     notes = []
     if stats["discarded_throttled"]:
         notes.append(f"{stats['discarded_throttled']} throttled runs discarded")
+    if run.get("kernel_note"):
+        notes.append(run["kernel_note"])
+    if measured_on == "gpu" and kernel is None:
+        notes.append("no kernel time: figures use the eager call time")
     if gpu is not None:
         proj = hardware.project(cost, gpu, case.math_dtype)
         fields.update(roofline_s=proj.seconds, roofline_fraction=proj.seconds / t, bound=proj.bound)
@@ -198,6 +208,27 @@ def _table(header, rows):
                      + [line.format(*map(str, r)) for r in rows])
 
 
+def _host_cell(r) -> str:
+    """Host work per call: eager time over kernel time, kernel launches (L), host syncs (S)."""
+    parts = []
+    if r.get("host_overhead_s") is not None:
+        parts.append(f"+{_fmt_time(r['host_overhead_s'])}" if r["host_overhead_s"] >= 0
+                     else f"-{_fmt_time(-r['host_overhead_s'])}")
+    if r.get("launches_per_call") is not None:
+        parts.append(f"{r['launches_per_call']:g}L")
+    if r.get("syncs_per_call") is not None:
+        parts.append(f"{r['syncs_per_call']}S")
+    return " ".join(parts) or "-"
+
+
+def _anchor_cell(r) -> str:
+    found = anchors.lookup(r["op"], r["shape"])
+    if found is None:
+        return "-"
+    rel = anchors.ratio(found, r) if r["measured_on"] == "gpu" else None
+    return found.text() + (f" ({rel:.2f}x)" if rel is not None else "")
+
+
 def measured_table(doc: dict) -> str:
     ok = [r for r in doc["records"] if r["measured_on"] != "projection" and r["status"] == "ok"]
     torch_time = {(r["op"], r["label"], r["dtype"]): r["time_s"]["median"] for r in ok if r["backend"] == "torch"}
@@ -206,23 +237,31 @@ def measured_table(doc: dict) -> str:
         t = r["time_s"]["median"]
         base = torch_time.get((r["op"], r["label"], r["dtype"]))
         gbps = r["logical_gbps"] if r["logical_gbps"] is not None else r["gbps"]
+        kernel = r.get("kernel_s")
+        call = r.get("call_s") or r["time_s"]
+        method = {"cuda-graph": "g", "profiler": "p"}.get(r.get("kernel_method"), "")
         rows.append([r["op"], f"{r['label']} {r['dtype']}", r["backend"],
-                     f"{_fmt_time(t)} ±{r['time_s']['spread'] * 100:.0f}%", _fmt(r["tflops"], ".3g"),
-                     _fmt(gbps, ".4g"), _fmt(r["roofline_fraction"] and 100 * r["roofline_fraction"], ".0f"),
-                     r["bound"] or "-", _fmt(base / t if base else None, ".2f")])
+                     f"{_fmt_time(kernel['median'])} {method} ±{kernel['spread'] * 100:.0f}%" if kernel else "-",
+                     f"{_fmt_time(call['median'])} ±{call['spread'] * 100:.0f}%", _host_cell(r),
+                     _fmt(r["tflops"], ".3g"), _fmt(gbps, ".4g"),
+                     _fmt(r["roofline_fraction"] and 100 * r["roofline_fraction"], ".0f"),
+                     r["bound"] or "-", _anchor_cell(r), _fmt(base / t if base else None, ".2f")])
     where = doc["device"]
     head = (f"Measured on {where['kind'].upper()} {where['name']}"
             + (f" = {where['gpu']}" if where.get("gpu") else "")
             + ("  [CPU figures: never comparable with GPU figures]" if where["kind"] == "cpu" else ""))
-    body = _table(["op", "shape", "backend", "time (±IQR)", "TFLOPS", "GB/s", "% roof", "bound", "vs torch"], rows) \
-        if rows else "(nothing could be measured)"
+    body = _table(["op", "shape", "backend", "kernel (±IQR)", "call (±IQR)", "host/call", "TFLOPS", "GB/s",
+                   "% roof", "bound", "anchor, H800 (ours/it)", "vs torch"], rows) if rows else "(nothing could be measured)"
+    legend = ("kernel: the op's kernels alone (g = CUDA-graph replay, p = profiler kernel durations); call: the eager "
+              "call; host/call: call - kernel, kernel launches (L), host syncs (S) per call; TFLOPS, GB/s and % roof "
+              "from the kernel time where there is one. Anchor figures: bench/anchors.py (source and commit).")
     skipped = {}
     for r in doc["records"]:
         if r["status"] != "ok":
             skipped.setdefault((r["status"], r["reason"]), set()).add(r["op"] if r["status"] == "skipped"
                                                                      else f"{r['op']}/{r['backend']}")
     lines = [f"  {status} ({', '.join(sorted(ops))}): {reason}" for (status, reason), ops in sorted(skipped.items())]
-    return "\n".join([head, body] + (["Not measured:"] + lines if lines else []))
+    return "\n".join([head, body, legend] + (["Not measured:"] + lines if lines else []))
 
 
 def projection_table(doc: dict, only=None) -> str:

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from pykernels import hardware
+from bench.timing import KERNEL_METHODS
 
-SCHEMA = "pykernels-bench/1"
+SCHEMA = "pykernels-bench/2"
 MEASURED_ON = ("gpu", "cpu", "projection")
 STATUSES = ("ok", "skipped", "failed")
 RECORD_KEYS = ("op", "backend", "shape", "label", "dtype", "status", "reason", "measured_on", "device", "gpu", "time_s",
-               "flops", "hbm_bytes", "link_bytes", "tflops", "gbps", "link_gbps", "logical_gbps", "roofline_s",
+               "kernel_s", "call_s", "kernel_method", "host_overhead_s", "launches_per_call", "syncs_per_call", "flops", "hbm_bytes", "link_bytes", "tflops", "gbps", "link_gbps", "logical_gbps", "roofline_s",
                "roofline_fraction", "bound", "note")
 PEER_PACKAGES = ("deep_gemm", "flash_mla", "deep_ep", "flashinfer-python", "flashinfer", "vllm", "pynvml",
                  "nvidia-ml-py")
@@ -123,11 +124,20 @@ def validate_record(rec: dict) -> None:
     if rec["measured_on"] not in MEASURED_ON:
         raise ValueError(f"record measured_on: expected one of {MEASURED_ON}, got {rec['measured_on']!r}")
     if rec["status"] == "ok":
-        t = rec["time_s"]
-        if not isinstance(t, dict) or not {"median", "min", "max", "n"} <= set(t):
-            raise ValueError(f"record time_s: expected median/min/max/n, got {t!r}")
-        if not t["min"] <= t["median"] <= t["max"]:
-            raise ValueError(f"record time_s: expected min <= median <= max, got {t!r}")
+        for key in ("time_s", "kernel_s", "call_s"):
+            t = rec[key]
+            if t is None and key != "time_s":
+                continue
+            if not isinstance(t, dict) or not {"median", "min", "max", "n"} <= set(t):
+                raise ValueError(f"record {key}: expected median/min/max/n, got {t!r}")
+            if not t["min"] <= t["median"] <= t["max"]:
+                raise ValueError(f"record {key}: expected min <= median <= max, got {t!r}")
+        if rec["kernel_method"] not in (None,) + KERNEL_METHODS:
+            raise ValueError(f"record kernel_method: expected one of {KERNEL_METHODS} or null, "
+                             f"got {rec['kernel_method']!r}")
+        if (rec["kernel_s"] is None) != (rec["kernel_method"] is None):
+            raise ValueError(f"record kernel_method: expected a method exactly when kernel_s is present, got "
+                             f"{rec['kernel_method']!r} with kernel_s {'absent' if rec['kernel_s'] is None else 'present'}")
 
 
 def validate(doc: dict) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 import pykernels
 from bench import cases as C
-from bench import harness, projection, results, roofline, shapes, timing
+from bench import anchors, harness, projection, results, roofline, shapes, timing
 from pykernels import hardware
 from pykernels.reference import fp8_quant as qref
 
@@ -46,8 +46,133 @@ def test_summarize():
 def test_cpu_timer_takes_at_least_three_samples():
     calls = []
     out = timing.CpuTimer(budget_s=0.0)(lambda: calls.append(1), warmup=2, rep=10)
-    assert len(out["samples"]) == 3 and len(calls) == 5
-    assert all(t >= 0 for t in out["samples"])
+    assert len(out["samples"]) == 3 and len(calls) == 6  # 2 warm-up, 1 counting host syncs, 3 timed
+    assert all(t >= 0 for t in out["samples"]) and out["syncs"] == 0
+
+
+def test_host_sync_counter():
+    x = torch.randn(37)
+    assert timing.count_host_syncs(lambda: (x * 2).sum()).count == 0
+    assert timing.count_host_syncs(lambda: x[torch.tensor([3, 1])] + x[2:4]).count == 0  # integer indexing
+    counter = timing.count_host_syncs(lambda: (x.sum().item(), x[x > 0], int(x.argmax()), bool(x.any()),
+                                               x.nonzero()))
+    # item, boolean-mask indexing, int(), bool(), nonzero: five waits for the device on a GPU
+    assert counter.count == 5 and counter.ops == {"_local_scalar_dense": 3, "index": 1, "nonzero": 1}
+
+
+def _fake_kernel(name, us):
+    return types.SimpleNamespace(name=name, duration=us)
+
+
+def _fake_event(name, kernels=(), children=()):
+    return types.SimpleNamespace(name=name, kernels=list(kernels), cpu_children=list(children))
+
+
+def test_calls_from_profile_sums_the_kernels_of_each_call():
+    launch = _fake_event("cudaLaunchKernel", [_fake_kernel("gemm", 30.0)])
+    op = _fake_event("aten::mm", [_fake_kernel("mm", 7.5)], [_fake_event("cudaLaunchKernel", [_fake_kernel("x", 2.5)])])
+    events = [_fake_event("aten::zero_", [_fake_kernel("flush", 500.0)]),  # the L2 flush, outside the range
+              _fake_event(timing.CALL_RANGE, [], [launch, op]),
+              _fake_event(timing.CALL_RANGE, [], [_fake_event("cudaLaunchKernel", [_fake_kernel("gemm", 31.0)])]),
+              launch, op]  # the profiler also lists nested events at top level: they must not count twice
+    got = timing.calls_from_profile(events)
+    assert got == [(pytest.approx(40e-6), 3), (pytest.approx(31e-6), 1)]
+    assert timing.calls_from_profile([]) == []
+
+
+class FakeRuntime:
+    """A simulated device: an op appends kernel durations to `launched` and host time to `host`; event timing
+    sees both, a graph replay only the kernels; capture fails on request; clocks come from a list."""
+
+    max_mhz = 1980
+
+    def __init__(self, clocks=None, capture_error=None, profile_error=None):
+        self.launched, self.host, self.flushes = [], 0.0, 0
+        self.clocks = iter(clocks) if clocks is not None else None
+        self.capture_error, self.profile_error = capture_error, profile_error
+
+    def flush(self):
+        self.flushes += 1
+
+    def synchronize(self):
+        pass
+
+    def elapsed(self, fn):
+        self.launched, self.host = [], 0.0
+        fn()
+        return sum(self.launched) + self.host
+
+    def capture(self, fn):
+        if self.capture_error:
+            raise self.capture_error
+        self.launched = []
+        fn()
+        kernels = list(self.launched)
+        return lambda: self.launched.extend(kernels)
+
+    def profile(self, fn, rep):
+        if self.profile_error:
+            raise self.profile_error
+        out = []
+        for _ in range(rep):
+            self.flush()
+            self.launched = []
+            fn()
+            out.append((sum(self.launched), len(self.launched)))
+        return out
+
+    def sm_mhz(self):
+        return next(self.clocks) if self.clocks is not None else None
+
+
+def _fake_op(rt, kernels_us=(30.0, 10.0), host_us=25.0, sync=False):
+    x = torch.ones(3)
+
+    def op():
+        rt.host += host_us * 1e-6
+        rt.launched.extend(k * 1e-6 for k in kernels_us)
+        if sync:
+            x.sum().item()
+    return op
+
+
+def test_gpu_timer_kernel_time_from_graph_replay():
+    rt = FakeRuntime()
+    out = timing.GpuTimer(None, rt)(_fake_op(rt), warmup=2, rep=7)
+    assert out["kernel_method"] == "cuda-graph" and out["kernel_note"] is None
+    assert out["kernel_samples"] == [pytest.approx(40e-6)] * 7 and out["samples"] == [pytest.approx(65e-6)] * 7
+    assert out["launches"] == 2 and out["syncs"] == 0 and out["discarded_throttled"] == 0
+    assert rt.flushes >= 14  # one before every timed sample, eager and replayed
+    case = C.Case("fp8_gemm_nt", {"m": 64, "n": 7168, "k": 2048})
+    rec = harness.measured_record(case, "cuda", C.Prepared(case, case.cost(), {}), out, "gpu", hardware.get("H800"))
+    assert rec["kernel_s"]["median"] == pytest.approx(40e-6) and rec["call_s"]["median"] == pytest.approx(65e-6)
+    assert rec["time_s"] == {**rec["kernel_s"], "discarded_throttled": 0}
+    assert rec["host_overhead_s"] == pytest.approx(25e-6) and rec["kernel_method"] == "cuda-graph"
+    assert rec["roofline_fraction"] == pytest.approx(hardware.project(case.cost(), "H800", "fp8").seconds / 40e-6)
+    assert rec["tflops"] == pytest.approx(2 * 64 * 7168 * 2048 / 40e-6 / 1e12)
+
+
+@pytest.mark.parametrize("why", ["sync", "capture", "no-profiler"])
+def test_gpu_timer_falls_back_to_the_profiler(why):
+    rt = FakeRuntime(capture_error=RuntimeError("operation not permitted when stream is capturing\nmore")
+                     if why == "capture" else None,
+                     profile_error=RuntimeError("CUPTI busy") if why == "no-profiler" else None)
+    out = timing.GpuTimer(None, rt)(_fake_op(rt, sync=why == "sync"), warmup=1, rep=5)
+    if why == "no-profiler":
+        assert out["kernel_method"] == "cuda-graph" and out["launches"] is None
+        assert "profiler unavailable: RuntimeError: CUPTI busy" in out["kernel_note"]
+        return
+    assert out["kernel_method"] == "profiler" and out["kernel_samples"] == [pytest.approx(40e-6)] * 5
+    assert out["launches"] == 2 and out["syncs"] == (1 if why == "sync" else 0)
+    assert out["kernel_note"] == ("not captured: 1 host syncs per call" if why == "sync" else
+                                  "capture failed: RuntimeError: operation not permitted when stream is capturing")
+
+
+def test_gpu_timer_drops_throttled_samples():
+    rt = FakeRuntime(clocks=[1980, 1000, 1980, 1980] + [1100] * 2 + [1980] * 2)
+    out = timing.GpuTimer(None, rt)(_fake_op(rt), warmup=0, rep=4)
+    assert len(out["samples"]) == 3 and len(out["kernel_samples"]) == 2 and out["discarded_throttled"] == 3
+    assert out["sm_clock_mhz"] == 1980
 
 
 # ---- results schema ----
@@ -351,7 +476,8 @@ def test_main_job_smoke_on_cpu(tmp_path):
     assert measured and all(r["measured_on"] == "cpu" and r["device"] == "cpu" for r in measured)
     assert {r["op"] for r in measured} == set(C.OPS)
     assert any(r["status"] == "ok" and r["backend"] == "torch" for r in measured)
-    for header in ("time (±IQR)", "TFLOPS", "GB/s", "% roof", "bound", "vs torch", "H800 SXM5", "H20"):
+    for header in ("kernel (±IQR)", "call (±IQR)", "host/call", "TFLOPS", "GB/s", "% roof", "bound", "anchor, H800",
+                   "vs torch", "H800 SXM5", "H20"):
         assert header in proc.stdout
     assert "never comparable with GPU figures" in proc.stdout
     assert (tmp_path / "cross-gpu.png").exists() and (tmp_path / "cpu-smoke-projection.txt").exists()
@@ -383,3 +509,69 @@ def test_pytest_benchmark_job(tmp_path):
 def test_plain_pytest_run_does_not_collect_bench():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+
+# ---- the anchors' figures ----
+
+def test_every_deepgemm_shape_is_benchmarked_and_finds_its_anchor():
+    todo = C.cases_for(shapes.shape_set("deepseek-v3"), world=8)
+    found = {}
+    for c in todo:
+        a = anchors.lookup(c.op, c.shape)
+        if a is not None and a.source is anchors.DEEPGEMM:
+            found[(c.op, c.label)] = a.value
+    listed = len(anchors.DEEPGEMM_NORMAL) + len(anchors.DEEPGEMM_CONTIGUOUS) + len(anchors.DEEPGEMM_MASKED)
+    assert listed == 18 + 4 + 6 and len(found) == listed
+    assert found[("fp8_gemm_nt", "M=4096 N=7168 K=16384")] == 1520
+    assert found[("m_grouped_fp8_gemm_nt_contiguous", "8x4096 N=7168 K=2048")] == 1214
+    assert found[("m_grouped_fp8_gemm_nt_masked", "4x256/256 N=4096 K=7168")] == 932
+    assert anchors.DEEPGEMM.commit.startswith("327ec92") and len(anchors.DEEPGEMM.commit) == 40
+
+
+@pytest.mark.parametrize("op,shape,want", [
+    ("fp8_gemm_nt", {"m": 65, "n": 2112, "k": 7168}, None),
+    ("m_grouped_fp8_gemm_nt_masked", {"masked_m": [256, 200, 256, 256], "m_max": 256, "n": 4096, "k": 7168}, None),
+    ("m_grouped_fp8_gemm_nt_masked", {"masked_m": [256] * 4, "m_max": 512, "n": 4096, "k": 7168}, None),
+    ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 64, "seqlen": 4096, "kv_dtype": "bf16"}, (3000, "GB/s")),
+    ("mla_decode", {"batch": 128, "s_q": 2, "h_q": 32, "seqlen": 8192, "kv_dtype": "bf16"}, (3000, "GB/s")),
+    ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 64, "seqlen": 4096, "kv_dtype": "fp8"}, None),
+    ("mla_decode", {"batch": 128, "s_q": 2, "h_q": 128, "seqlen": 16384, "kv_dtype": "bf16"}, (660, "TFLOPS")),
+    ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 128, "seqlen": 16384, "kv_dtype": "bf16"}, None),
+    ("mla_decode", {"batch": 64, "s_q": 2, "h_q": 128, "seqlen": 16384, "kv_dtype": "bf16"}, None),
+    ("moe_dispatch", {"tokens": 128, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8", "world": 8},
+     (77, "us")),
+    ("moe_combine", {"tokens": 128, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "bf16", "world": 8},
+     (114, "us")),
+    ("moe_dispatch", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8", "world": 8},
+     (153, "GB/s")),
+    ("moe_combine", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "bf16", "world": 32},
+     (57, "GB/s")),
+    ("moe_dispatch", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "bf16", "world": 8},
+     None),
+    ("moe_dispatch", {"tokens": 128, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8", "world": 1},
+     None),
+    ("moe_permute", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "local_experts": 32}, None),
+])
+def test_anchor_lookup(op, shape, want):
+    got = anchors.lookup(op, shape)
+    assert (None if got is None else (got.value, got.unit)) == want
+
+
+def test_measured_table_prints_the_anchor_beside_our_gpu_figure():
+    doc = results.new_document("t", {"kind": "gpu", "name": "NVIDIA H800", "gpu": "H800 SXM5"}, "deepseek-v3", {})
+    todo = C.cases_for([("fp8_gemm_nt", {"m": 4096, "n": 7168, "k": 16384}),
+                        ("moe_dispatch", {"tokens": 128, **shapes.DSV3_MOE, "dtype": "fp8"}),
+                        ("fp8_gemm_nt", {"m": 7, "n": 200, "k": 256})], world=8)
+    t_gemm = 2 * 4096 * 7168 * 16384 / 1216e12  # 0.80 of DeepGEMM's 1520 TFLOPS
+    for case, t in zip(todo, (t_gemm, 154e-6, 1e-5)):
+        run = {"samples": [t * 1.3] * 3, "kernel_samples": [t] * 3, "kernel_method": "cuda-graph", "launches": 1,
+               "syncs": 0}
+        doc["records"].append(harness.measured_record(case, "cuda", C.Prepared(case, case.cost(), {}), run, "gpu",
+                                                      hardware.get("H800")))
+    lines = harness.measured_table(doc).splitlines()
+    row = {ln.split()[0] + ln.split()[1]: ln for ln in lines if ln.startswith(("fp8_gemm_nt", "moe_dispatch"))}
+    assert "1520 TFLOPS (0.80x)" in row["fp8_gemm_ntM=4096"] and "1.22e+03" in row["fp8_gemm_ntM=4096"]
+    assert "77 us (0.50x)" in row["moe_dispatchT=128"]  # 154 us against DeepEP's 77 us
+    assert row["fp8_gemm_ntM=7"].split()[-2] == "-"  # no published figure for this shape
+    gemm = row["fp8_gemm_ntM=4096"]
+    assert f"{t_gemm * 1e6:.1f} us g" in gemm and f"{t_gemm * 1.3e3:.2f} ms" in gemm and "1L 0S" in gemm
