@@ -17,7 +17,7 @@ import torch
 
 import pykernels
 from bench import cases as C
-from bench import anchors, harness, projection, results, roofline, shapes, timing
+from bench import anchors, harness, model, projection, results, roofline, shapes, timing
 from pykernels import hardware
 from pykernels.reference import fp8_quant as qref
 
@@ -575,3 +575,180 @@ def test_measured_table_prints_the_anchor_beside_our_gpu_figure():
     assert row["fp8_gemm_ntM=7"].split()[-2] == "-"  # no published figure for this shape
     gemm = row["fp8_gemm_ntM=4096"]
     assert f"{t_gemm * 1e6:.1f} us g" in gemm and f"{t_gemm * 1.3e3:.2f} ms" in gemm and "1L 0S" in gemm
+
+
+def test_calls_from_profile_reads_real_profiler_events():
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(33, 33)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            with record_function(timing.CALL_RANGE):
+                (x @ x).sum()
+    assert timing.calls_from_profile(prof.events()) == [(0.0, 0)] * 3  # no device, no kernels: but the ranges are found
+
+
+# ---- the DeepSeek-V3 model ----
+
+def _gemm_by_hand(m, n, k, weight_groups=1):
+    """FLOPs and bytes of a block-scaled FP8 GEMM, written out: fp8 A and B, fp32 scales, bf16 out."""
+    kb, nb = -(-k // 128), -(-n // 128)
+    return 2 * m * n * k, m * k + 4 * m * kb + weight_groups * (n * k + 4 * nb * kb) + 2 * m * n
+
+
+def _quant_by_hand(m, k):
+    return 0, m * k * 2 + m * k + 4 * m * -(-k // 128)
+
+
+def _costs(res):
+    return {name: (c["flops"], c["hbm_bytes"]) for name, c in res["cost"].items()}
+
+
+def test_model_decode_costs_by_hand():
+    # decode, 4 sequences, s_q 1, context 1000, EP8
+    res = model.evaluate(model.compose(model.DEEPSEEK_V3, "decode", 4, 1000, 0, 8), "H800", {})
+    got = _costs(res)
+    occ = 8 * (1 - math.comb(224, 8) / math.comb(256, 8))      # ranks a token reaches
+    received = 4 * occ
+    active = 32 * (1 - (1 - 8 / 256) ** (4 * 8))              # local experts hit by the 32 tokens of 8 ranks
+    want = {
+        "attn input quant": _quant_by_hand(4, 7168),
+        "q_a_proj": _gemm_by_hand(4, 1536, 7168),
+        "kv_a_proj": _gemm_by_hand(4, 576, 7168),
+        "q_b input quant": _quant_by_hand(4, 1536),
+        "q_b_proj": _gemm_by_hand(4, 128 * 192, 1536),
+        "k_up input quant": _quant_by_hand(4 * 128, 128),
+        "k_up (absorbed)": _gemm_by_hand(4 * 128, 512, 128, weight_groups=128),
+        "mla_decode": (2 * 128 * 4 * 1000 * (576 + 512), 2 * 576 * 4 * 1000 + 2 * (576 + 512) * 4 * 128),
+        "v_up input quant": _quant_by_hand(4 * 128, 512),
+        "v_up (absorbed)": _gemm_by_hand(4 * 128, 128, 512, weight_groups=128),
+        "o_proj input quant": _quant_by_hand(4, 16384),
+        "o_proj": _gemm_by_hand(4, 7168, 16384),
+        "router": (2 * 4 * 256 * 7168, 2 * 4 * 7168 + 2 * 256 * 7168 + 4 * 4 * 256),
+        "moe input quant": _quant_by_hand(4, 7168),
+        "dispatch": (0, 2 * received * (7168 + 4 * 56)),
+        "permute": (0, (received + 32) * 7168),
+        "expert gate/up": (2 * 32 * 4096 * 7168,
+                           32 * (7168 + 4 * 56) + active * (4096 * 7168 + 4 * 32 * 56) + 2 * 32 * 4096),
+        "expert SiLU+quant": (0, 32 * (4096 * 2 + 2048 + 4 * 16)),
+        "expert down": (2 * 32 * 7168 * 2048, 32 * (2048 + 4 * 16) + active * (7168 * 2048 + 4 * 56 * 16)
+                        + 2 * 32 * 7168),
+        "unpermute": (0, (received + 32) * 7168 * 2),
+        "combine": (0, 2 * received * 7168 * 2),
+        "shared gate/up": _gemm_by_hand(4, 4096, 7168),
+        "shared SiLU+quant": (0, 4 * (4096 * 2 + 2048 + 4 * 16)),
+        "shared down": _gemm_by_hand(4, 7168, 2048),
+    }
+    assert list(got) == list(want)
+    for name, (flops, hbm) in want.items():
+        assert got[name] == (pytest.approx(flops, rel=1e-12), pytest.approx(hbm, rel=1e-12)), name
+    remote = received * 7 / 8
+    assert res["cost"]["dispatch"]["nvlink_bytes"] == pytest.approx(remote * (7168 + 4 * 56))
+    assert res["cost"]["combine"]["nvlink_bytes"] == pytest.approx(remote * 7168 * 2)
+    assert res["cost"]["combine"]["rdma_bytes"] == 0
+    # the dense layers and the head
+    ph = model.compose(model.DEEPSEEK_V3, "decode", 4, 1000, 0, 8)
+    dense = {op.name: (op.cost.flops, op.cost.hbm_bytes) for op in ph.dense_layer}
+    assert dense["dense gate/up"] == _gemm_by_hand(4, 2 * 18432, 7168)
+    assert dense["dense down"] == _gemm_by_hand(4, 7168, 18432)
+    assert "router" not in dense and "mla_decode" in dense
+    head = ph.head[0].cost
+    assert (head.flops, head.hbm_bytes) == (2 * 4 * 129280 * 7168, 2 * 4 * 7168 + 2 * 129280 * 7168 + 4 * 4 * 129280)
+
+
+def test_model_prefill_mtp_and_internode_by_hand():
+    pre = model.compose(model.DEEPSEEK_V3, "prefill", 2, 300, 0, 32)
+    ops = {op.name: op for op in pre.moe_layer}
+    assert pre.tokens == 600 and "k_up (absorbed)" not in ops
+    assert (ops["kv_b_proj"].cost.flops, ops["kv_b_proj"].cost.hbm_bytes) == _gemm_by_hand(600, 128 * 256, 512)
+    att = ops["attention (prefill)"].cost
+    assert att.flops == 2 * 128 * (2 * 300 * 301 / 2) * (192 + 128)
+    assert att.hbm_bytes == 2 * 600 * 128 * (192 + 192 + 128 + 128)
+    assert ops["expert gate/up"].kind == "m_grouped_fp8_gemm_nt_contiguous"
+    # EP32 = 4 nodes of 8: each token crosses RDMA once per other node it needs
+    nodes_reached = 4 * (1 - math.comb(192, 8) / math.comb(256, 8))
+    row = 7168 + 4 * 56
+    assert ops["dispatch"].rdma_bytes == pytest.approx(600 * nodes_reached * 3 / 4 * row)
+    remote = 600 * 32 * (1 - math.comb(248, 8) / math.comb(256, 8)) * 31 / 32
+    assert ops["dispatch"].cost.link_bytes == pytest.approx(remote * (7 / 31 + 24 / 31 * 7 / 8) * row)
+    assert model.roofline(ops["dispatch"], "H800")[1] == "rdma"
+    dec = model.compose(model.DEEPSEEK_V3, "decode", 3, 500, 1, 1)
+    names = [op.name for op in dec.moe_layer]
+    assert dec.tokens == dec.s_q * 3 == 6 and "dispatch" not in names and "combine" not in names
+    mla = next(op for op in dec.moe_layer if op.name == "mla_decode").cost
+    assert mla.flops == 2 * 2 * 128 * 3 * 500 * 1088  # s_q = 2
+    assert next(op for op in dec.moe_layer if op.name == "permute").cost.hbm_bytes == (6 + 6 * 8) * 7168
+
+
+@pytest.mark.parametrize("phase,batch,mtp,ep", [("decode", 64, 0, 8), ("decode", 1, 1, 1), ("prefill", 4, 0, 32),
+                                                ("prefill", 1, 0, 8)])
+def test_model_components_sum_to_the_totals(phase, batch, mtp, ep):
+    ph = model.compose(model.DEEPSEEK_V3, phase, batch, 2048, mtp, ep)
+    for gpu in hardware.COMPARISON:
+        res = model.evaluate(ph, gpu, {})
+        assert sum(res["components"].values()) == pytest.approx(res["layer_s"], rel=1e-12)
+        assert res["step_s"] == pytest.approx(3 * res["dense_layer_s"] + 58 * res["layer_s"] + res["head_s"])
+        assert res["tokens_per_s"] * res["step_s"] == pytest.approx(res["tokens_per_step"])
+        assert res["time_per_token_s"] == pytest.approx(res["step_s"] / res["tokens_per_step"])
+        for name, s in res["components"].items():
+            op = next(o for o in ph.moe_layer if o.name == name)
+            assert s == model.roofline(op, gpu)[0] > 0 and res["bounds"][name] == model.roofline(op, gpu)[1]
+        assert res["sources"] == {}
+
+
+def _measured(op, gpu, frac, flops, hbm, label="x"):
+    return {"status": "ok", "measured_on": "gpu", "op": op, "gpu": gpu, "roofline_fraction": frac, "flops": flops,
+            "hbm_bytes": hbm, "backend": "cuda", "label": label}
+
+
+def test_a_measured_record_changes_only_its_own_component():
+    ph = model.compose(model.DEEPSEEK_V3, "decode", 64, 4096, 0, 8)
+    base = {g: model.evaluate(ph, g, {}) for g in ("H800", "H20")}
+    mla = _measured("mla_decode", "H800 SXM5", 0.5, 1e12, 3e8)
+    fractions = model.measured_fractions([mla, {**mla, "measured_on": "cpu"}, {**mla, "status": "failed"}])
+    for g in ("H800", "H20"):
+        res = model.evaluate(ph, g, fractions)
+        for name, s in res["components"].items():
+            assert s == pytest.approx(base[g]["components"][name] * (2 if name == "mla_decode" else 1)), name
+        assert list(res["sources"]) == ["mla_decode"]
+        assert ("on H800" in res["sources"]["mla_decode"]) == (g == "H20")
+    # a GEMM record scales exactly the plain FP8 GEMMs; of two shapes, the one nearest in intensity applies
+    near = _measured("fp8_gemm_nt", "H800 SXM5", 0.8, 2 * 64 * 7168 * 16384, 1.2e8)
+    far = _measured("fp8_gemm_nt", "H800 SXM5", 0.25, 2 * 4096 * 7168 * 16384, 3e8)
+    res = model.evaluate(ph, "H800", model.measured_fractions([far, near]))
+    gemms = {op.name for op in ph.moe_layer if op.kind == "fp8_gemm_nt"}
+    assert gemms == {"q_a_proj", "kv_a_proj", "q_b_proj", "o_proj", "shared gate/up", "shared down"}
+    for name, s in res["components"].items():
+        assert s == pytest.approx(base["H800"]["components"][name] / (0.8 if name in gemms else 1)), name
+
+
+def test_model_cli_writes_json_and_chart(tmp_path, capsys):
+    assert model.main(["--out", str(tmp_path), "--gpus", "H800,h20", "--batch", "8", "--context", "1024"]) == 0
+    printed = capsys.readouterr().out
+    assert "pure roofline" in printed and "tokens/s per GPU" in printed and "expert gate/up" in printed
+    doc = json.loads((tmp_path / "model.json").read_text())
+    assert set(doc["results"]) == {"H800 SXM5", "H20"}
+    for per in doc["results"].values():
+        assert set(per) == {"decode", "prefill"}
+        for res in per.values():
+            assert sum(res["components"].values()) == pytest.approx(res["layer_s"])
+            assert res["step_s"] > 58 * res["layer_s"] and res["tokens_per_s"] > 0
+    assert (tmp_path / "model.png").stat().st_size > 20_000
+    rec = _measured("moe_dispatch", "H800 SXM5", 0.25, 0.0, 1e8)
+    (tmp_path / "in.json").write_text(json.dumps({"records": [rec]}))
+    assert model.main(["--out", str(tmp_path), "--name", "m2", "--phase", "decode", "--gpus", "H800",
+                       "--results", str(tmp_path / "in.json"), "--no-plot"]) == 0
+    again = json.loads((tmp_path / "m2.json").read_text())["results"]["H800 SXM5"]
+    assert list(again) == ["decode"] and list(again["decode"]["sources"]) == ["dispatch"]
+    assert "scaled by the fractions measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--ep: expected a divisor of 256"):
+        model.main(["--ep", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--ep: expected"):
+        model.main(["--ep", "4", "--ep", "12", "--out", str(tmp_path)])
+
+
+def test_expected_grouped_gemm_cost_matches_the_exact_one():
+    exact = hardware.cost("fp8_gemm_contiguous", ms=[30, 0, 5, 2], n=160, k=256)
+    assert hardware.expected_grouped_gemm_cost(37, 3, 160, 256) == exact
+    half = hardware.expected_grouped_gemm_cost(18.5, 1.5, 160, 256)  # linear in rows and in groups
+    assert half.flops == exact.flops / 2 and half.hbm_bytes == pytest.approx(exact.hbm_bytes / 2)
