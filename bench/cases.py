@@ -23,6 +23,11 @@ OWN_BACKENDS = ("torch", "triton", "cuda")
 NOT_IN_BUILD = "op not in this build"
 
 
+# Backends whose calls block the host on device data out of the torch dispatcher's sight: never captured into a
+# CUDA graph (capture would wait on kernels that do not run); the profiler times their kernels.
+NOT_CAPTURABLE = {"deep_ep": "DeepEP's normal-mode dispatch and combine wait on the host for the receive counts"}
+
+
 class Skip(Exception):
     """This (case, backend) cannot run here; the message says why."""
 

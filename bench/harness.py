@@ -168,7 +168,8 @@ def run(args) -> dict:
             bar.set_description(f"{case.op} [{case.label}] {backend}")
             try:
                 fn = prep.make(backend)
-                doc["records"].append(measured_record(case, backend, prep, timer(fn, **runs), measured_on, gpu,
+                timed = timer(fn, **runs, not_capturable=C.NOT_CAPTURABLE.get(backend))
+                doc["records"].append(measured_record(case, backend, prep, timed, measured_on, gpu,
                                                       device_name))
             except C.Skip as exc:
                 doc["records"].append(status_record(case, backend, "skipped", str(exc), measured_on, device_name))

@@ -212,7 +212,9 @@ class GpuTimer:
                 clocks.append(mhz)
         return samples, discarded
 
-    def __call__(self, fn, warmup: int, rep: int) -> dict:
+    def __call__(self, fn, warmup: int, rep: int, not_capturable: str | None = None) -> dict:
+        """`not_capturable`: why fn must not be captured (it blocks the host on device data in a way the torch
+        dispatcher cannot see); the profiler then gives the kernel time."""
         rt = self.runtime
         for _ in range(warmup):
             fn()
@@ -223,7 +225,9 @@ class GpuTimer:
         result = {"samples": call, "syncs": syncs, "kernel_samples": None, "kernel_method": None,
                   "kernel_note": None, "launches": None}
         replay = None
-        if syncs:
+        if not_capturable:
+            result["kernel_note"] = f"not captured: {not_capturable}"
+        elif syncs:
             result["kernel_note"] = f"not captured: {syncs} host syncs per call"
         else:
             try:
@@ -259,7 +263,7 @@ class CpuTimer:
     def __init__(self, budget_s: float = 0.25):
         self.budget_s = budget_s
 
-    def __call__(self, fn, warmup: int, rep: int) -> dict:
+    def __call__(self, fn, warmup: int, rep: int, not_capturable: str | None = None) -> dict:
         for _ in range(warmup):
             fn()
         syncs = count_host_syncs(fn).count

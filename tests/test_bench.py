@@ -152,12 +152,16 @@ def test_gpu_timer_kernel_time_from_graph_replay():
     assert rec["tflops"] == pytest.approx(2 * 64 * 7168 * 2048 / 40e-6 / 1e12)
 
 
-@pytest.mark.parametrize("why", ["sync", "capture", "no-profiler"])
+@pytest.mark.parametrize("why", ["sync", "capture", "no-profiler", "declared"])
 def test_gpu_timer_falls_back_to_the_profiler(why):
     rt = FakeRuntime(capture_error=RuntimeError("operation not permitted when stream is capturing\nmore")
-                     if why == "capture" else None,
+                     if why in ("capture", "declared") else None,
                      profile_error=RuntimeError("CUPTI busy") if why == "no-profiler" else None)
-    out = timing.GpuTimer(None, rt)(_fake_op(rt, sync=why == "sync"), warmup=1, rep=5)
+    out = timing.GpuTimer(None, rt)(_fake_op(rt, sync=why == "sync"), warmup=1, rep=5,
+                                    not_capturable=C.NOT_CAPTURABLE["deep_ep"] if why == "declared" else None)
+    if why == "declared":
+        assert out["kernel_method"] == "profiler" and out["kernel_note"] == f"not captured: {C.NOT_CAPTURABLE['deep_ep']}"
+        return
     if why == "no-profiler":
         assert out["kernel_method"] == "cuda-graph" and out["launches"] is None
         assert "profiler unavailable: RuntimeError: CUPTI busy" in out["kernel_note"]
