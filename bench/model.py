@@ -29,7 +29,8 @@ NVLink to the GPUs it targets there.
 
 Each op's time is its roofline on the GPU's datasheet peaks (pure roofline, labelled so), or, with --results,
 the roofline divided by the fraction of roofline a measurement of that op reached (from the kernel time; the
-nearest measured shape by arithmetic intensity, the same GPU preferred). Tokens per second count query tokens
+measured shape nearest in arithmetic intensity, or in bytes moved for ops without tensor math; the same GPU
+preferred, else another GPU's fraction carried over). Tokens per second count query tokens
 processed (with --mtp 1, two per sequence per step; accepted tokens depend on the draft acceptance rate).
 """
 
@@ -404,9 +405,11 @@ def parse_args(argv=None):
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--phase", choices=PHASES + ("both",), default="both")
     p.add_argument("--batch", type=int, help="sequences per GPU (default: 64 decoding, 4 prompts in prefill)")
-    p.add_argument("--context", type=int, default=4096, help="KV length in decode, prompt length in prefill")
+    p.add_argument("--context", type=int, default=4096,
+                   help="KV length in decode, prompt length in prefill (default: 4096)")
     p.add_argument("--mtp", type=int, choices=(0, 1), default=0, help="multi-token prediction: s_q = 1 + mtp")
-    p.add_argument("--ep", type=int, default=8, help="expert-parallel ranks (1: no dispatch or combine)")
+    p.add_argument("--ep", type=int, default=8,
+                   help="expert-parallel ranks (default: 8, one node; 1: no dispatch or combine)")
     p.add_argument("--gpus", default=",".join(hardware.COMPARISON),
                    help="comma-separated names of pykernels.hardware: " + ", ".join(list(hardware.GPUS)
                                                                                   + list(hardware.ALIASES)))
@@ -414,7 +417,7 @@ def parse_args(argv=None):
                                                      "each op's measured fraction of roofline scales its time")
     p.add_argument("--out", default="results", help="directory for model.json and model.png (default: results/)")
     p.add_argument("--name", default="model", help="file name stem (default: model)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p.parse_args(argv)
 
 
