@@ -156,8 +156,15 @@ class CudaRuntime:
 
     def capture(self, fn):
         """fn captured into a CUDA graph; returns the replay. Raises when fn cannot be captured."""
+        # One call on the capture stream first: per-stream state (library handles, workspaces) must exist before
+        # capture begins, as torch.cuda.graph's documentation asks.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            fn()
+        stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             fn()
         self.synchronize()
         return graph.replay
