@@ -5,6 +5,7 @@ job, and `python -m bench --shapes smoke` end to end."""
 
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -756,3 +757,19 @@ def test_expected_grouped_gemm_cost_matches_the_exact_one():
     assert hardware.expected_grouped_gemm_cost(37, 3, 160, 256) == exact
     half = hardware.expected_grouped_gemm_cost(18.5, 1.5, 160, 256)  # linear in rows and in groups
     assert half.flops == exact.flops / 2 and half.hbm_bytes == pytest.approx(exact.hbm_bytes / 2)
+
+
+@pytest.mark.gpu
+def test_gpu_timer_on_a_gpu():
+    device = torch.device("cuda", torch.cuda.current_device())
+    timer = timing.GpuTimer(device)
+    a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
+    out = timer(lambda: a @ a, warmup=2, rep=10)
+    assert out["kernel_method"] == "cuda-graph" and out["syncs"] == 0 and out["launches"] >= 1
+    k, c = statistics.median(out["kernel_samples"]), statistics.median(out["samples"])
+    assert 0 < k <= c * 1.05  # the eager call holds at least the kernel
+    flops = 2 * 2048 ** 3
+    assert flops / k < 2.5 * 989e12  # no Hopper part runs bf16 faster than twice its datasheet peak
+    synced = timer(lambda: (a @ a).sum().item(), warmup=1, rep=5)
+    assert synced["kernel_method"] == "profiler" and synced["syncs"] == 1 and synced["launches"] >= 2
+    assert 0 < statistics.median(synced["kernel_samples"]) <= statistics.median(synced["samples"])
