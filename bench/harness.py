@@ -210,14 +210,14 @@ def _table(header, rows):
 
 
 def _host_cell(r) -> str:
-    """Host work per call: eager time over kernel time, kernel launches (L), host syncs (S)."""
+    """Host work per call: what the eager call adds to the kernel time, kernel launches (L), host syncs (S)."""
     parts = []
-    if r.get("host_overhead_s") is not None:
+    if r["host_overhead_s"] is not None:
         parts.append(f"+{_fmt_time(r['host_overhead_s'])}" if r["host_overhead_s"] >= 0
                      else f"-{_fmt_time(-r['host_overhead_s'])}")
-    if r.get("launches_per_call") is not None:
+    if r["launches_per_call"] is not None:
         parts.append(f"{r['launches_per_call']:g}L")
-    if r.get("syncs_per_call") is not None:
+    if r["syncs_per_call"] is not None:
         parts.append(f"{r['syncs_per_call']}S")
     return " ".join(parts) or "-"
 
@@ -238,9 +238,8 @@ def measured_table(doc: dict) -> str:
         t = r["time_s"]["median"]
         base = torch_time.get((r["op"], r["label"], r["dtype"]))
         gbps = r["logical_gbps"] if r["logical_gbps"] is not None else r["gbps"]
-        kernel = r.get("kernel_s")
-        call = r.get("call_s") or r["time_s"]
-        method = {"cuda-graph": "g", "profiler": "p"}.get(r.get("kernel_method"), "")
+        kernel, call = r["kernel_s"], r["call_s"]
+        method = {"cuda-graph": "g", "profiler": "p"}.get(r["kernel_method"], "")
         rows.append([r["op"], f"{r['label']} {r['dtype']}", r["backend"],
                      f"{_fmt_time(kernel['median'])} {method} ±{kernel['spread'] * 100:.0f}%" if kernel else "-",
                      f"{_fmt_time(call['median'])} ±{call['spread'] * 100:.0f}%", _host_cell(r),
