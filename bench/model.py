@@ -346,6 +346,16 @@ def table(res: dict, label: str) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> str:
+    """One line per GPU and phase: the totals side by side."""
+    rows = [(gpu, phase, _fmt_time(r["layer_s"]), _fmt_time(r["step_s"]), _fmt_time(r["time_per_token_s"]),
+             f"{r['tokens_per_s']:,.0f}") for gpu, per in results.items() for phase, r in per.items()]
+    header = ("GPU", "phase", "MoE layer", "step", "per token", "tokens/s per GPU")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+
+
 def plot(results: dict, path: Path, title: str) -> Path:
     """Stacked bars: time of one MoE layer by component group, one bar per GPU, decode and prefill side by
     side; the labels over the bars give the layer time and tokens/s per GPU."""
@@ -451,6 +461,8 @@ def main(argv=None) -> int:
         for res in per.values():
             print(table(res, doc["label"]))
             print()
+    print(summary(doc["results"]))
+    print()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"

@@ -731,6 +731,10 @@ def test_model_cli_writes_json_and_chart(tmp_path, capsys):
     assert model.main(["--out", str(tmp_path), "--gpus", "H800,h20", "--batch", "8", "--context", "1024"]) == 0
     printed = capsys.readouterr().out
     assert "pure roofline" in printed and "tokens/s per GPU" in printed and "expert gate/up" in printed
+    lines = printed.splitlines()
+    first = lines.index(next(ln for ln in lines if ln.startswith("GPU ")))
+    assert [ln.split()[:2] for ln in lines[first + 2:first + 6]] == [["H800", "SXM5"], ["H800", "SXM5"], ["H20", "decode"],
+                                                                     ["H20", "prefill"]]
     doc = json.loads((tmp_path / "model.json").read_text())
     assert set(doc["results"]) == {"H800 SXM5", "H20"}
     for per in doc["results"].values():
