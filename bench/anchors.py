@@ -117,6 +117,18 @@ def lookup(op: str, shape: dict) -> Anchor | None:
     return None
 
 
+def seconds(anchor: Anchor, flops: float, hbm_bytes: float, op: str) -> float:
+    """The time the anchor's figure implies for work of this cost. DeepEP's logical bytes are the received rows
+    at their wire size: half of pykernels.hardware's dispatch/combine HBM bytes, which count each received row
+    once written by the packing side and once read back."""
+    if anchor.unit == "TFLOPS":
+        return flops / (anchor.value * 1e12)
+    if anchor.unit == "GB/s":
+        moved = hbm_bytes / 2 if op in ("moe_dispatch", "moe_combine") else hbm_bytes
+        return moved / (anchor.value * 1e9)
+    return anchor.value * 1e-6
+
+
 def ratio(anchor: Anchor, record: dict) -> float | None:
     """Our figure over the anchor's, in the anchor's unit, so that > 1 means ours is faster; None when the
     record has no figure in that unit."""

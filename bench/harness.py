@@ -278,12 +278,21 @@ def projection_table(doc: dict, only=None) -> str:
         for g in hardware.COMPARISON:
             r = per_gpu[g]
             cells.append(f"{_fmt_time(r['time_s']['median'])} {r['bound'][0]} x{r['time_s']['median'] / h100:.2f}")
+        h800 = per_gpu["H800 SXM5"]
+        found = anchors.lookup(op, h800["shape"])
+        if found is None:
+            cells.append("-")
+        else:
+            took = anchors.seconds(found, h800["flops"], h800["hbm_bytes"], op)
+            cells.append(f"{found.text()} = {100 * h800['roofline_s'] / took:.0f}%")
         rows.append([op, label, dtype] + cells)
     scaled = [r for r in doc["records"] if r["measured_on"] == "projection" and r["backend"] != "roofline"]
     note = (f"\n{len(scaled)} projections scaled from GPU measurements (measured_on=projection) are in the JSON."
             if scaled else "")
     return ("Roofline projection, DeepSeek-V3 shapes, EP8 for MoE (c/m/i = compute/memory/interconnect bound; "
-            "xN = time relative to H100 SXM5):\n" + _table(["op", "shape", "dtype", *hardware.COMPARISON], rows) + note)
+            "xN = time relative to H100 SXM5; H800 anchor: the anchor's published H800 figure and the fraction of "
+            "the H800 roofline it reaches):\n"
+            + _table(["op", "shape", "dtype", *hardware.COMPARISON, "H800 anchor"], rows) + note)
 
 
 def compare_table(doc: dict, old: dict) -> str:

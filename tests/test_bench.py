@@ -777,3 +777,21 @@ def test_gpu_timer_on_a_gpu():
     synced = timer(lambda: (a @ a).sum().item(), warmup=1, rep=5)
     assert synced["kernel_method"] == "profiler" and synced["syncs"] == 1 and synced["launches"] >= 2
     assert 0 < statistics.median(synced["kernel_samples"]) <= statistics.median(synced["samples"])
+
+
+def test_projection_table_sets_each_anchor_against_the_h800_roofline():
+    text = harness.projection_table({"records": projection.projection_records([])})
+
+    def row(*parts):
+        return next(ln for ln in text.splitlines() if all(p in ln.split() for p in parts))
+
+    # compute-bound GEMM: DeepGEMM's TFLOPS over the FP8 peak
+    assert row("fp8_gemm_nt", "M=4096", "N=7168", "K=16384").endswith(f"1520 TFLOPS = {100 * 1520 / 1979:.0f}%")
+    # memory-bound MLA decode: FlashMLA's GB/s over the HBM bandwidth; none for the FP8 cache
+    assert row("mla_decode", "s_k=8192", "h_q=16", "s_q=1", "bf16").endswith(f"3000 GB/s = {100 * 3000 / 3350:.0f}%")
+    assert row("mla_decode", "s_k=8192", "h_q=16", "s_q=1", "fp8").endswith(" -")
+    # DeepEP low-latency dispatch: the NVLink roofline of the remote rows over its 77 us
+    occ = 8 * (1 - math.comb(224, 8) / math.comb(256, 8))
+    roof = 128 * occ * 7 / 8 * (7168 + 4 * 56) / 200e9
+    assert row("moe_dispatch", "T=128", "fp8").endswith(f"77 us = {100 * roof / 77e-6:.0f}%")
+    assert "H800 anchor" in text.splitlines()[1]
