@@ -80,7 +80,8 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
     cost = prep.cost
     fields = dict(op=case.op, backend=backend, shape=case.shape, label=case.label, dtype=case.dtype, status="ok",
                   measured_on=measured_on, device=device_name or measured_on, gpu=gpu.name if gpu else None,
-                  time_s=stats, kernel_s=kernel, call_s=call, kernel_method=run.get("kernel_method") if kernel else None,
+                  time_s=stats, kernel_s=kernel, call_s=call,
+                  kernel_method=run.get("kernel_method") if kernel else None,
                   host_overhead_s=call["median"] - kernel["median"] if kernel else None,
                   launches_per_call=run.get("launches"), syncs_per_call=run.get("syncs"), flops=cost.flops,
                   hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes,
@@ -251,7 +252,8 @@ def measured_table(doc: dict) -> str:
             + (f" = {where['gpu']}" if where.get("gpu") else "")
             + ("  [CPU figures: never comparable with GPU figures]" if where["kind"] == "cpu" else ""))
     body = _table(["op", "shape", "backend", "kernel (±IQR)", "call (±IQR)", "host/call", "TFLOPS", "GB/s",
-                   "% roof", "bound", "anchor, H800 (ours/it)", "vs torch"], rows) if rows else "(nothing could be measured)"
+                   "% roof", "bound", "anchor, H800 (ours/it)", "vs torch"], rows) \
+        if rows else "(nothing could be measured)"
     legend = ("kernel: the op's kernels alone (g = CUDA-graph replay, p = profiler kernel durations); call: the eager "
               "call; host/call: call - kernel, kernel launches (L), host syncs (S) per call; TFLOPS, GB/s and % roof "
               "from the kernel time where there is one. Anchor figures: bench/anchors.py (source and commit).")

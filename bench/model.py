@@ -218,7 +218,8 @@ def moe_ops(cfg: ModelConfig, phase: str, tokens: int, ep: int) -> list[Op]:
         ops.append(Op("dispatch", "dispatch + combine", "moe_dispatch", c, "bf16", rdma))
     ops += [Op("permute", "permute + unpermute", "moe_permute",
                hardware.cost("moe_permute", rows=received, pairs=pairs, hidden=h, dtype="fp8"), "bf16"),
-            Op("expert gate/up", "expert GEMMs", layout, hardware.expected_grouped_gemm_cost(pairs, groups, 2 * inter, h)),
+            Op("expert gate/up", "expert GEMMs", layout,
+               hardware.expected_grouped_gemm_cost(pairs, groups, 2 * inter, h)),
             Op("expert SiLU+quant", "quant + SiLU", None, silu_mul_quant_cost(pairs, inter), "bf16"),
             Op("expert down", "expert GEMMs", layout, hardware.expected_grouped_gemm_cost(pairs, groups, h, inter)),
             Op("unpermute", "permute + unpermute", "moe_unpermute",

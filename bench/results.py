@@ -19,7 +19,8 @@ SCHEMA = "pykernels-bench/2"
 MEASURED_ON = ("gpu", "cpu", "projection")
 STATUSES = ("ok", "skipped", "failed")
 RECORD_KEYS = ("op", "backend", "shape", "label", "dtype", "status", "reason", "measured_on", "device", "gpu", "time_s",
-               "kernel_s", "call_s", "kernel_method", "host_overhead_s", "launches_per_call", "syncs_per_call", "flops", "hbm_bytes", "link_bytes", "tflops", "gbps", "link_gbps", "logical_gbps", "roofline_s",
+               "kernel_s", "call_s", "kernel_method", "host_overhead_s", "launches_per_call", "syncs_per_call",
+               "flops", "hbm_bytes", "link_bytes", "tflops", "gbps", "link_gbps", "logical_gbps", "roofline_s",
                "roofline_fraction", "bound", "note")
 PEER_PACKAGES = ("deep_gemm", "flash_mla", "deep_ep", "flashinfer-python", "flashinfer", "vllm", "pynvml",
                  "nvidia-ml-py")
@@ -136,8 +137,9 @@ def validate_record(rec: dict) -> None:
             raise ValueError(f"record kernel_method: expected one of {KERNEL_METHODS} or null, "
                              f"got {rec['kernel_method']!r}")
         if (rec["kernel_s"] is None) != (rec["kernel_method"] is None):
+            state = "absent" if rec["kernel_s"] is None else "present"
             raise ValueError(f"record kernel_method: expected a method exactly when kernel_s is present, got "
-                             f"{rec['kernel_method']!r} with kernel_s {'absent' if rec['kernel_s'] is None else 'present'}")
+                             f"{rec['kernel_method']!r} with kernel_s {state}")
 
 
 def validate(doc: dict) -> dict:
