@@ -160,5 +160,19 @@ def save(doc: dict, path: Path) -> Path:
     return path
 
 
+def upgrade(doc: dict) -> dict:
+    """A version-1 document in version 2's form: its times were eager-call times (CUDA events around one call
+    on a GPU), so they become `call_s`, with no kernel time and no host counts."""
+    if doc.get("schema") != "pykernels-bench/1":
+        return doc
+    for rec in doc.get("records", []):
+        measured = rec.get("status") == "ok" and rec.get("measured_on") != "projection"
+        rec.update(kernel_s=None, call_s=rec.get("time_s") if measured else None, kernel_method=None,
+                   host_overhead_s=None, launches_per_call=None, syncs_per_call=None)
+    doc["schema"] = SCHEMA
+    return doc
+
+
 def load(path) -> dict:
-    return validate(json.loads(Path(path).read_text()))
+    """A results document (version 1 documents upgraded), validated."""
+    return validate(upgrade(json.loads(Path(path).read_text())))

@@ -797,3 +797,19 @@ def test_projection_table_sets_each_anchor_against_the_h800_roofline():
     roof = 128 * occ * 7 / 8 * (7168 + 4 * 56) / 200e9
     assert row("moe_dispatch", "T=128", "fp8").endswith(f"77 us = {100 * roof / 77e-6:.0f}%")
     assert "H800 anchor" in text.splitlines()[1]
+
+
+def test_version_1_documents_still_load(tmp_path):
+    doc = _doc()
+    old = json.loads(json.dumps(doc))
+    old["schema"] = "pykernels-bench/1"
+    for rec in old["records"]:
+        for key in ("kernel_s", "call_s", "kernel_method", "host_overhead_s", "launches_per_call", "syncs_per_call"):
+            del rec[key]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    got = results.load(tmp_path / "v1.json")
+    assert got["schema"] == results.SCHEMA
+    measured, skipped = got["records"][0], got["records"][1]
+    assert measured["call_s"] == measured["time_s"] and measured["kernel_s"] is None
+    assert skipped["call_s"] is None and got["records"][-1]["call_s"] is None  # a projection measured nothing
+    assert "Speed-up against fixture" in harness.compare_table(doc, got)
