@@ -23,6 +23,11 @@ OWN_BACKENDS = ("torch", "triton", "cuda")
 NOT_IN_BUILD = "op not in this build"
 
 
+# Backends whose calls block the host on device data out of the torch dispatcher's sight: never captured into a
+# CUDA graph (capture would wait on kernels that do not run); the profiler times their kernels.
+NOT_CAPTURABLE = {"deep_ep": "DeepEP's normal-mode dispatch and combine wait on the host for the receive counts"}
+
+
 class Skip(Exception):
     """This (case, backend) cannot run here; the message says why."""
 
@@ -443,7 +448,8 @@ def _prepare_moe_comm(case, device, group):
     dist.all_reduce(counts, group=group)
     received = int(counts[rank])
     cost = hardware.Cost(0.0, float((sent + received) * row), float(sent_remote * row))
-    extra = {"received_rows": received, "logical_bytes": received * hidden * 2}
+    # DeepEP's "logical" bytes: received rows, the rank's own included, at their size on the wire
+    extra = {"received_rows": received, "logical_bytes": received * row}
 
     def own(backend):
         def make():

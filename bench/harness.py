@@ -14,7 +14,7 @@ import torch
 
 from pykernels import hardware
 from bench import cases as C
-from bench import results, shapes, timing
+from bench import anchors, projection, results, roofline, shapes, timing
 
 GPU_RUNS = {"warmup": 5, "rep": 30}
 GPU_QUICK = {"warmup": 2, "rep": 8}
@@ -68,7 +68,11 @@ def _slug(text: str) -> str:
 
 def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, measured_on: str,
                     gpu: hardware.GPU | None, device_name: str | None = None) -> dict:
-    stats = timing.summarize(run["samples"])
+    """A record from a timer's result: `samples` (eager calls), and from a GPU `kernel_samples` with
+    `kernel_method`, `launches`; `syncs` from either. Derived figures use the kernel time where there is one."""
+    call = timing.summarize(run["samples"])
+    kernel = timing.summarize(run["kernel_samples"]) if run.get("kernel_samples") else None
+    stats = dict(kernel or call)
     t = stats["median"]
     stats["discarded_throttled"] = run.get("discarded_throttled", 0)
     if "sm_clock_mhz" in run:
@@ -76,7 +80,10 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
     cost = prep.cost
     fields = dict(op=case.op, backend=backend, shape=case.shape, label=case.label, dtype=case.dtype, status="ok",
                   measured_on=measured_on, device=device_name or measured_on, gpu=gpu.name if gpu else None,
-                  time_s=stats, flops=cost.flops,
+                  time_s=stats, kernel_s=kernel, call_s=call,
+                  kernel_method=run.get("kernel_method") if kernel else None,
+                  host_overhead_s=call["median"] - kernel["median"] if kernel else None,
+                  launches_per_call=run.get("launches"), syncs_per_call=run.get("syncs"), flops=cost.flops,
                   hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes,
                   tflops=cost.flops / t / 1e12 if cost.flops else None, gbps=cost.hbm_bytes / t / 1e9,
                   link_gbps=cost.link_bytes / t / 1e9 if cost.link_bytes else None,
@@ -84,6 +91,10 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
     notes = []
     if stats["discarded_throttled"]:
         notes.append(f"{stats['discarded_throttled']} throttled runs discarded")
+    if run.get("kernel_note"):
+        notes.append(run["kernel_note"])
+    if measured_on == "gpu" and kernel is None:
+        notes.append("no kernel time: figures use the eager call time")
     if gpu is not None:
         proj = hardware.project(cost, gpu, case.math_dtype)
         fields.update(roofline_s=proj.seconds, roofline_fraction=proj.seconds / t, bound=proj.bound)
@@ -99,44 +110,6 @@ def status_record(case: C.Case, backend: str, status: str, reason: str, measured
                   device_name: str | None = None) -> dict:
     return results.record(op=case.op, backend=backend, shape=case.shape, label=case.label, dtype=case.dtype,
                           status=status, reason=reason, measured_on=measured_on, device=device_name or measured_on)
-
-
-def projection_cases() -> list:
-    return C.cases_for(shapes.shape_set("deepseek-v3"), shapes.projection_world())
-
-
-def projection_records(measured: list) -> list:
-    """Roofline time of every DeepSeek-V3 case on each comparison GPU, and, for each GPU measurement of the
-    same case, the other GPUs' times scaled by the fraction of roofline that measurement reached."""
-    out = []
-    by_key = {}
-    for rec in measured:
-        if rec["measured_on"] == "gpu" and rec["status"] == "ok" and rec["roofline_fraction"]:
-            by_key.setdefault((rec["op"], rec["label"], rec["dtype"]), []).append(rec)
-    for case in projection_cases():
-        cost = case.cost()
-        for name in hardware.COMPARISON:
-            proj = hardware.project(cost, name, case.math_dtype)
-            out.append(results.record(
-                op=case.op, backend="roofline", shape=case.shape, label=case.label, dtype=case.dtype, status="ok",
-                measured_on="projection", gpu=name, time_s=_point(proj.seconds), flops=cost.flops,
-                hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes, roofline_s=proj.seconds,
-                roofline_fraction=1.0, bound=proj.bound, note="analytic roofline: peak datasheet rates"))
-            for rec in by_key.get(case.key, []):
-                if rec["gpu"] == name:
-                    continue
-                f = rec["roofline_fraction"]
-                out.append(results.record(
-                    op=case.op, backend=rec["backend"], shape=case.shape, label=case.label, dtype=case.dtype,
-                    status="ok", measured_on="projection", gpu=name, time_s=_point(proj.seconds / f),
-                    flops=cost.flops, hbm_bytes=cost.hbm_bytes, link_bytes=cost.link_bytes,
-                    roofline_s=proj.seconds, roofline_fraction=f, bound=proj.bound,
-                    note=f"projection: {name} roofline / the {f:.0%} of roofline measured on {rec['gpu']}"))
-    return out
-
-
-def _point(seconds: float) -> dict:
-    return {"median": seconds, "min": seconds, "max": seconds, "mean": seconds, "n": 0, "spread": 0.0}
 
 
 def run(args) -> dict:
@@ -196,7 +169,8 @@ def run(args) -> dict:
             bar.set_description(f"{case.op} [{case.label}] {backend}")
             try:
                 fn = prep.make(backend)
-                doc["records"].append(measured_record(case, backend, prep, timer(fn, **runs), measured_on, gpu,
+                timed = timer(fn, **runs, not_capturable=C.NOT_CAPTURABLE.get(backend))
+                doc["records"].append(measured_record(case, backend, prep, timed, measured_on, gpu,
                                                       device_name))
             except C.Skip as exc:
                 doc["records"].append(status_record(case, backend, "skipped", str(exc), measured_on, device_name))
@@ -209,7 +183,7 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    doc["records"] += projection_records(doc["records"])
+    doc["records"] += projection.projection_records(doc["records"])
     return doc
 
 
@@ -236,6 +210,27 @@ def _table(header, rows):
                      + [line.format(*map(str, r)) for r in rows])
 
 
+def _host_cell(r) -> str:
+    """Host work per call: what the eager call adds to the kernel time, kernel launches (L), host syncs (S)."""
+    parts = []
+    if r["host_overhead_s"] is not None:
+        parts.append(f"+{_fmt_time(r['host_overhead_s'])}" if r["host_overhead_s"] >= 0
+                     else f"-{_fmt_time(-r['host_overhead_s'])}")
+    if r["launches_per_call"] is not None:
+        parts.append(f"{r['launches_per_call']:g}L")
+    if r["syncs_per_call"] is not None:
+        parts.append(f"{r['syncs_per_call']}S")
+    return " ".join(parts) or "-"
+
+
+def _anchor_cell(r) -> str:
+    found = anchors.lookup(r["op"], r["shape"])
+    if found is None:
+        return "-"
+    rel = anchors.ratio(found, r) if r["measured_on"] == "gpu" else None
+    return found.text() + (f" ({rel:.2f}x)" if rel is not None else "")
+
+
 def measured_table(doc: dict) -> str:
     ok = [r for r in doc["records"] if r["measured_on"] != "projection" and r["status"] == "ok"]
     torch_time = {(r["op"], r["label"], r["dtype"]): r["time_s"]["median"] for r in ok if r["backend"] == "torch"}
@@ -244,23 +239,31 @@ def measured_table(doc: dict) -> str:
         t = r["time_s"]["median"]
         base = torch_time.get((r["op"], r["label"], r["dtype"]))
         gbps = r["logical_gbps"] if r["logical_gbps"] is not None else r["gbps"]
+        kernel, call = r["kernel_s"], r["call_s"]
+        method = {"cuda-graph": "g", "profiler": "p"}.get(r["kernel_method"], "")
         rows.append([r["op"], f"{r['label']} {r['dtype']}", r["backend"],
-                     f"{_fmt_time(t)} ±{r['time_s']['spread'] * 100:.0f}%", _fmt(r["tflops"], ".3g"),
-                     _fmt(gbps, ".4g"), _fmt(r["roofline_fraction"] and 100 * r["roofline_fraction"], ".0f"),
-                     r["bound"] or "-", _fmt(base / t if base else None, ".2f")])
+                     f"{_fmt_time(kernel['median'])} {method} ±{kernel['spread'] * 100:.0f}%" if kernel else "-",
+                     f"{_fmt_time(call['median'])} ±{call['spread'] * 100:.0f}%", _host_cell(r),
+                     _fmt(r["tflops"], ".3g"), _fmt(gbps, ".4g"),
+                     _fmt(r["roofline_fraction"] and 100 * r["roofline_fraction"], ".0f"),
+                     r["bound"] or "-", _anchor_cell(r), _fmt(base / t if base else None, ".2f")])
     where = doc["device"]
     head = (f"Measured on {where['kind'].upper()} {where['name']}"
             + (f" = {where['gpu']}" if where.get("gpu") else "")
             + ("  [CPU figures: never comparable with GPU figures]" if where["kind"] == "cpu" else ""))
-    body = _table(["op", "shape", "backend", "time (±IQR)", "TFLOPS", "GB/s", "% roof", "bound", "vs torch"], rows) \
+    body = _table(["op", "shape", "backend", "kernel (±IQR)", "call (±IQR)", "host/call", "TFLOPS", "GB/s",
+                   "% roof", "bound", "anchor, H800 (ours/it)", "vs torch"], rows) \
         if rows else "(nothing could be measured)"
+    legend = ("kernel: the op's kernels alone (g = CUDA-graph replay, p = profiler kernel durations); call: the eager "
+              "call; host/call: call - kernel, kernel launches (L), host syncs (S) per call; TFLOPS, GB/s and % roof "
+              "from the kernel time where there is one. Anchor figures: bench/anchors.py (source and commit).")
     skipped = {}
     for r in doc["records"]:
         if r["status"] != "ok":
             skipped.setdefault((r["status"], r["reason"]), set()).add(r["op"] if r["status"] == "skipped"
                                                                      else f"{r['op']}/{r['backend']}")
     lines = [f"  {status} ({', '.join(sorted(ops))}): {reason}" for (status, reason), ops in sorted(skipped.items())]
-    return "\n".join([head, body] + (["Not measured:"] + lines if lines else []))
+    return "\n".join([head, body, legend] + (["Not measured:"] + lines if lines else []))
 
 
 def projection_table(doc: dict, only=None) -> str:
@@ -277,12 +280,21 @@ def projection_table(doc: dict, only=None) -> str:
         for g in hardware.COMPARISON:
             r = per_gpu[g]
             cells.append(f"{_fmt_time(r['time_s']['median'])} {r['bound'][0]} x{r['time_s']['median'] / h100:.2f}")
+        h800 = per_gpu["H800 SXM5"]
+        found = anchors.lookup(op, h800["shape"])
+        if found is None:
+            cells.append("-")
+        else:
+            took = anchors.seconds(found, h800["flops"], h800["hbm_bytes"], op)
+            cells.append(f"{found.text()} = {100 * h800['roofline_s'] / took:.0f}%")
         rows.append([op, label, dtype] + cells)
     scaled = [r for r in doc["records"] if r["measured_on"] == "projection" and r["backend"] != "roofline"]
     note = (f"\n{len(scaled)} projections scaled from GPU measurements (measured_on=projection) are in the JSON."
             if scaled else "")
     return ("Roofline projection, DeepSeek-V3 shapes, EP8 for MoE (c/m/i = compute/memory/interconnect bound; "
-            "xN = time relative to H100 SXM5):\n" + _table(["op", "shape", "dtype", *hardware.COMPARISON], rows) + note)
+            "xN = time relative to H100 SXM5; H800 anchor: the anchor's published H800 figure and the fraction of "
+            "the H800 roofline it reaches):\n"
+            + _table(["op", "shape", "dtype", *hardware.COMPARISON, "H800 anchor"], rows) + note)
 
 
 def compare_table(doc: dict, old: dict) -> str:
@@ -313,8 +325,6 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out)
     path = results.save(doc, out / f"{doc['name']}.json")
-    from bench import roofline
-
     full = out / f"{doc['name']}-projection.txt"
     full.write_text(projection_table(doc) + "\n")
     print(measured_table(doc))

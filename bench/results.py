@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from pykernels import hardware
+from bench.timing import KERNEL_METHODS
 
-SCHEMA = "pykernels-bench/1"
+SCHEMA = "pykernels-bench/2"
 MEASURED_ON = ("gpu", "cpu", "projection")
 STATUSES = ("ok", "skipped", "failed")
 RECORD_KEYS = ("op", "backend", "shape", "label", "dtype", "status", "reason", "measured_on", "device", "gpu", "time_s",
+               "kernel_s", "call_s", "kernel_method", "host_overhead_s", "launches_per_call", "syncs_per_call",
                "flops", "hbm_bytes", "link_bytes", "tflops", "gbps", "link_gbps", "logical_gbps", "roofline_s",
                "roofline_fraction", "bound", "note")
 PEER_PACKAGES = ("deep_gemm", "flash_mla", "deep_ep", "flashinfer-python", "flashinfer", "vllm", "pynvml",
@@ -123,11 +125,21 @@ def validate_record(rec: dict) -> None:
     if rec["measured_on"] not in MEASURED_ON:
         raise ValueError(f"record measured_on: expected one of {MEASURED_ON}, got {rec['measured_on']!r}")
     if rec["status"] == "ok":
-        t = rec["time_s"]
-        if not isinstance(t, dict) or not {"median", "min", "max", "n"} <= set(t):
-            raise ValueError(f"record time_s: expected median/min/max/n, got {t!r}")
-        if not t["min"] <= t["median"] <= t["max"]:
-            raise ValueError(f"record time_s: expected min <= median <= max, got {t!r}")
+        for key in ("time_s", "kernel_s", "call_s"):
+            t = rec[key]
+            if t is None and key != "time_s":
+                continue
+            if not isinstance(t, dict) or not {"median", "min", "max", "n"} <= set(t):
+                raise ValueError(f"record {key}: expected median/min/max/n, got {t!r}")
+            if not t["min"] <= t["median"] <= t["max"]:
+                raise ValueError(f"record {key}: expected min <= median <= max, got {t!r}")
+        if rec["kernel_method"] not in (None,) + KERNEL_METHODS:
+            raise ValueError(f"record kernel_method: expected one of {KERNEL_METHODS} or null, "
+                             f"got {rec['kernel_method']!r}")
+        if (rec["kernel_s"] is None) != (rec["kernel_method"] is None):
+            state = "absent" if rec["kernel_s"] is None else "present"
+            raise ValueError(f"record kernel_method: expected a method exactly when kernel_s is present, got "
+                             f"{rec['kernel_method']!r} with kernel_s {state}")
 
 
 def validate(doc: dict) -> dict:
@@ -148,5 +160,19 @@ def save(doc: dict, path: Path) -> Path:
     return path
 
 
+def upgrade(doc: dict) -> dict:
+    """A version-1 document in version 2's form: its times were eager-call times (CUDA events around one call
+    on a GPU), so they become `call_s`, with no kernel time and no host counts."""
+    if doc.get("schema") != "pykernels-bench/1":
+        return doc
+    for rec in doc.get("records", []):
+        measured = rec.get("status") == "ok" and rec.get("measured_on") != "projection"
+        rec.update(kernel_s=None, call_s=rec.get("time_s") if measured else None, kernel_method=None,
+                   host_overhead_s=None, launches_per_call=None, syncs_per_call=None)
+    doc["schema"] = SCHEMA
+    return doc
+
+
 def load(path) -> dict:
-    return validate(json.loads(Path(path).read_text()))
+    """A results document (version 1 documents upgraded), validated."""
+    return validate(upgrade(json.loads(Path(path).read_text())))

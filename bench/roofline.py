@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pykernels import hardware  # noqa: E402
+from bench import projection  # noqa: E402
 
 GPU_COLORS = {"H100 SXM5": "#1f77b4", "H800 SXM5": "#ff7f0e", "H20": "#d62728", "H200 SXM": "#2ca02c"}
 BACKEND_MARKERS = {"cuda": "o", "triton": "s", "torch": "v", "torch-sdpa": "<", "torch-scaled-mm": ">", "torch-dequant-mm": "^",
@@ -139,12 +140,6 @@ def plot_gpu(records: list, gpu: hardware.GPU, path: Path) -> Path:
     return path
 
 
-def _analytic_projection() -> list:
-    from bench import harness
-
-    return harness.projection_records([])
-
-
 def plot_comparison(records: list, path: Path) -> Path:
     """Horizontal bars: roofline time per GPU for the chosen DeepSeek-V3 cases, with the binding roof and
     the slow-down against H100; measured times (filled) and projections scaled from them (hollow)."""
@@ -225,7 +220,7 @@ def plot_records(records: list, out: Path, sources: str) -> list:
                         + ": CPU and interpreter figures are never drawn on a GPU roofline, so no roofline "
                           "plot; drawing the cross-GPU projection chart only.")
     if not any(r["measured_on"] == "projection" and r["backend"] == "roofline" for r in ok):
-        ok = ok + _analytic_projection()
+        ok = ok + projection.projection_records([])
     messages.append(f"wrote {plot_comparison(ok, out / 'cross-gpu.png')}")
     return messages
 

@@ -4,7 +4,7 @@ ones the kernel issues quote figures for; `smoke` holds tiny ones with odd sizes
 
 from __future__ import annotations
 
-# DeepSeek-V3 linear layers (N, K) as DeepGEMM benchmarks them.
+# DeepSeek-V3 linear layers (N, K) as DeepGEMM benchmarks them, at M = 64, 128 (decode) and 4096 (prefill).
 DSV3_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 # MoE routing of DeepSeek-V3: 256 routed experts, top-8, hidden 7168; EP8 is the intranode deployment.
@@ -20,8 +20,10 @@ def _deepseek_v3():
     for m in (64, 128, 4096):
         for n, k in DSV3_NK:
             cases.append(("fp8_gemm_nt", {"m": m, "n": n, "k": k}))
-    for groups, m, n, k in [(4, 8192, 4096, 7168), (8, 4096, 7168, 2048)]:
-        cases.append(("m_grouped_fp8_gemm_nt_contiguous", {"ms": [m] * groups, "n": n, "k": k}))
+    # DeepGEMM's published grouped shapes (bench/anchors.py): contiguous for prefill, masked for decode
+    for groups, m in [(4, 8192), (8, 4096)]:
+        for n, k in [(4096, 7168), (7168, 2048)]:
+            cases.append(("m_grouped_fp8_gemm_nt_contiguous", {"ms": [m] * groups, "n": n, "k": k}))
     for n, k in [(4096, 7168), (7168, 2048)]:
         for groups, m in [(1, 1024), (2, 512), (4, 256)]:
             cases.append(("m_grouped_fp8_gemm_nt_masked", {"masked_m": [m] * groups, "m_max": m, "n": n, "k": k}))

@@ -282,3 +282,10 @@ def detect(device=None, override: str | None = None) -> Detection:
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     return identify(props.name, props.multi_processor_count, props.total_memory, (props.major, props.minor),
                     override)
+
+
+def expected_grouped_gemm_cost(rows: float, groups: float, n: int, k: int) -> Cost:
+    """Expected cost of a block-scaled grouped FP8 GEMM when only expectations are known (a model of a MoE
+    layer under random routing): `rows` activation rows in all, spread over `groups` weight matrices that
+    receive at least one row (both may be fractional). The same counts as cost("fp8_gemm_contiguous")."""
+    return _gemm_cost([rows], n, k, groups)

@@ -5,6 +5,7 @@ job, and `python -m bench --shapes smoke` end to end."""
 
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 
 import pykernels
 from bench import cases as C
-from bench import harness, results, roofline, shapes, timing
+from bench import anchors, harness, model, projection, results, roofline, shapes, timing
 from pykernels import hardware
 from pykernels.reference import fp8_quant as qref
 
@@ -46,8 +47,138 @@ def test_summarize():
 def test_cpu_timer_takes_at_least_three_samples():
     calls = []
     out = timing.CpuTimer(budget_s=0.0)(lambda: calls.append(1), warmup=2, rep=10)
-    assert len(out["samples"]) == 3 and len(calls) == 5
-    assert all(t >= 0 for t in out["samples"])
+    assert len(out["samples"]) == 3 and len(calls) == 6  # 2 warm-up, 1 counting host syncs, 3 timed
+    assert all(t >= 0 for t in out["samples"]) and out["syncs"] == 0
+
+
+def test_host_sync_counter():
+    x = torch.randn(37)
+    assert timing.count_host_syncs(lambda: (x * 2).sum()).count == 0
+    assert timing.count_host_syncs(lambda: x[torch.tensor([3, 1])] + x[2:4]).count == 0  # integer indexing
+    counter = timing.count_host_syncs(lambda: (x.sum().item(), x[x > 0], int(x.argmax()), bool(x.any()),
+                                               x.nonzero()))
+    # item, boolean-mask indexing, int(), bool(), nonzero: five waits for the device on a GPU
+    assert counter.count == 5 and counter.ops == {"_local_scalar_dense": 3, "index": 1, "nonzero": 1}
+
+
+def _fake_kernel(name, us):
+    return types.SimpleNamespace(name=name, duration=us)
+
+
+def _fake_event(name, kernels=(), children=()):
+    return types.SimpleNamespace(name=name, kernels=list(kernels), cpu_children=list(children))
+
+
+def test_calls_from_profile_sums_the_kernels_of_each_call():
+    launch = _fake_event("cudaLaunchKernel", [_fake_kernel("gemm", 30.0)])
+    op = _fake_event("aten::mm", [_fake_kernel("mm", 7.5)], [_fake_event("cudaLaunchKernel", [_fake_kernel("x", 2.5)])])
+    events = [_fake_event("aten::zero_", [_fake_kernel("flush", 500.0)]),  # the L2 flush, outside the range
+              _fake_event(timing.CALL_RANGE, [], [launch, op]),
+              _fake_event(timing.CALL_RANGE, [], [_fake_event("cudaLaunchKernel", [_fake_kernel("gemm", 31.0)])]),
+              launch, op]  # the profiler also lists nested events at top level: they must not count twice
+    got = timing.calls_from_profile(events)
+    assert got == [(pytest.approx(40e-6), 3), (pytest.approx(31e-6), 1)]
+    assert timing.calls_from_profile([]) == []
+
+
+class FakeRuntime:
+    """A simulated device: an op appends kernel durations to `launched` and host time to `host`; event timing
+    sees both, a graph replay only the kernels; capture fails on request; clocks come from a list."""
+
+    max_mhz = 1980
+
+    def __init__(self, clocks=None, capture_error=None, profile_error=None):
+        self.launched, self.host, self.flushes = [], 0.0, 0
+        self.clocks = iter(clocks) if clocks is not None else None
+        self.capture_error, self.profile_error = capture_error, profile_error
+
+    def flush(self):
+        self.flushes += 1
+
+    def synchronize(self):
+        pass
+
+    def elapsed(self, fn):
+        self.launched, self.host = [], 0.0
+        fn()
+        return sum(self.launched) + self.host
+
+    def capture(self, fn):
+        if self.capture_error:
+            raise self.capture_error
+        self.launched = []
+        fn()
+        kernels = list(self.launched)
+        return lambda: self.launched.extend(kernels)
+
+    def profile(self, fn, rep):
+        if self.profile_error:
+            raise self.profile_error
+        out = []
+        for _ in range(rep):
+            self.flush()
+            self.launched = []
+            fn()
+            out.append((sum(self.launched), len(self.launched)))
+        return out
+
+    def sm_mhz(self):
+        return next(self.clocks) if self.clocks is not None else None
+
+
+def _fake_op(rt, kernels_us=(30.0, 10.0), host_us=25.0, sync=False):
+    x = torch.ones(3)
+
+    def op():
+        rt.host += host_us * 1e-6
+        rt.launched.extend(k * 1e-6 for k in kernels_us)
+        if sync:
+            x.sum().item()
+    return op
+
+
+def test_gpu_timer_kernel_time_from_graph_replay():
+    rt = FakeRuntime()
+    out = timing.GpuTimer(None, rt)(_fake_op(rt), warmup=2, rep=7)
+    assert out["kernel_method"] == "cuda-graph" and out["kernel_note"] is None
+    assert out["kernel_samples"] == [pytest.approx(40e-6)] * 7 and out["samples"] == [pytest.approx(65e-6)] * 7
+    assert out["launches"] == 2 and out["syncs"] == 0 and out["discarded_throttled"] == 0
+    assert rt.flushes >= 14  # one before every timed sample, eager and replayed
+    case = C.Case("fp8_gemm_nt", {"m": 64, "n": 7168, "k": 2048})
+    rec = harness.measured_record(case, "cuda", C.Prepared(case, case.cost(), {}), out, "gpu", hardware.get("H800"))
+    assert rec["kernel_s"]["median"] == pytest.approx(40e-6) and rec["call_s"]["median"] == pytest.approx(65e-6)
+    assert rec["time_s"] == {**rec["kernel_s"], "discarded_throttled": 0}
+    assert rec["host_overhead_s"] == pytest.approx(25e-6) and rec["kernel_method"] == "cuda-graph"
+    assert rec["roofline_fraction"] == pytest.approx(hardware.project(case.cost(), "H800", "fp8").seconds / 40e-6)
+    assert rec["tflops"] == pytest.approx(2 * 64 * 7168 * 2048 / 40e-6 / 1e12)
+
+
+@pytest.mark.parametrize("why", ["sync", "capture", "no-profiler", "declared"])
+def test_gpu_timer_falls_back_to_the_profiler(why):
+    rt = FakeRuntime(capture_error=RuntimeError("operation not permitted when stream is capturing\nmore")
+                     if why in ("capture", "declared") else None,
+                     profile_error=RuntimeError("CUPTI busy") if why == "no-profiler" else None)
+    out = timing.GpuTimer(None, rt)(_fake_op(rt, sync=why == "sync"), warmup=1, rep=5,
+                                    not_capturable=C.NOT_CAPTURABLE["deep_ep"] if why == "declared" else None)
+    if why == "declared":
+        assert out["kernel_method"] == "profiler"
+        assert out["kernel_note"] == f"not captured: {C.NOT_CAPTURABLE['deep_ep']}"
+        return
+    if why == "no-profiler":
+        assert out["kernel_method"] == "cuda-graph" and out["launches"] is None
+        assert "profiler unavailable: RuntimeError: CUPTI busy" in out["kernel_note"]
+        return
+    assert out["kernel_method"] == "profiler" and out["kernel_samples"] == [pytest.approx(40e-6)] * 5
+    assert out["launches"] == 2 and out["syncs"] == (1 if why == "sync" else 0)
+    assert out["kernel_note"] == ("not captured: 1 host syncs per call" if why == "sync" else
+                                  "capture failed: RuntimeError: operation not permitted when stream is capturing")
+
+
+def test_gpu_timer_drops_throttled_samples():
+    rt = FakeRuntime(clocks=[1980, 1000, 1980, 1980] + [1100] * 2 + [1980] * 2)
+    out = timing.GpuTimer(None, rt)(_fake_op(rt), warmup=0, rep=4)
+    assert len(out["samples"]) == 3 and len(out["kernel_samples"]) == 2 and out["discarded_throttled"] == 3
+    assert out["sm_clock_mhz"] == 1980
 
 
 # ---- results schema ----
@@ -58,7 +189,7 @@ def _doc():
     prep = C.Prepared(case, case.cost(), {})
     doc["records"].append(harness.measured_record(case, "torch", prep, {"samples": [2e-3, 1e-3, 3e-3]}, "cpu", None))
     doc["records"].append(harness.status_record(case, "cuda", "skipped", "no GPU", "cpu"))
-    doc["records"] += harness.projection_records([])
+    doc["records"] += projection.projection_records([])
     return doc
 
 
@@ -97,14 +228,14 @@ def test_gpu_record_fraction_and_scaled_projection():
                                   "gpu", hardware.get("H800"))
     assert rec["roofline_fraction"] == pytest.approx(0.8) and rec["bound"] == "compute"
     assert "2 throttled runs discarded" in rec["note"]
-    proj = harness.projection_records([rec])
+    proj = projection.projection_records([rec])
     scaled = [r for r in proj if r["backend"] == "cuda"]
     assert {r["gpu"] for r in scaled} == {"H100 SXM5", "H20", "H200 SXM"}  # not the GPU it was measured on
     h20 = next(r for r in scaled if r["gpu"] == "H20")
     assert h20["measured_on"] == "projection" and "projection" in h20["note"]
     assert h20["time_s"]["median"] == pytest.approx(hardware.project(case.cost(), "H20", "fp8").seconds / 0.8)
     roofs = [r for r in proj if r["backend"] == "roofline"]
-    assert len(roofs) == len(harness.projection_cases()) * len(hardware.COMPARISON)
+    assert len(roofs) == len(projection.projection_cases()) * len(hardware.COMPARISON)
 
 
 def test_shape_sets_cover_every_op():
@@ -315,7 +446,7 @@ def _gpu_fixture(gpu):
             t = hardware.project(case.cost(), gpu, case.math_dtype).seconds / f
             doc["records"].append(harness.measured_record(case, backend, prep, {"samples": [t, t * 1.02, t * 0.99]},
                                                           "gpu", hardware.get(gpu)))
-    doc["records"] += harness.projection_records(doc["records"])
+    doc["records"] += projection.projection_records(doc["records"])
     return doc
 
 
@@ -351,7 +482,8 @@ def test_main_job_smoke_on_cpu(tmp_path):
     assert measured and all(r["measured_on"] == "cpu" and r["device"] == "cpu" for r in measured)
     assert {r["op"] for r in measured} == set(C.OPS)
     assert any(r["status"] == "ok" and r["backend"] == "torch" for r in measured)
-    for header in ("time (±IQR)", "TFLOPS", "GB/s", "% roof", "bound", "vs torch", "H800 SXM5", "H20"):
+    for header in ("kernel (±IQR)", "call (±IQR)", "host/call", "TFLOPS", "GB/s", "% roof", "bound", "anchor, H800",
+                   "vs torch", "H800 SXM5", "H20"):
         assert header in proc.stdout
     assert "never comparable with GPU figures" in proc.stdout
     assert (tmp_path / "cross-gpu.png").exists() and (tmp_path / "cpu-smoke-projection.txt").exists()
@@ -383,3 +515,301 @@ def test_pytest_benchmark_job(tmp_path):
 def test_plain_pytest_run_does_not_collect_bench():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+
+
+# ---- the anchors' figures ----
+
+def test_every_deepgemm_shape_is_benchmarked_and_finds_its_anchor():
+    todo = C.cases_for(shapes.shape_set("deepseek-v3"), world=8)
+    found = {}
+    for c in todo:
+        a = anchors.lookup(c.op, c.shape)
+        if a is not None and a.source is anchors.DEEPGEMM:
+            found[(c.op, c.label)] = a.value
+    listed = len(anchors.DEEPGEMM_NORMAL) + len(anchors.DEEPGEMM_CONTIGUOUS) + len(anchors.DEEPGEMM_MASKED)
+    assert listed == 18 + 4 + 6 and len(found) == listed
+    assert found[("fp8_gemm_nt", "M=4096 N=7168 K=16384")] == 1520
+    assert found[("m_grouped_fp8_gemm_nt_contiguous", "8x4096 N=7168 K=2048")] == 1214
+    assert found[("m_grouped_fp8_gemm_nt_masked", "4x256/256 N=4096 K=7168")] == 932
+    assert anchors.DEEPGEMM.commit.startswith("327ec92") and len(anchors.DEEPGEMM.commit) == 40
+
+
+@pytest.mark.parametrize("op,shape,want", [
+    ("fp8_gemm_nt", {"m": 65, "n": 2112, "k": 7168}, None),
+    ("m_grouped_fp8_gemm_nt_masked", {"masked_m": [256, 200, 256, 256], "m_max": 256, "n": 4096, "k": 7168}, None),
+    ("m_grouped_fp8_gemm_nt_masked", {"masked_m": [256] * 4, "m_max": 512, "n": 4096, "k": 7168}, None),
+    ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 64, "seqlen": 4096, "kv_dtype": "bf16"}, (3000, "GB/s")),
+    ("mla_decode", {"batch": 128, "s_q": 2, "h_q": 32, "seqlen": 8192, "kv_dtype": "bf16"}, (3000, "GB/s")),
+    ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 64, "seqlen": 4096, "kv_dtype": "fp8"}, None),
+    ("mla_decode", {"batch": 128, "s_q": 2, "h_q": 128, "seqlen": 16384, "kv_dtype": "bf16"}, (660, "TFLOPS")),
+    ("mla_decode", {"batch": 128, "s_q": 1, "h_q": 128, "seqlen": 16384, "kv_dtype": "bf16"}, None),
+    ("mla_decode", {"batch": 64, "s_q": 2, "h_q": 128, "seqlen": 16384, "kv_dtype": "bf16"}, None),
+    ("moe_dispatch", {"tokens": 128, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8", "world": 8},
+     (77, "us")),
+    ("moe_combine", {"tokens": 128, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "bf16", "world": 8},
+     (114, "us")),
+    ("moe_dispatch", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8", "world": 8},
+     (153, "GB/s")),
+    ("moe_combine", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "bf16", "world": 32},
+     (57, "GB/s")),
+    ("moe_dispatch", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "bf16", "world": 8},
+     None),
+    ("moe_dispatch", {"tokens": 128, "hidden": 7168, "topk": 8, "num_experts": 256, "dtype": "fp8", "world": 1},
+     None),
+    ("moe_permute", {"tokens": 4096, "hidden": 7168, "topk": 8, "num_experts": 256, "local_experts": 32}, None),
+])
+def test_anchor_lookup(op, shape, want):
+    got = anchors.lookup(op, shape)
+    assert (None if got is None else (got.value, got.unit)) == want
+
+
+def test_measured_table_prints_the_anchor_beside_our_gpu_figure():
+    doc = results.new_document("t", {"kind": "gpu", "name": "NVIDIA H800", "gpu": "H800 SXM5"}, "deepseek-v3", {})
+    todo = C.cases_for([("fp8_gemm_nt", {"m": 4096, "n": 7168, "k": 16384}),
+                        ("moe_dispatch", {"tokens": 128, **shapes.DSV3_MOE, "dtype": "fp8"}),
+                        ("fp8_gemm_nt", {"m": 7, "n": 200, "k": 256})], world=8)
+    t_gemm = 2 * 4096 * 7168 * 16384 / 1216e12  # 0.80 of DeepGEMM's 1520 TFLOPS
+    for case, t in zip(todo, (t_gemm, 154e-6, 1e-5)):
+        run = {"samples": [t * 1.3] * 3, "kernel_samples": [t] * 3, "kernel_method": "cuda-graph", "launches": 1,
+               "syncs": 0}
+        doc["records"].append(harness.measured_record(case, "cuda", C.Prepared(case, case.cost(), {}), run, "gpu",
+                                                      hardware.get("H800")))
+    lines = harness.measured_table(doc).splitlines()
+    row = {ln.split()[0] + ln.split()[1]: ln for ln in lines if ln.startswith(("fp8_gemm_nt", "moe_dispatch"))}
+    assert "1520 TFLOPS (0.80x)" in row["fp8_gemm_ntM=4096"] and "1.22e+03" in row["fp8_gemm_ntM=4096"]
+    assert "77 us (0.50x)" in row["moe_dispatchT=128"]  # 154 us against DeepEP's 77 us
+    assert row["fp8_gemm_ntM=7"].split()[-2] == "-"  # no published figure for this shape
+    gemm = row["fp8_gemm_ntM=4096"]
+    assert f"{t_gemm * 1e6:.1f} us g" in gemm and f"{t_gemm * 1.3e3:.2f} ms" in gemm and "1L 0S" in gemm
+
+
+def test_calls_from_profile_reads_real_profiler_events():
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(33, 33)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            with record_function(timing.CALL_RANGE):
+                (x @ x).sum()
+    assert timing.calls_from_profile(prof.events()) == [(0.0, 0)] * 3  # no device, no kernels: but the ranges are found
+
+
+# ---- the DeepSeek-V3 model ----
+
+def _gemm_by_hand(m, n, k, weight_groups=1):
+    """FLOPs and bytes of a block-scaled FP8 GEMM, written out: fp8 A and B, fp32 scales, bf16 out."""
+    kb, nb = -(-k // 128), -(-n // 128)
+    return 2 * m * n * k, m * k + 4 * m * kb + weight_groups * (n * k + 4 * nb * kb) + 2 * m * n
+
+
+def _quant_by_hand(m, k):
+    return 0, m * k * 2 + m * k + 4 * m * -(-k // 128)
+
+
+def _costs(res):
+    return {name: (c["flops"], c["hbm_bytes"]) for name, c in res["cost"].items()}
+
+
+def test_model_decode_costs_by_hand():
+    # decode, 4 sequences, s_q 1, context 1000, EP8
+    res = model.evaluate(model.compose(model.DEEPSEEK_V3, "decode", 4, 1000, 0, 8), "H800", {})
+    got = _costs(res)
+    occ = 8 * (1 - math.comb(224, 8) / math.comb(256, 8))      # ranks a token reaches
+    received = 4 * occ
+    active = 32 * (1 - (1 - 8 / 256) ** (4 * 8))              # local experts hit by the 32 tokens of 8 ranks
+    want = {
+        "attn input quant": _quant_by_hand(4, 7168),
+        "q_a_proj": _gemm_by_hand(4, 1536, 7168),
+        "kv_a_proj": _gemm_by_hand(4, 576, 7168),
+        "q_b input quant": _quant_by_hand(4, 1536),
+        "q_b_proj": _gemm_by_hand(4, 128 * 192, 1536),
+        "k_up input quant": _quant_by_hand(4 * 128, 128),
+        "k_up (absorbed)": _gemm_by_hand(4 * 128, 512, 128, weight_groups=128),
+        "mla_decode": (2 * 128 * 4 * 1000 * (576 + 512), 2 * 576 * 4 * 1000 + 2 * (576 + 512) * 4 * 128),
+        "v_up input quant": _quant_by_hand(4 * 128, 512),
+        "v_up (absorbed)": _gemm_by_hand(4 * 128, 128, 512, weight_groups=128),
+        "o_proj input quant": _quant_by_hand(4, 16384),
+        "o_proj": _gemm_by_hand(4, 7168, 16384),
+        "router": (2 * 4 * 256 * 7168, 2 * 4 * 7168 + 2 * 256 * 7168 + 4 * 4 * 256),
+        "moe input quant": _quant_by_hand(4, 7168),
+        "dispatch": (0, 2 * received * (7168 + 4 * 56)),
+        "permute": (0, (received + 32) * 7168),
+        "expert gate/up": (2 * 32 * 4096 * 7168,
+                           32 * (7168 + 4 * 56) + active * (4096 * 7168 + 4 * 32 * 56) + 2 * 32 * 4096),
+        "expert SiLU+quant": (0, 32 * (4096 * 2 + 2048 + 4 * 16)),
+        "expert down": (2 * 32 * 7168 * 2048, 32 * (2048 + 4 * 16) + active * (7168 * 2048 + 4 * 56 * 16)
+                        + 2 * 32 * 7168),
+        "unpermute": (0, (received + 32) * 7168 * 2),
+        "combine": (0, 2 * received * 7168 * 2),
+        "shared gate/up": _gemm_by_hand(4, 4096, 7168),
+        "shared SiLU+quant": (0, 4 * (4096 * 2 + 2048 + 4 * 16)),
+        "shared down": _gemm_by_hand(4, 7168, 2048),
+    }
+    assert list(got) == list(want)
+    for name, (flops, hbm) in want.items():
+        assert got[name] == (pytest.approx(flops, rel=1e-12), pytest.approx(hbm, rel=1e-12)), name
+    remote = received * 7 / 8
+    assert res["cost"]["dispatch"]["nvlink_bytes"] == pytest.approx(remote * (7168 + 4 * 56))
+    assert res["cost"]["combine"]["nvlink_bytes"] == pytest.approx(remote * 7168 * 2)
+    assert res["cost"]["combine"]["rdma_bytes"] == 0
+    # the dense layers and the head
+    ph = model.compose(model.DEEPSEEK_V3, "decode", 4, 1000, 0, 8)
+    dense = {op.name: (op.cost.flops, op.cost.hbm_bytes) for op in ph.dense_layer}
+    assert dense["dense gate/up"] == _gemm_by_hand(4, 2 * 18432, 7168)
+    assert dense["dense down"] == _gemm_by_hand(4, 7168, 18432)
+    assert "router" not in dense and "mla_decode" in dense
+    head = ph.head[0].cost
+    assert (head.flops, head.hbm_bytes) == (2 * 4 * 129280 * 7168, 2 * 4 * 7168 + 2 * 129280 * 7168 + 4 * 4 * 129280)
+
+
+def test_model_prefill_mtp_and_internode_by_hand():
+    pre = model.compose(model.DEEPSEEK_V3, "prefill", 2, 300, 0, 32)
+    ops = {op.name: op for op in pre.moe_layer}
+    assert pre.tokens == 600 and "k_up (absorbed)" not in ops
+    assert (ops["kv_b_proj"].cost.flops, ops["kv_b_proj"].cost.hbm_bytes) == _gemm_by_hand(600, 128 * 256, 512)
+    att = ops["attention (prefill)"].cost
+    assert att.flops == 2 * 128 * (2 * 300 * 301 / 2) * (192 + 128)
+    assert att.hbm_bytes == 2 * 600 * 128 * (192 + 192 + 128 + 128)
+    assert ops["expert gate/up"].kind == "m_grouped_fp8_gemm_nt_contiguous"
+    # EP32 = 4 nodes of 8: each token crosses RDMA once per other node it needs
+    nodes_reached = 4 * (1 - math.comb(192, 8) / math.comb(256, 8))
+    row = 7168 + 4 * 56
+    assert ops["dispatch"].rdma_bytes == pytest.approx(600 * nodes_reached * 3 / 4 * row)
+    remote = 600 * 32 * (1 - math.comb(248, 8) / math.comb(256, 8)) * 31 / 32
+    assert ops["dispatch"].cost.link_bytes == pytest.approx(remote * (7 / 31 + 24 / 31 * 7 / 8) * row)
+    assert model.roofline(ops["dispatch"], "H800") == (pytest.approx(ops["dispatch"].rdma_bytes / 50e9), "rdma")
+    dec = model.compose(model.DEEPSEEK_V3, "decode", 3, 500, 1, 1)
+    names = [op.name for op in dec.moe_layer]
+    assert dec.tokens == dec.s_q * 3 == 6 and "dispatch" not in names and "combine" not in names
+    mla = next(op for op in dec.moe_layer if op.name == "mla_decode").cost
+    assert mla.flops == 2 * 2 * 128 * 3 * 500 * 1088  # s_q = 2
+    assert next(op for op in dec.moe_layer if op.name == "permute").cost.hbm_bytes == (6 + 6 * 8) * 7168
+
+
+@pytest.mark.parametrize("phase,batch,mtp,ep", [("decode", 64, 0, 8), ("decode", 1, 1, 1), ("prefill", 4, 0, 32),
+                                                ("prefill", 1, 0, 8)])
+def test_model_components_sum_to_the_totals(phase, batch, mtp, ep):
+    ph = model.compose(model.DEEPSEEK_V3, phase, batch, 2048, mtp, ep)
+    for gpu in hardware.COMPARISON:
+        res = model.evaluate(ph, gpu, {})
+        assert sum(res["components"].values()) == pytest.approx(res["layer_s"], rel=1e-12)
+        assert res["step_s"] == pytest.approx(3 * res["dense_layer_s"] + 58 * res["layer_s"] + res["head_s"])
+        assert res["tokens_per_s"] * res["step_s"] == pytest.approx(res["tokens_per_step"])
+        assert res["time_per_token_s"] == pytest.approx(res["step_s"] / res["tokens_per_step"])
+        for name, s in res["components"].items():
+            op = next(o for o in ph.moe_layer if o.name == name)
+            assert s == model.roofline(op, gpu)[0] > 0 and res["bounds"][name] == model.roofline(op, gpu)[1]
+        assert res["sources"] == {}
+
+
+def _measured(op, gpu, frac, flops, hbm, label="x"):
+    return {"status": "ok", "measured_on": "gpu", "op": op, "gpu": gpu, "roofline_fraction": frac, "flops": flops,
+            "hbm_bytes": hbm, "backend": "cuda", "label": label}
+
+
+def test_a_measured_record_changes_only_its_own_component():
+    ph = model.compose(model.DEEPSEEK_V3, "decode", 64, 4096, 0, 8)
+    base = {g: model.evaluate(ph, g, {}) for g in ("H800", "H20")}
+    mla = _measured("mla_decode", "H800 SXM5", 0.5, 1e12, 3e8)
+    fractions = model.measured_fractions([mla, {**mla, "measured_on": "cpu"}, {**mla, "status": "failed"}])
+    for g in ("H800", "H20"):
+        res = model.evaluate(ph, g, fractions)
+        for name, s in res["components"].items():
+            assert s == pytest.approx(base[g]["components"][name] * (2 if name == "mla_decode" else 1)), name
+        assert list(res["sources"]) == ["mla_decode"]
+        assert ("on H800" in res["sources"]["mla_decode"]) == (g == "H20")
+    # a GEMM record scales exactly the plain FP8 GEMMs; of two shapes, the one nearest in intensity applies
+    near = _measured("fp8_gemm_nt", "H800 SXM5", 0.8, 2 * 64 * 7168 * 16384, 1.2e8)
+    far = _measured("fp8_gemm_nt", "H800 SXM5", 0.25, 2 * 4096 * 7168 * 16384, 3e8)
+    res = model.evaluate(ph, "H800", model.measured_fractions([far, near]))
+    gemms = {op.name for op in ph.moe_layer if op.kind == "fp8_gemm_nt"}
+    assert gemms == {"q_a_proj", "kv_a_proj", "q_b_proj", "o_proj", "shared gate/up", "shared down"}
+    for name, s in res["components"].items():
+        assert s == pytest.approx(base["H800"]["components"][name] / (0.8 if name in gemms else 1)), name
+
+
+def test_model_cli_writes_json_and_chart(tmp_path, capsys):
+    assert model.main(["--out", str(tmp_path), "--gpus", "H800,h20", "--batch", "8", "--context", "1024"]) == 0
+    printed = capsys.readouterr().out
+    assert "pure roofline" in printed and "tokens/s per GPU" in printed and "expert gate/up" in printed
+    lines = printed.splitlines()
+    first = lines.index(next(ln for ln in lines if ln.startswith("GPU ")))
+    summary = [ln.split() for ln in lines[first + 2:first + 6]]
+    assert [s[:3] for s in summary[:2]] == [["H800", "SXM5", "decode"], ["H800", "SXM5", "prefill"]]
+    assert [s[:2] for s in summary[2:]] == [["H20", "decode"], ["H20", "prefill"]]
+    doc = json.loads((tmp_path / "model.json").read_text())
+    assert set(doc["results"]) == {"H800 SXM5", "H20"}
+    for per in doc["results"].values():
+        assert set(per) == {"decode", "prefill"}
+        for res in per.values():
+            assert sum(res["components"].values()) == pytest.approx(res["layer_s"])
+            assert res["step_s"] > 58 * res["layer_s"] and res["tokens_per_s"] > 0
+    assert (tmp_path / "model.png").stat().st_size > 20_000
+    rec = _measured("moe_dispatch", "H800 SXM5", 0.25, 0.0, 1e8)
+    (tmp_path / "in.json").write_text(json.dumps({"records": [rec]}))
+    assert model.main(["--out", str(tmp_path), "--name", "m2", "--phase", "decode", "--gpus", "H800",
+                       "--results", str(tmp_path / "in.json"), "--no-plot"]) == 0
+    again = json.loads((tmp_path / "m2.json").read_text())["results"]["H800 SXM5"]
+    assert list(again) == ["decode"] and list(again["decode"]["sources"]) == ["dispatch"]
+    assert "scaled by the fractions measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--ep: expected a divisor of 256"):
+        model.main(["--ep", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--ep: expected"):
+        model.main(["--ep", "4", "--ep", "12", "--out", str(tmp_path)])
+
+
+def test_expected_grouped_gemm_cost_matches_the_exact_one():
+    exact = hardware.cost("fp8_gemm_contiguous", ms=[30, 0, 5, 2], n=160, k=256)
+    assert hardware.expected_grouped_gemm_cost(37, 3, 160, 256) == exact
+    half = hardware.expected_grouped_gemm_cost(18.5, 1.5, 160, 256)  # linear in rows and in groups
+    assert half.flops == exact.flops / 2 and half.hbm_bytes == pytest.approx(exact.hbm_bytes / 2)
+
+
+@pytest.mark.gpu
+def test_gpu_timer_on_a_gpu():
+    device = torch.device("cuda", torch.cuda.current_device())
+    timer = timing.GpuTimer(device)
+    a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
+    out = timer(lambda: a @ a, warmup=2, rep=10)
+    assert out["kernel_method"] == "cuda-graph" and out["syncs"] == 0 and out["launches"] >= 1
+    k, c = statistics.median(out["kernel_samples"]), statistics.median(out["samples"])
+    assert 0 < k <= c * 1.05  # the eager call holds at least the kernel
+    flops = 2 * 2048 ** 3
+    assert flops / k < 2.5 * 989e12  # no Hopper part runs bf16 faster than twice its datasheet peak
+    synced = timer(lambda: (a @ a).sum().item(), warmup=1, rep=5)
+    assert synced["kernel_method"] == "profiler" and synced["syncs"] == 1 and synced["launches"] >= 2
+    assert 0 < statistics.median(synced["kernel_samples"]) <= statistics.median(synced["samples"])
+
+
+def test_projection_table_sets_each_anchor_against_the_h800_roofline():
+    text = harness.projection_table({"records": projection.projection_records([])})
+
+    def row(*parts):
+        return next(ln for ln in text.splitlines() if all(p in ln.split() for p in parts))
+
+    # compute-bound GEMM: DeepGEMM's TFLOPS over the FP8 peak
+    assert row("fp8_gemm_nt", "M=4096", "N=7168", "K=16384").endswith(f"1520 TFLOPS = {100 * 1520 / 1979:.0f}%")
+    # memory-bound MLA decode: FlashMLA's GB/s over the HBM bandwidth; none for the FP8 cache
+    assert row("mla_decode", "s_k=8192", "h_q=16", "s_q=1", "bf16").endswith(f"3000 GB/s = {100 * 3000 / 3350:.0f}%")
+    assert row("mla_decode", "s_k=8192", "h_q=16", "s_q=1", "fp8").endswith(" -")
+    # DeepEP low-latency dispatch: the NVLink roofline of the remote rows over its 77 us
+    occ = 8 * (1 - math.comb(224, 8) / math.comb(256, 8))
+    roof = 128 * occ * 7 / 8 * (7168 + 4 * 56) / 200e9
+    assert row("moe_dispatch", "T=128", "fp8").endswith(f"77 us = {100 * roof / 77e-6:.0f}%")
+    assert "H800 anchor" in text.splitlines()[1]
+
+
+def test_version_1_documents_still_load(tmp_path):
+    doc = _doc()
+    old = json.loads(json.dumps(doc))
+    old["schema"] = "pykernels-bench/1"
+    for rec in old["records"]:
+        for key in ("kernel_s", "call_s", "kernel_method", "host_overhead_s", "launches_per_call", "syncs_per_call"):
+            del rec[key]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    got = results.load(tmp_path / "v1.json")
+    assert got["schema"] == results.SCHEMA
+    measured, skipped = got["records"][0], got["records"][1]
+    assert measured["call_s"] == measured["time_s"] and measured["kernel_s"] is None
+    assert skipped["call_s"] is None and got["records"][-1]["call_s"] is None  # a projection measured nothing
+    assert "Speed-up against fixture" in harness.compare_table(doc, got)
