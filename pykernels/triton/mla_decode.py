@@ -11,7 +11,14 @@ descriptors of the loop-invariant Q tile and of both K stages out of the loop: 0
 thread). So the scores are accumulated over nine 64-column chunks in a runtime loop, each chunk of Q and K
 loaded where it is used (cp.async-pipelined), and V, the page's first 512 columns, is loaded again for
 P V. The second read of the page and the per-page Q chunks come from L1/L2, not HBM; the CUDA kernel keeps
-Q and the page resident in shared memory instead.
+Q and the page resident in shared memory instead. The alternatives compiled for sm_90 all spill: each page
+loaded once as [64, 512] + [64, 64] with the 512 part reused as V (470-800 B of stack per thread: with Q and
+the page in fixed shared buffers, the descriptors of every wgmma k-step are hoisted into registers), and a
+third cp.async stage so that a chunk stays in flight rather than waiting for all copies per chunk (72 B
+for the bf16 cache, 40 B with V in two halves).
+
+The split and page loops are while loops: their bounds come from the schedule in memory, which Triton
+3.6's interpreter cannot take as range() bounds. Only the constant-bound chunk loop is software-pipelined.
 """
 
 from __future__ import annotations
@@ -65,7 +72,6 @@ def mla_decode_split_kernel(
     else:
         kv_scale = 1.0
     score_scale = scale_log2 * kv_scale
-    # Loop bounds read from memory drive while loops: Triton 3.6's interpreter cannot take them as range().
     g = tl.load(part_splits_ptr + part)
     last = tl.load(part_splits_ptr + part + 1)
     while g < last:
@@ -82,12 +88,16 @@ def mla_decode_split_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+        table_row = block_table_ptr + request.to(tl.int64) * max_blocks
+        # A page without tokens (a length-0 request's only page) has no block_table entry to trust, and with a
+        # schedule nothing checked the lengths against the table's width: read neither.
         page = page_begin
+        block_id = tl.load(table_row + page, mask=(page * PAGE < seqlen) & (page < max_blocks), other=0)
         while page < page_end:
-            # A page without tokens (a length-0 request's only page) has no block_table entry to trust, and
-            # with a schedule nothing checked the lengths against the table's width: read neither.
-            block_id = tl.load(block_table_ptr + request.to(tl.int64) * max_blocks + page,
-                               mask=(page * PAGE < seqlen) & (page < max_blocks), other=0)
+            # The next page's id is read a page ahead, so the tile addresses never wait on the block table.
+            next_page = page + 1
+            next_id = tl.load(table_row + next_page, other=0,
+                              mask=(next_page < page_end) & (next_page * PAGE < seqlen) & (next_page < max_blocks))
             tokens = page * PAGE + offs_n
             # Rows past the sequence's end may hold anything (NaN): never load them, so that 0 * NaN
             # cannot reach the accumulator.
@@ -114,7 +124,8 @@ def mla_decode_split_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(round_to_bf16(p).to(tl.bfloat16), k_nope)
             m_i = m_new
-            page += 1
+            block_id = next_id
+            page = next_page
         # l_i is exactly 0 only for a row that saw no key (its largest term is exp2(0) = 1); a NaN score
         # makes it NaN, which then reaches out and lse.
         no_keys = l_i == 0.0
