@@ -602,19 +602,22 @@ class SyncCounter(TorchDispatchMode):
 
 def test_triton_reads_no_value_with_metadata(monkeypatch):
     """With a schedule, nothing is read back to the host: no .item()/int()/nonzero/min-max, no tolist()
-    (which bypasses dispatch on the CPU, so it is counted at the Python level). Without one, the value
-    checks do read, which shows the counter sees them."""
-    q, cache, table, seqlens, _, _ = make_batch([70, 5, 0], 2, 4, "cpu")
-    sched = pykernels.get_mla_metadata(seqlens, 8, 1)
+    (which bypasses dispatch on the CPU, so it is counted at the Python level). Planning and the checks of a
+    call without a schedule do read, which shows the counter sees them."""
+    q, cache, table, seqlens, _, _ = make_batch([70, 0], 2, 2, "cpu")
     tolist = torch.Tensor.tolist
     counter = SyncCounter()
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: counter.seen.append("tolist") or tolist(self))
     with counter:
+        sched = pykernels.get_mla_metadata(seqlens, 4, 1, num_sm_parts=2)
+    assert "aten._local_scalar_dense.default" in counter.seen and "tolist" in counter.seen
+    counter.seen.clear()
+    with counter:
         pykernels.mla_decode(q, cache, table, seqlens, causal=True, metadata=sched, backend="triton")
     assert counter.seen == []
-    with counter:
-        pykernels.mla_decode(q, cache, table, seqlens, causal=True, backend="triton")
-    assert "aten._local_scalar_dense.default" in counter.seen and "tolist" in counter.seen
+    with counter, pytest.raises(ValueError, match="block_table: expected page ids"):
+        pykernels.mla_decode(q, cache, table.neg(), seqlens, causal=True, backend="triton")
+    assert "aten._local_scalar_dense.default" in counter.seen
 
 
 def test_triton_runs_a_replanned_schedule(device):
