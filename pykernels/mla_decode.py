@@ -23,6 +23,9 @@ FIXED_OVERHEAD = 5  # cost of one split, in pages: loading Q, the epilogue and t
 DEFAULT_SM_COUNT = 132  # H100/H800 SXM5, for schedules planned for CPU tensors
 MAX_S_Q = 4
 MAX_H_Q = 128
+# Longest sequence the kernels index: token and page indices are int32 and a length is rounded up to whole
+# pages (len + 63) in int32 by the CUDA planner.
+MAX_SEQLEN = _validate.INT32_MAX - (PAGE_SIZE - 1)
 
 
 # ---- split-KV scheduler ------------------------------------------------------------------------------
@@ -38,9 +41,9 @@ def plan_splits(seqlens, num_parts: int):
     split_offsets [b + 1]): part p runs splits part_splits[p] .. part_splits[p + 1] - 1, request i owns splits
     split_offsets[i] .. split_offsets[i + 1] - 1, in page order.
     """
-    # A length below 1 (never accepted eagerly; possible only in a replayed CUDA graph) still gets one fully
-    # masked page, as in mla_decode_plan.h: every split must hold a page.
-    pages = [max(1, cdiv(int(n), PAGE_SIZE)) for n in seqlens]
+    # A length-0 request (and a negative one, possible only in a replayed CUDA graph that no check sees)
+    # still gets one fully masked page, as in mla_decode_plan.h: every split must hold a page.
+    pages = [max(1, cdiv(_validate.integer(int(n), "seqlens", high=MAX_SEQLEN), PAGE_SIZE)) for n in seqlens]
     total = sum(p + FIXED_OVERHEAD for p in pages)
     budget = cdiv(total, num_parts) + FIXED_OVERHEAD
     part_splits, splits, split_offsets = [0], [], []
@@ -85,6 +88,11 @@ class MlaSchedule:
     capacity      b + num_parts, an upper bound on the number of splits for any lengths (each part boundary
                   cuts at most one request), so buffers sized by it stay valid when a CUDA graph replays the
                   decode after the same tensors were re-planned in place for new lengths.
+
+    What it was planned for, so that mla_decode refuses a schedule that no longer fits its call without
+    reading a value back from the device: the query rows per KV head and the KV heads, and the
+    cache_seqlens tensor it was planned from, by its data pointer and its version counter (which every
+    eager in-place write moves; None for an inference tensor, which has none).
     """
 
     batch: int
@@ -92,6 +100,10 @@ class MlaSchedule:
     part_splits: torch.Tensor
     splits: torch.Tensor
     split_offsets: torch.Tensor
+    num_q_tokens_per_head_k: int
+    num_heads_k: int
+    seqlens_ptr: int
+    seqlens_version: int | None
 
     @property
     def capacity(self) -> int:
@@ -112,14 +124,31 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _check_device(x: torch.Tensor, name: str) -> None:
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a tensor on cpu or cuda, got one on {x.device}")
+
+
+def _version_of(cache_seqlens: torch.Tensor) -> int | None:
+    return None if cache_seqlens.is_inference() else cache_seqlens._version
+
+
+def _check_lengths(lengths: torch.Tensor, name: str = "cache_seqlens") -> None:
+    """Reads the lengths back to the host: only where a value check is allowed (not while capturing)."""
+    low, high = int(lengths.min()), int(lengths.max())
+    if low < 0 or high > MAX_SEQLEN:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name}: expected every length in 0..{MAX_SEQLEN} (the kernels index tokens with int32), "
+                         f"got {bad}")
+
+
 def _check_seqlens(cache_seqlens, name: str = "cache_seqlens") -> torch.Tensor:
     _validate.tensor(cache_seqlens, name, (torch.int32,), ndim=1, contiguous=True)
+    _check_device(cache_seqlens, name)
     if cache_seqlens.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one request, got shape {list(cache_seqlens.shape)}")
     if not _capturing(cache_seqlens.device):
-        low = int(cache_seqlens.min())
-        if low < 1:
-            raise ValueError(f"{name}: expected every length >= 1 (an empty sequence has no softmax), got {low}")
+        _check_lengths(cache_seqlens, name)
     return cache_seqlens
 
 
@@ -135,12 +164,18 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
                      num_sm_parts: int | None = None) -> MlaSchedule:
     """Plans the split-KV schedule for a decode step; pass the result to mla_decode(metadata=...).
 
-    cache_seqlens: int32 [b], every length >= 1 (a zero-length request is rejected: its softmax is empty).
+    cache_seqlens: int32 [b], every length in 0..2^31 - 64 (a length-0 request gives output 0, lse +inf).
     num_q_tokens_per_head_k: s_q * h_q // h_kv (query rows sharing one KV head); num_heads_k: 1 for MLA.
     num_sm_parts: override of the number of SM parts (default: SMs // h_kv // ceil(rows / 64), with 132 SMs
     assumed for CPU tensors). Planning once per step outside the decode lets a serving loop capture
-    mla_decode in a CUDA graph; on the CUDA backend the planner runs as a one-thread kernel on the current
-    stream, so the planning itself can be captured too.
+    mla_decode in a CUDA graph; for CUDA tensors with the extension built the planner runs as a one-thread
+    kernel on the current stream, so the planning itself can be captured too. The lengths are checked here
+    (read back to the host, except while capturing), not by mla_decode when it is given the schedule.
+
+    The schedule holds for this cache_seqlens tensor until it is written in place: mla_decode refuses it
+    after an eager in-place write (the tensor's version counter moved), for another tensor, or for other
+    batch, s_q * h_q or num_heads_k, and says to plan again. A CUDA graph replay moves no version counter:
+    lengths changed between replays need a planner captured in the same graph (or a replan before replay).
     """
     _check_seqlens(cache_seqlens)
     _positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k", MAX_S_Q * MAX_H_Q)
@@ -154,7 +189,9 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
         batch=b, num_parts=num_sm_parts,
         part_splits=torch.zeros(num_sm_parts + 1, dtype=torch.int32, device=device),
         splits=torch.zeros(b + num_sm_parts, 4, dtype=torch.int32, device=device),
-        split_offsets=torch.zeros(b + 1, dtype=torch.int32, device=device))
+        split_offsets=torch.zeros(b + 1, dtype=torch.int32, device=device),
+        num_q_tokens_per_head_k=num_q_tokens_per_head_k, num_heads_k=num_heads_k,
+        seqlens_ptr=cache_seqlens.data_ptr(), seqlens_version=_version_of(cache_seqlens))
     if _backend.cuda_unavailable_reason(device) is None:
         ext, _ = _backend.extension()
         with _backend.on_device(device):
@@ -170,8 +207,71 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
 
 # ---- the op ------------------------------------------------------------------------------------------
 
+def _check_kv_scale(kv_scale, kv_cache: torch.Tensor, device: torch.device):
+    """kv_scale as a float32 tensor of shape [1] on `device` (None for a bfloat16 cache)."""
+    if kv_cache.dtype != FP8:
+        if kv_scale is not None:
+            raise TypeError(f"kv_scale: expected None with a {str(kv_cache.dtype).replace('torch.', '')} kv_cache "
+                            f"(it scales a float8_e4m3fn cache), got {type(kv_scale).__name__}")
+        return None
+    if isinstance(kv_scale, (int, float)) and not isinstance(kv_scale, bool):
+        if not (math.isfinite(kv_scale) and kv_scale > 0):
+            raise ValueError(f"kv_scale: expected a finite positive float, got {kv_scale}")
+        return torch.full((1,), float(kv_scale), dtype=torch.float32, device=device)
+    if not isinstance(kv_scale, torch.Tensor):
+        raise TypeError("kv_scale: expected a float or a float32 tensor of one element with a float8_e4m3fn "
+                        f"kv_cache, got {type(kv_scale).__name__}")
+    _validate.tensor(kv_scale, "kv_scale", (torch.float32,))
+    if kv_scale.numel() != 1:
+        raise ValueError(f"kv_scale: expected one element (a per-tensor scale), got shape {list(kv_scale.shape)}")
+    return kv_scale.reshape(1)
+
+
+def _check_schedule(metadata, b: int, rows: int, cache_seqlens: torch.Tensor, device: torch.device) -> None:
+    """Refuses a schedule planned for another call, from what it recorded: no value is read."""
+    if not isinstance(metadata, MlaSchedule):
+        raise TypeError(f"metadata: expected an MlaSchedule from get_mla_metadata, got {type(metadata).__name__}")
+    again = "call get_mla_metadata again for this call"
+    if metadata.batch != b:
+        raise ValueError(f"metadata: expected a schedule planned for {b} requests (b from q), got {metadata.batch}; "
+                         f"{again}")
+    if metadata.num_q_tokens_per_head_k != rows or metadata.num_heads_k != 1:
+        raise ValueError(f"metadata: expected a schedule planned for s_q * h_q = {rows} query rows and 1 KV head, "
+                         f"got {metadata.num_q_tokens_per_head_k} rows and {metadata.num_heads_k} KV heads; {again}")
+    if metadata.device != device:
+        raise ValueError(f"metadata: expected a schedule on {device} (where q is), got {metadata.device}")
+    if metadata.seqlens_ptr != cache_seqlens.data_ptr():
+        raise ValueError("metadata: expected a schedule planned from this cache_seqlens tensor, got one planned "
+                         f"from another tensor; {again}")
+    version = _version_of(cache_seqlens)
+    if metadata.seqlens_version is not None and version is not None and version != metadata.seqlens_version:
+        raise ValueError("metadata: expected a schedule planned for the current cache_seqlens, got one planned "
+                         f"before it was written in place (version {metadata.seqlens_version}, now {version}); "
+                         f"{again}")
+
+
+def _check_values(q, kv_cache, block_table, cache_seqlens) -> None:
+    """The checks that read lengths and page ids back to the host: run only when mla_decode plans itself."""
+    _check_lengths(cache_seqlens)
+    num_blocks = kv_cache.shape[0]
+    lengths = cache_seqlens.long()
+    covered = block_table.shape[1] * PAGE_SIZE
+    high = int(lengths.max())
+    if high > covered:
+        raise ValueError(f"cache_seqlens: expected lengths <= {covered} (block_table has {block_table.shape[1]} "
+                         f"pages of {PAGE_SIZE} per request), got {high}")
+    used = torch.arange(block_table.shape[1], device=q.device)[None, :] < cdiv_tensor(lengths, PAGE_SIZE)[:, None]
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"block_table: expected page ids in 0..{num_blocks - 1} (kv_cache dim 0) for every page "
+                         f"a sequence uses, got {bad}")
+
+
 def _validate_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, kv_scale, metadata):
+    """Checks every argument; returns kv_scale as a float32 tensor [1] (or None)."""
     _validate.tensor(q, "q", (torch.bfloat16,), ndim=4, contiguous=True)
+    _check_device(q, "q")
     _validate.tensor(kv_cache, "kv_cache", (torch.bfloat16, FP8), ndim=4, contiguous=True)
     _validate.tensor(block_table, "block_table", (torch.int32,), ndim=2, contiguous=True)
     _validate.tensor(cache_seqlens, "cache_seqlens", (torch.int32,), ndim=1, contiguous=True)
@@ -200,15 +300,6 @@ def _validate_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_
     if block_table.shape[0] != b or block_table.shape[1] == 0:
         raise ValueError(f"block_table: expected shape [{b}, max_blocks >= 1] (b from q), got {list(block_table.shape)}")
     _validate.shape(cache_seqlens, "cache_seqlens", [b], "b from q")
-    if kv_cache.dtype == FP8:
-        if kv_scale is None:
-            raise TypeError("kv_scale: expected a float32 tensor of one element with a float8_e4m3fn kv_cache, got None")
-        _validate.tensor(kv_scale, "kv_scale", (torch.float32,))
-        if kv_scale.numel() != 1:
-            raise ValueError(f"kv_scale: expected one element (a per-tensor scale), got shape {list(kv_scale.shape)}")
-    elif kv_scale is not None:
-        raise TypeError(f"kv_scale: expected None with a {str(kv_cache.dtype).replace('torch.', '')} kv_cache "
-                        f"(it scales a float8_e4m3fn cache), got {type(kv_scale).__name__}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
@@ -217,33 +308,13 @@ def _validate_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     _validate.same_device(q, "q", kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-                          kv_scale=kv_scale)
+                          kv_scale=kv_scale if isinstance(kv_scale, torch.Tensor) else None)
+    kv_scale = _check_kv_scale(kv_scale, kv_cache, q.device)
     if metadata is not None:
-        if not isinstance(metadata, MlaSchedule):
-            raise TypeError(f"metadata: expected an MlaSchedule from get_mla_metadata, got {type(metadata).__name__}")
-        if metadata.batch != b:
-            raise ValueError(f"metadata: expected a schedule planned for {b} requests (b from q), got {metadata.batch}")
-        if metadata.device != q.device:
-            raise ValueError(f"metadata: expected a schedule on {q.device} (where q is), got {metadata.device}")
-    if _capturing(q.device):
-        return  # the checks below read lengths and page ids back to the host, which a CUDA graph cannot
-    lengths = cache_seqlens.long()
-    low, high = int(lengths.min()), int(lengths.max())
-    if low < 1:
-        raise ValueError(f"cache_seqlens: expected every length >= 1 (an empty sequence has no softmax), got {low}")
-    covered = block_table.shape[1] * PAGE_SIZE
-    if high > covered:
-        raise ValueError(f"cache_seqlens: expected lengths <= {covered} (block_table has {block_table.shape[1]} "
-                         f"pages of {PAGE_SIZE} per request), got {high}")
-    if causal and s_q > 1 and low < s_q:
-        raise ValueError(f"cache_seqlens: expected lengths >= s_q = {s_q} with causal=True (the query tokens are the "
-                         f"cache's last s_q), got {low}")
-    used = torch.arange(block_table.shape[1], device=q.device)[None, :] < cdiv_tensor(lengths, PAGE_SIZE)[:, None]
-    ids = block_table[used]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"block_table: expected page ids in 0..{num_blocks - 1} (kv_cache dim 0) for every page "
-                         f"a sequence uses, got {bad}")
+        _check_schedule(metadata, b, s_q * h_q, cache_seqlens, q.device)
+    elif not _capturing(q.device):  # a CUDA graph cannot read values back: check them once before capturing
+        _check_values(q, kv_cache, block_table, cache_seqlens)
+    return kv_scale
 
 
 def cdiv_tensor(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -252,7 +323,8 @@ def cdiv_tensor(x: torch.Tensor, d: int) -> torch.Tensor:
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
                head_dim_v: int = HEAD_DIM_V, softmax_scale: float | None = None, causal: bool = False,
-               kv_scale: torch.Tensor | None = None, metadata: MlaSchedule | None = None, backend: str = "auto"):
+               kv_scale: torch.Tensor | float | None = None, metadata: MlaSchedule | None = None,
+               backend: str = "auto"):
     """Multi-head latent attention decode over a paged cache. Returns (out, lse).
 
     q             bfloat16 [b, s_q, h_q, 576]: absorbed queries (512 latent + 64 RoPE), s_q in 1..4 (MTP /
@@ -260,29 +332,39 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     kv_cache      [num_blocks, 64, 1, 576] bfloat16, or float8_e4m3fn with kv_scale: pages of 64 tokens, one
                   latent head; K is all 576 columns, V the first 512
     block_table   int32 [b, max_blocks]: page ids of each request in order; only the first ceil(len / 64)
-                  entries of a row are read (the rest may hold anything)
-    cache_seqlens int32 [b]: tokens per request, each >= 1 and <= max_blocks * 64 (>= s_q with causal)
+                  entries of a row are read (the rest may hold anything, all of it for a length-0 request)
+    cache_seqlens int32 [b]: tokens per request, each in 0..max_blocks * 64
     head_dim_v    512 (the only value: V is the latent part of the cache)
     softmax_scale default 576 ** -0.5. DeepSeek-V3 passes 192 ** -0.5 * mscale ** 2 instead (the scale of its
                   unabsorbed 128 + 64 head dims times the square of its YaRN mscale, about 0.135 with its
                   rope_scaling), so pass the model's own value.
     causal        with s_q > 1, query token t sees keys 0 .. len - s_q + t; ignored when s_q == 1
-    kv_scale      float32, one element: the float8_e4m3fn cache holds K / kv_scale (None for bfloat16)
-    metadata      an MlaSchedule from get_mla_metadata(cache_seqlens, s_q * h_q, 1) planned for these lengths;
-                  None plans here (the CUDA backend plans on the GPU; the others on the host)
+    kv_scale      with a float8_e4m3fn cache, which holds K / kv_scale: a positive float, or a float32 tensor
+                  of one element (any shape) on q's device; None for bfloat16
+    metadata      an MlaSchedule from get_mla_metadata(cache_seqlens, s_q * h_q, 1) planned from this
+                  cache_seqlens tensor since its last in-place write (a stale one is refused; see
+                  get_mla_metadata); None plans here (the CUDA planner on the GPU; the others on the host)
     Returns out [b, s_q, h_q, 512] bfloat16 and lse [b, h_q, s_q] float32 (natural log of the softmax
-    denominator of the scaled scores).
+    denominator of the scaled scores). A query row that sees no key (a length-0 request, or with causal a
+    token t with len - s_q + t < 0) gives out 0 and lse +inf, as FlashMLA does; NaN in q or in a visible
+    cache row propagates to out and lse.
 
-    Every argument is checked before anything runs. The checks of values (lengths against the block table,
-    page ids against num_blocks) read the small int32 tensors back to the host; while a CUDA graph is being
-    captured they are skipped, so check them once before capturing.
+    Every argument is checked before anything runs. Given `metadata`, the Triton and CUDA backends read no
+    value back to the host (no synchronization, capturable in a CUDA graph): the lengths were checked by
+    get_mla_metadata, and the page ids in block_table are trusted. Without it, lengths are checked against
+    the block table and page ids against num_blocks, reading the small int32 tensors back (skipped while a
+    CUDA graph is being captured, so run once before capturing). backend="torch" is the per-request
+    reference: it always reads the lengths, and checks them.
     """
-    _validate_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, kv_scale, metadata)
+    kv_scale = _validate_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, kv_scale,
+                              metadata)
     b, s_q, h_q, _ = q.shape
     scale = HEAD_DIM_K ** -0.5 if softmax_scale is None else float(softmax_scale)
     causal = causal and s_q > 1
     which = _backend.resolve(backend, q.device, "mla_decode")
     if which == "torch":
+        if metadata is not None:
+            _check_values(q, kv_cache, block_table, cache_seqlens)
         return reference.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, kv_scale)
     if metadata is None:
         metadata = get_mla_metadata(cache_seqlens, s_q * h_q, 1)

@@ -7,6 +7,8 @@ For request i, query token t (0..s_q-1) and head h:
     s_j   = softmax_scale * <q[i, t, h, :], K_i[j, :]>          (float32, j over the visible keys)
     out   = sum_j softmax(s)_j * V_i[j, :]           -> q's dtype
     lse   = log(sum_j exp(s_j))                      natural log, float32, [b, h_q, s_q]
+A row that sees no key (L_i = 0, or with causal L_i - s_q + t < 0) has out = 0 and lse = +inf (FlashMLA's
+rule). NaN in q or in a visible cache row propagates to out and lse.
 An FP8 cache holds e4m3 values x with K = x * kv_scale (one float32 scale for the whole cache).
 """
 
@@ -27,7 +29,7 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seqlen: int, re
     ids = block_table[request, :pages].long()
     kv = kv_cache[ids].reshape(pages * PAGE_SIZE, kv_cache.shape[-1])[:seqlen].to(dtype)
     if kv_scale is not None:
-        kv = kv * kv_scale.to(dtype)
+        kv = kv * kv_scale.reshape(()).to(dtype)
     return kv
 
 
@@ -57,9 +59,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         scores = torch.einsum("thd,nd->thn", qi, kv) * scale
         mask = visible_keys(lengths[i], s_q, causal, q.device)
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        sees_keys = mask.any(dim=-1)[:, None]  # [s_q, 1]: from the lengths alone, so NaN scores stay NaN
         lse_i = torch.logsumexp(scores, dim=-1)  # [s_q, h_q]
-        probs = torch.exp(scores - lse_i[..., None])
+        probs = torch.exp(scores - torch.where(sees_keys, lse_i, 0.0)[..., None])
         out[i] = torch.einsum("thn,nd->thd", probs, kv[:, :head_dim_v])
-        lse[i] = lse_i.transpose(0, 1)
+        lse[i] = torch.where(sees_keys, lse_i, float("inf")).transpose(0, 1)
     out_dtype = q.dtype if compute_dtype == torch.float32 else compute_dtype
     return out.to(out_dtype), lse.to(torch.float32 if compute_dtype == torch.float32 else compute_dtype)

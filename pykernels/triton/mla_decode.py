@@ -11,7 +11,14 @@ descriptors of the loop-invariant Q tile and of both K stages out of the loop: 0
 thread). So the scores are accumulated over nine 64-column chunks in a runtime loop, each chunk of Q and K
 loaded where it is used (cp.async-pipelined), and V, the page's first 512 columns, is loaded again for
 P V. The second read of the page and the per-page Q chunks come from L1/L2, not HBM; the CUDA kernel keeps
-Q and the page resident in shared memory instead.
+Q and the page resident in shared memory instead. The alternatives compiled for sm_90 all spill: each page
+loaded once as [64, 512] + [64, 64] with the 512 part reused as V (470-800 B of stack per thread: with Q and
+the page in fixed shared buffers, the descriptors of every wgmma k-step are hoisted into registers), and a
+third cp.async stage so that a chunk stays in flight rather than waiting for all copies per chunk (72 B
+for the bf16 cache, 40 B with V in two halves).
+
+The split and page loops are while loops: their bounds come from the schedule in memory, which Triton
+3.6's interpreter cannot take as range() bounds. Only the constant-bound chunk loop is software-pipelined.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import triton
 import triton.language as tl
 
 from pykernels.triton.aot import AotKernel
-from pykernels.triton import common  # noqa: F401  (fixes the interpreter's bfloat16 tl.dot)
+from pykernels.triton.common import round_to_bf16
 
 LOG2E = 1.4426950408889634
 
@@ -65,9 +72,9 @@ def mla_decode_split_kernel(
     else:
         kv_scale = 1.0
     score_scale = scale_log2 * kv_scale
-    first = tl.load(part_splits_ptr + part)
+    g = tl.load(part_splits_ptr + part)
     last = tl.load(part_splits_ptr + part + 1)
-    for g in range(first, last):
+    while g < last:
         request = tl.load(splits_ptr + g * 4)
         page_begin = tl.load(splits_ptr + g * 4 + 1)
         page_end = tl.load(splits_ptr + g * 4 + 2)
@@ -81,8 +88,16 @@ def mla_decode_split_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
-        for page in range(page_begin, page_end):
-            block_id = tl.load(block_table_ptr + request.to(tl.int64) * max_blocks + page)
+        table_row = block_table_ptr + request.to(tl.int64) * max_blocks
+        # A page without tokens (a length-0 request's only page) has no block_table entry to trust, and with a
+        # schedule nothing checked the lengths against the table's width: read neither.
+        page = page_begin
+        block_id = tl.load(table_row + page, mask=(page * PAGE < seqlen) & (page < max_blocks), other=0)
+        while page < page_end:
+            # The next page's id is read a page ahead, so the tile addresses never wait on the block table.
+            next_page = page + 1
+            next_id = tl.load(table_row + next_page, other=0,
+                              mask=(next_page < page_end) & (next_page * PAGE < seqlen) & (next_page < max_blocks))
             tokens = page * PAGE + offs_n
             # Rows past the sequence's end may hold anything (NaN): never load them, so that 0 * NaN
             # cannot reach the accumulator.
@@ -107,22 +122,29 @@ def mla_decode_split_kernel(
             p = tl.math.exp2(s - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), k_nope)
+            acc = acc * alpha[:, None] + tl.dot(round_to_bf16(p).to(tl.bfloat16), k_nope)
             m_i = m_new
-        has_keys = l_i > 0.0
-        inv_l = tl.where(has_keys, kv_scale / l_i, 0.0)
+            block_id = next_id
+            page = next_page
+        # l_i is exactly 0 only for a row that saw no key (its largest term is exp2(0) = 1); a NaN score
+        # makes it NaN, which then reaches out and lse.
+        no_keys = l_i == 0.0
+        inv_l = tl.where(no_keys, 0.0, kv_scale / l_i)
         o = acc * inv_l[:, None]
-        lse = tl.where(has_keys, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, float("-inf"))
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         if n_splits == 1:
             out_rows = out_ptr + (request.to(tl.int64) * rows + offs_m[:, None]) * DV
-            tl.store(out_rows + offs_v[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_rows + offs_v[None, :], round_to_bf16(o).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
             t = offs_m // h_q
             h = offs_m - t * h_q
-            tl.store(lse_ptr + request.to(tl.int64) * rows + h * s_q + t, lse, mask=row_ok)
+            tl.store(lse_ptr + request.to(tl.int64) * rows + h * s_q + t, tl.where(no_keys, float("inf"), lse),
+                     mask=row_ok)
         else:
+            # A split whose keys a row cannot see weighs 0 in the combine: lse -inf.
             part_rows = out_part_ptr + (g * rows + offs_m[:, None]).to(tl.int64) * DV  # capacity * rows < 2^31
             tl.store(part_rows + offs_v[None, :], o, mask=row_ok[:, None])
-            tl.store(lse_part_ptr + g * rows + offs_m, lse, mask=row_ok)
+            tl.store(lse_part_ptr + g * rows + offs_m, tl.where(no_keys, float("-inf"), lse), mask=row_ok)
+        g += 1
 
 
 @triton.jit
@@ -146,24 +168,29 @@ def mla_combine_kernel(
     last = tl.load(split_offsets_ptr + request + 1)
     if last - first > 1:
         lse_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        for g in range(first, last):
+        g = first
+        while g < last:
             lse_max = tl.maximum(lse_max, tl.load(lse_part_ptr + g * rows + offs_m, mask=row_ok,
                                                   other=float("-inf")))
+            g += 1
         lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
         total = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, DV], dtype=tl.float32)
-        for g in range(first, last):
+        g = first
+        while g < last:
             lse_g = tl.load(lse_part_ptr + g * rows + offs_m, mask=row_ok, other=float("-inf"))
             w = tl.exp(lse_g - lse_ref)
             o = tl.load(out_part_ptr + (g * rows + offs_m[:, None]).to(tl.int64) * DV + offs_v[None, :],
                         mask=row_ok[:, None], other=0.0)
             acc += w[:, None] * o
             total += w
-        has = total > 0.0
-        acc = acc * tl.where(has, 1.0 / total, 0.0)[:, None]
-        lse = tl.where(has, lse_ref + tl.log(total), float("-inf"))
+            g += 1
+        # As in the split kernel: total is 0 only for a row no split saw a key of, NaN carries through.
+        no_keys = total == 0.0
+        acc = acc * tl.where(no_keys, 0.0, 1.0 / total)[:, None]
+        lse = tl.where(no_keys, float("inf"), lse_ref + tl.log(total))
         tl.store(out_ptr + (request.to(tl.int64) * rows + offs_m[:, None]) * DV + offs_v[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 round_to_bf16(acc).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         t = offs_m // h_q
         h = offs_m - t * h_q
         tl.store(lse_ptr + request.to(tl.int64) * rows + h * s_q + t, lse, mask=row_ok)
