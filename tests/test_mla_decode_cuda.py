@@ -86,7 +86,8 @@ def test_combine_merges_exactly_the_split_requests():
     ext = _extension()
     rng = random.Random(9)
     for _ in range(50):
-        lengths = [rng.randint(1, 70000) if rng.random() < 0.2 else rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
+        lengths = [rng.randint(1, 70000) if rng.random() < 0.2 else rng.randint(1, 300)
+                   for _ in range(rng.randint(1, 40))]
         num_parts = rng.randint(1, 140)
         _, splits, split_offsets = plan_splits(lengths, num_parts)
         count = [sum(1 for s in splits if s[0] == i) for i in range(len(lengths))]
@@ -207,7 +208,8 @@ TAIL_LENGTHS = [1, 63, 64, 65, 127, 129, 1000, 4097, 64 * 9, 7]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h_q,s_q,causal", [(16, 1, False), (128, 1, False), (128, 2, True), (3, 4, True), (64, 2, False)])
+@pytest.mark.parametrize("h_q,s_q,causal",
+                         [(16, 1, False), (128, 1, False), (128, 2, True), (3, 4, True), (64, 2, False)])
 def test_gpu_tma_pages_vs_float64(h_q, s_q, causal):
     """Every tail length against float64, NaN in every unused slot: a NaN that reaches P V fails."""
     lengths = [max(n, s_q) for n in TAIL_LENGTHS]

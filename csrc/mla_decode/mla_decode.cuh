@@ -9,10 +9,19 @@
 //     once per query tile); the next page is in flight while the current one is consumed. Q arrives the same
 //     way (9 boxes of a 3-D map, rows past the request's end zero-filled) and the next split's Q is issued as
 //     soon as the last QK^T of a split has read the current one, so it lands under the epilogue;
-//   - warpgroup 0 computes S = Q K^T (64x64, K = 576: 36 HGMMA m64n64k16) and the online softmax in
-//     registers, and writes P (bf16) and the per-row rescale factor to shared memory;
-//   - both warpgroups rescale and accumulate their half of O = P V (64x256 each, 4 HGMMA m64n256k16),
-//     so the 64x512 float32 accumulator is split across 256 threads (128 registers each).
+//   - each warpgroup computes half the scores, S[:, 32 w .. 32 w + 31] = Q K_w^T (64x32, K = 576: 36 HGMMA
+//     m64n32k16), and the online softmax of that half in registers; the two halves meet once per page
+//     through shared memory (each row's partial maximum), so both warpgroups derive the same running
+//     maximum and rescale factor, and each writes its half of P (bf16);
+//   - each warpgroup rescales and accumulates its half of O = P V (64x256, 4 HGMMA m64n256k16), so the
+//     64x512 float32 accumulator is split across 256 threads (128 registers each); each keeps the row sums
+//     of its own score columns, added once in the epilogue.
+// Schedule. Neither warpgroup idles through QK^T and the softmax: both issue independent HGMMA chains, each
+// runs half the softmax (16 scores per thread), and the rescale factor stays in registers. This is not
+// FlashMLA's seesaw, where one warpgroup's softmax runs under the other's MMAs with a page pair in flight:
+// here the tensor cores still wait for the softmax. The seesaw needs a second P buffer and scale exchanges
+// between the warpgroups at every page, an ordering no CPU check exercises; it belongs with a change that
+// can be timed on a GPU.
 // Rows of a page past the request's end may hold anything (NaN in unused slots): their scores are masked
 // by a select, and their V columns are zeroed in shared memory before P V, since 0 * NaN is NaN. Only a
 // request's last page (or an empty request's unloaded page) needs it, so only those pages pay the
@@ -68,7 +77,8 @@ using LayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<
 using LayoutV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<Int<kHeadDimV>, Int<kPageSize>>{},
                                        Step<_2, _1>{}));
 
-using MmaS = decltype(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
+constexpr int kSCols = kPageSize / 2;  // score columns (tokens of a page) per warpgroup
+using MmaS = decltype(make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
 using MmaO = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}));
 
 // Shared memory. bf16 cache: two bf16 stages. FP8 cache: two raw e4m3 stages and one bf16 tile they are
@@ -91,7 +101,8 @@ struct SharedStorage {
   alignas(1024) bf16 q[kRowsPerTile * kHeadDimK];
   KvStages<kFp8> kv;
   alignas(1024) bf16 p[kRowsPerTile * kPageSize];
-  float row_scale[kRowsPerTile];  // per-page rescale of O (exp2(m_old - m_new)), then 1 / l at the end
+  // Per warpgroup and row: the maximum of its half of a page's scores; in the epilogue, its row sums.
+  float row_part[2][kRowsPerTile];
   alignas(8) uint64_t full[2];    // stage s holds its page
   uint64_t q_full;                // the current split's Q has landed
 };
@@ -289,10 +300,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto thr_o = mma_o.get_thread_slice(tid_wg);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
   Tensor tOrP = thr_o.partition_fragment_A(sP);
-  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kPageSize>>{}));
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kSCols>>{}));
   Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kVHalf>>{}));
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRowsPerTile>, Int<kVHalf>>{});
-  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kPageSize>>{});
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kSCols>>{});
 
   // Bits 0, 1: parity of stage 0's / 1's next completion; bit 2: of q_full's (a bit field, not an array: no
   // local memory).
@@ -310,7 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int seqlen = p.seqlens[request];
     const bool unsplit = !needs_combine(p.split_offsets, request);
 
-    // Online-softmax state of warpgroup 0's two rows per thread (log2 domain).
+    // Online-softmax state of this thread's two rows (log2 domain): the maximum is the same in both
+    // warpgroups; the sum covers this warpgroup's score columns only.
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
     int key_limit[2];
@@ -347,60 +359,67 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       Tensor sK = make_tensor(make_smem_ptr(kv_tile<kFp8>(smem, stage)), LayoutK{});
       Tensor sV = make_tensor(make_smem_ptr(kv_tile<kFp8>(smem, stage)), LayoutV{});
-      if (wg == 0) {
-        Tensor tSrK = thr_s.partition_fragment_B(sK);
-        warpgroup_fence_operand(acc_s);
-        warpgroup_arrive();
-        mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-        CUTE_UNROLL
-        for (int k = 0; k < size<2>(tSrQ); ++k) {
-          cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), acc_s);
-          mma_s.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc_s);
-
-        float tile_max[2] = {-INFINITY, -INFINITY};
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) {
-          const int slot = row_slot(i);
-          const int token = page * kPageSize + get<1>(tScS(i));
-          const bool visible = token < key_limit[slot];
-          acc_s(i) = visible ? acc_s(i) * score_scale : -INFINITY;
-          tile_max[slot] = fmaxf(tile_max[slot], acc_s(i));
-        }
-        float ref[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
-        CUTE_UNROLL
-        for (int slot = 0; slot < 2; ++slot) {
-          const float m_new = fmaxf(row_max[slot], quad_max(tile_max[slot]));
-          // A row that has seen no key yet keeps max -inf; a reference of 0 keeps exp2 at 0 instead of NaN.
-          ref[slot] = m_new == -INFINITY ? 0.0f : m_new;
-          alpha[slot] = exp2f(row_max[slot] - ref[slot]);
-          row_max[slot] = m_new;
-        }
-        // Values i, i + 1 (i even) are columns c, c + 1 of one row: stored as one bf16 pair.
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); i += 2) {
-          const int slot = row_slot(i);
-          const float p0 = exp2f(acc_s(i) - ref[slot]), p1 = exp2f(acc_s(i + 1) - ref[slot]);
-          tile_sum[slot] += p0 + p1;
-          *reinterpret_cast<__nv_bfloat162*>(&sP(get<0>(tScS(i)), get<1>(tScS(i)))) = __floats2bfloat162_rn(p0, p1);
-        }
-        CUTE_UNROLL
-        for (int slot = 0; slot < 2; ++slot) {
-          row_sum[slot] = row_sum[slot] * alpha[slot] + quad_sum(tile_sum[slot]);
-          if (tid_wg % 4 == 0) smem.row_scale[first_row(tid_wg) + slot * 8] = alpha[slot];
-        }
-        // P is a generic-proxy write that P V's wgmma reads.
-        cutlass::arch::fence_view_async_shared();
+      // This warpgroup's 32 tokens: 4 whole 8-row swizzle atoms, so the sub-tile keeps the atom layout the
+      // descriptors describe.
+      Tensor sKhalf = local_tile(sK, Shape<Int<kSCols>, Int<kHeadDimK>>{}, make_coord(wg, 0));
+      Tensor tSrK = thr_s.partition_fragment_B(sKhalf);
+      warpgroup_fence_operand(acc_s);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tSrQ); ++k) {
+        cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), acc_s);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
       }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
+
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int slot = row_slot(i);
+        const int token = page * kPageSize + wg * kSCols + get<1>(tScS(i));
+        const bool visible = token < key_limit[slot];
+        acc_s(i) = visible ? acc_s(i) * score_scale : -INFINITY;
+        tile_max[slot] = fmaxf(tile_max[slot], acc_s(i));
+      }
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) {
+        const float half_max = quad_max(tile_max[slot]);
+        if (tid_wg % 4 == 0) smem.row_part[wg][first_row(tid_wg) + slot * 8] = half_max;
+      }
+      __syncthreads();
+      float ref[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) {
+        const int local = first_row(tid_wg) + slot * 8;
+        // fmaxf is exact and the operands are the same in both warpgroups: both get the same maximum.
+        const float m_new = fmaxf(row_max[slot], fmaxf(smem.row_part[0][local], smem.row_part[1][local]));
+        // A row that has seen no key yet keeps max -inf; a reference of 0 keeps exp2 at 0 instead of NaN.
+        ref[slot] = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[slot] = exp2f(row_max[slot] - ref[slot]);
+        row_max[slot] = m_new;
+      }
+      // Values i, i + 1 (i even) are columns c, c + 1 of one row: stored as one bf16 pair.
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); i += 2) {
+        const int slot = row_slot(i);
+        const float p0 = exp2f(acc_s(i) - ref[slot]), p1 = exp2f(acc_s(i + 1) - ref[slot]);
+        tile_sum[slot] += p0 + p1;
+        *reinterpret_cast<__nv_bfloat162*>(&sP(get<0>(tScS(i)), wg * kSCols + get<1>(tScS(i)))) =
+            __floats2bfloat162_rn(p0, p1);
+      }
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) row_sum[slot] = row_sum[slot] * alpha[slot] + quad_sum(tile_sum[slot]);
+      // P is a generic-proxy write that P V's wgmma reads.
+      cutlass::arch::fence_view_async_shared();
       __syncthreads();
       // The split's last QK^T has read Q: the next split's Q loads now, under this P V and the epilogue.
       if (tid == 0 && page + 1 == page_end && g + 1 < last) load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
 
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= smem.row_scale[first_row(tid_wg) + 8 * row_slot(i)];
+      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[row_slot(i)];
       Tensor sVhalf = local_tile(sV, Shape<Int<kVHalf>, Int<kPageSize>>{}, make_coord(wg, 0));
       Tensor tOrV = thr_o.partition_fragment_B(sVhalf);
       warpgroup_fence_operand(acc_o);
@@ -417,37 +436,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     // This CTA's last split: the combine may start launching (it waits for the whole grid before reading).
     if (g + 1 == last) allow_dependent_launch();
 
-    // Epilogue: 1 / l through shared memory to warpgroup 1; warpgroup 0 writes the lse. A row that saw no
-    // key (an empty request, or a causal row before its first key) gets out 0 and lse +inf; a split's
-    // partial lse stays -inf there so that the combine gives it weight 0.
-    if (wg == 0) {
-      CUTE_UNROLL
-      for (int slot = 0; slot < 2; ++slot) {
-        const int local = first_row(tid_wg) + slot * 8;
-        const float l = row_sum[slot];
-        if (tid_wg % 4 == 0) {
-          smem.row_scale[local] = l > 0.0f ? kv_scale / l : 0.0f;
-          const int row = row_base + local;
-          if (row < rows) {
-            const float lse = l > 0.0f ? (row_max[slot] + log2f(l)) * 0.69314718055994531f : -INFINITY;
-            if (unsplit) {
-              const int t = row / p.h_q, h = row % p.h_q;
-              p.lse[static_cast<int64_t>(request) * rows + h * p.s_q + t] = l > 0.0f ? lse : INFINITY;
-            } else {
-              p.lse_partial[static_cast<int64_t>(g) * rows + row] = lse;
-            }
-          }
+    // Epilogue: each row's sum is the two warpgroups' sums, met in shared memory (the partial maxima there
+    // were last read before the barrier that ended the page loop). A row that saw no key (an empty
+    // request, or a causal row before its first key) gets out 0 and lse +inf; a split's partial lse stays
+    // -inf there so that the combine gives it weight 0. Warpgroup 0 writes the lse.
+    CUTE_UNROLL
+    for (int slot = 0; slot < 2; ++slot) {
+      if (tid_wg % 4 == 0) smem.row_part[wg][first_row(tid_wg) + slot * 8] = row_sum[slot];
+    }
+    __syncthreads();
+    float inv[2];
+    CUTE_UNROLL
+    for (int slot = 0; slot < 2; ++slot) {
+      const int local = first_row(tid_wg) + slot * 8, row = row_base + local;
+      const float l = smem.row_part[0][local] + smem.row_part[1][local];
+      inv[slot] = l > 0.0f ? kv_scale / l : 0.0f;
+      if (wg == 0 && tid_wg % 4 == 0 && row < rows) {
+        const float lse = l > 0.0f ? (row_max[slot] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+        if (unsplit) {
+          const int t = row / p.h_q, h = row % p.h_q;
+          p.lse[static_cast<int64_t>(request) * rows + h * p.s_q + t] = l > 0.0f ? lse : INFINITY;
+        } else {
+          p.lse_partial[static_cast<int64_t>(g) * rows + row] = lse;
         }
       }
     }
-    __syncthreads();
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); i += 2) {
       const int local = first_row(tid_wg) + 8 * row_slot(i), row = row_base + local;
       if (row >= rows) continue;
       const int col = wg * kVHalf + get<1>(tOcO(i));
-      const float inv = smem.row_scale[local];
-      const float v0 = acc_o(i) * inv, v1 = acc_o(i + 1) * inv;
+      const float v0 = acc_o(i) * inv[row_slot(i)], v1 = acc_o(i + 1) * inv[row_slot(i)];
       if (unsplit) {
         *reinterpret_cast<__nv_bfloat162*>(p.out + (static_cast<int64_t>(request) * rows + row) * kHeadDimV + col) =
             __floats2bfloat162_rn(v0, v1);
@@ -456,6 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             make_float2(v0, v1);
       }
     }
+    // The next split's first page writes its partial maxima over these sums.
     __syncthreads();
     if (g + 1 < last) job = first_page_of(p, g + 1);
   }
