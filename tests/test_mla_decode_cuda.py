@@ -95,6 +95,8 @@ def test_combine_merges_exactly_the_split_requests():
     # One part: nothing is split, so every combine CTA exits before waiting for the split kernel.
     _, _, split_offsets = plan_splits([5000, 1, 64, 129], 1)
     assert ext.mla_combined_requests(split_offsets) == [False] * 4
+    with pytest.raises(ValueError, match="split_offsets: expected b \\+ 1 >= 2 entries, got 1 entries"):
+        ext.mla_combined_requests([0])
 
 
 @pytest.mark.parametrize("lengths", [[INT32_MAX], [INT32_MAX, 1, INT32_MAX - 64], [2 ** 30, INT32_MAX, 0]])

@@ -145,7 +145,9 @@ std::vector<std::array<int, 3>> mla_q_boxes(int request, int row_block) {
 int mla_valid_tokens(int seqlen, int page) { return mla::valid_tokens_of(seqlen, page); }
 
 std::vector<bool> mla_combined_requests(const std::vector<int>& split_offsets) {
-  if (split_offsets.size() < 2) throw_value_error("split_offsets", "b + 1 >= 2 entries", std::to_string(split_offsets.size()));
+  if (split_offsets.size() < 2) {
+    throw_value_error("split_offsets", "b + 1 >= 2 entries", std::to_string(split_offsets.size()) + " entries");
+  }
   std::vector<bool> combined;
   for (size_t i = 0; i + 1 < split_offsets.size(); ++i) {
     combined.push_back(mla::needs_combine(split_offsets.data(), static_cast<int>(i)));
