@@ -302,7 +302,16 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- mla_decode ------------------------------------------------------------------------------
   m.def("mla_layouts_consistent", &pykernels::mla_layouts_consistent,
-        "Host check that the MLA kernel's shared-memory views and accumulator row map agree with CuTe's layouts");
+        "Host check that the MLA kernel's shared-memory views, TMA boxes and accumulator row map agree with CuTe's "
+        "layouts");
+  m.def("mla_page_boxes", &pykernels::mla_page_boxes, py::arg("block_id"),
+        "TMA coordinates (column, row) of the boxes the CUDA kernel loads for cache page block_id");
+  m.def("mla_q_boxes", &pykernels::mla_q_boxes, py::arg("request"), py::arg("row_block"),
+        "TMA coordinates (column, row, request) of the boxes of one 64-row query tile");
+  m.def("mla_valid_tokens", &pykernels::mla_valid_tokens, py::arg("seqlen"), py::arg("page"),
+        "Tokens of a page that hold keys (0..64); the CUDA kernel zeroes the rest and loads nothing at 0");
+  m.def("mla_combined_requests", &pykernels::mla_combined_requests, py::arg("split_offsets"),
+        "Per request, whether the combine kernel merges it (more than one split) or skips it");
   m.def(
       "mla_plan_splits",
       [](const std::vector<int>& seqlens, int num_parts) {

@@ -10,7 +10,7 @@ them against what each kernel is meant to be:
   - every kernel: no local memory, no stack, no ptxas performance warning (C7510: wgmma serialized;
     C7508: setmaxnreg ignored) in the build log;
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
-    AOT_KERNELS): minimum instruction counts, a shared-memory ceiling.
+    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling.
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
 """
 
@@ -193,6 +193,10 @@ def check_expectations(report: KernelReport, expect: dict) -> None:
         have = report.instructions.get(cls, 0)
         if have < minimum:
             report.failures.append(f"expected at least {minimum} {cls}, found {have}")
+    for cls, maximum in expect.get("max_instructions", {}).items():
+        have = report.instructions.get(cls, 0)
+        if have > maximum:
+            report.failures.append(f"expected at most {maximum} {cls}, found {have}")
     limit = expect.get("max_shared_bytes", SM90_MAX_SHARED_PER_BLOCK)
     if report.shared_bytes > limit:
         report.failures.append(f"shared memory {report.shared_bytes} B exceeds {limit} B")
@@ -242,11 +246,12 @@ def audit_cuda() -> tuple:
     reports = _reports_from_binary(ext.__file__, "cuda")
     expectations = cuda_expectations()
     for r in reports:
-        merged = {"no_local_memory": True, "min_instructions": {}}
+        merged = {"no_local_memory": True, "min_instructions": {}, "max_instructions": {}}
         for pattern, expect in expectations.items():
             if pattern in r.name:
                 merged["min_instructions"].update(expect.get("min_instructions", {}))
-                merged.update({k: v for k, v in expect.items() if k != "min_instructions"})
+                merged["max_instructions"].update(expect.get("max_instructions", {}))
+                merged.update({k: v for k, v in expect.items() if k not in ("min_instructions", "max_instructions")})
         check_expectations(r, merged)
     for pattern in expectations:
         if not any(pattern in r.name for r in reports):

@@ -389,9 +389,13 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
 
 # What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name).
+# Pages and Q arrive by TMA from one thread (UTMALDG; an e4m3 page by one bulk copy, UBLKCP), never by
+# per-thread cp.async (LDGSTS).
 CUDA_AUDIT = {
-    "mla_decode_kernel<false": {"no_local_memory": True, "min_instructions": {"HGMMA": 1}},
-    "mla_decode_kernel<true": {"no_local_memory": True, "min_instructions": {"HGMMA": 1}},
+    "mla_decode_kernel<false": {"no_local_memory": True, "min_instructions": {"HGMMA": 1, "UTMALDG": 1},
+                                "max_instructions": {"LDGSTS": 0}},
+    "mla_decode_kernel<true": {"no_local_memory": True, "min_instructions": {"HGMMA": 1, "UTMALDG": 1, "UBLKCP": 1},
+                               "max_instructions": {"LDGSTS": 0}},
     "mla_combine_kernel": {"no_local_memory": True},
     "mla_plan_splits_kernel": {"no_local_memory": True},
 }

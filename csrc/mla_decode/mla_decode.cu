@@ -1,7 +1,12 @@
+// First: CUTLASS's cuda_host_adapter.hpp includes cudaTypedefs.h inside namespace cutlass.
+#include "common/tensor_map.h"
+
 #include "mla_decode/mla_decode.cuh"
 #include "mla_decode/mla_decode.h"
 
+#include <climits>
 #include <string>
+#include <utility>
 
 namespace pykernels {
 namespace {
@@ -13,14 +18,64 @@ void require_int32_vector(const TensorView& t, int64_t size, const std::string& 
   require_size(t, 0, size, what);
 }
 
+// Launches `kernel` with programmatic stream serialization: it may start before the previous kernel in the
+// stream has finished (once that one signals, or exits), and must wait (griddepcontrol.wait) before reading
+// anything that kernel writes. Captured into a CUDA graph, the attribute becomes a programmatic edge.
+template <typename... KernelArgs, typename... Args>
+void launch_programmatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int smem_bytes, cudaStream_t stream,
+                         Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  PK_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// The split kernel waits for its predecessor (the planner, or whatever wrote q and the cache) after its
+// prologue; the combine's CTAs start while the split kernel's last CTAs finish, skip requests with one
+// split, and wait before reading partials.
 template <bool kFp8>
-void launch_decode(const mla::Params& params, int m_blocks, int num_parts, cudaStream_t stream) {
-  constexpr int smem_bytes = static_cast<int>(sizeof(mla::SharedStorage<kFp8>));
+void launch_decode(const CUtensorMap& tma_q, const CUtensorMap& tma_kv, const mla::Params& params, int m_blocks,
+                   int num_parts, cudaStream_t stream) {
+  // The kernel rounds the dynamic shared memory base up to 1024 bytes.
+  constexpr int smem_bytes = static_cast<int>(sizeof(mla::SharedStorage<kFp8>)) + 1024;
   static_assert(smem_bytes <= 232448, "shared memory exceeds the 227 KB a Hopper CTA may use");
   PK_CUDA_CHECK(cudaFuncSetAttribute(mla::mla_decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      smem_bytes));
-  mla::mla_decode_kernel<kFp8><<<dim3(m_blocks, num_parts), mla::kThreads, smem_bytes, stream>>>(params);
-  PK_CHECK_LAUNCH("mla_decode_kernel");
+  launch_programmatic(mla::mla_decode_kernel<kFp8>, dim3(m_blocks, num_parts), dim3(mla::kThreads), smem_bytes,
+                      stream, tma_q, tma_kv, params);
+}
+
+void launch_combine(const mla::Params& params, int64_t b, int64_t rows, cudaStream_t stream) {
+  launch_programmatic(mla::mla_combine_kernel, dim3(static_cast<unsigned>(b), static_cast<unsigned>(rows)),
+                      dim3(mla::kCombineThreads), 0, stream, static_cast<const int*>(params.split_offsets),
+                      static_cast<const float*>(params.out_partial), static_cast<const float*>(params.lse_partial),
+                      params.out, params.lse, params.s_q, params.h_q);
+}
+
+// q [b, s_q, h_q, 576] as [b, rows, 576]: one box is a 64-row query tile's 64-column slice; rows past a
+// request's end are out of range and arrive as zeros.
+CUtensorMap make_q_map(const TensorView& q, int64_t b, int64_t rows) {
+  const cuuint64_t dims[3] = {cuuint64_t(mla::kHeadDimK), cuuint64_t(rows), cuuint64_t(b)};
+  const cuuint64_t strides[2] = {cuuint64_t(mla::kHeadDimK * 2), cuuint64_t(rows * mla::kHeadDimK * 2)};
+  const cuuint32_t box[3] = {mla::kBoxCols, mla::kRowsPerTile, 1};
+  return encode_tensor_map("q", CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, q.data, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_128B);
+}
+
+// The bf16 cache [num_blocks, 64, 1, 576] as [num_blocks * 64, 576]: a page is 9 boxes of 64 x 64.
+CUtensorMap make_kv_map(const TensorView& kv_cache, int64_t num_blocks) {
+  const cuuint64_t dims[2] = {cuuint64_t(mla::kHeadDimK), cuuint64_t(num_blocks * mla::kPageSize)};
+  const cuuint64_t strides[1] = {cuuint64_t(mla::kHeadDimK * 2)};
+  const cuuint32_t box[2] = {mla::kBoxCols, mla::kPageSize};
+  return encode_tensor_map("kv_cache", CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, kv_cache.data, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 }  // namespace
@@ -33,6 +88,25 @@ bool mla_layouts_consistent() {
     for (int d = 0; d < mla::kHeadDimV; ++d) {
       if (layout_k(t, d) != layout_v(d, t)) return false;
     }
+  }
+  // The kernel addresses a tile through a swizzled shared-memory pointer; TMA box `tile` lands at
+  // tile * 8 KB with SWIZZLE_128B: 128-byte rows, 16-byte chunk j of row r stored at chunk j ^ (r % 8) (for a
+  // 1024-byte aligned base, which the kernel's base is). Both Q and K tiles must be that image.
+  alignas(1024) static mla::bf16 buffer[mla::kPageSize * mla::kHeadDimK];
+  const auto base = reinterpret_cast<const char*>(buffer);
+  auto tma_image = [&](auto tensor) {
+    for (int r = 0; r < mla::kPageSize; ++r) {
+      for (int c = 0; c < mla::kHeadDimK; ++c) {
+        const int tile = c / mla::kBoxCols, byte = r * 128 + (c % mla::kBoxCols) * 2;
+        const int want = tile * mla::kBoxBytes + (byte ^ (((byte >> 7) & 7) << 4));
+        if (reinterpret_cast<const char*>(&tensor(r, c)) - base != want) return false;
+      }
+    }
+    return true;
+  };
+  if (!tma_image(cute::make_tensor(cute::make_smem_ptr(buffer), mla::LayoutK{})) ||
+      !tma_image(cute::make_tensor(cute::make_smem_ptr(buffer), mla::LayoutQ{}))) {
+    return false;
   }
   // The softmax and the epilogue address rows as first_row(thread) + 8 * row_slot(value); the (M, N) index
   // is column-major, so column + 1 is index + M.
@@ -48,6 +122,37 @@ bool mla_layouts_consistent() {
   };
   return rows_match(mla::MmaS{}.get_layoutC_TV(), mla::kRowsPerTile) &&
          rows_match(mla::MmaO{}.get_layoutC_TV(), mla::kRowsPerTile);
+}
+
+std::vector<std::pair<int, int>> mla_page_boxes(int block_id) {
+  std::vector<std::pair<int, int>> boxes;
+  for (int t = 0; t < mla::kColTiles; ++t) {
+    const mla::PageBox box = mla::page_box(block_id, t);
+    boxes.emplace_back(box.col, box.row);
+  }
+  return boxes;
+}
+
+std::vector<std::array<int, 3>> mla_q_boxes(int request, int row_block) {
+  std::vector<std::array<int, 3>> boxes;
+  for (int t = 0; t < mla::kColTiles; ++t) {
+    const mla::QBox box = mla::q_box(request, row_block, t);
+    boxes.push_back({box.col, box.row, box.request});
+  }
+  return boxes;
+}
+
+int mla_valid_tokens(int seqlen, int page) { return mla::valid_tokens_of(seqlen, page); }
+
+std::vector<bool> mla_combined_requests(const std::vector<int>& split_offsets) {
+  if (split_offsets.size() < 2) {
+    throw_value_error("split_offsets", "b + 1 >= 2 entries", std::to_string(split_offsets.size()) + " entries");
+  }
+  std::vector<bool> combined;
+  for (size_t i = 0; i + 1 < split_offsets.size(); ++i) {
+    combined.push_back(mla::needs_combine(split_offsets.data(), static_cast<int>(i)));
+  }
+  return combined;
 }
 
 void mla_plan_splits_host(const std::vector<int>& seqlens, int num_parts, std::vector<int>& part_splits,
@@ -157,9 +262,14 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
     require_same_device(q, *kv_scale);
   }
   for (const TensorView* t : {&q, &kv_cache, &out, &out_partial}) require_aligned(*t, 16);
+  // TMA coordinates are int32: the cache's rows (num_blocks * 64) must fit.
+  const int64_t num_blocks = kv_cache.size(0);
+  if (num_blocks < 1 || num_blocks > INT_MAX / mla::kPageSize) {
+    throw_value_error(kv_cache.name, "1.." + std::to_string(INT_MAX / mla::kPageSize) + " pages (dim 0)",
+                      "shape " + kv_cache.shape_str());
+  }
 
   mla::Params params{};
-  params.q = q.ptr<const mla::bf16>();
   params.kv = kv_cache.data;
   params.block_table = block_table.ptr<const int>();
   params.seqlens = seqlens.ptr<const int>();
@@ -179,15 +289,15 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
 
   const int m_blocks = static_cast<int>((rows + mla::kRowsPerTile - 1) / mla::kRowsPerTile);
   PK_ASSERT(num_parts <= 65535, "grid y limit");
+  const CUtensorMap tma_q = make_q_map(q, b, rows);
   if (fp8) {
-    launch_decode<true>(params, m_blocks, static_cast<int>(num_parts), stream);
+    const CUtensorMap unused{};  // the e4m3 cache moves by bulk copy
+    launch_decode<true>(tma_q, unused, params, m_blocks, static_cast<int>(num_parts), stream);
   } else {
-    launch_decode<false>(params, m_blocks, static_cast<int>(num_parts), stream);
+    launch_decode<false>(tma_q, make_kv_map(kv_cache, num_blocks), params, m_blocks, static_cast<int>(num_parts),
+                         stream);
   }
-  mla::mla_combine_kernel<<<dim3(static_cast<unsigned>(b), static_cast<unsigned>(rows)), mla::kCombineThreads, 0,
-                            stream>>>(params.split_offsets, params.out_partial, params.lse_partial, params.out,
-                                      params.lse, params.s_q, params.h_q);
-  PK_CHECK_LAUNCH("mla_combine_kernel");
+  launch_combine(params, b, rows, stream);
 }
 
 }  // namespace pykernels

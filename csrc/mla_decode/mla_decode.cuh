@@ -3,35 +3,55 @@
 //
 // One CTA = one 64-row query tile (rows r = t * h_q + h of one request, q's memory order) x one SM part of
 // the schedule (mla_decode_plan.h). 256 threads, two warpgroups:
-//   - every thread issues cp.async for the next 64-token page while the current one is consumed; each
-//     thread's copies arrive on the stage's mbarrier (cp.async.mbarrier.arrive.noinc), so a stage is ready
-//     when all 256 threads' copies have landed;
-//   - warpgroup 0 computes S = Q K^T (64x64, K = 576: 36 HGMMA m64n64k16) and the online softmax in
-//     registers, and writes P (bf16) and the per-row rescale factor to shared memory;
-//   - both warpgroups rescale and accumulate their half of O = P V (64x256 each, 4 HGMMA m64n256k16),
-//     so the 64x512 float32 accumulator is split across 256 threads (128 registers each).
-// An FP8 cache arrives as raw e4m3 bytes in two stages and is converted once per page to a bf16 tile
-// (exactly: every e4m3 value is a bf16 value); kv_scale multiplies the scores and the output instead.
+//   - thread 0 issues the copies: a page is 9 TMA boxes of 64 tokens x 64 columns (bf16 cache, 128-byte
+//     swizzle, the layout the GMMA descriptors read) or one bulk copy of its 36 KB (e4m3 cache, converted
+//     by all threads), on the stage's transaction barrier, with an evict-first L2 hint (each page is read
+//     once per query tile); the next page is in flight while the current one is consumed. Q arrives the same
+//     way (9 boxes of a 3-D map, rows past the request's end zero-filled) and the next split's Q is issued as
+//     soon as the last QK^T of a split has read the current one, so it lands under the epilogue;
+//   - each warpgroup computes half the scores, S[:, 32 w .. 32 w + 31] = Q K_w^T (64x32, K = 576: 36 HGMMA
+//     m64n32k16), and the online softmax of that half in registers; the two halves meet once per page
+//     through shared memory (each row's partial maximum), so both warpgroups derive the same running
+//     maximum and rescale factor, and each writes its half of P (bf16);
+//   - each warpgroup rescales and accumulates its half of O = P V (64x256, 4 HGMMA m64n256k16), so the
+//     64x512 float32 accumulator is split across 256 threads (128 registers each); each keeps the row sums
+//     of its own score columns, added once in the epilogue.
+// Schedule. Neither warpgroup idles through QK^T and the softmax: both issue independent HGMMA chains, each
+// runs half the softmax (16 scores per thread), and the rescale factor stays in registers. This is not
+// FlashMLA's seesaw, where one warpgroup's softmax runs under the other's MMAs with a page pair in flight:
+// here the tensor cores still wait for the softmax. The seesaw needs a second P buffer and scale exchanges
+// between the warpgroups at every page, an ordering no CPU check exercises; it belongs with a change that
+// can be timed on a GPU.
+// Rows of a page past the request's end may hold anything (NaN in unused slots): their scores are masked
+// by a select, and their V columns are zeroed in shared memory before P V, since 0 * NaN is NaN. Only a
+// request's last page (or an empty request's unloaded page) needs it, so only those pages pay the
+// generic-to-async proxy fence; full bf16 pages go from the TMA barrier straight to the MMA.
+// An FP8 cache is converted once per page to a bf16 tile (exactly: every e4m3 value is a bf16 value);
+// kv_scale multiplies the scores and the output instead.
 //
 // Why CuTe's atoms rather than hand-packed wgmma descriptors: the descriptor bits (swizzle mode, leading and
 // stride byte offsets, base offset) must agree with the shared-memory layout the loads write, and the
 // accumulator's register-to-(row, col) map must agree with the softmax and the epilogue. With
 // GMMA::Layout_K_SW128_Atom / Layout_MN_SW128_Atom layouts, SM90_64xNx16 MMA atoms and identity-tensor
-// partitions, one layout object drives the copies, the descriptors and the epilogue coordinates, and all
-// three come from code CUTLASS tests on hardware. No GPU is available where this file was written, so
-// the fewer hand-derived encodings, the fewer ways to be silently wrong.
+// partitions, one layout object drives the descriptors and the epilogue coordinates, and both come from
+// code CUTLASS tests on hardware. That the TMA boxes' 128-byte swizzle writes what this layout describes is
+// checked on the host (mla_layouts_consistent). No GPU is available where this file was written, so the
+// fewer hand-derived encodings, the fewer ways to be silently wrong.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
-#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "mla_decode/mla_decode_index.h"
 #include "mla_decode/mla_decode_plan.h"
 
 namespace pykernels {
@@ -40,9 +60,6 @@ namespace mla {
 using namespace cute;
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerTile = 64;   // query rows per CTA: the M of every MMA
-constexpr int kHeadDimK = 576;     // 512 latent + 64 RoPE
-constexpr int kHeadDimV = 512;
 constexpr int kVHalf = kHeadDimV / 2;  // output columns per warpgroup
 constexpr int kTileElems = kPageSize * kHeadDimK;
 static_assert(kPageSize == 64 && kRowsPerTile == 64, "one page is one 64-token KV tile; 64 query rows per tile");
@@ -60,11 +77,13 @@ using LayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<bf16>{}, Shape<
 using LayoutV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<bf16>{}, Shape<Int<kHeadDimV>, Int<kPageSize>>{},
                                        Step<_2, _1>{}));
 
-using MmaS = decltype(make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
+constexpr int kSCols = kPageSize / 2;  // score columns (tokens of a page) per warpgroup
+using MmaS = decltype(make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
 using MmaO = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}));
 
 // Shared memory. bf16 cache: two bf16 stages. FP8 cache: two raw e4m3 stages and one bf16 tile they are
-// converted into. Both fit 227 KB with Q (72 KB) and P (8 KB).
+// converted into. Both fit 227 KB with Q (72 KB), P (8 KB) and the 1 KB the launch adds to align the base
+// (the 128-byte swizzle of TMA and of the GMMA descriptors is a function of address bits 4..9).
 template <bool kFp8>
 struct KvStages;
 template <>
@@ -82,13 +101,14 @@ struct SharedStorage {
   alignas(1024) bf16 q[kRowsPerTile * kHeadDimK];
   KvStages<kFp8> kv;
   alignas(1024) bf16 p[kRowsPerTile * kPageSize];
-  float row_scale[kRowsPerTile];  // per-page rescale of O (exp2(m_old - m_new)), then 1 / l at the end
+  // Per warpgroup and row: the maximum of its half of a page's scores; in the epilogue, its row sums.
+  float row_part[2][kRowsPerTile];
   alignas(8) uint64_t full[2];    // stage s holds its page
+  uint64_t q_full;                // the current split's Q has landed
 };
 
 struct Params {
-  const bf16* q;              // [b, s_q, h_q, 576]
-  const void* kv;             // [num_blocks, 64, 576] bf16 or e4m3
+  const void* kv;             // [num_blocks, 64, 576] e4m3 (a bf16 cache is read through its tensor map)
   const int* block_table;     // [b, max_blocks]
   const int* seqlens;         // [b]
   const float* kv_scale;      // [1] (FP8 only)
@@ -109,71 +129,94 @@ struct PageJob {
   int g, page, request;
 };
 
-__device__ inline void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = cute::cast_smem_ptr_to_uint(smem);
-  // src-size 0 zero-fills: rows past the sequence's end are never read (they may hold NaN).
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+constexpr uint64_t kEvictFirst = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
+constexpr uint64_t kEvictNormal = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+
+// One contiguous global -> shared copy completing on `bar` (cp.async.bulk; CuTe's SM90_BULK_COPY_G2S takes
+// no cache hint).
+__device__ inline void bulk_copy_g2s(void* smem, const void* gmem, uint32_t bytes, uint64_t* bar, uint64_t hint) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
+      ::"r"(cast_smem_ptr_to_uint(smem)), "l"(gmem), "r"(bytes), "r"(cast_smem_ptr_to_uint(bar)), "l"(hint)
+      : "memory");
 }
 
-// Issues this thread's share of one page's copies and arrives on `bar` when they land.
+// Thread 0: issues the copies of one page into `stage`, completing its barrier. An empty request's planned
+// page loads nothing (and reads no block_table entry): the barrier completes on the arrival alone.
 template <bool kFp8>
-__device__ inline void load_page(const Params& p, SharedStorage<kFp8>& smem, int stage, const PageJob& job,
-                                 int seqlen) {
-  const int valid_tokens = min(kPageSize, seqlen - job.page * kPageSize);
-  // The page planned for an empty request (see pages_of) reads nothing; page 0 keeps its zero-byte copies'
-  // source addresses valid whatever its block_table entry holds.
-  const int block_id =
-      valid_tokens > 0 ? p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page] : 0;
+__device__ inline void load_page(const CUtensorMap* tma_kv, const Params& p, SharedStorage<kFp8>& smem, int stage,
+                                 const PageJob& job) {
+  uint64_t* bar = &smem.full[stage];
+  if (valid_tokens_of(p.seqlens[job.request], job.page) == 0) {
+    cutlass::arch::ClusterBarrier::arrive(bar);
+    return;
+  }
+  const int block_id = p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page];
   if constexpr (kFp8) {
-    const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kTileElems;
-    uint8_t* dst = smem.kv.raw[stage];
-    constexpr int kChunks = kTileElems / 16;
-    // Not unrolled: precomputed addresses for every chunk would be loop invariants held in registers
-    // across the whole kernel, beside the 128-register accumulator.
-#pragma unroll 1
-    for (int c = threadIdx.x; c < kChunks; c += kThreads) {
-      const int token = c / (kHeadDimK / 16);
-      const bool ok = token < valid_tokens;
-      cp_async_16(dst + c * 16, ok ? src + c * 16 : src, ok);
-    }
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPageBytesFp8);
+    const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kPageBytesFp8;
+    bulk_copy_g2s(smem.kv.raw[stage], src, kPageBytesFp8, bar, kEvictFirst);
   } else {
-    const bf16* src = static_cast<const bf16*>(p.kv) + static_cast<int64_t>(block_id) * kTileElems;
-    Tensor sK = make_tensor(make_smem_ptr(smem.kv.tile[stage]), LayoutK{});
-    constexpr int kChunksPerRow = kHeadDimK / 8;
-    // Not unrolled: precomputed addresses for every chunk would be loop invariants held in registers
-    // across the whole kernel, beside the 128-register accumulator.
-#pragma unroll 1
-    for (int c = threadIdx.x; c < kPageSize * kChunksPerRow; c += kThreads) {
-      const int token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const bool ok = token < valid_tokens;
-      // 8 consecutive bf16 stay contiguous under the 128-byte swizzle (it permutes 16-byte chunks).
-      cp_async_16(&sK(token, col), ok ? src + token * kHeadDimK + col : src, ok);
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPageBytesBf16);
+    CUTE_UNROLL
+    for (int t = 0; t < kColTiles; ++t) {
+      const PageBox box = page_box(block_id, t);
+      SM90_TMA_LOAD_2D::copy(tma_kv, bar, kEvictFirst, smem.kv.tile[stage] + t * kPageSize * kBoxCols, box.col,
+                             box.row);
     }
   }
-  cutlass::arch::cpasync_barrier_arrive_noinc(&smem.full[stage]);
 }
 
-// Converts a landed raw e4m3 page to the bf16 tile (exact) in K's swizzled layout.
-__device__ inline void convert_page(SharedStorage<true>& smem, int stage) {
+// Thread 0: issues the 9 boxes of query tile blockIdx.x of `request` into smem.q.
+template <bool kFp8>
+__device__ inline void load_q(const CUtensorMap* tma_q, SharedStorage<kFp8>& smem, int request) {
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.q_full, kQTileBytes);
+  CUTE_UNROLL
+  for (int t = 0; t < kColTiles; ++t) {
+    const QBox box = q_box(request, blockIdx.x, t);
+    SM90_TMA_LOAD_3D::copy(tma_q, &smem.q_full, kEvictNormal, smem.q + t * kRowsPerTile * kBoxCols, box.col, box.row,
+                           box.request);
+  }
+}
+
+// Zeroes V's columns of tokens valid..63 of a landed bf16 page (K's RoPE columns of those tokens only reach
+// masked scores).
+__device__ inline void zero_tail(bf16* tile, int valid) {
+  Tensor sK = make_tensor(make_smem_ptr(tile), LayoutK{});
+  constexpr int kChunksPerRow = kHeadDimV / 8;
+#pragma unroll 1
+  for (int c = valid * kChunksPerRow + threadIdx.x; c < kPageSize * kChunksPerRow; c += kThreads) {
+    const int token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    // 8 consecutive bf16 stay contiguous under the 128-byte swizzle (it permutes 16-byte chunks).
+    *reinterpret_cast<uint4*>(&sK(token, col)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Converts a landed raw e4m3 page to the bf16 tile (exact) in K's swizzled layout; tokens valid..63 become 0.
+__device__ inline void convert_page(SharedStorage<true>& smem, int stage, int valid) {
   Tensor sK = make_tensor(make_smem_ptr(smem.kv.tile[0]), LayoutK{});
   const uint8_t* raw = smem.kv.raw[stage];
   constexpr int kChunksPerRow = kHeadDimK / 8;
 #pragma unroll 1
   for (int c = threadIdx.x; c < kPageSize * kChunksPerRow; c += kThreads) {
     const int token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    const uint2 bytes = *reinterpret_cast<const uint2*>(raw + token * kHeadDimK + col);
-    const uint32_t words[2] = {bytes.x, bytes.y};
-    alignas(16) __nv_bfloat162 vals[4];
+    uint4 packed = make_uint4(0, 0, 0, 0);
+    if (token < valid) {
+      const uint2 bytes = *reinterpret_cast<const uint2*>(raw + token * kHeadDimK + col);
+      const uint32_t words[2] = {bytes.x, bytes.y};
+      alignas(16) __nv_bfloat162 vals[4];
 #pragma unroll
-    for (int w = 0; w < 2; ++w) {
+      for (int w = 0; w < 2; ++w) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * h));
-        const __half2_raw halves = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
-        vals[w * 2 + h] = __float22bfloat162_rn(__half22float2(*reinterpret_cast<const __half2*>(&halves)));
+        for (int h = 0; h < 2; ++h) {
+          const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * h));
+          const __half2_raw halves = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+          vals[w * 2 + h] = __float22bfloat162_rn(__half22float2(*reinterpret_cast<const __half2*>(&halves)));
+        }
       }
+      packed = *reinterpret_cast<const uint4*>(vals);
     }
-    *reinterpret_cast<uint4*>(&sK(token, col)) = *reinterpret_cast<const uint4*>(vals);
+    *reinterpret_cast<uint4*>(&sK(token, col)) = packed;
   }
 }
 
@@ -209,25 +252,45 @@ __device__ inline float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
-// grid (ceil(s_q * h_q / 64), num_parts), 256 threads, dynamic shared memory sizeof(SharedStorage<kFp8>).
+// Programmatic dependent launch: the combine kernel may start once every CTA of this grid has signalled (or
+// exited); its griddepcontrol.wait still waits for this grid to finish and its writes to be visible.
+__device__ inline void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ inline void wait_for_prerequisite_grid() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
+// grid (ceil(s_q * h_q / 64), num_parts), 256 threads, dynamic shared memory sizeof(SharedStorage<kFp8>) + 1024.
+// tma_q: q as [b, s_q * h_q, 576] bf16, boxes 64 x 64 x 1, 128-byte swizzle. tma_kv: the bf16 cache as
+// [num_blocks * 64, 576], boxes 64 x 64, 128-byte swizzle (unused, and not encoded, for an e4m3 cache).
 template <bool kFp8>
-__global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p) {
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  auto& smem = *reinterpret_cast<SharedStorage<kFp8>*>(smem_raw);
-  const int first = p.part_splits[blockIdx.y], last = p.part_splits[blockIdx.y + 1];
-  if (first >= last) return;
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_kernel(const __grid_constant__ CUtensorMap tma_q, const __grid_constant__ CUtensorMap tma_kv,
+                      const Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  auto& smem = *reinterpret_cast<SharedStorage<kFp8>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                       ~uintptr_t(1023));
   const int tid = threadIdx.x, wg = tid / 128, tid_wg = tid % 128;
   const int rows = p.s_q * p.h_q;
   const int row_base = blockIdx.x * kRowsPerTile;
-  const float kv_scale = kFp8 ? *p.kv_scale : 1.0f;
-  const float score_scale = p.scale_log2 * kv_scale;
 
+  // Prologue, which reads no global memory: it may overlap the kernel before this one (the planner), as this
+  // kernel is launched as its programmatic dependent.
   if (tid == 0) {
-    cutlass::arch::ClusterBarrier::init(&smem.full[0], kThreads);
-    cutlass::arch::ClusterBarrier::init(&smem.full[1], kThreads);
+    prefetch_tma_descriptor(&tma_q);
+    if constexpr (!kFp8) prefetch_tma_descriptor(&tma_kv);
+    // One arrival each: thread 0's arrive (with the expected bytes when something is loaded).
+    cutlass::arch::ClusterBarrier::init(&smem.full[0], 1);
+    cutlass::arch::ClusterBarrier::init(&smem.full[1], 1);
+    cutlass::arch::ClusterBarrier::init(&smem.q_full, 1);
+    // The barriers must be initialized before the async proxy (complete_tx) touches them.
+    cutlass::arch::fence_view_async_shared();
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+  wait_for_prerequisite_grid();
+
+  const int first = p.part_splits[blockIdx.y], last = p.part_splits[blockIdx.y + 1];
+  if (first >= last) return;
+  const float kv_scale = kFp8 ? *p.kv_scale : 1.0f;
+  const float score_scale = p.scale_log2 * kv_scale;
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), LayoutQ{});
   Tensor sP = make_tensor(make_smem_ptr(smem.p), LayoutP{});
@@ -237,38 +300,29 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
   auto thr_o = mma_o.get_thread_slice(tid_wg);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
   Tensor tOrP = thr_o.partition_fragment_A(sP);
-  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kPageSize>>{}));
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kSCols>>{}));
   Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kVHalf>>{}));
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRowsPerTile>, Int<kVHalf>>{});
-  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kPageSize>>{});
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kSCols>>{});
 
-  uint32_t phases = 0;  // bit s: parity of stage s's next completion (a bit field, not an array: no local memory)
+  // Bits 0, 1: parity of stage 0's / 1's next completion; bit 2: of q_full's (a bit field, not an array: no
+  // local memory).
+  uint32_t phases = 0;
   int stage = 0;
   PageJob job = first_page_of(p, first);
-  load_page<kFp8>(p, smem, stage, job, p.seqlens[job.request]);
+  if (tid == 0) {
+    load_q(&tma_q, smem, job.request);
+    load_page<kFp8>(&tma_kv, p, smem, stage, job);
+  }
 
   for (int g = first; g < last; ++g) {
     const int request = p.splits[g * kSplitFields];
     const int page_end = p.splits[g * kSplitFields + 2];
     const int seqlen = p.seqlens[request];
-    const bool unsplit = p.split_offsets[request + 1] - p.split_offsets[request] == 1;
+    const bool unsplit = !needs_combine(p.split_offsets, request);
 
-    // Q of this request: rows past s_q * h_q are zero (their scores are finite and never stored).
-    {
-      const bf16* q = p.q + (static_cast<int64_t>(request) * rows + row_base) * kHeadDimK;
-      constexpr int kChunksPerRow = kHeadDimK / 8;
-#pragma unroll 1
-      for (int c = tid; c < kRowsPerTile * kChunksPerRow; c += kThreads) {
-        const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-        const bool ok = row_base + row < rows;
-        cp_async_16(&sQ(row, col), ok ? q + row * kHeadDimK + col : p.q, ok);
-      }
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
-      cutlass::arch::fence_view_async_shared();
-      __syncthreads();
-    }
-
-    // Online-softmax state of warpgroup 0's two rows per thread (log2 domain).
+    // Online-softmax state of this thread's two rows (log2 domain): the maximum is the same in both
+    // warpgroups; the sum covers this warpgroup's score columns only.
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
     int key_limit[2];
@@ -278,75 +332,94 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
       key_limit[slot] = p.causal ? seqlen - p.s_q + row / p.h_q + 1 : seqlen;
     }
     clear(acc_o);
+    cutlass::arch::ClusterBarrier::wait(&smem.q_full, (phases >> 2) & 1);
+    phases ^= 4u;
 
     for (int page = job.page; page < page_end; ++page) {
       // Prefetch the next page of this part (possibly the next split's first) into the other stage: its
       // previous contents were consumed before the barrier that ended the last iteration.
-      const bool has_next = page + 1 < page_end || g + 1 < last;
-      if (has_next) {
+      if (tid == 0 && (page + 1 < page_end || g + 1 < last)) {
         const PageJob next = page + 1 < page_end ? PageJob{g, page + 1, request} : first_page_of(p, g + 1);
-        load_page<kFp8>(p, smem, stage ^ 1, next, p.seqlens[next.request]);
+        load_page<kFp8>(&tma_kv, p, smem, stage ^ 1, next);
       }
       cutlass::arch::ClusterBarrier::wait(&smem.full[stage], (phases >> stage) & 1);
       phases ^= 1u << stage;
-      if constexpr (kFp8) convert_page(smem, stage);
-      // Generic-proxy writes (cp.async, the FP8 conversion, P) must be fenced before wgmma reads them.
-      cutlass::arch::fence_view_async_shared();
-      __syncthreads();
+      const int valid = valid_tokens_of(seqlen, page);
+      // TMA writes are visible to wgmma once the barrier completes; generic-proxy writes (the FP8
+      // conversion, the zeroed tail) must be fenced first. The condition is uniform across the CTA.
+      if (kFp8 || valid < kPageSize) {
+        if constexpr (kFp8) {
+          convert_page(smem, stage, valid);
+        } else {
+          zero_tail(smem.kv.tile[stage], valid);
+        }
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+      }
 
       Tensor sK = make_tensor(make_smem_ptr(kv_tile<kFp8>(smem, stage)), LayoutK{});
       Tensor sV = make_tensor(make_smem_ptr(kv_tile<kFp8>(smem, stage)), LayoutV{});
-      if (wg == 0) {
-        Tensor tSrK = thr_s.partition_fragment_B(sK);
-        warpgroup_fence_operand(acc_s);
-        warpgroup_arrive();
-        mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-        CUTE_UNROLL
-        for (int k = 0; k < size<2>(tSrQ); ++k) {
-          cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), acc_s);
-          mma_s.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc_s);
+      // This warpgroup's 32 tokens: 4 whole 8-row swizzle atoms, so the sub-tile keeps the atom layout the
+      // descriptors describe.
+      Tensor sKhalf = local_tile(sK, Shape<Int<kSCols>, Int<kHeadDimK>>{}, make_coord(wg, 0));
+      Tensor tSrK = thr_s.partition_fragment_B(sKhalf);
+      warpgroup_fence_operand(acc_s);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tSrQ); ++k) {
+        cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), acc_s);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
 
-        float tile_max[2] = {-INFINITY, -INFINITY};
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) {
-          const int slot = row_slot(i);
-          const int token = page * kPageSize + get<1>(tScS(i));
-          const bool visible = token < key_limit[slot];
-          acc_s(i) = visible ? acc_s(i) * score_scale : -INFINITY;
-          tile_max[slot] = fmaxf(tile_max[slot], acc_s(i));
-        }
-        float ref[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
-        CUTE_UNROLL
-        for (int slot = 0; slot < 2; ++slot) {
-          const float m_new = fmaxf(row_max[slot], quad_max(tile_max[slot]));
-          // A row that has seen no key yet keeps max -inf; a reference of 0 keeps exp2 at 0 instead of NaN.
-          ref[slot] = m_new == -INFINITY ? 0.0f : m_new;
-          alpha[slot] = exp2f(row_max[slot] - ref[slot]);
-          row_max[slot] = m_new;
-        }
-        // Values i, i + 1 (i even) are columns c, c + 1 of one row: stored as one bf16 pair.
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); i += 2) {
-          const int slot = row_slot(i);
-          const float p0 = exp2f(acc_s(i) - ref[slot]), p1 = exp2f(acc_s(i + 1) - ref[slot]);
-          tile_sum[slot] += p0 + p1;
-          *reinterpret_cast<__nv_bfloat162*>(&sP(get<0>(tScS(i)), get<1>(tScS(i)))) = __floats2bfloat162_rn(p0, p1);
-        }
-        CUTE_UNROLL
-        for (int slot = 0; slot < 2; ++slot) {
-          row_sum[slot] = row_sum[slot] * alpha[slot] + quad_sum(tile_sum[slot]);
-          if (tid_wg % 4 == 0) smem.row_scale[first_row(tid_wg) + slot * 8] = alpha[slot];
-        }
-        cutlass::arch::fence_view_async_shared();
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int slot = row_slot(i);
+        const int token = page * kPageSize + wg * kSCols + get<1>(tScS(i));
+        const bool visible = token < key_limit[slot];
+        acc_s(i) = visible ? acc_s(i) * score_scale : -INFINITY;
+        tile_max[slot] = fmaxf(tile_max[slot], acc_s(i));
+      }
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) {
+        const float half_max = quad_max(tile_max[slot]);
+        if (tid_wg % 4 == 0) smem.row_part[wg][first_row(tid_wg) + slot * 8] = half_max;
       }
       __syncthreads();
+      float ref[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) {
+        const int local = first_row(tid_wg) + slot * 8;
+        // fmaxf is exact and the operands are the same in both warpgroups: both get the same maximum.
+        const float m_new = fmaxf(row_max[slot], fmaxf(smem.row_part[0][local], smem.row_part[1][local]));
+        // A row that has seen no key yet keeps max -inf; a reference of 0 keeps exp2 at 0 instead of NaN.
+        ref[slot] = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[slot] = exp2f(row_max[slot] - ref[slot]);
+        row_max[slot] = m_new;
+      }
+      // Values i, i + 1 (i even) are columns c, c + 1 of one row: stored as one bf16 pair.
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); i += 2) {
+        const int slot = row_slot(i);
+        const float p0 = exp2f(acc_s(i) - ref[slot]), p1 = exp2f(acc_s(i + 1) - ref[slot]);
+        tile_sum[slot] += p0 + p1;
+        *reinterpret_cast<__nv_bfloat162*>(&sP(get<0>(tScS(i)), wg * kSCols + get<1>(tScS(i)))) =
+            __floats2bfloat162_rn(p0, p1);
+      }
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) row_sum[slot] = row_sum[slot] * alpha[slot] + quad_sum(tile_sum[slot]);
+      // P is a generic-proxy write that P V's wgmma reads.
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+      // The split's last QK^T has read Q: the next split's Q loads now, under this P V and the epilogue.
+      if (tid == 0 && page + 1 == page_end && g + 1 < last) load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
 
       CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= smem.row_scale[first_row(tid_wg) + 8 * row_slot(i)];
+      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[row_slot(i)];
       Tensor sVhalf = local_tile(sV, Shape<Int<kVHalf>, Int<kPageSize>>{}, make_coord(wg, 0));
       Tensor tOrV = thr_o.partition_fragment_B(sVhalf);
       warpgroup_fence_operand(acc_o);
@@ -360,36 +433,40 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
       __syncthreads();
       stage ^= 1;
     }
+    // This CTA's last split: the combine may start launching (it waits for the whole grid before reading).
+    if (g + 1 == last) allow_dependent_launch();
 
-    // Epilogue: 1 / l through shared memory to warpgroup 1; warpgroup 0 writes the lse.
-    if (wg == 0) {
-      CUTE_UNROLL
-      for (int slot = 0; slot < 2; ++slot) {
-        const int local = first_row(tid_wg) + slot * 8;
-        const float l = row_sum[slot];
-        if (tid_wg % 4 == 0) {
-          smem.row_scale[local] = l > 0.0f ? kv_scale / l : 0.0f;
-          const int row = row_base + local;
-          if (row < rows) {
-            const float lse = l > 0.0f ? (row_max[slot] + log2f(l)) * 0.69314718055994531f : -INFINITY;
-            if (unsplit) {
-              const int t = row / p.h_q, h = row % p.h_q;
-              p.lse[static_cast<int64_t>(request) * rows + h * p.s_q + t] = lse;
-            } else {
-              p.lse_partial[static_cast<int64_t>(g) * rows + row] = lse;
-            }
-          }
+    // Epilogue: each row's sum is the two warpgroups' sums, met in shared memory (the partial maxima there
+    // were last read before the barrier that ended the page loop). A row that saw no key (an empty
+    // request, or a causal row before its first key) gets out 0 and lse +inf; a split's partial lse stays
+    // -inf there so that the combine gives it weight 0. Warpgroup 0 writes the lse.
+    CUTE_UNROLL
+    for (int slot = 0; slot < 2; ++slot) {
+      if (tid_wg % 4 == 0) smem.row_part[wg][first_row(tid_wg) + slot * 8] = row_sum[slot];
+    }
+    __syncthreads();
+    float inv[2];
+    CUTE_UNROLL
+    for (int slot = 0; slot < 2; ++slot) {
+      const int local = first_row(tid_wg) + slot * 8, row = row_base + local;
+      const float l = smem.row_part[0][local] + smem.row_part[1][local];
+      inv[slot] = l > 0.0f ? kv_scale / l : 0.0f;
+      if (wg == 0 && tid_wg % 4 == 0 && row < rows) {
+        const float lse = l > 0.0f ? (row_max[slot] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+        if (unsplit) {
+          const int t = row / p.h_q, h = row % p.h_q;
+          p.lse[static_cast<int64_t>(request) * rows + h * p.s_q + t] = l > 0.0f ? lse : INFINITY;
+        } else {
+          p.lse_partial[static_cast<int64_t>(g) * rows + row] = lse;
         }
       }
     }
-    __syncthreads();
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); i += 2) {
       const int local = first_row(tid_wg) + 8 * row_slot(i), row = row_base + local;
       if (row >= rows) continue;
       const int col = wg * kVHalf + get<1>(tOcO(i));
-      const float inv = smem.row_scale[local];
-      const float v0 = acc_o(i) * inv, v1 = acc_o(i + 1) * inv;
+      const float v0 = acc_o(i) * inv[row_slot(i)], v1 = acc_o(i + 1) * inv[row_slot(i)];
       if (unsplit) {
         *reinterpret_cast<__nv_bfloat162*>(p.out + (static_cast<int64_t>(request) * rows + row) * kHeadDimV + col) =
             __floats2bfloat162_rn(v0, v1);
@@ -398,14 +475,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(const Params p)
             make_float2(v0, v1);
       }
     }
+    // The next split's first page writes its partial maxima over these sums.
     __syncthreads();
     if (g + 1 < last) job = first_page_of(p, g + 1);
   }
 }
 
 // grid (b, rows), 128 threads: one query row of one request, 4 output columns per thread (the batch on x,
-// whose limit is 2^31 - 1, not y's 65535). Requests with a single split were written by the decode kernel
-// and are skipped.
+// whose limit is 2^31 - 1, not y's 65535). Launched as a programmatic dependent of the split kernel: a
+// request with a single split was written by the split kernel, and its CTAs exit before waiting for it
+// (split_offsets comes from the planner, which finished before the split kernel started). When no request
+// is split, the whole grid exits that way.
 constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int* split_offsets,
@@ -413,9 +493,10 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int*
                                                                        const float* lse_partial, bf16* out,
                                                                        float* lse, int s_q, int h_q) {
   const int request = blockIdx.x, row = blockIdx.y;
+  if (!needs_combine(split_offsets, request)) return;
   const int rows = s_q * h_q;
   const int first = split_offsets[request], last = split_offsets[request + 1];
-  if (last - first <= 1) return;
+  wait_for_prerequisite_grid();
   float lse_max = -INFINITY;
   for (int g = first; g < last; ++g) lse_max = fmaxf(lse_max, lse_partial[static_cast<int64_t>(g) * rows + row]);
   const float ref = lse_max == -INFINITY ? 0.0f : lse_max;
@@ -433,12 +514,16 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int*
   dst[0] = bf16(acc.x * inv), dst[1] = bf16(acc.y * inv), dst[2] = bf16(acc.z * inv), dst[3] = bf16(acc.w * inv);
   if (threadIdx.x == 0) {
     const int t = row / h_q, h = row % h_q;
-    lse[static_cast<int64_t>(request) * rows + h * s_q + t] = total > 0.0f ? ref + logf(total) : -INFINITY;
+    // No split saw a key: out 0, lse +inf.
+    lse[static_cast<int64_t>(request) * rows + h * s_q + t] = total > 0.0f ? ref + logf(total) : INFINITY;
   }
 }
 
+// Lets the split kernel (a programmatic dependent) start its prologue while the plan is computed; it waits
+// for this grid to finish before reading the plan.
 __global__ void __launch_bounds__(1) mla_plan_splits_kernel(const int* seqlens, int batch, int num_parts,
                                                             int* part_splits, int* splits, int* split_offsets) {
+  allow_dependent_launch();
   plan_splits(seqlens, batch, num_parts, part_splits, splits, split_offsets);
 }
 

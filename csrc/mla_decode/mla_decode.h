@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
+#include <utility>
 #include <vector>
 
 #include "common/tensor_view.h"
@@ -12,6 +14,14 @@ namespace pykernels {
 
 // Host check of the kernel's layout assumptions (V's view of the K tile; accumulator rows per thread).
 bool mla_layouts_consistent();
+
+// The kernels' index math, on the host: the TMA coordinates (column, row) of the 9 boxes of cache page
+// `block_id`; (column, row, request) of the 9 boxes of a query tile; the tokens of a page that hold keys
+// (the rest are zeroed before P V); which requests go through the combine, from split_offsets.
+std::vector<std::pair<int, int>> mla_page_boxes(int block_id);
+std::vector<std::array<int, 3>> mla_q_boxes(int request, int row_block);
+int mla_valid_tokens(int seqlen, int page);
+std::vector<bool> mla_combined_requests(const std::vector<int>& split_offsets);
 
 // The split-KV plan on the host (for tests and for callers without a GPU): seqlens -> (part_splits
 // [num_parts + 1], splits [4 * capacity], split_offsets [b + 1]); capacity = b + num_parts.
@@ -25,7 +35,10 @@ void mla_plan_splits_device(const TensorView& seqlens, const TensorView& part_sp
 // q [b, s_q, h_q, 576] bf16; kv_cache [num_blocks, 64, 1, 576] bf16 or float8_e4m3fn (with kv_scale [1] f32);
 // block_table [b, max_blocks] int32; seqlens [b] int32; the schedule's three int32 tensors; out [b, s_q, h_q,
 // 512] bf16; lse [b, h_q, s_q] f32; out_partial [capacity, s_q * h_q, 512] f32; lse_partial [capacity, s_q * h_q].
-// kv_scale may be a view with data == nullptr (bf16 cache).
+// kv_scale may be a view with data == nullptr (bf16 cache). A query row that sees no key (a request of
+// length 0, whose block_table row is never read, or a causal row before its first key) gets out 0 and lse +inf.
+// num_blocks * 64 must fit int32 (the TMA row coordinate). The split kernel and the combine are launched as
+// programmatic dependents of whatever precedes them on `stream`.
 void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorView& block_table,
                 const TensorView& seqlens, const TensorView* kv_scale, const TensorView& part_splits,
                 const TensorView& splits, const TensorView& split_offsets, const TensorView& out,

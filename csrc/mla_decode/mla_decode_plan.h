@@ -14,11 +14,11 @@ constexpr int kSplitFields = 4;     // request, first page, end page, index with
 
 // Pages a request of `seqlen` tokens is planned with. A length below 1 is refused by every checked entry
 // point, but a CUDA graph replays lengths nobody checks (a serving loop may pad its batch with empty
-// slots): such a request still gets one page, all of it masked (output 0, lse -inf). A split without a
-// page would break the CUDA kernel's pipeline, which loads each split's first page before it starts the
-// split, and so corrupt the other requests of its SM part.
+// slots): such a request still gets one page, loaded from nowhere and all of it masked (output 0, lse +inf).
+// Every split keeps a page so that each split's work item has the same shape in both planners. The
+// rounding is 64-bit: ceil((2^31 - 1) / 64) must not wrap negative.
 __host__ __device__ inline int pages_of(int seqlen) {
-  return seqlen < 1 ? 1 : (seqlen + kPageSize - 1) / kPageSize;
+  return seqlen < 1 ? 1 : static_cast<int>((static_cast<int64_t>(seqlen) + kPageSize - 1) / kPageSize);
 }
 
 // Greedy balanced partition of the batch's pages over `num_parts` SM parts.

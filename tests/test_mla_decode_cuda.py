@@ -1,0 +1,296 @@
+"""MLA decode, CUDA kernels: the index math they run, checked on the host through the binding (TMA box
+coordinates, which tokens of a page are zeroed before P V, which requests the combine merges, the planner at
+the int32 edge), then the kernels themselves on a GPU against float64 attention computed from the dense rows.
+
+GPU tolerances are FlashMLA's: over a whole output, the cosine difference 1 - 2<x, y> / (|x|^2 + |y|^2) stays
+below 5e-6, and every element within 8e-4 + 2.01/128 |ref| (bfloat16 output: one rounding is 2^-9 relative,
+P is rounded to bfloat16 before P V, 2^-9 relative per weight). lse is float32 math on the same inputs:
+1e-4 relative to 1 + |lse|.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+import pykernels
+from pykernels import _backend
+from pykernels.mla_decode import PAGE_SIZE, num_sm_parts_for, plan_splits
+
+FP8 = torch.float8_e4m3fn
+INT32_MAX = 2 ** 31 - 1
+
+
+def _extension():
+    ext, why = _backend.extension()
+    if ext is None:
+        pytest.skip(f"CUDA extension not built: {why}")
+    return ext
+
+
+# ---- index math on the host -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_id", [0, 1, 7, 12345, INT32_MAX // PAGE_SIZE])
+def test_page_boxes_cover_the_page_once(block_id):
+    """A page is rows block_id * 64 .. + 63 of the cache seen as [num_blocks * 64, 576]: 9 boxes of 64 columns
+    side by side, no column twice, none left out, no coordinate past int32 for the largest id accepted."""
+    boxes = _extension().mla_page_boxes(block_id)
+    assert len(boxes) == 9
+    assert sorted(col for col, _ in boxes) == list(range(0, 576, 64))
+    assert {row for _, row in boxes} == {block_id * PAGE_SIZE}
+    assert all(0 <= row <= INT32_MAX - (PAGE_SIZE - 1) for _, row in boxes)
+
+
+@pytest.mark.parametrize("request_index,row_block", [(0, 0), (5, 1), (1000, 7)])
+def test_q_boxes_address_one_query_tile(request_index, row_block):
+    boxes = _extension().mla_q_boxes(request_index, row_block)
+    assert sorted(tuple(b) for b in boxes) == [(c, 64 * row_block, request_index) for c in range(0, 576, 64)]
+
+
+def _valid_tokens(seqlen, page):
+    return max(0, min(PAGE_SIZE, seqlen - PAGE_SIZE * page))
+
+
+def test_valid_tokens_edges():
+    ext = _extension()
+    last_page = (INT32_MAX - 1) // PAGE_SIZE
+    cases = [(0, 0), (-7, 0), (1, 0), (63, 0), (64, 0), (65, 0), (65, 1), (128, 1), (129, 2), (5, 3),
+             (INT32_MAX, last_page), (INT32_MAX, last_page - 1), (INT32_MAX, last_page + 1), (INT32_MAX, 0)]
+    for seqlen, page in cases:
+        assert ext.mla_valid_tokens(seqlen, page) == _valid_tokens(seqlen, page), (seqlen, page)
+    assert ext.mla_valid_tokens(INT32_MAX, last_page) == 63
+
+
+def test_only_a_requests_last_page_is_zeroed():
+    """Under every plan, each page a split walks is full except a request's last (valid tokens 1..64, the
+    rest zeroed) and an empty request's one planned page (0 valid: loaded from nowhere, all zeroed)."""
+    ext = _extension()
+    rng = random.Random(5)
+    for _ in range(30):
+        lengths = [rng.choice([0, 1, 63, 64, 65, rng.randint(1, 5000)]) for _ in range(rng.randint(1, 12))]
+        _, splits, _ = plan_splits(lengths, rng.randint(1, 20))
+        for request, first, end, _ in splits:
+            n = lengths[request]
+            for page in range(first, end):
+                valid = ext.mla_valid_tokens(n, page)
+                if n == 0:
+                    assert valid == 0
+                elif page == end - 1 and end == -(-n // PAGE_SIZE):
+                    assert valid == n - PAGE_SIZE * page and 1 <= valid <= PAGE_SIZE
+                else:
+                    assert valid == PAGE_SIZE
+
+
+def test_combine_merges_exactly_the_split_requests():
+    ext = _extension()
+    rng = random.Random(9)
+    for _ in range(50):
+        lengths = [rng.randint(1, 70000) if rng.random() < 0.2 else rng.randint(1, 300)
+                   for _ in range(rng.randint(1, 40))]
+        num_parts = rng.randint(1, 140)
+        _, splits, split_offsets = plan_splits(lengths, num_parts)
+        count = [sum(1 for s in splits if s[0] == i) for i in range(len(lengths))]
+        assert ext.mla_combined_requests(split_offsets) == [c > 1 for c in count]
+    # One part: nothing is split, so every combine CTA exits before waiting for the split kernel.
+    _, _, split_offsets = plan_splits([5000, 1, 64, 129], 1)
+    assert ext.mla_combined_requests(split_offsets) == [False] * 4
+    with pytest.raises(ValueError, match="split_offsets: expected b \\+ 1 >= 2 entries, got 1 entries"):
+        ext.mla_combined_requests([0])
+
+
+@pytest.mark.parametrize("lengths", [[INT32_MAX], [INT32_MAX, 1, INT32_MAX - 64], [2 ** 30, INT32_MAX, 0]])
+@pytest.mark.parametrize("num_parts", [1, 3, 132])
+def test_planner_at_int32_max_matches_python(lengths, num_parts):
+    """ceil((2^31 - 1) / 64) = 2^25 pages: the C++ rounding must not wrap to a negative page count. Length 0
+    goes through the device planner only (a replayed graph); the host binding refuses it, so it is planned
+    here as what the kernel sees, one masked page."""
+    ext = _extension()
+    host = [max(n, 1) for n in lengths]
+    got = ext.mla_plan_splits(host, num_parts)
+    want = plan_splits(host, num_parts)
+    assert (list(got[0]), [tuple(s) for s in got[1]], list(got[2])) == want
+    assert all(s[1] < s[2] for s in got[1])
+    for i, n in enumerate(host):
+        mine = [s for s in got[1] if s[0] == i]
+        assert mine[0][1] == 0 and mine[-1][2] == -(-n // PAGE_SIZE)
+
+
+# ---- the kernels, on a GPU ------------------------------------------------------------------------------
+
+def make_batch(lengths, s_q, h_q, fp8=False, q_scale=1.0, seed=0):
+    """A paged cache on the GPU with pages in a shuffled order, NaN in every unused page and every slot past
+    a request's end, garbage block_table entries past the pages a request uses (and in every entry of an
+    empty request). Returns (q, cache, table, seqlens, kv_scale, dense): dense[i] is request i's keys [L, 576]
+    in float64 as the kernel must see them (after e4m3 and kv_scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-n // PAGE_SIZE) for n in lengths]
+    max_blocks = max(max(pages), 1) + 2
+    num_blocks = sum(pages) + 5
+    order = torch.randperm(num_blocks, generator=gen)
+    store = FP8 if fp8 else torch.bfloat16
+    cache = torch.full((num_blocks, PAGE_SIZE, 1, 576), float("nan")).to(store)
+    table = torch.randint(-10 ** 6, 10 ** 6, (len(lengths), max_blocks), dtype=torch.int32, generator=gen)
+    kv_scale = torch.tensor([0.0213]) if fp8 else None
+    dense, used = [], 0
+    for i, n in enumerate(lengths):
+        ids = order[used: used + pages[i]]
+        used += pages[i]
+        table[i, : pages[i]] = ids.int()
+        rows = torch.randn(n, 576, generator=gen)
+        stored = (rows / kv_scale).clamp(-448, 448).to(FP8) if fp8 else rows.bfloat16()
+        dense.append(stored.double() * (float(kv_scale) if fp8 else 1.0))
+        padded = torch.full((pages[i] * PAGE_SIZE, 576), float("nan")).to(store)
+        padded[:n] = stored
+        if pages[i]:
+            cache[ids] = padded.reshape(pages[i], PAGE_SIZE, 1, 576)
+    q = (torch.randn(len(lengths), s_q, h_q, 576, generator=gen) * q_scale).bfloat16()
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    return (q.cuda(), cache.cuda(), table.cuda(), seqlens.cuda(), None if kv_scale is None else kv_scale.cuda(),
+            dense)
+
+
+def float64_attention(q, dense, causal, scale):
+    """(out [b, s_q, h_q, 512], lse [b, h_q, s_q]) in float64 on the GPU; a row that sees no key: 0, +inf."""
+    b, s_q, h_q, _ = q.shape
+    out = torch.zeros(b, s_q, h_q, 512, dtype=torch.float64, device="cuda")
+    lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64, device="cuda")
+    for i in range(b):
+        kv = dense[i].cuda()
+        for t in range(s_q):
+            visible = kv.shape[0] - s_q + t + 1 if causal and s_q > 1 else kv.shape[0]
+            if visible <= 0:
+                continue
+            scores = q[i, t].double() @ kv[:visible].T * scale
+            top = scores.max(dim=-1, keepdim=True).values
+            weights = torch.exp(scores - top)
+            denom = weights.sum(dim=-1, keepdim=True)
+            out[i, t] = (weights / denom) @ kv[:visible, :512]
+            lse[i, :, t] = (top + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def assert_flashmla_close(out, lse, want_out, want_lse):
+    x, y = out.double(), want_out
+    assert torch.isfinite(x).all()
+    cos_diff = 1 - 2 * float((x * y).sum()) / max(float((x * x + y * y).sum()), 1e-12)
+    assert cos_diff < 5e-6, f"cosine difference {cos_diff:.3g}"
+    excess = (x - y).abs() - (8e-4 + 2.01 / 128 * y.abs())
+    assert float(excess.max()) <= 0, f"out off by {float((x - y).abs().max()):.3g}"
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and bool((lse[~finite] == math.inf).all())
+    lse_err = (lse.double()[finite] - want_lse[finite]).abs() - 1e-4 * (1 + want_lse[finite].abs())
+    assert lse_err.numel() == 0 or float(lse_err.max()) <= 0, "lse off"
+
+
+def run_cuda(q, cache, table, seqlens, kv_scale, scale, causal, num_parts=None):
+    """Plans on the GPU and runs the CUDA kernels through the binding, outputs and partials poisoned with NaN.
+    Returns (out, lse, schedule, out_partial, lse_partial)."""
+    ext = _extension()
+    b, s_q, h_q, _ = q.shape
+    rows = s_q * h_q
+    if num_parts is None:
+        num_parts = num_sm_parts_for(rows, 1, torch.cuda.get_device_properties(0).multi_processor_count)
+    part_splits = torch.zeros(num_parts + 1, dtype=torch.int32, device="cuda")
+    splits = torch.zeros(b + num_parts, 4, dtype=torch.int32, device="cuda")
+    split_offsets = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    ext.mla_plan_splits_device(seqlens, part_splits, splits, split_offsets, stream)
+    out = torch.full((b, s_q, h_q, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((b, h_q, s_q), float("nan"), device="cuda")
+    out_partial = torch.full((b + num_parts, rows, 512), float("nan"), device="cuda")
+    lse_partial = torch.full((b + num_parts, rows), float("nan"), device="cuda")
+    ext.mla_decode(q, cache, table, seqlens, kv_scale, part_splits, splits, split_offsets, out, lse, out_partial,
+                   lse_partial, scale, causal, stream)
+    torch.cuda.synchronize()
+    return out, lse, (part_splits, splits, split_offsets), out_partial, lse_partial
+
+
+TAIL_LENGTHS = [1, 63, 64, 65, 127, 129, 1000, 4097, 64 * 9, 7]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q,s_q,causal",
+                         [(16, 1, False), (128, 1, False), (128, 2, True), (3, 4, True), (64, 2, False)])
+def test_gpu_tma_pages_vs_float64(h_q, s_q, causal):
+    """Every tail length against float64, NaN in every unused slot: a NaN that reaches P V fails."""
+    lengths = [max(n, s_q) for n in TAIL_LENGTHS]
+    q, cache, table, seqlens, _, dense = make_batch(lengths, s_q, h_q, seed=h_q * 10 + s_q)
+    out, lse, *_ = run_cuda(q, cache, table, seqlens, None, 576 ** -0.5, causal)
+    assert_flashmla_close(out, lse, *float64_attention(q, dense, causal, 576 ** -0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_peaked_softmax(fp8):
+    """DeepSeek-V3's scale (about 0.135) with q norms 3x larger: a few keys take nearly all the weight, so an
+    error in the max tracking or the rescale shows."""
+    q, cache, table, seqlens, kv_scale, dense = make_batch([70, 4096, 1, 300, 8191], 2, 128, fp8=fp8, q_scale=3.0,
+                                                           seed=3)
+    out, lse, *_ = run_cuda(q, cache, table, seqlens, kv_scale, 0.135, True)
+    assert_flashmla_close(out, lse, *float64_attention(q, dense, True, 0.135))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_empty_requests(fp8):
+    """Length-0 requests (their block_table rows are garbage: never read) give out 0 and lse +inf; the other
+    requests, split or not, are unaffected. With causal and s_q = 2, a request of length 1 has a first row
+    that sees no key: 0 and +inf too."""
+    lengths = [0, 5000, 0, 1, 65, 0]
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, 2, 16, fp8=fp8, seed=17)
+    for causal in (False, True):
+        for num_parts in (1, 4, 132):
+            out, lse, *_ = run_cuda(q, cache, table, seqlens, kv_scale, 576 ** -0.5, causal, num_parts)
+            want_out, want_lse = float64_attention(q, dense, causal, 576 ** -0.5)
+            assert_flashmla_close(out, lse, want_out, want_lse)
+            assert bool((out[[0, 2, 5]] == 0).all()) and bool((lse[[0, 2, 5]] == math.inf).all())
+
+
+@pytest.mark.gpu
+def test_gpu_unsplit_batch_skips_the_combine():
+    """One SM part: no request is split, so the split kernel writes every output itself and no partial is
+    touched (they stay NaN), and the combine's CTAs all exit early."""
+    ext = _extension()
+    q, cache, table, seqlens, _, dense = make_batch([300, 1, 4096, 65], 1, 64, seed=23)
+    out, lse, (_, _, split_offsets), out_partial, lse_partial = run_cuda(q, cache, table, seqlens, None, 576 ** -0.5,
+                                                                         False, num_parts=1)
+    assert ext.mla_combined_requests(split_offsets.tolist()) == [False] * 4
+    assert bool(out_partial.isnan().all()) and bool(lse_partial.isnan().all())
+    assert_flashmla_close(out, lse, *float64_attention(q, dense, False, 576 ** -0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2), (3, 2)])
+def test_gpu_fp8_cache_vs_float64(h_q, s_q):
+    lengths = [max(n, s_q) for n in TAIL_LENGTHS]
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, s_q, h_q, fp8=True, seed=31 + h_q)
+    out, lse, *_ = run_cuda(q, cache, table, seqlens, kv_scale, 576 ** -0.5, True)
+    assert_flashmla_close(out, lse, *float64_attention(q, dense, True, 576 ** -0.5))
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_and_replay():
+    """Planner, split kernel and the programmatically dependent combine captured in one graph; replayed after
+    q and the cache change, and again after the lengths change (re-planned inside the graph)."""
+    lengths = [4096, 1, 65, 8000, 300] * 4
+    q, cache, table, seqlens, _, dense = make_batch(lengths, 2, 64, seed=41)
+    pykernels.mla_decode(q, cache, table, seqlens, causal=True, backend="cuda")  # warm-up, checks
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = pykernels.mla_decode(q, cache, table, seqlens, causal=True, backend="cuda")
+    q.copy_(torch.randn_like(q, dtype=torch.float32).bfloat16())
+    used = torch.isfinite(cache.float())
+    cache.copy_(torch.where(used, torch.randn_like(cache, dtype=torch.float32), cache.float()).bfloat16())
+    graph.replay()
+    torch.cuda.synchronize()
+    dense = [cache[table[i, : -(-n // PAGE_SIZE)].long()].reshape(-1, 576)[:n].double().cpu()
+             for i, n in enumerate(lengths)]
+    assert_flashmla_close(out, lse, *float64_attention(q, dense, True, 576 ** -0.5))
+    shorter = [max(2, n // 3) for n in lengths]
+    seqlens.copy_(torch.tensor(shorter, dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    dense = [d[:n] for d, n in zip(dense, shorter)]
+    assert_flashmla_close(out, lse, *float64_attention(q, dense, True, 576 ** -0.5))
