@@ -23,9 +23,9 @@ FIXED_OVERHEAD = 5  # cost of one split, in pages: loading Q, the epilogue and t
 DEFAULT_SM_COUNT = 132  # H100/H800 SXM5, for schedules planned for CPU tensors
 MAX_S_Q = 4
 MAX_H_Q = 128
-# Longest sequence the kernels index: token and page indices are int32 and a length is rounded up to whole
-# pages (len + 63) in int32 by the CUDA planner.
-MAX_SEQLEN = _validate.INT32_MAX - (PAGE_SIZE - 1)
+# Longest sequence the kernels index: token and page indices are int32 (the planners round a length up to
+# whole pages in 64-bit arithmetic, so the full int32 range is usable).
+MAX_SEQLEN = _validate.INT32_MAX
 
 
 # ---- split-KV scheduler ------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, 
                      num_sm_parts: int | None = None) -> MlaSchedule:
     """Plans the split-KV schedule for a decode step; pass the result to mla_decode(metadata=...).
 
-    cache_seqlens: int32 [b], every length in 0..2^31 - 64 (a length-0 request gives output 0, lse +inf).
+    cache_seqlens: int32 [b], every length in 0..2^31 - 1 (a length-0 request gives output 0, lse +inf).
     num_q_tokens_per_head_k: s_q * h_q // h_kv (query rows sharing one KV head); num_heads_k: 1 for MLA.
     num_sm_parts: override of the number of SM parts (default: SMs // h_kv // ceil(rows / 64), with 132 SMs
     assumed for CPU tensors). Planning once per step outside the decode lets a serving loop capture

@@ -298,20 +298,25 @@ def test_scheduler_gives_unchecked_empty_lengths_one_page():
                 assert splits[split_offsets[i]: split_offsets[i + 1]] == [(i, 0, 1, 0)]
 
 
-def test_scheduler_rejects_lengths_the_kernels_cannot_index():
-    """A length is rounded up to pages in int32 (len + 63) and indexes tokens in int32: 2^31 - 64 is the
-    longest the kernels take."""
-    assert plan_splits([2 ** 31 - 64], 4)[1][-1][2] == 2 ** 25 - 1
-    with pytest.raises(ValueError, match="seqlens: expected an int in .*2147483584.*got 2147483647"):
-        plan_splits([5, 2 ** 31 - 1], 4)
-    with pytest.raises(ValueError, match="cache_seqlens: expected every length in 0..2147483584"):
-        pykernels.get_mla_metadata(torch.tensor([5, 2 ** 31 - 1], dtype=torch.int32), 16, 1)
+def test_scheduler_takes_every_int32_length():
+    """Tokens are indexed in int32 and lengths are rounded up to pages in 64-bit arithmetic: 2^31 - 1 is the
+    longest the kernels take, and both planners agree on it; a longer one cannot reach them."""
+    lengths = [5, 2 ** 31 - 1, 0, 2 ** 31 - 64]
+    want = plan_splits(lengths, 4)
+    assert want[1][want[2][1]: want[2][2]][-1][2] == 2 ** 25
+    got = _extension().mla_plan_splits(lengths, 4)
+    assert (list(got[0]), [tuple(s) for s in got[1]], list(got[2])) == want
+    with pytest.raises(ValueError, match="seqlens: expected an int in .*2147483647.*got 2147483648"):
+        plan_splits([5, 2 ** 31], 4)
 
 
-def test_scheduler_cpp_rejects_empty_sequences():
+def test_scheduler_cpp_matches_python_with_empty_and_rejects_negative_lengths():
     ext = _extension()
-    with pytest.raises(ValueError, match="seqlens"):
-        ext.mla_plan_splits([5, 0], 4)
+    lengths = [0, 5, 0, 130, 0]
+    got = ext.mla_plan_splits(lengths, 3)
+    assert (list(got[0]), [tuple(s) for s in got[1]], list(got[2])) == plan_splits(lengths, 3)
+    with pytest.raises(ValueError, match="seqlens: expected every length >= 0, got -1"):
+        ext.mla_plan_splits([5, -1], 4)
 
 
 def test_get_mla_metadata_tensors():
@@ -359,7 +364,7 @@ def with_entry(table, row, col, value):
     (lambda a: dict(cache_seqlens=a["cache_seqlens"].long()), TypeError, "cache_seqlens: expected dtype int32"),
     (lambda a: dict(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens: expected shape"),
     (lambda a: dict(cache_seqlens=torch.tensor([70, -1], dtype=torch.int32)), ValueError,
-     "cache_seqlens: expected every length in 0..2147483584 .* got -1"),
+     "cache_seqlens: expected every length in 0..2147483647 .* got -1"),
     (lambda a: dict(cache_seqlens=torch.tensor([70, 64 * 4 + 1], dtype=torch.int32)), ValueError, "cache_seqlens: expected lengths <= 256"),
     (lambda a: dict(block_table=with_entry(a["block_table"], 0, 1, 10 ** 6)), ValueError,
      "block_table: expected page ids in 0..5 .* got 1000000"),
@@ -443,7 +448,7 @@ def test_get_mla_metadata_errors():
     lens = torch.tensor([3, 9], dtype=torch.int32)
     with pytest.raises(TypeError, match="cache_seqlens: expected dtype int32"):
         pykernels.get_mla_metadata(lens.long(), 16, 1)
-    with pytest.raises(ValueError, match="cache_seqlens: expected every length in 0..2147483584 .* got -2"):
+    with pytest.raises(ValueError, match="cache_seqlens: expected every length in 0..2147483647 .* got -2"):
         pykernels.get_mla_metadata(torch.tensor([3, -2], dtype=torch.int32), 16, 1)
     with pytest.raises(ValueError, match="cache_seqlens: expected a tensor on cpu or cuda, got one on meta"):
         pykernels.get_mla_metadata(lens.to("meta"), 16, 1)

@@ -160,7 +160,7 @@ void mla_plan_splits_host(const std::vector<int>& seqlens, int num_parts, std::v
   if (num_parts < 1) throw_value_error("num_parts", "an int >= 1", std::to_string(num_parts));
   if (seqlens.empty()) throw_value_error("seqlens", "at least one request", "none");
   for (int n : seqlens) {
-    if (n < 1) throw_value_error("seqlens", "every length >= 1", std::to_string(n));
+    if (n < 0) throw_value_error("seqlens", "every length >= 0", std::to_string(n));
   }
   const int batch = static_cast<int>(seqlens.size());
   part_splits.assign(num_parts + 1, 0);
