@@ -576,10 +576,17 @@ def test_masked_persistent_grid_is_sized_by_expected_m():
     tri.fp8_gemm_kernel = Recorder()
     try:
         tri.fp8_gemm("masked", a, sa, b, sb, None, torch.zeros(groups, dtype=torch.int32), 8)
+        decode = dict(launched)
+        tri.fp8_gemm("masked", a, sa, b, sb, None, torch.zeros(groups, dtype=torch.int32), 30)
+        decode_32 = dict(launched)
+        tri.fp8_gemm("masked", a, sa, b, sb, None, torch.zeros(groups, dtype=torch.int32), 200)
     finally:
         tri.fp8_gemm_kernel = original
-    assert launched["block"] == (16, 64)
-    assert launched["grid"] == (groups * 1 * (n // 64),)  # one program per expected tile, not 64x that
+    assert decode["block"] == (16, 64)
+    assert decode["grid"] == (groups * 1 * (n // 64),)  # one program per expected tile, not 64x that
+    assert decode_32["block"] == (32, 64) and decode_32["grid"] == (groups * (n // 64),)
+    # Larger tiles run one program per tile (a persistent loop spills them).
+    assert launched["block"] == (128, 128) and launched["grid"] == (groups * (m_max // 128) * (n // 128),)
 
 
 # ---- the CUDA kernel's host-side index math (runs without a GPU) -----------------------------------------

@@ -104,8 +104,8 @@ def _gemm_tile(
     if SWAP_AB:
         acc = tl.trans(acc)
     acc = tl.where(row_ok[:, None], acc, 0.0)
-    c_base = c_ptr + first_row * n + pid_n * BLOCK_N
-    c_offs = tl.arange(0, BLOCK_M)[:, None] * n + tl.arange(0, BLOCK_N)[None, :]
+    c_base = c_ptr + first_row * n
+    c_offs = tl.arange(0, BLOCK_M)[:, None] * n + offs_n[None, :]
     # Rounded here so that every target stores the nearest bfloat16 (the interpreter's cast truncates).
     tl.store(c_base + c_offs, round_to_bf16(acc).to(tl.bfloat16), mask=(offs_m < m_rows)[:, None] & mask_n[None, :])
 
@@ -134,10 +134,11 @@ def fp8_gemm_kernel(
     masked_m[g]) with zeros."""
     m_blocks = tl.cdiv(m_rows, BLOCK_M)
     n_blocks = tl.cdiv(n, BLOCK_N)
-    if LAYOUT == 2:
-        # Persistent: the grid is sized for the expected rows, not for M_max. Tiles run m-block-major
-        # across groups, so the tiles that hold rows (the first m-blocks of every group) are spread
-        # evenly over the programs; a tile past masked_m[g] stores zeros and loads nothing.
+    if LAYOUT == 2 and BLOCK_M < 64:
+        # Decode sizes, persistent: the grid is sized for the expected rows, not for M_max. Tiles run
+        # m-block-major across groups, so the tiles that hold rows (the first m-blocks of every group) are
+        # spread evenly over the programs; a tile past masked_m[g] stores zeros and loads nothing. (With
+        # 64- and 128-row tiles this loop spills: the compiler hoists the tile's store offsets out of it.)
         tiles_per_m_block = num_groups * n_blocks
         for tile in range(tl.program_id(0), m_blocks * tiles_per_m_block, tl.num_programs(0)):
             pid_m = tile // tiles_per_m_block
@@ -147,6 +148,14 @@ def fp8_gemm_kernel(
             row_ok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M) < row_limit
             _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, g, pid_m, pid_n, row_ok, pid_m * BLOCK_M < row_limit,
                        g * m_rows, m_rows, n, k, stride_sa_g, stride_sa_m, stride_sa_k, BLOCK_M, BLOCK_N)
+    elif LAYOUT == 2:
+        tiles_per_group = m_blocks * n_blocks
+        g = tl.program_id(0) // tiles_per_group
+        pid_m, pid_n = _raster(tl.program_id(0) % tiles_per_group, m_blocks, n_blocks, GROUP_M)
+        row_limit = tl.minimum(tl.load(group_ptr + g), m_rows)
+        row_ok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M) < row_limit
+        _gemm_tile(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, g, pid_m, pid_n, row_ok, pid_m * BLOCK_M < row_limit,
+                   g * m_rows, m_rows, n, k, stride_sa_g, stride_sa_m, stride_sa_k, BLOCK_M, BLOCK_N)
     else:
         pid_m, pid_n = _raster(tl.program_id(0), m_blocks, n_blocks, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -202,12 +211,13 @@ def fp8_gemm(layout: str, a, sa, b, sb, out, group_info, expected_m: int, config
     m_rows = a.shape[-2]
     cfg = config or triton_config(min(expected_m, m_rows), n)
     m_blocks, n_blocks = triton.cdiv(m_rows, cfg.block_m), triton.cdiv(n, cfg.block_n)
-    if layout == "masked":
-        # Enough programs for the tiles expected to hold rows (at least one per SM); each walks the rest.
+    if layout == "masked" and cfg.block_m < 64:
+        # Persistent (see fp8_gemm_kernel): enough programs for the tiles expected to hold rows (at least
+        # one per SM); each walks its share of the rest.
         expected_tiles = groups * triton.cdiv(min(expected_m, m_rows), cfg.block_m) * n_blocks
         grid = (min(groups * m_blocks * n_blocks, max(expected_tiles, _num_sms(a.device))),)
     else:
-        grid = (m_blocks * n_blocks,)
+        grid = ((groups if layout == "masked" else 1) * m_blocks * n_blocks,)
     stride_sa_g = sa.stride(0) if sa.dim() == 3 else 0
     group_ptr = group_info if group_info is not None else sa
     fp8_gemm_kernel[grid](a, sa, b, sb, out, group_ptr, m_rows, n, k, groups,
