@@ -90,5 +90,27 @@ def _fix_interpreter_dot() -> None:
     builder.create_dot = create_dot
 
 
+def _fix_interpreter_index() -> None:
+    """Lets older interpreters take a runtime scalar as a `range` bound.
+
+    The interpreter holds a scalar as a one-element array and triton 3.6's converts it with int(), which
+    NumPy 2 rejects ("only 0-dimensional arrays can be converted"), so any loop over a kernel argument or a
+    loaded value failed there. Triton 3.9 squeezes the array first; this does the same where it does not.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_pykernels_squeezed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._pykernels_squeezed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _fix_interpreter_dot()
+    _fix_interpreter_index()

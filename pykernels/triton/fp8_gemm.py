@@ -36,7 +36,7 @@ def _gemm_tile(
     g,  # the tile's group: selects B, and A's scales through stride_sa_g
     pid_m, pid_n,
     row_ok,  # [BLOCK_M] bool: rows computed; the others are written as zeros
-    has_rows,  # row_ok.any(), known before any load
+    has_rows,  # False: nothing is computed or loaded, the tile stores zeros (row_ok then does not matter)
     a_group_rows,  # row of A (and of the output) where the tile's group starts
     m_rows, n, k,
     stride_sa_g, stride_sa_m, stride_sa_k,
@@ -61,8 +61,7 @@ def _gemm_tile(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # A branch on has_rows rather than a loop bound computed from a loaded value: the interpreter of
-    # triton 3.6 cannot take such a bound.
+    # A tile without rows to compute loads nothing: it only stores zeros.
     if has_rows:
         a_base = a_ptr + first_row * k
         b_base = b_ptr + (g * n + pid_n * BLOCK_N).to(tl.int64) * k
@@ -105,9 +104,12 @@ def _gemm_tile(
         acc = tl.trans(acc)
     acc = tl.where(row_ok[:, None], acc, 0.0)
     c_base = c_ptr + first_row * n
+    # Built from offs_n rather than a bare arange: offsets that do not depend on the tile are hoisted out
+    # of the persistent loop and held in registers through the K loop.
     c_offs = tl.arange(0, BLOCK_M)[:, None] * n + offs_n[None, :]
     # Rounded here so that every target stores the nearest bfloat16 (the interpreter's cast truncates).
-    tl.store(c_base + c_offs, round_to_bf16(acc).to(tl.bfloat16), mask=(offs_m < m_rows)[:, None] & mask_n[None, :])
+    tl.store(c_base + c_offs, round_to_bf16(acc).to(tl.bfloat16),
+             mask=(offs_m < m_rows)[:, None] & mask_n[None, :])
 
 
 @triton.jit
