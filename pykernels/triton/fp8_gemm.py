@@ -4,6 +4,7 @@ added to the float32 accumulator after scaling by sa[m, kb] * sb[n // 128, kb]).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,7 @@ def triton_config(m: int, n: int) -> TritonConfig:
     return TritonConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -249,9 +251,7 @@ def _aot(layout: str, m: int, sa_mn_major: bool) -> AotKernel:
     )
 
 
-# Every config triton_config hands out, for every layout, with row-major scales; MN-major scales (a strided
-# scale load) for the masked layout, DeepEP's decode path (N and M unaligned: the runtime specializations
-# real shapes such as N=2112 get).
+# Every config triton_config hands out, for every layout and both activation scale layouts (N and M
+# unaligned: the runtime specializations real shapes such as N=2112 get).
 AOT_CONFIG_ROWS = (16, 32, 64, 4096)
-AOT_KERNELS = [_aot(layout, m, False) for layout in LAYOUTS for m in AOT_CONFIG_ROWS] + \
-    [_aot("masked", m, True) for m in AOT_CONFIG_ROWS]
+AOT_KERNELS = [_aot(layout, m, mn_major) for mn_major in (False, True) for layout in LAYOUTS for m in AOT_CONFIG_ROWS]
