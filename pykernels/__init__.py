@@ -9,8 +9,8 @@ import torch as _torch
 from pykernels import moe
 from pykernels._backend import backends
 from pykernels._backend import extension as _extension
-from pykernels.fp8_gemm import (GROUPED_M_ALIGNMENT, fp8_gemm_config, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
-                                m_grouped_fp8_gemm_nt_masked)
+from pykernels.fp8_gemm import (GROUPED_M_ALIGNMENT, fp8_gemm_config, fp8_gemm_nt, get_mn_major_tma_aligned_tensor,
+                                m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)
 from pykernels.fp8_quant import per_block_quant_fp8, per_token_group_quant_fp8
 from pykernels.mla_decode import MlaSchedule, get_mla_metadata, mla_decode
 from pykernels.moe import permute_to_experts, unpermute_from_experts
@@ -24,6 +24,7 @@ __all__ = [
     "fp8_gemm_config",
     "fp8_gemm_nt",
     "get_mla_metadata",
+    "get_mn_major_tma_aligned_tensor",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "mla_decode",

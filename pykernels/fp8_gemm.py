@@ -3,8 +3,10 @@ prefill) and grouped masked (MoE decode). See pykernels/reference/fp8_gemm.py fo
 
 Operands come as (tensor, scales) pairs: activations float8_e4m3fn with one float32 scale per row per 128
 columns, weights float8_e4m3fn with one float32 scale per 128 x 128 block, both K-major ("NT") and
-contiguous, scales row-major. K must be a multiple of 128; M and N are free (N's last scale block may be
-partial).
+contiguous. Weight scales are row-major; activation scales either row-major or, as DeepGEMM takes them,
+MN-major and TMA-aligned (see get_mn_major_tma_aligned_tensor). K must be a multiple of 128; M and N are
+free (N's last scale block may be partial). Every output row is written: rows a grouped layout does not
+compute (m_indices -1, rows at or past masked_m[g]) come back as zeros from the torch and Triton backends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ BLOCK_K = 128
 # so that no M tile of a kernel straddles two groups.
 GROUPED_M_ALIGNMENT = 128
 _H800_SMS = 132
+_TMA_ALIGNMENT_FLOATS = 4  # TMA needs 16-byte aligned strides
 
 
 def _pair(pair, name: str, scales_name: str):
@@ -29,12 +32,58 @@ def _pair(pair, name: str, scales_name: str):
     return pair
 
 
+def _tma_aligned_rows(m: int) -> int:
+    """M rounded up to whole 16-byte units of float32 scales: the column stride of MN-major scales."""
+    return cdiv(m, _TMA_ALIGNMENT_FLOATS) * _TMA_ALIGNMENT_FLOATS
+
+
+def _mn_major_strides(shape) -> tuple:
+    """The strides of MN-major TMA-aligned scales of `shape` ([M, KB] or [G, M, KB])."""
+    m, kb = shape[-2], shape[-1]
+    m_pad = _tma_aligned_rows(m)
+    return (m_pad * kb, 1, m_pad)[-len(shape):]
+
+
+def _strides_match(x: torch.Tensor, strides) -> bool:
+    # As in torch's contiguity: a dimension of size 1 is never stepped over, so its stride is free.
+    return all(size == 1 or stride == want for size, stride, want in zip(x.shape, x.stride(), strides))
+
+
+def _is_mn_major_tma_aligned(x: torch.Tensor) -> bool:
+    return _strides_match(x, _mn_major_strides(x.shape))
+
+
+def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
+    """Activation scales `sf` ([M, K/128] or [G, M, K/128] float32) in the layout DeepGEMM's kernels read
+    with TMA: MN-major (stride 1 along M) with the M stride padded to 16 bytes, i.e. strides
+    (1, M_pad) or (M_pad * K/128, 1, M_pad), M_pad = M rounded up to a multiple of 4. Returns `sf` itself
+    when it already has that layout, else a copy. Every fp8 GEMM here accepts either layout for sa."""
+    _validate.tensor(sf, "sf", (torch.float32,), ndim=(2, 3))
+    if _is_mn_major_tma_aligned(sf):
+        return sf
+    *lead, m, kb = sf.shape
+    storage = torch.empty(lead + [kb, _tma_aligned_rows(m)], dtype=sf.dtype, device=sf.device)
+    aligned = storage[..., :m].transpose(-1, -2)
+    aligned.copy_(sf)
+    return aligned
+
+
+def _activation_scales(s, name: str) -> None:
+    """Activation scales come row-major contiguous or MN-major TMA-aligned; the kernels read either."""
+    if s.is_contiguous() or _is_mn_major_tma_aligned(s):
+        return
+    row_major = [s.shape[-1] * s.shape[-2], s.shape[-1], 1][-s.dim():]
+    raise ValueError(f"{name}: expected row-major contiguous scales (strides {row_major}) "
+                     f"or MN-major TMA-aligned ones (strides {list(_mn_major_strides(s.shape))}, as "
+                     f"pykernels.get_mn_major_tma_aligned_tensor returns), got strides {list(s.stride())}")
+
+
 def _operand(pair, name: str, scales_name: str, ndim: int, rows_are_blocks: bool):
-    """Checks an fp8 operand and its scales; returns (x, scales). Rows are scaled one by one (activations)
-    or in blocks of 128 (weights)."""
+    """Checks an fp8 operand and its scales; returns (x, scales). Rows are scaled one by one (activations,
+    scales in either accepted layout) or in blocks of 128 (weights, scales row-major)."""
     x, s = _pair(pair, name, scales_name)
     _validate.tensor(x, name, (FP8,), ndim=ndim, contiguous=True)
-    _validate.tensor(s, scales_name, (torch.float32,), ndim=ndim, contiguous=True)
+    _validate.tensor(s, scales_name, (torch.float32,), ndim=ndim, contiguous=rows_are_blocks)
     k = x.shape[-1]
     if k == 0 or k % BLOCK_K:
         raise ValueError(f"{name}: expected K (the last dimension) a positive multiple of {BLOCK_K}, got {k}; "
@@ -44,6 +93,8 @@ def _operand(pair, name: str, scales_name: str, ndim: int, rows_are_blocks: bool
     expected = lead + [cdiv(rows, BLOCK_K) if rows_are_blocks else rows, k // BLOCK_K]
     what = ("one per 128x128 block of " if rows_are_blocks else "one per row per 128 columns of ") + name
     _validate.shape(s, scales_name, expected, what)
+    if not rows_are_blocks:
+        _activation_scales(s, scales_name)
     _validate.same_device(x, name, **{scales_name: s})
     return x, s
 
@@ -71,8 +122,9 @@ def _launch_triton(layout: str, a, sa, b, sb, out, group_info, expected_m: int) 
 def fp8_gemm_nt(a_pair, b_pair, out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """D = A @ B^T in bfloat16.
 
-    a_pair: (a [M, K] float8_e4m3fn, sa [M, K/128] float32); b_pair: (b [N, K] float8_e4m3fn,
-    sb [ceil(N/128), K/128] float32). out: optional bfloat16 [M, N] buffer. Returns bfloat16 [M, N].
+    a_pair: (a [M, K] float8_e4m3fn, sa [M, K/128] float32, row-major or MN-major TMA-aligned); b_pair:
+    (b [N, K] float8_e4m3fn, sb [ceil(N/128), K/128] float32). out: optional bfloat16 [M, N] buffer.
+    Returns bfloat16 [M, N].
     """
     a, sa = _operand(a_pair, "a", "sa", 2, rows_are_blocks=False)
     b, sb = _operand(b_pair, "b", "sb", 2, rows_are_blocks=True)
@@ -98,11 +150,12 @@ def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, m_indices: torch.Tensor, ou
                                      backend: str = "auto") -> torch.Tensor:
     """Grouped GEMM over row segments (MoE prefill): row r of A is multiplied by expert m_indices[r]'s B.
 
-    a_pair: (a [M_total, K], sa [M_total, K/128]); b_pair: (b [G, N, K], sb [G, ceil(N/128), K/128]);
-    m_indices: int32 [M_total], each group's rows one segment padded to GROUPED_M_ALIGNMENT rows with -1
-    (M_total is a multiple of GROUPED_M_ALIGNMENT). Rows marked -1 are not computed: their output content is
-    unspecified. Returns bfloat16 [M_total, N]. Indices are read on the device; a value outside [-1, G) on
-    a CPU tensor raises, on a GPU tensor its rows are skipped (checking would force a host sync).
+    a_pair: (a [M_total, K], sa [M_total, K/128] in either layout); b_pair: (b [G, N, K],
+    sb [G, ceil(N/128), K/128]); m_indices: int32 [M_total], each group's rows one segment padded to
+    GROUPED_M_ALIGNMENT rows with -1 (M_total is a multiple of GROUPED_M_ALIGNMENT). Rows marked -1 are not
+    computed: the torch and Triton backends write them as zeros. Returns bfloat16 [M_total, N]. Indices are
+    read on the device; a value outside [-1, G) on a CPU tensor raises, on a GPU tensor its rows are
+    skipped (checking would force a host sync).
     """
     a, sa = _operand(a_pair, "a", "sa", 2, rows_are_blocks=False)
     b, sb = _operand(b_pair, "b", "sb", 3, rows_are_blocks=True)
@@ -130,9 +183,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, m_indices: torch.Tensor, ou
     if m_total == 0 or n == 0 or groups == 0:
         return out
     if which == "torch":
-        valid = m_indices >= 0
-        result = reference.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices)
-        out[valid] = result[valid]
+        out.copy_(reference.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices))
     elif which == "triton":
         _launch_triton("contiguous", a, sa, b, sb, out, m_indices, m_total)
     else:
@@ -146,11 +197,11 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: torch.Tensor, expecte
                                  out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Grouped GEMM over padded per-group batches (MoE decode): out[g, :masked_m[g]] = A[g] @ B[g]^T.
 
-    a_pair: (a [G, M_max, K], sa [G, M_max, K/128]); b_pair: (b [G, N, K], sb [G, ceil(N/128), K/128]);
+    a_pair: (a [G, M_max, K], sa [G, M_max, K/128] in either layout); b_pair: (b [G, N, K], sb [G, ceil(N/128), K/128]);
     masked_m: int32 [G], the valid rows of each group (0 allowed; read on the device by the CUDA and
     Triton kernels, so no host sync and CUDA-graph capture works); expected_m: a positive hint of the
-    typical masked_m, used only to choose tiles. Returns bfloat16 [G, M_max, N]; rows >= masked_m[g] are
-    unspecified.
+    typical masked_m, used only to choose tiles (and, in Triton, the persistent grid's size). Returns
+    bfloat16 [G, M_max, N]; rows >= masked_m[g] are written as zeros by the torch and Triton backends.
     """
     a, sa = _operand(a_pair, "a", "sa", 3, rows_are_blocks=False)
     b, sb = _operand(b_pair, "b", "sb", 3, rows_are_blocks=True)
@@ -174,9 +225,7 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: torch.Tensor, expecte
     if groups == 0 or m_max == 0 or n == 0:
         return out
     if which == "torch":
-        result = reference.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m)
-        for g, rows in enumerate(masked_m.tolist()):
-            out[g, :rows] = result[g, :rows]
+        out.copy_(reference.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m))
     elif which == "triton":
         _launch_triton("masked", a, sa, b, sb, out, masked_m, expected_m)
     else:

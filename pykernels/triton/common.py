@@ -54,34 +54,63 @@ def round_to_bf16(x):
     return tl.where(x != x, x, rounded)
 
 
-def _fix_interpreter_bf16_dot() -> None:
-    """Makes the interpreter's tl.dot correct for bfloat16 operands.
+def _fix_interpreter_dot() -> None:
+    """Makes the interpreter's tl.dot correct for bfloat16 and float8_e4m3fn operands.
 
     Triton 3.9's interpreter keeps bfloat16 tensors as their raw uint16 bits and its create_dot multiplies
     those bits as integers (the result is garbage of order 1e10). Widening to float32 first (exact: a
     bfloat16 is the top half of a float32) gives the product the GPU's HGMMA computes, with float32
-    accumulation. Only the interpreter is touched; compiled kernels are unaffected.
+    accumulation. Its fp8 path decodes e4m3fn's NaN codes (0x7F, 0xFF) as +-480, so a NaN operand gave a
+    finite product where the GPU's QGMMA gives NaN; e4m3fn operands are widened through a table of the 256
+    exact float32 values instead. Only the interpreter is touched; compiled kernels are unaffected.
     """
     import numpy as np
+    import torch
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    if getattr(builder.create_dot, "_pykernels_bf16", False):
+    if getattr(builder.create_dot, "_pykernels_widened", False):
         return
     original = builder.create_dot
+    e4m3_values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
     def widen(handle):
-        if handle.dtype.scalar == tl.bfloat16 or handle.dtype == tl.bfloat16:
+        scalar = handle.dtype.scalar if hasattr(handle.dtype, "scalar") else handle.dtype
+        if scalar == tl.bfloat16:
             bits = handle.data.astype(np.uint32) << 16
             return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        if scalar == tl.float8e4nv:
+            return interpreter.TensorHandle(e4m3_values[handle.data.view(np.uint8)], tl.float32)
         return handle
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
-    create_dot._pykernels_bf16 = True
+    create_dot._pykernels_widened = True
     builder.create_dot = create_dot
 
 
+def _fix_interpreter_index() -> None:
+    """Lets older interpreters take a runtime scalar as a `range` bound.
+
+    The interpreter holds a scalar as a one-element array and triton 3.6's converts it with int(), which
+    NumPy 2 rejects ("only 0-dimensional arrays can be converted"), so any loop over a kernel argument or a
+    loaded value failed there. Triton 3.9 squeezes the array first; this does the same where it does not.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_pykernels_squeezed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._pykernels_squeezed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _fix_interpreter_bf16_dot()
+    _fix_interpreter_dot()
+    _fix_interpreter_index()
