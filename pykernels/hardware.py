@@ -264,6 +264,14 @@ def identify(name: str, sms: int, memory_bytes: int, capability=(9, 0), override
     """
     if override:
         return _from_override(override)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name: expected a str or None, got {type(name).__name__}")
+    for value, arg in ((sms, "sms"), (memory_bytes, "memory_bytes")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
+    if not (isinstance(capability, (tuple, list)) and len(capability) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in capability)):
+        raise TypeError(f"capability: expected a (major, minor) pair of ints, got {capability!r}")
     upper = (name or "").upper()
     gb = memory_bytes / 2**30
     described = f"{name!r} ({sms} SMs, {gb:.0f} GiB, sm_{capability[0]}{capability[1]})"
