@@ -225,6 +225,8 @@ def _alarm(signum, frame):
 
 @pytest.mark.parametrize("entry,key,index,name,label,backend", list(cases()))
 def test_bad_input(entry, key, index, name, label, backend, request):
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the sweep runs Triton through the interpreter, on CPU tensors")
     defect = KNOWN_DEFECTS.get(request.node.callspec.id)
     if defect:
         request.applymarker(pytest.mark.xfail(strict=True, reason=defect))
@@ -245,7 +247,7 @@ def test_bad_input(entry, key, index, name, label, backend, request):
         result = entry.fn(**kwargs)
     except RuntimeError as e:
         # An explicit backend that cannot run these tensors says so (the backend contract), e.g. Triton on meta.
-        if backend not in (None, "torch") and str(e).startswith(f"{entry.name}: backend='{backend}' needs"):
+        if label == "meta" and backend not in (None, "torch") and str(e).startswith(f"{entry.name}: backend='{backend}' needs"):
             return
         raise
     except (TypeError, ValueError) as e:
