@@ -8,7 +8,6 @@ raise anything else. A new op is covered by adding one entry to OPS.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import signal
 from typing import Callable

@@ -334,3 +334,51 @@ def test_a_group_wider_than_the_row_is_the_whole_row(backend, device):
     qw_ref, sw_ref = ref.per_block_quant_fp8(w, 128)
     assert sw.shape == (1, 1) and torch.equal(sw.cpu(), sw_ref)
     assert_fp8_close(qw.cpu(), qw_ref)
+
+
+# ---- the CUDA path's column-major layout and launcher checks, on the host ---------------------------
+
+def fake_scales(shape, strides, ptr=0x40000):
+    """float32 CUDA memory that does not exist, with element strides."""
+    return FakeCudaArray(shape, "<f4", ptr=ptr, strides=tuple(4 * s for s in strides))
+
+
+@needs_ext
+@pytest.mark.parametrize("lead,groups", [((7,), 3), ((1,), 1), ((3, 5), 2), ((2, 8), 4)])
+def test_cuda_scale_layout_is_the_torch_layout(lead, groups):
+    rows = math.prod(lead)
+    for column_major in (False, True):
+        (m, batch_stride, row_stride, group_stride), offsets = EXT.token_group_scale_layout(
+            rows, lead[-1], groups, column_major)
+        s = ref.empty_token_group_scales(lead, groups, column_major, "cpu")
+        # The element each (row, group) scale lands on, as torch addresses the tensor the wrapper allocates.
+        elements = torch.arange(s.untyped_storage().nbytes() // 4)
+        want = elements.as_strided(s.shape, s.stride()).reshape(rows, groups).flatten().tolist()
+        assert offsets == want
+        assert len(set(offsets)) == rows * groups  # no scale written twice
+
+
+@needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="would launch on fake pointers; the no-driver path is tested")
+def test_cuda_launcher_checks_column_major_scales():
+    x, q = FakeCudaArray((2, 7, 300), "<f4"), FakeCudaDLPack((2, 7, 300), 10, 8)
+    good = fake_scales((2, 7, 3), (24, 1, 8))
+    # Valid arguments get past every check to the runtime, which has no driver here.
+    with pytest.raises(EXT.CudaError, match="cudaGetDevice"):
+        EXT.per_token_group_quant_fp8(x, q, good, 128, False, 0, column_major_scales=True)
+    with pytest.raises(ValueError, match=r"scales: expected column-major strides \[24, 1, 8\] \(M padded to 4\), "
+                                         r"got strides \[21, 3, 1\]"):
+        EXT.per_token_group_quant_fp8(x, q, fake_scales((2, 7, 3), (21, 3, 1)), 128, False, 0,
+                                      column_major_scales=True)
+    with pytest.raises(ValueError, match=r"scales: expected column-major strides \[24, 1, 8\]"):
+        EXT.per_token_group_quant_fp8(x, q, fake_scales((2, 7, 3), (21, 1, 7)), 128, False, 0,
+                                      column_major_scales=True)  # M not padded
+    with pytest.raises(ValueError, match="scales: expected a data pointer aligned to 16 bytes"):
+        EXT.per_token_group_quant_fp8(x, q, fake_scales((2, 7, 3), (24, 1, 8), ptr=0x40004), 128, False, 0,
+                                      column_major_scales=True)
+    with pytest.raises(ValueError, match="scales: expected a contiguous tensor"):
+        EXT.per_token_group_quant_fp8(x, q, good, 128, False, 0)  # row-major wanted
+    with pytest.raises(ValueError, match=r"x: expected at least 2 dimensions \(\[..., M, K\]\) for column-major"):
+        EXT.per_token_group_quant_fp8(FakeCudaArray((300,), "<f4"), FakeCudaDLPack((300,), 10, 8), fake_scales((3,), (1,)),
+                                      128, False, 0, column_major_scales=True)
+
