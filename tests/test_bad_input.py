@@ -66,6 +66,12 @@ def _mla_decode():
             "head_dim_v": 512, "softmax_scale": None, "causal": False, "kv_scale": None, "metadata": None}
 
 
+def _mla_decode_planned():
+    kwargs = _mla_decode()
+    kwargs["metadata"] = pykernels.get_mla_metadata(kwargs["cache_seqlens"], 2, 1)
+    return kwargs
+
+
 def _mla_decode_fp8():
     kwargs = _mla_decode()
     kwargs["kv_cache"] = (kwargs["kv_cache"].float() / 2).to(FP8)
@@ -116,6 +122,9 @@ OPS = [
     Entry("mla_decode", pykernels.mla_decode, _mla_decode,
           related={"q": ("kv_cache",), "kv_cache": ("q", "kv_scale"), "block_table": ("cache_seqlens", "q"),
                    "cache_seqlens": ("block_table", "q")}),
+    Entry("mla_decode[planned]", pykernels.mla_decode, _mla_decode_planned,
+          related={"q": ("kv_cache", "metadata"), "kv_cache": ("q",), "block_table": ("cache_seqlens", "q"),
+                   "cache_seqlens": ("block_table", "q", "metadata"), "metadata": ("cache_seqlens",)}),
     Entry("mla_decode[fp8]", pykernels.mla_decode, _mla_decode_fp8,
           related={"q": ("kv_cache",), "kv_cache": ("q", "kv_scale"), "kv_scale": ("kv_cache",),
                    "block_table": ("cache_seqlens", "q"), "cache_seqlens": ("block_table", "q")},
@@ -177,6 +186,11 @@ def perturbations(value):
         return [("type", 7), ("unknown", value + "?")]
     if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
         return [("type", "9.0"), ("shape", value + value), ("negative", tuple(-v for v in value))]
+    if isinstance(value, pykernels.MlaSchedule):
+        # A schedule planned for other lengths of the same batch: decoding with it would skip or invent pages.
+        stale = pykernels.get_mla_metadata(torch.full((value.batch,), 5000, dtype=torch.int32), 2, 1,
+                                           num_sm_parts=value.num_parts)
+        return [("type", object()), ("stale", stale)]
     if isinstance(value, hardware.Cost):
         return [("type", tuple(value)), ("nan", value._replace(hbm_bytes=float("nan"))),
                 ("negative", value._replace(flops=-1.0))]
@@ -206,6 +220,8 @@ KNOWN_DEFECTS = {
                                                     "counts (an allocator error)",
     "permute_to_experts-alignment-2**40-torch": "MoE alignment unbounded: padding to 2**40 rows reaches the "
                                                 "allocator",
+    "mla_decode[planned]-metadata-stale-torch": "MLA stale metadata: a schedule planned for other lengths of "
+                                                "the same batch is used as it is",
     "get_mla_metadata-cache_seqlens-meta": "MLA planner reads meta lengths with .item() (a RuntimeError) "
                                            "instead of rejecting the device",
 }
@@ -262,6 +278,6 @@ def test_bad_input(entry, key, index, name, label, backend, request):
         signal.signal(signal.SIGALRM, previous)
     # A defined result: the perturbation was a value the op accepts.
     if label not in entry.accepts.get(name, ()):
-        assert label not in ("type", "dtype", "shape", "shape-"), f"{name} replaced by a wrong {label} was accepted"
+        assert label not in ("type", "dtype", "shape", "shape-", "stale"), f"{name} replaced by a wrong {label} was accepted"
     if entry.check is not None:
         entry.check(result, label)
