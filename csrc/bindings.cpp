@@ -115,6 +115,10 @@ PYBIND11_MODULE(_C, m) {
                                        std::to_string(rows) + ", " + std::to_string(rows_per_batch) + ", " +
                                            std::to_string(groups));
         }
+        if (rows > (1 << 24) || groups > (1 << 24) || rows * groups > (1 << 24)) {
+          pykernels::throw_value_error("rows * groups", "at most 2^24 offsets to list",
+                                       std::to_string(rows) + " * " + std::to_string(groups));
+        }
         const auto l = pykernels::token_group_scale_layout(rows, rows_per_batch, groups, column_major);
         py::list offsets;
         for (int64_t r = 0; r < rows; ++r) {

@@ -169,6 +169,9 @@ void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const T
   if (groups_per_row > INT32_MAX) {
     throw_value_error(x.name, "at most 2^31 - 1 groups per row", std::to_string(groups_per_row));
   }
+  if (column_major_scales && rows > INT32_MAX) {
+    throw_value_error(x.name, "at most 2^31 - 1 rows with column-major scales", std::to_string(rows));
+  }
   dispatch_dtype_and_width(x.dtype, vector_width(x, q, k, group_size),
                            TokenGroupLaunch{x, q, scales, layout, rows, k, group_size, ue8m0, stream});
 }

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
     }
     const float scale = fp8_scale_from_amax(amax, ue8m0);
     if (!valid) continue;
-    if (lane_in_group == 0) scales[scale_layout.offset(row, group % groups_per_row)] = scale;
+    if (lane_in_group == 0) scales[scale_layout.offset(row, group - row * groups_per_row)] = scale;
 
     if constexpr (SINGLE_CHUNK) {
       const int64_t col = col0 + static_cast<int64_t>(lane_in_group) * VEC;

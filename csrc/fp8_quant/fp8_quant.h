@@ -18,10 +18,12 @@ struct TokenGroupScaleLayout {
   int64_t rows_per_batch;  // M (all rows when row-major)
   int64_t batch_stride, row_stride, group_stride;
 
+  // row < 2^31 (the launcher checks): a 32-bit division is a few instructions, a 64-bit one a long sequence.
   __host__ __device__ int64_t offset(int64_t row, int64_t group) const {
-    // Row-major (one batch) skips the 64-bit division, a long instruction sequence, on the default path.
-    if (batch_stride == 0) return row * row_stride + group * group_stride;
-    return (row / rows_per_batch) * batch_stride + (row % rows_per_batch) * row_stride + group * group_stride;
+    if (batch_stride == 0) return row * row_stride + group * group_stride;  // row-major: one batch
+    const uint32_t batch = static_cast<uint32_t>(row) / static_cast<uint32_t>(rows_per_batch);
+    const int64_t in_batch = row - static_cast<int64_t>(batch) * rows_per_batch;
+    return batch * batch_stride + in_batch * row_stride + group * group_stride;
   }
 };
 
