@@ -378,6 +378,10 @@ def test_cuda_launcher_checks_column_major_scales():
                                       column_major_scales=True)
     with pytest.raises(ValueError, match="scales: expected a contiguous tensor"):
         EXT.per_token_group_quant_fp8(x, q, good, 128, False, 0)  # row-major wanted
+    rows = 2**31  # past what the scale offsets' 32-bit division covers
+    with pytest.raises(ValueError, match="x: expected at most 2\\^31 - 1 rows with column-major scales, got 2147483648"):
+        EXT.per_token_group_quant_fp8(FakeCudaArray((rows, 128), "<f4"), FakeCudaDLPack((rows, 128), 10, 8),
+                                      fake_scales((rows, 1), (1, rows)), 128, False, 0, column_major_scales=True)
     with pytest.raises(ValueError, match=r"x: expected at least 2 dimensions \(\[..., M, K\]\) for column-major"):
         EXT.per_token_group_quant_fp8(FakeCudaArray((300,), "<f4"), FakeCudaDLPack((300,), 10, 8), fake_scales((3,), (1,)),
                                       128, False, 0, column_major_scales=True)
