@@ -11,13 +11,12 @@ from pykernels.triton.common import fp8_scale_from_amax, quantize_e4m3
 
 
 @triton.jit
-def group_scale(x, axis):
-    """The scale of each group of float32 `x` reduced along `axis`, non-finite input included: NaN when the
-    group holds a NaN (tl.max may skip NaN, as the GPU's max does), +inf when it holds an infinity."""
+def group_amax(x, axis):
+    """max |x| of float32 `x` along `axis`, NaN when the values hold a NaN (tl.max may skip NaN, as the GPU's
+    max instruction does) and +inf when they hold an infinity."""
     amax = tl.max(tl.abs(x), axis=axis)
     has_nan = tl.max((x != x).to(tl.int32), axis=axis) != 0
-    amax = tl.where(has_nan, float("nan"), amax)
-    return amax
+    return tl.where(has_nan, float("nan"), amax)
 
 
 @triton.jit
@@ -59,7 +58,7 @@ def per_token_group_quant_fp8_kernel(
     mask = (offs_m[:, None] < rows) & (offs_k[None, :] < k)
     offs = offs_m[:, None].to(tl.int64) * k + offs_k[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = finite_scale(group_scale(x, 1), UE8M0)
+    scale = finite_scale(group_amax(x, 1), UE8M0)
     store_codes(q_ptr, offs, x, scale[:, None], mask)
     rows64 = offs_m.to(tl.int64)
     s_offs = (rows64 // rows_per_batch) * s_batch + (rows64 % rows_per_batch) * s_row + group.to(tl.int64) * s_group
@@ -84,7 +83,7 @@ def per_block_quant_fp8_kernel(
     mask = (offs_n[:, None] < n) & (offs_k[None, :] < k)
     offs = (g.to(tl.int64) * n + offs_n[:, None]) * k + offs_k[None, :]
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = finite_scale(group_scale(group_scale(w, 1), 0), UE8M0)
+    scale = finite_scale(group_amax(group_amax(w, 1), 0), UE8M0)
     store_codes(q_ptr, offs, w, scale, mask)
     tl.store(s_ptr + (g * tl.num_programs(1) + nb) * tl.num_programs(0) + kb, scale)
 
