@@ -100,11 +100,35 @@ PYBIND11_MODULE(_C, m) {
   // ---- fp8_quant -------------------------------------------------------------------------------
   m.def(
       "per_token_group_quant_fp8",
-      [](py::handle x, py::handle q, py::handle scales, int group_size, bool ue8m0, py::handle stream) {
+      [](py::handle x, py::handle q, py::handle scales, int group_size, bool ue8m0, py::handle stream,
+         bool column_major_scales) {
         pykernels::per_token_group_quant_fp8(as_tensor(x, "x"), as_tensor(q, "out"), as_tensor(scales, "scales"),
-                                             group_size, ue8m0, as_stream(stream));
+                                             group_size, ue8m0, column_major_scales, as_stream(stream));
       },
-      py::arg("x"), py::arg("out"), py::arg("scales"), py::arg("group_size"), py::arg("ue8m0"), py::arg("stream"));
+      py::arg("x"), py::arg("out"), py::arg("scales"), py::arg("group_size"), py::arg("ue8m0"), py::arg("stream"),
+      py::arg("column_major_scales") = false);
+  m.def(
+      "token_group_scale_layout",
+      [](int64_t rows, int64_t rows_per_batch, int64_t groups, bool column_major) {
+        if (rows < 0 || rows_per_batch < 0 || groups < 0) {
+          pykernels::throw_value_error("rows, rows_per_batch, groups", "non-negative counts",
+                                       std::to_string(rows) + ", " + std::to_string(rows_per_batch) + ", " +
+                                           std::to_string(groups));
+        }
+        if (rows > (1 << 24) || groups > (1 << 24) || rows * groups > (1 << 24)) {
+          pykernels::throw_value_error("rows * groups", "at most 2^24 offsets to list",
+                                       std::to_string(rows) + " * " + std::to_string(groups));
+        }
+        const auto l = pykernels::token_group_scale_layout(rows, rows_per_batch, groups, column_major);
+        py::list offsets;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t g = 0; g < groups; ++g) offsets.append(l.offset(r, g));
+        }
+        return py::make_tuple(py::make_tuple(l.rows_per_batch, l.batch_stride, l.row_stride, l.group_stride), offsets);
+      },
+      py::arg("rows"), py::arg("rows_per_batch"), py::arg("groups"), py::arg("column_major"),
+      "The CUDA quantizer's scale layout (rows_per_batch, batch, row and group strides) and the element offset "
+      "it writes each (row, group) scale to, row by row");
   m.def(
       "per_block_quant_fp8",
       [](py::handle w, py::handle q, py::handle scales, int block_size, bool ue8m0, py::handle stream) {

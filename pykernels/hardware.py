@@ -13,6 +13,8 @@ about 87% of the BF16 peak), so a roofline fraction of 0.85 is already excellent
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -160,6 +162,9 @@ def cost(op: str, **shape) -> Cost:
     moe_permute / moe_unpermute(rows, pairs, hidden, dtype); per_token_group_quant_fp8(m, k);
     per_block_quant_fp8(n, k, groups=1).
     """
+    for key, value in shape.items():
+        if key not in ("dtype", "kv_dtype") and value is not None:
+            _check_sizes(key, value, low=1 if key == "world" else 0)
     if op == "fp8_gemm":
         return _gemm_cost([shape["m"]], shape["n"], shape["k"], 1)
     if op == "fp8_gemm_contiguous":
@@ -197,9 +202,33 @@ def cost(op: str, **shape) -> Cost:
                      f"per_block_quant_fp8, got {op!r}")
 
 
+def _check_sizes(name: str, value, low: int) -> None:
+    """A size argument of cost(): a finite real number >= low (an expected count may be fractional), or a
+    sequence of them (ms, masked_m, seqlen)."""
+    items = value if isinstance(value, (list, tuple, range)) else [value]
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"{name}: expected a number or a sequence of numbers, got bool")
+        if not isinstance(item, numbers.Real):
+            try:
+                item = operator.index(item)  # integer scalars of numpy or torch
+            except TypeError:
+                raise TypeError(f"{name}: expected a number or a sequence of numbers, "
+                                f"got {type(item).__name__}") from None
+        if not math.isfinite(item) or item < low:
+            raise ValueError(f"{name}: expected a finite number >= {low}, got {item}")
+
+
 def project(c: Cost, gpu, dtype: str) -> Projection:
     """Roofline time of cost `c` on `gpu` (a name or a GPU row) with tensor math in `dtype` ("fp8" or
     "bf16"): the slowest of compute, HBM traffic and NVLink traffic, which are assumed to overlap fully."""
+    if not isinstance(c, Cost):
+        raise TypeError(f"c: expected a Cost (from cost()), got {type(c).__name__}")
+    for field, value in zip(Cost._fields, c):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"c.{field}: expected a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"c.{field}: expected a finite number >= 0, got {value}")
     g = get(gpu)
     times = {
         "compute": c.flops / g.peak_flops(dtype),
@@ -235,6 +264,14 @@ def identify(name: str, sms: int, memory_bytes: int, capability=(9, 0), override
     """
     if override:
         return _from_override(override)
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name: expected a str or None, got {type(name).__name__}")
+    for value, arg in ((sms, "sms"), (memory_bytes, "memory_bytes")):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
+    if not (isinstance(capability, (tuple, list)) and len(capability) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in capability)):
+        raise TypeError(f"capability: expected a (major, minor) pair of ints, got {capability!r}")
     upper = (name or "").upper()
     gb = memory_bytes / 2**30
     described = f"{name!r} ({sms} SMs, {gb:.0f} GiB, sm_{capability[0]}{capability[1]})"

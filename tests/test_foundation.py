@@ -44,21 +44,67 @@ class _DLManagedTensor(ctypes.Structure):
     _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
 
 
+_new_capsule = ctypes.pythonapi.PyCapsule_New
+_new_capsule.restype, _new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_is_valid.restype, _capsule_is_valid.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]
+_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # DLManagedTensor deleter and capsule destructor alike
+
+
 class FakeCudaDLPack:
     """A DLPack producer claiming CUDA memory that does not exist, for dtypes __cuda_array_interface__
-    cannot express (bfloat16, float8). Codes from dlpack.h: float 2, bfloat 4, float8_e4m3fn 10."""
+    cannot express (bfloat16, float8). Codes from dlpack.h: float 2, bfloat 4, float8_e4m3fn 10. The
+    keyword arguments make it malformed: another device type, an ndim that disagrees with the shape array,
+    no shape array at all (shape=None), explicit strides, a null data pointer."""
 
-    def __init__(self, shape, code, bits, ptr=0x20000):
-        self._shape = (ctypes.c_int64 * len(shape))(*shape)
+    def __init__(self, shape, code, bits, ptr=0x20000, device_type=2, ndim=None, strides=None):
+        self._shape = None if shape is None else (ctypes.c_int64 * len(shape))(*shape)
+        self._strides = None if strides is None else (ctypes.c_int64 * len(strides))(*strides)
         self._managed = _DLManagedTensor()
         t = self._managed.dl_tensor
-        t.data, t.device, t.ndim = ptr, _DLDevice(2, 0), len(shape)
-        t.dtype, t.shape, t.strides, t.byte_offset = _DLDataType(code, bits, 1), self._shape, None, 0
+        t.data, t.device = ptr, _DLDevice(device_type, 0)
+        t.ndim = ndim if ndim is not None else len(shape)
+        t.dtype, t.shape, t.strides, t.byte_offset = _DLDataType(code, bits, 1), self._shape, self._strides, 0
 
     def __dlpack__(self, stream=None):
-        new_capsule = ctypes.pythonapi.PyCapsule_New
-        new_capsule.restype, new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-        return new_capsule(ctypes.addressof(self._managed), b"dltensor", None)
+        return _new_capsule(ctypes.addressof(self._managed), b"dltensor", None)
+
+
+_DL_INT = {torch.int64: (0, 64), torch.int32: (0, 32), torch.float32: (2, 32)}
+
+
+class FreshBufferDLPack:
+    """A CPU DLPack producer that exports a new buffer at every __dlpack__ (as a producer that converts on
+    export does) and lets it go when the consumer releases the capsule: its deleter copies the buffer into
+    `released` and then scribbles over it, as free() and the next malloc() may. A consumer that releases the
+    capsule before it is done reads the scribbles and its writes are lost from `released`."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values.contiguous()
+        self.released = []
+        self._exports = []  # the ctypes objects of every export, so that scribbling never touches freed memory
+
+    def __dlpack__(self, stream=None):
+        nbytes = self.values.numel() * self.values.element_size()
+        buf = (ctypes.c_uint8 * nbytes).from_buffer_copy(self.values.numpy().tobytes())
+        shape = (ctypes.c_int64 * self.values.dim())(*self.values.shape)
+        managed = _DLManagedTensor()
+        t = managed.dl_tensor
+        t.data, t.device, t.ndim = ctypes.addressof(buf), _DLDevice(1, 0), self.values.dim()
+        t.dtype, t.shape, t.strides, t.byte_offset = _DLDataType(*_DL_INT[self.values.dtype], 1), shape, None, 0
+
+        def deleter(_):
+            self.released.append(torch.frombuffer(bytearray(buf), dtype=self.values.dtype).reshape(self.values.shape))
+            ctypes.memset(buf, 0x5A, nbytes)
+
+        def destructor(capsule):
+            if _capsule_is_valid(capsule, b"dltensor"):  # not consumed: releasing it is the capsule's job
+                deleter(None)
+
+        callbacks = (_CALLBACK(deleter), _CALLBACK(destructor))
+        managed.deleter = ctypes.cast(callbacks[0], ctypes.c_void_p)
+        self._exports.append((buf, shape, managed, callbacks))
+        return _new_capsule(ctypes.addressof(managed), b"dltensor", ctypes.cast(callbacks[1], ctypes.c_void_p))
 
 
 def test_build_info_is_recorded():
@@ -197,3 +243,114 @@ def test_every_kernel_launch_makes_the_inputs_device_current(monkeypatch):
     pykernels.mla_decode(q, kv, torch.tensor([[1, 0]], dtype=torch.int32, device=dev),
                          torch.tensor([70], dtype=torch.int32, device=dev), backend="triton")
     assert len(seen) >= 6 and all(s == expected for s in seen), seen
+
+
+@needs_ext
+def test_capsules_and_their_buffers_live_until_the_call_returns():
+    # moe_plan_expert_ranks reads topk_idx and writes counts and rank on the host. With every tensor a fresh
+    # export, a capsule released early shows as scribbled ids (rejected) or as writes missing below.
+    topk_idx = torch.tensor([[0, 2], [1, -1], [2, 2], [0, 1]], dtype=torch.int64)
+    ids, counts, rank = (FreshBufferDLPack(t) for t in (topk_idx, torch.full((3,), -7, dtype=torch.int64),
+                                                        torch.full((4, 2), -7, dtype=torch.int32)))
+    EXT.moe_plan_expert_ranks(ids, counts, rank)
+    assert len(counts.released) == 1 and len(rank.released) == 1, "each capsule is released exactly once"
+    assert counts.released[0].tolist() == [2, 2, 3]
+    assert rank.released[0].tolist() == [[0, 0], [0, -1], [1, 2], [1, 1]]
+
+
+# Malformed producers, each run in a child process: a regression here is a segfault, not an exception.
+MALFORMED_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_foundation import EXT, FakeCudaDLPack, FakeCudaArray
+
+class Raw:
+    def __init__(self, cai):
+        self.__cuda_array_interface__ = cai
+
+CAI = {{"shape": (4, 8), "typestr": "<f4", "data": (0x10000, False), "version": 3}}
+cases = {{
+    "null shape": FakeCudaDLPack(None, 2, 32, ndim=2),
+    "negative ndim": FakeCudaDLPack((4,), 2, 32, ndim=-1),
+    "nine dims": FakeCudaDLPack((1,) * 9, 2, 32),
+    "negative size": FakeCudaDLPack((4, -8), 2, 32),
+    "null data": FakeCudaDLPack((4, 8), 2, 32, ptr=0),
+    "overflowing shape": FakeCudaDLPack((2**62, 8), 2, 32),
+    "overflowing strides": FakeCudaDLPack((4, 8), 2, 32, strides=(2**62, 1)),
+    "rocm": FakeCudaDLPack((4,), 2, 32, device_type=10),
+    "unknown device": FakeCudaDLPack((4,), 2, 32, device_type=99),
+    "cai not a dict": Raw([1, 2]),
+    "cai without typestr": Raw({{k: v for k, v in CAI.items() if k != "typestr"}}),
+    "cai without shape": Raw({{k: v for k, v in CAI.items() if k != "shape"}}),
+    "cai without data": Raw({{k: v for k, v in CAI.items() if k != "data"}}),
+    "cai typestr not a str": Raw(dict(CAI, typestr=4)),
+    "cai shape of floats": Raw(dict(CAI, shape=(4.0, 8))),
+    "cai huge size": Raw(dict(CAI, shape=(2**70, 8))),
+    "cai short data": Raw(dict(CAI, data=(0x10000,))),
+    "cai data a list": Raw(dict(CAI, data=[0x10000, False])),
+    "cai pointer a str": Raw(dict(CAI, data=("0x10000", False))),
+    "cai strides too short": Raw(dict(CAI, strides=(4,))),
+    "cai negative size": Raw(dict(CAI, shape=(4, -1))),
+    "cai null data": Raw(dict(CAI, data=(0, False))),
+    "cai mask": Raw(dict(CAI, mask=object())),
+}}
+out = {{}}
+for name, obj in cases.items():
+    print(name, flush=True)  # the last name printed is the culprit if the process dies
+    try:
+        EXT.describe_tensor(obj)
+        out[name] = ["no error", ""]
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+print("RESULT " + json.dumps(out))
+"""
+
+MALFORMED_EXPECTED = {
+    "null shape": ("ValueError", "tensor: expected a DLPack tensor with a shape array, got a null shape for 2 dimensions"),
+    "negative ndim": ("ValueError", "tensor: expected 0 to 8 dimensions, got -1"),
+    "nine dims": ("ValueError", "tensor: expected 0 to 8 dimensions, got 9"),
+    "negative size": ("ValueError", "tensor: expected non-negative sizes, got size -8 in dim 1"),
+    "null data": ("ValueError", "tensor: expected a data pointer for 32 elements, got a null pointer"),
+    "overflowing shape": ("ValueError", "tensor: expected at most 2^63 - 1 elements"),
+    "overflowing strides": ("ValueError", "tensor: expected strides whose extent fits in 64 bits"),
+    "rocm": ("ValueError", "tensor: expected a tensor on cpu or cuda, got a tensor on rocm:0"),
+    "unknown device": ("ValueError", "tensor: expected a tensor on cpu or cuda, got a tensor on DLPack device type 99:0"),
+    "cai not a dict": ("TypeError", "tensor: expected a __cuda_array_interface__ dict, got list"),
+    "cai without typestr": ("ValueError", "tensor: expected a __cuda_array_interface__ with 'typestr', got none"),
+    "cai without shape": ("ValueError", "tensor: expected a __cuda_array_interface__ with 'shape', got none"),
+    "cai without data": ("ValueError", "tensor: expected a __cuda_array_interface__ with 'data', got none"),
+    "cai typestr not a str": ("TypeError", "tensor: expected __cuda_array_interface__['typestr'] a str, got int"),
+    "cai shape of floats": ("TypeError", "tensor: expected __cuda_array_interface__['shape'][0] as an int, got float"),
+    "cai huge size": ("ValueError", "tensor: expected __cuda_array_interface__['shape'][0] within 64 bits"),
+    "cai short data": ("ValueError", "tensor: expected __cuda_array_interface__['data'] as (pointer, read_only)"),
+    "cai data a list": ("TypeError", "tensor: expected __cuda_array_interface__['data'] a tuple"),
+    "cai pointer a str": ("TypeError", "tensor: expected __cuda_array_interface__['data'][0] as an int, got str"),
+    "cai strides too short": ("ValueError", "tensor: expected __cuda_array_interface__['strides'] as None or a tuple of 2"),
+    "cai negative size": ("ValueError", "tensor: expected non-negative sizes, got size -1 in dim 1"),
+    "cai null data": ("ValueError", "tensor: expected a data pointer for 32 elements, got a null pointer"),
+    "cai mask": ("ValueError", "tensor: expected a __cuda_array_interface__ without a mask, got a mask"),
+}
+
+
+@needs_ext
+def test_malformed_producers_raise_in_the_projects_form():
+    script = MALFORMED_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    last = proc.stdout.strip().splitlines()[-1:] or [""]
+    assert proc.returncode == 0, f"the boundary crashed (exit {proc.returncode}) on: {last[0]}\n{proc.stderr[-2000:]}"
+    got = json.loads(last[0].removeprefix("RESULT "))
+    assert set(got) == set(MALFORMED_EXPECTED)
+    for name, (kind, message) in MALFORMED_EXPECTED.items():
+        assert got[name][0] == kind and got[name][1].startswith(message), (name, got[name])
+
+
+@needs_ext
+def test_dlpack_device_types_are_reported_truthfully():
+    pinned = FakeCudaDLPack((4,), 2, 32, device_type=3)
+    assert EXT.describe_tensor(pinned)["device"] == "cuda_host"
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor, got a tensor on cuda_host"):
+        EXT.per_token_group_quant_fp8(FakeCudaDLPack((4, 128), 2, 32, device_type=3), FakeCudaDLPack((4, 128), 10, 8),
+                                      FakeCudaArray((4, 1), "<f4"), 128, False, 0)
+    with pytest.raises(ValueError, match=r"tensor: expected a tensor that __dlpack__\(\) can export, got BufferError"):
+        EXT.describe_tensor(torch.empty(4, device="meta"))
+

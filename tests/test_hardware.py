@@ -100,6 +100,44 @@ def test_projection_bounds_and_units():
         hardware.project(hardware.Cost(1, 1, 0), "H100", "fp16")
 
 
+@pytest.mark.parametrize("op,shape,name", [
+    ("fp8_gemm", dict(m=-128, n=4096, k=7168), "m"),
+    ("fp8_gemm", dict(m=128, n=4096, k=float("nan")), "k"),
+    ("fp8_gemm_contiguous", dict(ms=[128, -1], n=4096, k=7168), "ms"),
+    ("fp8_gemm_masked", dict(masked_m=[float("inf")], n=4096, k=7168), "masked_m"),
+    ("mla_decode", dict(batch=2, s_q=1, h_q=-16, seqlen=64), "h_q"),
+    ("mla_decode", dict(batch=2, s_q=1, h_q=16, seqlen=[64, -3]), "seqlen"),
+    ("moe_dispatch", dict(tokens=128, hidden=7168, topk=8, num_experts=256, world=0), "world"),
+    ("per_token_group_quant_fp8", dict(m=-1, k=7168), "m"),
+])
+def test_cost_rejects_negative_and_non_finite_sizes(op, shape, name):
+    # A negative size would give negative FLOPs and bytes, and a projection naming the wrong bound.
+    with pytest.raises(ValueError, match=f"^{name}: expected a finite number >= "):
+        hardware.cost(op, **shape)
+
+
+def test_cost_rejects_sizes_that_are_not_numbers():
+    with pytest.raises(TypeError, match="^n: expected a number or a sequence of numbers, got str"):
+        hardware.cost("fp8_gemm", m=1, n="4096", k=128)
+    with pytest.raises(TypeError, match="^m: expected a number or a sequence of numbers, got bool"):
+        hardware.cost("fp8_gemm", m=True, n=4096, k=128)
+    # Integer scalars of torch count as sizes; expected counts may be fractional.
+    assert hardware.cost("fp8_gemm", m=torch.tensor(2), n=3, k=128) == hardware.cost("fp8_gemm", m=2, n=3, k=128)
+    assert hardware.cost("moe_permute", rows=10, pairs=12.5, hidden=128).hbm_bytes == 22.5 * 128 * 2
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("hbm_bytes", float("nan"), ValueError), ("flops", -1.0, ValueError), ("link_bytes", float("inf"), ValueError),
+    ("flops", "1e12", TypeError),
+])
+def test_project_rejects_bad_costs(field, value, error):
+    # max() over a NaN time names whichever bound comes first: the projection must refuse instead.
+    c = hardware.Cost(1e12, 1e9, 0.0)._replace(**{field: value})
+    with pytest.raises(error, match=f"^c.{field}: expected"):
+        hardware.project(c, "H100", "fp8")
+    with pytest.raises(TypeError, match="^c: expected a Cost"):
+        hardware.project((1e12, 1e9, 0.0), "H100", "fp8")
+
 def test_fact_mla_decode_h16_faster_on_h20():
     for seqlen in (4096, 8192, 16384):
         c = hardware.cost("mla_decode", batch=128, s_q=1, h_q=16, seqlen=seqlen)

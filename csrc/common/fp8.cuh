@@ -14,7 +14,10 @@ constexpr float kFp8E4M3Max = 448.0f;
 constexpr float kFp8AmaxFloor = 1e-4f;
 
 // scale = max(amax, 1e-4) / 448, optionally rounded up to a power of two (UE8M0: exponent-only scales).
+// A NaN or infinite amax (the group held one) is returned as it is, with or without UE8M0: fmaxf would
+// turn NaN into the floor, and the exponent bump would turn NaN's bits into -0.
 __host__ __device__ inline float fp8_scale_from_amax(float amax, bool ue8m0) {
+  if (!(amax <= 3.402823466e38f)) return amax;
   float scale = fmaxf(amax, kFp8AmaxFloor) / kFp8E4M3Max;
   if (ue8m0) {
     // Round up to the next power of two: keep the exponent, bump it when any mantissa bit is set.
@@ -26,6 +29,17 @@ __host__ __device__ inline float fp8_scale_from_amax(float amax, bool ue8m0) {
   }
   return scale;
 }
+
+// max(a, b) that, unlike fmaxf, returns NaN when either is NaN (a group's amax must see its NaNs), in one
+// instruction as fmaxf is.
+__device__ inline float fmax_propagate_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// The e4m3fn code of NaN (S.1111.111), stored for every element of a group whose scale is not finite.
+constexpr uint8_t kFp8E4M3NaN = 0x7f;
 
 // Two floats, already divided by the scale, to two e4m3fn bytes (round to nearest even, saturating).
 __device__ inline uint16_t fp8x2_from_float2(float a, float b) {

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "common/check.h"
@@ -65,7 +66,12 @@ struct TensorView {
   std::array<int64_t, kMaxDims> strides{};  // in elements, not bytes
   bool is_cuda = false;
   int device_id = -1;
+  // Where the memory is when it is not CUDA device memory ("cpu", "cuda_host", ...), for messages.
+  std::string host_device = "cpu";
   std::string name;  // the argument's name, for error messages
+  // Holds whatever keeps `data` valid (the DLPack capsule and its producer) for as long as any copy of the
+  // view lives: a producer may export a buffer made for this one export and free it with the capsule.
+  std::shared_ptr<void> owner;
 
   int64_t size(int dim) const { return shape[dim < 0 ? dim + ndim : dim]; }
   int64_t stride(int dim) const { return strides[dim < 0 ? dim + ndim : dim]; }
@@ -87,7 +93,7 @@ struct TensorView {
     for (int i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + "]";
   }
-  std::string device_str() const { return is_cuda ? "cuda:" + std::to_string(device_id) : "cpu"; }
+  std::string device_str() const { return is_cuda ? "cuda:" + std::to_string(device_id) : host_device; }
   template <typename T>
   T* ptr() const { return static_cast<T*>(data); }
 };

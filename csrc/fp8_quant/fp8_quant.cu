@@ -2,6 +2,8 @@
 #include "fp8_quant/fp8_quant.h"
 
 #include <algorithm>
+#include <climits>
+#include <string>
 
 namespace pykernels {
 namespace {
@@ -30,8 +32,9 @@ int sm_count_of_current_device() {
 }
 
 template <typename T, int VEC>
-void launch_token_group(const TensorView& x, const TensorView& q, const TensorView& scales, int64_t rows,
-                        int64_t k, int group_size, bool ue8m0, cudaStream_t stream) {
+void launch_token_group(const TensorView& x, const TensorView& q, const TensorView& scales,
+                        const TokenGroupScaleLayout& layout, int64_t rows, int64_t k, int group_size, bool ue8m0,
+                        cudaStream_t stream) {
   const int chunks_per_group = group_size / VEC;
   const int lanes_per_group = std::min(32, chunks_per_group);
   const int groups_per_row = static_cast<int>((k + group_size - 1) / group_size);
@@ -45,10 +48,10 @@ void launch_token_group(const TensorView& x, const TensorView& q, const TensorVi
   auto* s = scales.ptr<float>();
   if (chunks_per_group <= 32) {
     fp8_quant::per_token_group_quant_fp8_kernel<T, VEC, true><<<grid, fp8_quant::kThreads, 0, stream>>>(
-        src, dst, s, rows, k, group_size, groups_per_row, lanes_per_group, ue8m0);
+        src, dst, s, layout, rows, k, group_size, groups_per_row, lanes_per_group, ue8m0);
   } else {
     fp8_quant::per_token_group_quant_fp8_kernel<T, VEC, false><<<grid, fp8_quant::kThreads, 0, stream>>>(
-        src, dst, s, rows, k, group_size, groups_per_row, lanes_per_group, ue8m0);
+        src, dst, s, layout, rows, k, group_size, groups_per_row, lanes_per_group, ue8m0);
   }
   PK_CHECK_LAUNCH("per_token_group_quant_fp8_kernel");
 }
@@ -66,12 +69,13 @@ void launch_block(const TensorView& w, const TensorView& q, const TensorView& sc
 // Launches bound to their arguments, called back with the element type and vector width.
 struct TokenGroupLaunch {
   const TensorView &x, &q, &scales;
+  TokenGroupScaleLayout layout;
   int64_t rows, k;
   int group_size;
   bool ue8m0;
   cudaStream_t stream;
   template <typename T, int VEC>
-  void operator()() const { launch_token_group<T, VEC>(x, q, scales, rows, k, group_size, ue8m0, stream); }
+  void operator()() const { launch_token_group<T, VEC>(x, q, scales, layout, rows, k, group_size, ue8m0, stream); }
 };
 
 struct BlockLaunch {
@@ -100,14 +104,47 @@ void dispatch_dtype_and_width(DType dtype, int vec, const F& f) {
   }
 }
 
+// The kernel writes scales through `layout`, so their strides must be exactly its strides (any stride
+// along a dimension of size 1). Column-major scales also start 16-byte aligned, as TMA needs.
+void require_scale_layout(const TensorView& scales, const TokenGroupScaleLayout& layout, bool column_major) {
+  if (!column_major) {
+    require_contiguous(scales);
+    return;
+  }
+  const int nd = scales.ndim;
+  int64_t expected[TensorView::kMaxDims];
+  expected[nd - 1] = layout.group_stride;
+  expected[nd - 2] = layout.row_stride;
+  int64_t batch = layout.batch_stride;
+  for (int d = nd - 3; d >= 0; --d) {
+    expected[d] = batch;
+    batch *= scales.size(d);
+  }
+  std::string want = "[", got = "[";
+  bool ok = true;
+  for (int d = 0; d < nd; ++d) {
+    ok = ok && (scales.size(d) == 1 || scales.stride(d) == expected[d]);
+    want += (d ? ", " : "") + std::to_string(expected[d]);
+    got += (d ? ", " : "") + std::to_string(scales.stride(d));
+  }
+  if (!ok) {
+    throw_value_error(scales.name, "column-major strides " + want + "] (M padded to " +
+                                       std::to_string(kScaleRowAlignment) + ")", "strides " + got + "]");
+  }
+  require_aligned(scales, 16);
+}
+
 }  // namespace
 
 void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const TensorView& scales,
-                               int group_size, bool ue8m0, cudaStream_t stream) {
+                               int group_size, bool ue8m0, bool column_major_scales, cudaStream_t stream) {
   require_input_dtype(x);
   require_dtype(q, DType::Float8E4M3);
   require_dtype(scales, DType::Float32);
   if (x.ndim < 1) throw_value_error(x.name, "at least 1 dimension", "a scalar");
+  if (column_major_scales && x.ndim < 2) {
+    throw_value_error(x.name, "at least 2 dimensions ([..., M, K]) for column-major scales", "shape " + x.shape_str());
+  }
   if (!is_power_of_two(group_size)) {
     throw_value_error("group_size", "a power of two", std::to_string(group_size));
   }
@@ -118,7 +155,6 @@ void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const T
   require_same_device(x, scales);
   require_contiguous(x);
   require_contiguous(q);
-  require_contiguous(scales);
   if (q.ndim != x.ndim) throw_value_error(q.name, "shape " + x.shape_str(), "shape " + q.shape_str());
   for (int d = 0; d < x.ndim; ++d) require_size(q, d, x.size(d), "same as x");
   const int64_t groups_per_row = (k + group_size - 1) / group_size;
@@ -126,9 +162,18 @@ void per_token_group_quant_fp8(const TensorView& x, const TensorView& q, const T
   for (int d = 0; d < x.ndim - 1; ++d) require_size(scales, d, x.size(d), "same as x");
   require_size(scales, -1, groups_per_row, "ceil(K / group_size)");
   const int64_t rows = x.numel() / k;
+  const TokenGroupScaleLayout layout =
+      token_group_scale_layout(rows, x.ndim >= 2 ? x.size(-2) : rows, groups_per_row, column_major_scales);
+  require_scale_layout(scales, layout, column_major_scales);
   if (rows == 0) return;
+  if (groups_per_row > INT32_MAX) {
+    throw_value_error(x.name, "at most 2^31 - 1 groups per row", std::to_string(groups_per_row));
+  }
+  if (column_major_scales && rows > INT32_MAX) {
+    throw_value_error(x.name, "at most 2^31 - 1 rows with column-major scales", std::to_string(rows));
+  }
   dispatch_dtype_and_width(x.dtype, vector_width(x, q, k, group_size),
-                           TokenGroupLaunch{x, q, scales, rows, k, group_size, ue8m0, stream});
+                           TokenGroupLaunch{x, q, scales, layout, rows, k, group_size, ue8m0, stream});
 }
 
 void per_block_quant_fp8(const TensorView& w, const TensorView& q, const TensorView& scales, int block_size,

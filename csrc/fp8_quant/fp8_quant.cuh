@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/fp8.cuh"
+#include "fp8_quant/fp8_quant.h"
 
 namespace pykernels {
 namespace fp8_quant {
@@ -43,11 +44,16 @@ __device__ inline void load_as_float(const T* src, float (&dst)[VEC]) {
   for (int i = 0; i < VEC; ++i) dst[i] = to_float(chunk.v[i]);
 }
 
+// A group whose scale is not finite held a NaN or an infinity: every code of it is NaN, so that the
+// dequantized group is NaN whatever the scale (an infinite scale would turn finite codes into zeros).
 template <int VEC>
 __device__ inline void quantize_store(const float (&vals)[VEC], float scale, uint8_t* dst) {
   static_assert(VEC % 2 == 0 || VEC == 1, "fp8 pairs need an even vector width");
   Fp8Vec<VEC> out;
-  if constexpr (VEC == 1) {
+  if (!isfinite(scale)) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out.v[i] = kFp8E4M3NaN;
+  } else if constexpr (VEC == 1) {
     out.v[0] = static_cast<uint8_t>(fp8x2_from_float2(__fdiv_rn(vals[0], scale), 0.0f) & 0xff);
   } else {
 #pragma unroll
@@ -65,7 +71,7 @@ template <int VEC>
 __device__ inline float abs_max(const float (&vals)[VEC]) {
   float m = 0.0f;
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) m = fmaxf(m, fabsf(vals[i]));
+  for (int i = 0; i < VEC; ++i) m = fmax_propagate_nan(m, fabsf(vals[i]));
   return m;
 }
 
@@ -77,8 +83,8 @@ __device__ inline float abs_max(const float (&vals)[VEC]) {
 // inside the row or entirely past its end.
 template <typename T, int VEC, bool SINGLE_CHUNK>
 __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
-    const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales, int64_t num_rows, int64_t k,
-    int group_size, int groups_per_row, int lanes_per_group, bool ue8m0) {
+    const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales, TokenGroupScaleLayout scale_layout,
+    int64_t num_rows, int64_t k, int group_size, int groups_per_row, int lanes_per_group, bool ue8m0) {
   const int lane = threadIdx.x % 32;
   const int segment = lane / lanes_per_group;  // which of the warp's groups this lane works on
   const int lane_in_group = lane % lanes_per_group;
@@ -111,15 +117,15 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
         const int64_t col = col0 + static_cast<int64_t>(c) * VEC;
         if (col >= k) break;
         load_as_float<T, VEC>(src + col, vals);
-        amax = fmaxf(amax, abs_max(vals));
+        amax = fmax_propagate_nan(amax, abs_max(vals));
       }
     }
     for (int offset = lanes_per_group / 2; offset > 0; offset /= 2) {
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      amax = fmax_propagate_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
     }
     const float scale = fp8_scale_from_amax(amax, ue8m0);
     if (!valid) continue;
-    if (lane_in_group == 0) scales[group] = scale;
+    if (lane_in_group == 0) scales[scale_layout.offset(row, group - row * groups_per_row)] = scale;
 
     if constexpr (SINGLE_CHUNK) {
       const int64_t col = col0 + static_cast<int64_t>(lane_in_group) * VEC;
@@ -159,15 +165,17 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_fp8_kernel(
   for (int c = threadIdx.x; c < chunks; c += kThreads) {
     const int r = c / chunks_per_row, cc = (c % chunks_per_row) * VEC;
     load_as_float<T, VEC>(src + static_cast<int64_t>(r) * k + cc, vals);
-    amax = fmaxf(amax, abs_max(vals));
+    amax = fmax_propagate_nan(amax, abs_max(vals));
   }
-  for (int offset = 16; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  for (int offset = 16; offset > 0; offset /= 2) {
+    amax = fmax_propagate_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  }
   if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
   __syncthreads();
   if (threadIdx.x == 0) {
     float m = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kThreads / 32; ++i) m = fmaxf(m, warp_amax[i]);
+    for (int i = 0; i < kThreads / 32; ++i) m = fmax_propagate_nan(m, warp_amax[i]);
     block_scale = fp8_scale_from_amax(m, ue8m0);
     scales[(g * num_nb + nb) * num_kb + kb] = block_scale;
   }
