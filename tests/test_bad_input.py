@@ -221,16 +221,6 @@ KNOWN_DEFECTS = {
     "permute_to_experts-alignment-2**40-torch": "MoE alignment unbounded: padding to 2**40 rows reaches the "
                                                 "allocator",
 }
-# Defects whose fixes have already landed in the MLA module upstream: not strict, so the cases pass once
-# the fixes are merged here; the marks go then.
-LANDING_FIXES = {
-    "mla_decode[planned]-metadata-stale-torch": "MLA stale metadata: a schedule planned for other lengths of "
-                                                "the same batch is used as it is",
-    "get_mla_metadata-cache_seqlens-meta": "MLA planner reads meta lengths with .item() (a RuntimeError) "
-                                           "instead of rejecting the device",
-}
-
-
 FORM = re.compile(r"^(?P<name>[\w.\[\]'(), ]+): expected .+, got ", re.S)
 
 
@@ -249,8 +239,6 @@ def test_bad_input(entry, key, index, name, label, backend, request):
     case = request.node.callspec.id
     if case in KNOWN_DEFECTS:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[case]))
-    elif case in LANDING_FIXES:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=LANDING_FIXES[case]))
     kwargs = entry.call()
     value = kwargs[key]
     if index is None:
