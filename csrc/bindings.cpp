@@ -143,17 +143,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("stream"));
   m.def(
       "fp8_gemm_config",
-      [](int m, int n, int k, int num_groups, int num_sms) {
-        // select_config divides by the SM count and the block counts: reject what would trap the process.
-        if (m <= 0 || n <= 0 || num_groups <= 0 || num_sms <= 0) {
-          pykernels::throw_value_error("m, n, num_groups, num_sms", "positive values",
-                                       std::to_string(m) + ", " + std::to_string(n) + ", " +
-                                           std::to_string(num_groups) + ", " + std::to_string(num_sms));
-        }
-        if (k <= 0 || k % pykernels::fp8_gemm::kBlockK != 0) {
+      [](int64_t m, int64_t n, int64_t k, int64_t num_groups, int64_t num_sms) {
+        using pykernels::fp8_gemm::kMaxDim;
+        // select_config divides by the SM count and the block counts, and the kernel indexes rows, columns
+        // and K in int: reject what would trap the process or overflow.
+        const auto require_range = [](int64_t value, const char* name, int64_t high) {
+          if (value < 1 || value > high) {
+            pykernels::throw_value_error(name, "an int in [1, " + std::to_string(high) + "]", std::to_string(value));
+          }
+        };
+        require_range(m, "m", kMaxDim - 1);
+        require_range(n, "n", kMaxDim - 1);
+        require_range(k, "k", kMaxDim - 1);
+        require_range(num_groups, "num_groups", kMaxDim - 1);
+        require_range(num_sms, "num_sms", 1 << 16);
+        if (k % pykernels::fp8_gemm::kBlockK != 0) {
           pykernels::throw_value_error("k", "a positive multiple of 128", std::to_string(k));
         }
-        const auto c = pykernels::fp8_gemm::select_config(m, n, k, num_groups, num_sms);
+        const auto c = pykernels::fp8_gemm::select_config(int(m), int(n), int(k), int(num_groups), int(num_sms));
         py::dict d;
         d["block_m"] = c.block_m;
         d["block_n"] = c.block_n;
@@ -203,6 +210,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("num_groups"), py::arg("block_m"),
       py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"),
       "The persistent scheduler's tiles (group, m_block, n_block, valid_rows), per CTA, in visiting order");
+  m.def(
+      "fp8_gemm_split_columns",
+      [](int n0, int block_n) {
+        if (block_n <= 0 || n0 < 0 || n0 % block_n != 0) {
+          pykernels::throw_value_error("n0, block_n", "block_n > 0 and n0 a non-negative multiple of it",
+                                       std::to_string(n0) + ", " + std::to_string(block_n));
+        }
+        return pykernels::fp8_gemm::split_columns(n0, block_n);
+      },
+      py::arg("n0"), py::arg("block_n"),
+      "Columns of the tile starting at n0 that take B's scale block n0 / 128 (the rest take the next one)");
+  m.def(
+      "fp8_gemm_block_n_choices",
+      []() {
+        py::list widths;
+        for (int i = 0; i < pykernels::fp8_gemm::kNumBlockNChoices; ++i) {
+          widths.append(pykernels::fp8_gemm::block_n_choice(i));
+        }
+        return widths;
+      },
+      "Every BLOCK_N the extension instantiates (each for BLOCK_M 64 and 128)");
+  m.def("fp8_gemm_force_tile", &pykernels::fp8_gemm_force_tile, py::arg("block_m"), py::arg("block_n"),
+        "Test hook: later launches use this tile shape; (0, 0) restores the heuristic");
 
   // ---- moe -------------------------------------------------------------------------------------------
   // An optional tensor argument (scales): None, or a view that lives in `slot`.

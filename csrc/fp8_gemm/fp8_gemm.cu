@@ -1,4 +1,3 @@
-#include "fp8_gemm/fp8_gemm.cuh"
 #include "fp8_gemm/fp8_gemm.h"
 
 #include <cudaTypedefs.h>
@@ -6,6 +5,9 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
+
+#include "fp8_gemm/fp8_gemm_launch.h"
 
 namespace pykernels {
 namespace {
@@ -68,35 +70,38 @@ struct Problem {
   int m_hint;  // rows per group the tile choice plans for
 };
 
-template <int kMathWG, int kBlockN>
-void launch_config(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
-  const CUtensorMap map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, 64 * kMathWG);
-  const CUtensorMap map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, kBlockN);
-  fp8_gemm::Params params;
-  params.layout = pr.layout;
-  params.m_rows = int(pr.m_rows);
-  params.n = int(pr.n);
-  params.k = int(pr.k);
-  params.num_groups = int(pr.num_groups);
-  params.sa = pr.sa->ptr<const float>();
-  params.sb = pr.sb->ptr<const float>();
-  params.out = pr.out->ptr<__nv_bfloat16>();
-  params.group_info = pr.group_info;
-  params.num_stages = cfg.num_stages;
-  auto kernel = fp8_gemm::fp8_gemm_kernel<kMathWG, kBlockN>;
-  PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg.smem_bytes));
-  kernel<<<num_ctas, (kMathWG + 1) * 128, cfg.smem_bytes, stream>>>(map_a, map_b, params);
-  PK_CHECK_LAUNCH("fp8_gemm_kernel");
+// The tile shape forced by fp8_gemm_force_tile (block_m 0: none), for tests that drive every instantiation.
+Config forced_tile;
+
+template <int kMathWG, size_t... I>
+void launch_width(int block_n, const fp8_gemm::LaunchArgs& args, cudaStream_t stream, std::index_sequence<I...>) {
+  const bool launched = ((block_n == fp8_gemm::block_n_choice(I)
+                              ? (fp8_gemm::launch_tile<kMathWG, fp8_gemm::block_n_choice(I)>(args, stream), true)
+                              : false) ||
+                         ...);
+  PK_ASSERT(launched, "no kernel instantiated for BLOCK_N " + std::to_string(block_n));
 }
 
-template <int kMathWG>
-void launch_block_n(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
-  switch (cfg.block_n) {
-    case 112: return launch_config<kMathWG, 112>(pr, cfg, num_ctas, stream);
-    case 128: return launch_config<kMathWG, 128>(pr, cfg, num_ctas, stream);
-    case 160: return launch_config<kMathWG, 160>(pr, cfg, num_ctas, stream);
+void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
+  fp8_gemm::LaunchArgs args;
+  args.map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, cfg.block_m);
+  args.map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, cfg.block_n);
+  args.params.layout = pr.layout;
+  args.params.m_rows = int(pr.m_rows);
+  args.params.n = int(pr.n);
+  args.params.k = int(pr.k);
+  args.params.num_groups = int(pr.num_groups);
+  args.params.sa = pr.sa->ptr<const float>();
+  args.params.sb = pr.sb->ptr<const float>();
+  args.params.out = pr.out->ptr<__nv_bfloat16>();
+  args.params.group_info = pr.group_info;
+  args.num_ctas = num_ctas;
+  const auto widths = std::make_index_sequence<fp8_gemm::kNumBlockNChoices>{};
+  if (cfg.num_math_warpgroups == 1) {
+    launch_width<1>(cfg.block_n, args, stream, widths);
+  } else {
+    launch_width<2>(cfg.block_n, args, stream, widths);
   }
-  PK_ASSERT(false, "no kernel instantiated for BLOCK_N " + std::to_string(cfg.block_n));
 }
 
 void require_operand(const TensorView& x, int ndim) {
@@ -145,7 +150,8 @@ void run(const Problem& pr, cudaStream_t stream) {
     throw_value_error(out.name, "shape with " + std::to_string(out_rows) + " rows of N = " + std::to_string(pr.n),
                       "shape " + out.shape_str());
   }
-  if (pr.m_rows >= (int64_t(1) << 31) / 2 || pr.n >= (int64_t(1) << 31) || pr.k >= (int64_t(1) << 31) ||
+  // The kernel indexes rows, columns and K in int: a column or row plus one tile must not overflow.
+  if (pr.m_rows >= fp8_gemm::kMaxDim || pr.n >= fp8_gemm::kMaxDim || pr.k >= fp8_gemm::kMaxDim ||
       out_rows * pr.n >= (int64_t(1) << 62)) {
     throw_value_error(a.name, "dimensions below 2^30", "shape " + a.shape_str());
   }
@@ -158,19 +164,36 @@ void run(const Problem& pr, cudaStream_t stream) {
   }
   const int sms = sm_count(device);
   const int plan_groups = pr.layout == Layout::Masked ? int(pr.num_groups) : 1;
-  const Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  if (forced_tile.block_m != 0) cfg = forced_tile;
   // Upper bound of the tiles the scheduler can hand out; masked counts are only known on the device.
   const int64_t max_tiles = pr.a_groups * ((pr.m_rows + cfg.block_m - 1) / cfg.block_m) *
                             ((pr.n + cfg.block_n - 1) / cfg.block_n);
   const int num_ctas = int(std::max<int64_t>(1, std::min<int64_t>(max_tiles, sms)));
-  if (cfg.num_math_warpgroups == 1) {
-    launch_block_n<1>(pr, cfg, num_ctas, stream);
-  } else {
-    launch_block_n<2>(pr, cfg, num_ctas, stream);
-  }
+  launch(pr, cfg, num_ctas, stream);
 }
 
 }  // namespace
+
+void fp8_gemm_force_tile(int block_m, int block_n) {
+  if (block_m == 0 && block_n == 0) {
+    forced_tile = Config();
+    return;
+  }
+  bool width_known = false;
+  for (int i = 0; i < fp8_gemm::kNumBlockNChoices; ++i) width_known |= fp8_gemm::block_n_choice(i) == block_n;
+  if ((block_m != 64 && block_m != 128) || !width_known) {
+    throw_value_error("block_m, block_n", "an instantiated tile (block_m 64 or 128, block_n one of the "
+                      "fp8_gemm_config choices) or (0, 0)", std::to_string(block_m) + ", " + std::to_string(block_n));
+  }
+  Config forced;
+  forced.block_m = block_m;
+  forced.block_n = block_n;
+  forced.num_math_warpgroups = block_m / 64;
+  forced.num_stages = fp8_gemm::num_stages(block_m, block_n);
+  forced.smem_bytes = fp8_gemm::smem_bytes(block_m, block_n);
+  forced_tile = forced;
+}
 
 void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b, const TensorView& sb,
                  const TensorView& out, cudaStream_t stream) {

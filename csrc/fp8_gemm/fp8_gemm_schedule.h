@@ -19,7 +19,23 @@ constexpr int kRasterGroup = 8;        // m-blocks per raster group (also the Tr
 constexpr int kSmemLimit = 232448 - 1024;
 constexpr int kSmemReserve = 2048;     // barriers plus the 1024-byte alignment of the swizzled tiles
 
+// M, N and K stay below this: the kernel's int row, column and K indices then cannot overflow.
+constexpr int kMaxDim = 1 << 30;
+
 enum class Layout : int { Plain = 0, Contiguous = 1, Masked = 2 };
+
+// Every BLOCK_N the extension instantiates (for BLOCK_M 64 and 128), and so every width select_config may
+// pick. Narrow widths fill the SMs at decode sizes (M <= 128: N / BLOCK_N tiles); 144 and 160 are the
+// widest whose tiles still span at most two 128-column scale blocks at any offset and whose two fp32
+// register sets (wgmma fragment and promoted accumulator) fit in a math thread's registers.
+constexpr int kNumBlockNChoices = 10;
+__host__ __device__ constexpr int block_n_choice(int i) {
+  constexpr int widths[kNumBlockNChoices] = {16, 32, 48, 56, 64, 96, 112, 128, 144, 160};
+  return widths[i];
+}
+// A tile's fixed cost per K step (barrier waits, scale loads, descriptor and loop bookkeeping), in units of
+// one output column: the cost model prices a tile of width BLOCK_N at BLOCK_N + kTileOverheadColumns.
+constexpr int kTileOverheadColumns = 32;
 
 struct Config {
   int block_m = 0;
@@ -28,31 +44,58 @@ struct Config {
   int num_stages = 0;
   int raster_group = kRasterGroup;
   int64_t num_tiles = 0;
-  int num_waves = 0;
-  double wave_utilization = 0.0;  // tiles / (waves * SMs)
+  int64_t num_waves = 0;
+  double wave_utilization = 0.0;  // share of the SMs busy in the last wave
   int smem_bytes = 0;
 };
 
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// For a >= 0, b > 0; exact up to INT_MAX (no a + b - 1 to overflow).
+__host__ __device__ constexpr int ceil_div(int a, int b) { return a / b + (a % b != 0); }
 
-__host__ __device__ inline int stage_bytes(int block_m, int block_n) { return (block_m + block_n) * kBlockK; }
+__host__ __device__ constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+
+__host__ __device__ constexpr int stage_bytes(int block_m, int block_n) { return (block_m + block_n) * kBlockK; }
+
+// Pipeline stages of a tile shape: as many as fit in shared memory, at most kMaxStages. A compile-time
+// fact of each instantiation (the kernel's ring size) that the host reproduces for the launch.
+__host__ __device__ constexpr int num_stages(int block_m, int block_n) {
+  return (kSmemLimit - kSmemReserve) / stage_bytes(block_m, block_n) < kMaxStages
+             ? (kSmemLimit - kSmemReserve) / stage_bytes(block_m, block_n)
+             : kMaxStages;
+}
+
+__host__ __device__ constexpr int smem_bytes(int block_m, int block_n) {
+  return num_stages(block_m, block_n) * stage_bytes(block_m, block_n) + kSmemReserve;
+}
+
+// A tile of width block_n starting at column n0 spans at most two 128-column scale blocks of B: its first
+// split_columns(n0, block_n) columns use the block n0 / 128, the rest the next one. n0 is a multiple of
+// block_n, so the result is a multiple of gcd(block_n, 128) in [gcd, block_n] (block_n: one block only).
+__host__ __device__ constexpr int split_columns(int n0, int block_n) {
+  return kBlockK - n0 % kBlockK < block_n ? kBlockK - n0 % kBlockK : block_n;
+}
+
+// Whether every tile of width block_n spans at most two scale blocks: the worst offset within a block is
+// 128 - gcd(block_n, 128).
+__host__ __device__ constexpr bool spans_two_scale_blocks_at_most(int block_n) {
+  return kBlockK - gcd(block_n, kBlockK) + block_n <= 2 * kBlockK;
+}
 
 // Tiles per shape, deterministic. BLOCK_M is 64 (one math warpgroup) when a group holds at most 64 rows,
-// else 128 (two). BLOCK_N minimizes the padded work of the busiest SM, waves * BLOCK_N (a tile's time
-// grows with its width at fixed BLOCK_M): non-power-of-two widths win when they fill the SMs better, as
-// 112 does for M=256, N=7168 on 132 SMs (128 tiles in one wave instead of 112 tiles of width 128 -- the
-// same wave count, but narrower tiles). Ties go to the better-filled last wave, then to the wider tile.
-// Stages: as many as fit in shared memory, at most kMaxStages.
+// else 128 (two). BLOCK_N minimizes the busiest SM's work, waves * (BLOCK_N + kTileOverheadColumns): a
+// tile's time grows with its width plus a fixed cost, so narrow tiles win only when they fill more SMs,
+// as at decode sizes (M <= 128, N = 2112: 132 tiles of width 16 in one wave) or M=256, N=7168 (128 tiles
+// of width 112). Ties go to the better-filled last wave, then to the wider tile.
 __host__ __device__ inline Config select_config(int m_per_group, int n, int k, int num_groups, int num_sms) {
   Config best;
   const int block_m = m_per_group <= 64 ? 64 : 128;
   int64_t best_cost = -1;
-  const int block_n_choices[3] = {112, 128, 160};  // every BLOCK_N the extension instantiates
-  for (int block_n : block_n_choices) {
+  for (int c = 0; c < kNumBlockNChoices; ++c) {
+    const int block_n = block_n_choice(c);
     const int64_t tiles = int64_t(num_groups) * ceil_div(m_per_group, block_m) * ceil_div(n, block_n);
-    const int waves = int((tiles + num_sms - 1) / num_sms);
-    const int64_t cost = int64_t(waves) * block_n;
-    const double utilization = double(tiles) / (double(waves) * num_sms);
+    const int64_t waves = (tiles + num_sms - 1) / num_sms;
+    const int64_t cost = waves * (block_n + kTileOverheadColumns);
+    const double utilization = double(tiles - (waves - 1) * num_sms) / num_sms;
     const bool better = best_cost < 0 || cost < best_cost ||
                         (cost == best_cost && (utilization > best.wave_utilization ||
                                                (utilization == best.wave_utilization && block_n > best.block_n)));
@@ -66,13 +109,10 @@ __host__ __device__ inline Config select_config(int m_per_group, int n, int k, i
     }
   }
   best.num_math_warpgroups = block_m / 64;
-  const int per_stage = stage_bytes(best.block_m, best.block_n);
-  int stages = (kSmemLimit - kSmemReserve) / per_stage;
-  stages = stages > kMaxStages ? kMaxStages : stages;
   // K does not bound the stages: past a tile's last K block the producer runs ahead into the next tile.
   (void)k;
-  best.num_stages = stages < 2 ? 2 : stages;
-  best.smem_bytes = best.num_stages * per_stage + kSmemReserve;
+  best.num_stages = num_stages(best.block_m, best.block_n);
+  best.smem_bytes = smem_bytes(best.block_m, best.block_n);
   return best;
 }
 
