@@ -179,7 +179,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fp8_gemm_tile_order",
       [](int layout, int m_rows, int n, int num_groups, int block_m, int block_n, int num_ctas,
-         std::vector<int> group_info) {
+         std::vector<int> group_info, bool include_zero_tiles) {
         using namespace pykernels::fp8_gemm;
         if (layout < 0 || layout > 2) {
           pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
@@ -202,14 +202,21 @@ PYBIND11_MODULE(_C, m) {
                       group_info.data(), cta, num_ctas);
           py::list tiles;
           Tile t;
-          while (s.next(t)) tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t)));
+          while (s.next(t)) {
+            if (include_zero_tiles) {
+              tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t), t.zero));
+            } else if (!t.zero) {
+              tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t)));
+            }
+          }
           per_cta.append(tiles);
         }
         return per_cta;
       },
       py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("num_groups"), py::arg("block_m"),
-      py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"),
-      "The persistent scheduler's tiles (group, m_block, n_block, valid_rows), per CTA, in visiting order");
+      py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"), py::arg("include_zero_tiles") = false,
+      "The persistent scheduler's computed tiles (group, m_block, n_block, valid_rows), per CTA, in visiting "
+      "order; with include_zero_tiles, every tile as (group, m_block, n_block, valid_rows, zero)");
   m.def(
       "fp8_gemm_split_columns",
       [](int n0, int block_n) {
@@ -221,6 +228,28 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("n0"), py::arg("block_n"),
       "Columns of the tile starting at n0 that take B's scale block n0 / 128 (the rest take the next one)");
+  m.def(
+      "fp8_gemm_scale_a_layout",
+      [](std::vector<int64_t> shape, std::vector<int64_t> strides) {
+        if (shape.size() != strides.size()) {
+          pykernels::throw_value_error("strides", std::to_string(shape.size()) + " entries (one per dimension)",
+                                       std::to_string(strides.size()));
+        }
+        return int(pykernels::fp8_gemm::scale_a_layout(int(shape.size()), shape.data(), strides.data()));
+      },
+      py::arg("shape"), py::arg("strides"),
+      "The A-scale layout the launchers see in these element strides: 0 row-major, 1 MN-major, -1 neither");
+  m.def(
+      "fp8_gemm_scale_a_offset",
+      [](int layout, int64_t group, int64_t row, int64_t kb, int64_t m_rows, int64_t k_blocks) {
+        if (layout != 0 && layout != 1) {
+          pykernels::throw_value_error("layout", "0 (row-major) or 1 (MN-major)", std::to_string(layout));
+        }
+        return pykernels::fp8_gemm::scale_a_offset(static_cast<pykernels::fp8_gemm::ScaleALayout>(layout), group,
+                                                   row, kb, m_rows, k_blocks);
+      },
+      py::arg("layout"), py::arg("group"), py::arg("row"), py::arg("kb"), py::arg("m_rows"), py::arg("k_blocks"),
+      "Element offset of the A scale (group, row, K block) in a layout, as the kernel computes it");
   m.def(
       "fp8_gemm_block_n_choices",
       []() {

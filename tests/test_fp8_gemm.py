@@ -542,7 +542,9 @@ def test_gpu_masked(backend, groups, expected_m, n, k):
     torch.cuda.synchronize()
     for g, rows in enumerate(masked.tolist()):
         assert_accurate(got[g, :rows], x[g, :rows], w[g], a[g, :rows], sa[g, :rows], b[g], sb[g])
-        assert bool(torch.isnan(got[g, rows:].float()).all()), "rows past masked_m were written"
+        # The CUDA kernel writes zeros past masked_m (as DeepGEMM's); the Triton kernel leaves them alone.
+        tail = got[g, rows:].float()
+        assert bool((tail == 0).all()) if backend == "cuda" else bool(torch.isnan(tail).all())
 
 
 @pytest.mark.gpu
@@ -571,7 +573,8 @@ def test_gpu_masked_cuda_graph(backend):
         for g, rows in enumerate(counts):
             if rows:
                 assert_accurate(out[g, :rows], x[g, :rows], w[g], a[g, :rows], sa[g, :rows], b[g], sb[g])
-            assert bool(torch.isnan(out[g, rows:].float()).all())
+            tail = out[g, rows:].float()
+            assert bool((tail == 0).all()) if backend == "cuda" else bool(torch.isnan(tail).all())
 
 
 @pytest.mark.gpu
@@ -619,8 +622,8 @@ def test_config_picks_only_instantiated_tiles(m, n, groups, sms):
     ext = _extension()
     cfg = pykernels.fp8_gemm_config(m, n, 512, num_groups=groups, num_sms=sms)
     assert cfg["block_m"] in (64, 128) and cfg["block_n"] in ext.fp8_gemm_block_n_choices()
-    # Stages and shared memory are the instantiation's compile-time plan.
-    per_stage = (cfg["block_m"] + cfg["block_n"]) * 128
+    # Stages and shared memory are the instantiation's compile-time plan: A and B tiles plus A scales.
+    per_stage = (cfg["block_m"] + cfg["block_n"]) * 128 + cfg["block_m"] * 4
     assert cfg["num_stages"] == min(8, (232448 - 1024 - 2048) // per_stage)
     assert cfg["smem_bytes"] == cfg["num_stages"] * per_stage + 2048 <= 232448 - 1024
 
@@ -810,3 +813,186 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
     pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="cuda")
     torch.cuda.synchronize()
     assert_close_to_float64(out, a, sa, b, sb)
+
+
+# ---- CUDA kernel: A scales row-major or MN-major (DeepGEMM's TMA-aligned layout) -------------------------
+
+def mn_major_scales(sa):
+    """sa [.., M, K/128] re-laid MN-major and TMA-aligned: stride(-2) 1, stride(-1) M rounded up to 4, the
+    padding rows NaN (they must never be read)."""
+    *lead, m, kb = sa.shape
+    pad = -(-m // 4) * 4
+    buffer = torch.full((*lead, kb, pad), float("nan"), dtype=sa.dtype, device=sa.device)
+    view = buffer.transpose(-1, -2)[..., :m, :]
+    view.copy_(sa)
+    return view
+
+
+@pytest.mark.parametrize("lead,m,kb", [((), 1, 4), ((), 7, 3), ((), 64, 56), ((), 130, 1), ((3,), 33, 12),
+                                       ((1,), 5, 2), ((2,), 8, 1)])
+def test_scale_a_layout_and_offsets_match_torch_strides(lead, m, kb):
+    ext = _extension()
+    row_major = torch.zeros(*lead, m, kb)
+    mn = mn_major_scales(row_major)
+    assert ext.fp8_gemm_scale_a_layout(list(row_major.shape), list(row_major.stride())) == 0
+    expected_mn = 0 if kb == 1 else 1  # one K block: both layouts place the scales alike, contiguous
+    assert ext.fp8_gemm_scale_a_layout(list(mn.shape), list(mn.stride())) == expected_mn
+    groups = lead[0] if lead else 1
+    for layout, t in ((0, row_major), (1, mn)):
+        strides = t.stride() if lead else (0,) + t.stride()
+        for g in range(groups):
+            for row in {0, m // 2, m - 1}:
+                for k in {0, kb - 1}:
+                    want = g * strides[0] + row * strides[1] + k * strides[2]
+                    assert ext.fp8_gemm_scale_a_offset(layout, g, row, k, m, kb) == want
+
+
+@pytest.mark.parametrize("shape,strides", [((7, 3), (1, 7)), ((7, 3), (3, 2)), ((8, 3), (1, 12)),
+                                           ((2, 5, 3), (16, 1, 8)), ((2, 5, 3), (24, 1, 4)), ((4, 3), (2, 8))])
+def test_scale_a_layout_rejects_other_strides(shape, strides):
+    ext = _extension()
+    assert ext.fp8_gemm_scale_a_layout(list(shape), list(strides)) == -1
+
+
+def _fake_gemm_args(m=7, n=256, k=384, sa_strides=None, sa_ptr=0x40000):
+    from test_foundation import FakeCudaArray, FakeCudaDLPack
+
+    kb = k // 128
+    a = FakeCudaDLPack((m, k), 10, 8)
+    b = FakeCudaDLPack((n, k), 10, 8, ptr=0x80000)
+    sa = FakeCudaArray((m, kb), "<f4", ptr=sa_ptr, strides=sa_strides)
+    sb = FakeCudaArray((-(-n // 128), kb), "<f4", ptr=0x60000)
+    out = FakeCudaDLPack((m, n), 4, 16, ptr=0xa0000)
+    return a, sa, b, sb, out
+
+
+def test_launcher_accepts_either_scale_layout_and_rejects_others():
+    """Both A-scale layouts pass every check (the call then fails only at the device query, as no driver
+    exists here); other strides and a misaligned MN-major base are rejected naming sa."""
+    ext = _extension()
+    m, kb, pad = 7, 3, 8
+    for strides in (None, (4, 4 * pad)):  # bytes: row-major contiguous, MN-major with M_pad = 8
+        with pytest.raises(ext.CudaError, match="cudaGetDevice"):
+            ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_strides=strides), 0)
+    with pytest.raises(ValueError, match=r"sa: expected the scales of a row-major \(contiguous\) or MN-major "
+                                         r"TMA-aligned \(stride\(-2\) 1, stride\(-1\) M rounded up to 4 = 8\), "
+                                         r"got shape \[7, 3\] with strides \(1, 7\)"):
+        ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_strides=(4, 4 * m)), 0)
+    with pytest.raises(ValueError, match="sa: expected a data pointer aligned to 16 bytes"):
+        ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_strides=(4, 4 * pad), sa_ptr=0x40004), 0)
+    # Row-major scales need only float alignment.
+    with pytest.raises(ext.CudaError, match="cudaGetDevice"):
+        ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_ptr=0x40004), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 7168), (37, 576, 1536), (300, 4096, 512), (129, 7168, 2048)])
+def test_gpu_mn_major_scales_plain(m, n, k):
+    (a, sa), (b, sb) = _blocky_problem(m, n, k)
+    for scales in (sa, mn_major_scales(sa)):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        pykernels.fp8_gemm_nt((a, scales), (b, sb), out=out, backend="cuda")
+        torch.cuda.synchronize()
+        assert_close_to_float64(out, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+def test_gpu_mn_major_scales_grouped():
+    groups, n, k = 3, 1536, 1024
+    idx = contiguous_indices([130, 0, 77]).cuda()
+    m_total = idx.numel()
+    (a, sa), _ = _blocky_problem(m_total, 128, k)
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pykernels.m_grouped_fp8_gemm_nt_contiguous((a, mn_major_scales(sa)), (b, sb), idx, out=out, backend="cuda")
+    torch.cuda.synchronize()
+    for g in range(groups):
+        rows = idx == g
+        if bool(rows.any()):
+            assert_close_to_float64(out[rows], a[rows], sa[rows], b[g], sb[g])
+    m_max = 70
+    masked = torch.tensor([70, 0, 33], dtype=torch.int32, device="cuda")
+    pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+    a3, sa3 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    out3 = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pykernels.m_grouped_fp8_gemm_nt_masked((a3, mn_major_scales(sa3)), (b, sb), masked, 64, out=out3,
+                                           backend="cuda")
+    torch.cuda.synchronize()
+    for g, rows in enumerate(masked.tolist()):
+        if rows:
+            assert_close_to_float64(out3[g, :rows], a3[g, :rows], sa3[g, :rows], b[g], sb[g])
+
+
+# ---- CUDA kernel: rows without data are written as zeros ------------------------------------------------
+
+@pytest.mark.parametrize("layout,m_rows,n,groups,info", SCHEDULES)
+@pytest.mark.parametrize("bm,bn", [(64, 56), (128, 144)])
+@pytest.mark.parametrize("num_ctas", [1, 5, 132])
+def test_scheduler_zero_tiles_cover_every_row_without_data(layout, m_rows, n, groups, info, bm, bn, num_ctas):
+    """With zero tiles, the walk covers the whole output once: every row block of every masked group (the
+    blocks past masked_m as zero tiles, dealt after all computed tiles) and every contiguous block whose
+    first row is padding (-1)."""
+    ext = _extension()
+    per_cta = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, num_ctas, info, include_zero_tiles=True)
+    computed_only = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, num_ctas, info)
+    assert [[t[:4] for t in tiles if not t[4]] for tiles in per_cta] == computed_only
+    visited = [(t[0], t[1], t[2]) for tiles in per_cta for t in tiles]
+    assert len(visited) == len(set(visited)), "a tile was visited twice"
+    m_blocks, n_blocks = -(-m_rows // bm), -(-n // bn)
+    if layout == 0:
+        expected = {(0, mb, nb): False for mb in range(m_blocks) for nb in range(n_blocks)}
+    elif layout == 1:
+        expected = {(info[mb * bm], mb, nb): info[mb * bm] == -1 for mb in range(m_blocks) for nb in range(n_blocks)
+                    if -1 <= info[mb * bm] < groups}
+    else:
+        expected = {(g, mb, nb): mb * bm >= info[g] for g in range(groups) for mb in range(m_blocks)
+                    for nb in range(n_blocks)}
+    assert {(t[0], t[1], t[2]): t[4] for tiles in per_cta for t in tiles} == expected
+    if layout == 2:
+        for tiles in per_cta:  # each CTA's computed tiles come before its zero tiles
+            flags = [t[4] for t in tiles]
+            assert flags == sorted(flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_gpu_contiguous_padding_rows_are_zero(block_m):
+    """The whole output is compared: padding rows (m_indices -1, inside a group's last block and whole
+    padding blocks) come back as zeros over a NaN-poisoned buffer."""
+    ext = _extension()
+    groups, n, k = 3, 712, 512
+    idx = contiguous_indices([77, 0, 130], trailing_padding_blocks=1).cuda()
+    m_total = idx.numel()
+    (a, sa), _ = _blocky_problem(m_total, 128, k)
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ext.fp8_gemm_force_tile(block_m, 56)
+    try:
+        pykernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), idx, out=out, backend="cuda")
+        torch.cuda.synchronize()
+    finally:
+        ext.fp8_gemm_force_tile(0, 0)
+    assert bool((out[idx == -1].float() == 0).all())
+    for g in (0, 2):
+        rows = idx == g
+        assert_close_to_float64(out[rows], a[rows], sa[rows], b[g], sb[g])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("expected_m", [16, 100])
+def test_gpu_masked_rows_past_masked_m_are_zero(expected_m):
+    groups, m_max, n, k = 4, 200, 1000, 384
+    pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+    a, sa = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    masked = torch.tensor([0, 1, 130, 200], dtype=torch.int32, device="cuda")
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pykernels.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), masked, expected_m, out=out, backend="cuda")
+    torch.cuda.synchronize()
+    for g, rows in enumerate(masked.tolist()):
+        assert bool((out[g, rows:].float() == 0).all())
+        if rows:
+            assert_close_to_float64(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])

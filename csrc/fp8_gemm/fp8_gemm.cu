@@ -54,6 +54,27 @@ CUtensorMap make_operand_map(const void* base, int64_t groups, int64_t rows, int
   return map;
 }
 
+// A 3-D map over MN-major A scales [groups, K/128, rows] (rows innermost, scale_a_pad(rows) apart),
+// loading box_rows scales of one 128-K block at a time; rows past `rows` are zero-filled.
+CUtensorMap make_scale_map(const void* base, int64_t groups, int64_t rows, int64_t k_blocks, int box_rows) {
+  CUtensorMap map;
+  const int64_t pad = fp8_gemm::scale_a_pad(rows);
+  const cuuint64_t dims[3] = {cuuint64_t(rows), cuuint64_t(k_blocks), cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {cuuint64_t(pad * 4), cuuint64_t(pad * k_blocks * 4)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult status = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<void*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS) {
+    throw std::runtime_error("pykernels: cuTensorMapEncodeTiled failed for the A scales with CUresult " +
+                             std::to_string(int(status)) + " (rows " + std::to_string(rows) + ", K/128 " +
+                             std::to_string(k_blocks) + ", groups " + std::to_string(groups) + ")");
+  }
+  return map;
+}
+
 int sm_count(int device) {
   int sms = 0;
   PK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -63,6 +84,7 @@ int sm_count(int device) {
 struct Problem {
   Layout layout;
   const TensorView *a, *sa, *b, *sb, *out;
+  fp8_gemm::ScaleALayout sa_layout;
   const int* group_info;
   int64_t a_groups;  // G for masked, else 1
   int64_t m_rows;
@@ -92,6 +114,12 @@ void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t str
   args.params.k = int(pr.k);
   args.params.num_groups = int(pr.num_groups);
   args.params.sa = pr.sa->ptr<const float>();
+  args.params.sa_layout = pr.sa_layout;
+  if (pr.sa_layout == fp8_gemm::ScaleALayout::MnMajor) {
+    args.map_sa = make_scale_map(pr.sa->data, pr.a_groups, pr.m_rows, pr.k / kBlockK, cfg.block_m);
+  } else {
+    args.map_sa = CUtensorMap{};
+  }
   args.params.sb = pr.sb->ptr<const float>();
   args.params.out = pr.out->ptr<__nv_bfloat16>();
   args.params.group_info = pr.group_info;
@@ -121,6 +149,25 @@ void require_scales(const TensorView& s, const TensorView& of, int ndim) {
   require_ndim(s, ndim);
   require_contiguous(s);
   require_aligned(s, 4);
+}
+
+// The A scales' layout, recognized from their strides (either is accepted; see ScaleALayout).
+fp8_gemm::ScaleALayout require_scales_a(const TensorView& sa, const TensorView& a, int ndim) {
+  require_same_device(a, sa);
+  require_dtype(sa, DType::Float32);
+  require_ndim(sa, ndim);
+  const auto layout = fp8_gemm::scale_a_layout(sa.ndim, sa.shape.data(), sa.strides.data());
+  if (layout == fp8_gemm::ScaleALayout::Invalid) {
+    std::string strides;
+    for (int i = 0; i < sa.ndim; ++i) strides += (i ? ", " : "") + std::to_string(sa.strides[i]);
+    throw_value_error(sa.name, "the scales of a row-major (contiguous) or MN-major TMA-aligned (stride(-2) 1, "
+                      "stride(-1) M rounded up to 4 = " + std::to_string(fp8_gemm::scale_a_pad(sa.size(-2))) +
+                      (ndim == 3 ? ", stride(0) that times K/128" : "") + ")",
+                      "shape " + sa.shape_str() + " with strides (" + strides + ")");
+  }
+  // TMA reads MN-major scales from a 16-byte aligned base; plain loads need float alignment.
+  require_aligned(sa, layout == fp8_gemm::ScaleALayout::MnMajor ? 16 : 4);
+  return layout;
 }
 
 void run(const Problem& pr, cudaStream_t stream) {
@@ -199,9 +246,9 @@ void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b,
                  const TensorView& out, cudaStream_t stream) {
   require_operand(a, 2);
   require_operand(b, 2);
-  require_scales(sa, a, 2);
+  const auto sa_layout = require_scales_a(sa, a, 2);
   require_scales(sb, b, 2);
-  Problem pr{Layout::Plain, &a, &sa, &b, &sb, &out, nullptr, 1, a.size(0), b.size(0), a.size(1), 1,
+  Problem pr{Layout::Plain, &a, &sa, &b, &sb, &out, sa_layout, nullptr, 1, a.size(0), b.size(0), a.size(1), 1,
              int(std::min<int64_t>(a.size(0), 1 << 30))};
   run(pr, stream);
 }
@@ -211,7 +258,7 @@ void m_grouped_fp8_gemm_nt_contiguous(const TensorView& a, const TensorView& sa,
                                       cudaStream_t stream) {
   require_operand(a, 2);
   require_operand(b, 3);
-  require_scales(sa, a, 2);
+  const auto sa_layout = require_scales_a(sa, a, 2);
   require_scales(sb, b, 3);
   require_same_device(a, m_indices);
   require_dtype(m_indices, DType::Int32);
@@ -221,7 +268,7 @@ void m_grouped_fp8_gemm_nt_contiguous(const TensorView& a, const TensorView& sa,
   if (a.size(0) % 128 != 0) {
     throw_value_error(a.name, "M_total a multiple of GROUPED_M_ALIGNMENT = 128", "shape " + a.shape_str());
   }
-  Problem pr{Layout::Contiguous, &a, &sa, &b, &sb, &out, m_indices.ptr<const int>(), 1, a.size(0), b.size(1),
+  Problem pr{Layout::Contiguous, &a, &sa, &b, &sb, &out, sa_layout, m_indices.ptr<const int>(), 1, a.size(0), b.size(1),
              a.size(1), b.size(0), int(std::min<int64_t>(a.size(0), 1 << 30))};
   run(pr, stream);
 }
@@ -231,7 +278,7 @@ void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, con
                                   const TensorView& out, cudaStream_t stream) {
   require_operand(a, 3);
   require_operand(b, 3);
-  require_scales(sa, a, 3);
+  const auto sa_layout = require_scales_a(sa, a, 3);
   require_scales(sb, b, 3);
   require_same_device(a, masked_m);
   require_dtype(masked_m, DType::Int32);
@@ -240,7 +287,7 @@ void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, con
   require_size(masked_m, 0, a.size(0), "groups of a");
   require_size(b, 0, a.size(0), "groups of a");
   if (expected_m <= 0) throw_value_error("expected_m", "a positive row count hint", std::to_string(expected_m));
-  Problem pr{Layout::Masked, &a, &sa, &b, &sb, &out, masked_m.ptr<const int>(), a.size(0), a.size(1), b.size(1),
+  Problem pr{Layout::Masked, &a, &sa, &b, &sb, &out, sa_layout, masked_m.ptr<const int>(), a.size(0), a.size(1), b.size(1),
              a.size(2), b.size(0), int(std::min<int64_t>(expected_m, a.size(1)))};
   run(pr, stream);
 }

@@ -5,14 +5,18 @@
 // Per CTA (BLOCK_M = 64 * kMathWG rows, BLOCK_N columns):
 //   warpgroup 0, the producer: gives registers back (setmaxnreg.dec to 40) and one thread walks the tile
 //     scheduler, issuing TMA loads (cp.async.bulk.tensor, 128-byte swizzle, out-of-range rows and columns
-//     filled with zeros) of each 128-K block of A and B into a ring of num_stages shared-memory stages;
-//     each load completes on the stage's "full" mbarrier by transaction count.
+//     filled with zeros) of each 128-K block of A and B, and of A's scales when they are MN-major, into a
+//     ring of kStages shared-memory stages (a compile-time count per tile shape); each load completes on
+//     the stage's "full" mbarrier by transaction count. Row-major A scales cannot form a TMA box: a second
+//     producer warp gathers them into the stage with plain loads and arrives on "full" lane by lane.
 //   warpgroups 1..kMathWG, the math: take registers (setmaxnreg.inc to 232), wait on "full", run 4 wgmma
 //     m64nBLOCK_Nk32 e4m3 (QGMMA) into a zeroed fragment, release the stage on its "empty" mbarrier, then
-//     promote on the CUDA cores: acc += fragment * sa[row] * sb[column block] in float32. The tensor core
-//     never accumulates more than one 128-K block (its FP8 accumulation keeps too few bits).
-//   Epilogue: each math thread converts its rows to bf16 and stores them with bounds checks, while the
-//   producer already fills stages for the next tile.
+//     promote on the CUDA cores: acc += fragment * sa[row] * sb[column block] in float32, one FFMA per
+//     element: the column where a tile crosses into the next 128-wide scale block of B is a template
+//     argument of the k-loop, which is compiled once per possible crossing and chosen once per tile. The
+//     tensor core never accumulates more than one 128-K block (its FP8 accumulation keeps too few bits).
+//   Epilogue: each math thread converts its rows to bf16 and stores them with bounds checks, zeros for
+//   rows without data, while the producer already fills stages for the next tile.
 //
 // Why CuTe's atoms and not hand-written PTX: the wgmma (SM90::GMMA::MMA_64xNx32_F32E4M3E4M3_SS_TN), TMA
 // (SM90_TMA_LOAD_3D), mbarrier (ClusterTransactionBarrier) and setmaxnreg wrappers are the tested ones
@@ -76,6 +80,7 @@ struct TileShape {
   static constexpr int kSmemBytes = smem_bytes(kBlockM, kBlockN);
   static constexpr int kABytes = kBlockM * kBlockK;  // one stage's A tile
   static constexpr int kBBytes = kBlockN * kBlockK;
+  static constexpr int kSaBytes = kBlockM * 4;  // one stage's A scales
   // split_columns of any tile is a multiple of this; it is also the number of distinct k-loop instances.
   static constexpr int kSplitStep = gcd(kBlockN, kBlockK);
 
@@ -85,7 +90,8 @@ struct TileShape {
   static_assert(kMathWG == 1 || kMathWG == 2, "one or two math warpgroups");
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "swizzled stage tiles must stay 1024-byte aligned");
   static_assert(kStages >= 2 && kStages <= kMaxStages, "a pipeline needs two stages and fits in shared memory");
-  static_assert(kStages * (kABytes + kBBytes) + 2 * kStages * 8 + 1023 <= kSmemBytes, "shared memory plan");
+  static_assert(kStages * (kABytes + kBBytes + kSaBytes) + 2 * kStages * 8 + 1023 <= kSmemBytes, "shared memory plan");
+  static_assert(kSaBytes % 128 == 0, "TMA writes the scale boxes to 128-byte aligned shared memory");
   static_assert(2 * kFrag + 40 <= kMathRegisters, "fragment and accumulator must stay in registers");
 };
 
@@ -135,11 +141,12 @@ struct Ring {
 
 // One tile's main loop for one math warpgroup: per 128-K block, 4 wgmma k32 into a zeroed fragment, then
 // promotion acc += fragment * sa[row] * sb[column block] with one FFMA per element: the first kSplit
-// columns take scale block 0, the rest block 1, both known at compile time.
+// columns take scale block 0, the rest block 1, both known at compile time. The stage's A scales are read
+// from shared memory (row_in_tile and row_in_tile + 8) before the stage is released.
 template <int kMathWG, int kBlockN, int kSplit>
 __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlass::arch::ClusterTransactionBarrier* full,
                                                cutlass::arch::ClusterTransactionBarrier* empty, uint64_t desc_a,
-                                               uint64_t desc_b, const float* sa0, const float* sa1,
+                                               uint64_t desc_b, const float* smem_sa, int row_in_tile,
                                                const float* sb0, const float* sb1, int k_blocks, Ring& ring,
                                                int lane) {
   using Shape = TileShape<kMathWG, kBlockN>;
@@ -150,11 +157,12 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
   // audit reads exactly one step's instruction mix per loop.
 #pragma unroll 1
   for (int kb = 0; kb < k_blocks; ++kb) {
-    // Scale loads are issued before the wait so their latency hides behind it.
-    const float a0 = __ldg(sa0 + kb), a1 = __ldg(sa1 + kb);
+    // B's scale loads are issued before the wait so their latency hides behind it.
     const float b0 = __ldg(sb0 + kb);
     const float b1 = kTwoBlocks ? __ldg(sb1 + kb) : b0;
     full[ring.stage].wait(ring.phase);
+    const float a0 = smem_sa[ring.stage * Shape::kBlockM + row_in_tile];
+    const float a1 = smem_sa[ring.stage * Shape::kBlockM + row_in_tile + 8];
     float frag[kFrag];
 #pragma unroll
     for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
@@ -195,7 +203,7 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
 template <int kMathWG, int kBlockN>
 __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                    const Params p) {
+                    const __grid_constant__ CUtensorMap tma_sa, const Params p) {
   using Shape = TileShape<kMathWG, kBlockN>;
   constexpr int kBlockM = Shape::kBlockM;
   constexpr int kFrag = Shape::kFrag;
@@ -206,15 +214,19 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* smem_a = smem;
   uint8_t* smem_b = smem_a + kStages * Shape::kABytes;
-  Barrier* full = reinterpret_cast<Barrier*>(smem_b + kStages * Shape::kBBytes);
+  float* smem_sa = reinterpret_cast<float*>(smem_b + kStages * Shape::kBBytes);
+  Barrier* full = reinterpret_cast<Barrier*>(smem_b + kStages * (Shape::kBBytes + Shape::kSaBytes));
   Barrier* empty = full + kStages;
 
   const int warpgroup = threadIdx.x / 128;
+  const bool sa_by_tma = p.sa_layout == ScaleALayout::MnMajor;
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&tma_a);
     cute::prefetch_tma_descriptor(&tma_b);
+    if (sa_by_tma) cute::prefetch_tma_descriptor(&tma_sa);
     for (int s = 0; s < kStages; ++s) {
-      full[s].init(1);                // the producer's arrive_and_expect_tx
+      // The producer's arrive_and_expect_tx, plus one arrive per lane of the scale warp (RowMajor scales).
+      full[s].init(sa_by_tma ? 1 : 1 + 32);
       empty[s].init(kMathWG * 4);     // one arrive per math warp
     }
     // The barriers must be initialized before the async proxy (TMA's complete_tx) touches them.
@@ -223,30 +235,65 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   }
   __syncthreads();
 
-  const int k_blocks = p.k / kBlockK;
-  Scheduler scheduler(p.layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info,
-                      blockIdx.x, gridDim.x);
+  // Each role builds its own scheduler after setmaxnreg: state live across the register reconfiguration
+  // would be spilled.
+  const auto make_scheduler = [&p]() {
+    return Scheduler(p.layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info, blockIdx.x,
+                     gridDim.x);
+  };
   Tile tile;
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
-    if (threadIdx.x != 0) return;
-    constexpr uint32_t kStageBytes = Shape::kABytes + Shape::kBBytes;
-    const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+    const int k_blocks = p.k / kBlockK;
+    Scheduler scheduler = make_scheduler();
     int stage = 0;
     uint32_t phase = 0;
+    if (threadIdx.x / 32 == 1 && !sa_by_tma) {
+      // The scale warp: RowMajor A scales are K/128 floats apart per row, too narrow a box for TMA; its
+      // lanes gather each stage's BLOCK_M scales (zeros past the valid rows) and arrive one by one.
+      const int lane = threadIdx.x % 32;
+      while (scheduler.next(tile)) {
+        if (tile.zero) continue;
+        const int valid_rows = scheduler.valid_rows(tile);
+        const int a_group = p.layout == Layout::Masked ? tile.group : 0;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          empty[stage].wait(phase ^ 1);
+          for (int i = lane; i < kBlockM; i += 32) {
+            const int row = tile.m_block * kBlockM + i;
+            smem_sa[stage * kBlockM + i] =
+                row < valid_rows ? __ldg(p.sa + scale_a_offset(ScaleALayout::RowMajor, a_group, row, kb, p.m_rows,
+                                                                k_blocks))
+                                 : 0.0f;
+          }
+          full[stage].arrive();
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+      return;
+    }
+    if (threadIdx.x != 0) return;
+    const uint32_t stage_bytes = Shape::kABytes + Shape::kBBytes + (sa_by_tma ? Shape::kSaBytes : 0);
+    const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
     while (scheduler.next(tile)) {
+      if (tile.zero) continue;
       const int a_group = p.layout == Layout::Masked ? tile.group : 0;
       const int a_row = tile.m_block * kBlockM;
       const int b_row = tile.n_block * kBlockN;
       for (int kb = 0; kb < k_blocks; ++kb) {
         empty[stage].wait(phase ^ 1);
-        full[stage].arrive_and_expect_tx(kStageBytes);
+        full[stage].arrive_and_expect_tx(stage_bytes);
         uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
         cute::SM90_TMA_LOAD_3D::copy(&tma_a, bar, hint, smem_a + stage * Shape::kABytes, kb * kBlockK, a_row,
                                      a_group);
         cute::SM90_TMA_LOAD_3D::copy(&tma_b, bar, hint, smem_b + stage * Shape::kBBytes, kb * kBlockK, b_row,
                                      tile.group);
+        if (sa_by_tma) {
+          cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, a_row, kb, a_group);
+        }
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
@@ -257,6 +304,8 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   }
 
   cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
+  const int k_blocks = p.k / kBlockK;
+  Scheduler scheduler = make_scheduler();
   const int math_wg = warpgroup - 1;
   const int lane = threadIdx.x % 32;
   const int warp_in_wg = (threadIdx.x / 32) % 4;
@@ -273,31 +322,43 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   while (scheduler.next(tile)) {
     const int valid_rows = scheduler.valid_rows(tile);
     const int64_t group_row0 = p.layout == Layout::Masked ? int64_t(tile.group) * p.m_rows : 0;
+    // Rows past the data still run: their A rows and scales arrive as zeros, and they are not stored.
     const int row0 = tile.m_block * kBlockM + row_in_tile;
-    // Rows past the data still run (their TMA rows are zeros); their scale index is clamped in range.
-    const int row0_c = row0 < valid_rows ? row0 : valid_rows - 1;
-    const int row1_c = row0 + 8 < valid_rows ? row0 + 8 : valid_rows - 1;
-    const float* sa0 = p.sa + (group_row0 + row0_c) * k_blocks;
-    const float* sa1 = p.sa + (group_row0 + row1_c) * k_blocks;
     const int n0 = tile.n_block * kBlockN;
-    const int sb_block0 = n0 / kBlockK;
-    const int sb_block1 = min(sb_block0 + 1, n_scale_blocks - 1);
-    const float* sb0 = p.sb + (int64_t(tile.group) * n_scale_blocks + sb_block0) * k_blocks;
-    const float* sb1 = p.sb + (int64_t(tile.group) * n_scale_blocks + sb_block1) * k_blocks;
 
     float acc[kFrag];
 #pragma unroll
     for (int i = 0; i < kFrag; ++i) acc[i] = 0.0f;
+    // A zero tile runs no k step (the producers load nothing for it); its group may be -1.
+    const int tile_k_blocks = tile.zero ? 0 : k_blocks;
+    const int64_t b_group = tile.zero ? 0 : tile.group;
+    const int sb_block0 = n0 / kBlockK;
+    const int sb_block1 = min(sb_block0 + 1, n_scale_blocks - 1);
+    const float* sb0 = p.sb + (b_group * n_scale_blocks + sb_block0) * k_blocks;
+    const float* sb1 = p.sb + (b_group * n_scale_blocks + sb_block1) * k_blocks;
     constexpr int kLastSplit = kBlockN <= kBlockK ? kBlockN : kBlockK;
     with_split<Shape::kSplitStep, Shape::kSplitStep, kLastSplit>(split_columns(n0, kBlockN), [&](auto split) {
-      tile_main_loop<kMathWG, kBlockN, decltype(split)::value>(acc, full, empty, desc_a, desc_b, sa0, sa1, sb0, sb1,
-                                                              k_blocks, ring, lane);
+      tile_main_loop<kMathWG, kBlockN, decltype(split)::value>(acc, full, empty, desc_a, desc_b, smem_sa, row_in_tile,
+                                                              sb0, sb1, tile_k_blocks, ring, lane);
     });
 
+    // Every row of the tile inside the matrix (the group, masked) is stored: rows with data get the
+    // product, the others zeros (padding rows of the contiguous layout, rows at or past masked_m, and all
+    // rows of a zero tile), so the whole output is defined.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + 8 * half;
-      if (row >= valid_rows) continue;
+      const bool computed = !tile.zero && row < valid_rows &&
+                            !(p.layout == Layout::Contiguous && row < p.m_rows && __ldg(p.group_info + row) < 0);
+      if (!computed) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) acc[4 * j + 2 * half] = acc[4 * j + 2 * half + 1] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + 8 * half;
+      if (row >= p.m_rows) continue;
       __nv_bfloat16* out_row = p.out + (group_row0 + row) * p.n;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {

@@ -12,6 +12,8 @@
 namespace pykernels {
 
 // a [M, K] e4m3, sa [M, K/128] f32, b [N, K] e4m3, sb [ceil(N/128), K/128] f32 -> out [M, N] bf16.
+// In every layout sa is either row-major contiguous or MN-major TMA-aligned (fp8_gemm::ScaleALayout),
+// recognized from its strides.
 void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b, const TensorView& sb,
                  const TensorView& out, cudaStream_t stream);
 

@@ -12,7 +12,8 @@ void launch_tile(const LaunchArgs& args, cudaStream_t stream) {
   constexpr int kSmemBytes = TileShape<kMathWG, kBlockN>::kSmemBytes;
   auto kernel = fp8_gemm_kernel<kMathWG, kBlockN>;
   PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-  kernel<<<args.num_ctas, (kMathWG + 1) * 128, kSmemBytes, stream>>>(args.map_a, args.map_b, args.params);
+  kernel<<<args.num_ctas, (kMathWG + 1) * 128, kSmemBytes, stream>>>(args.map_a, args.map_b, args.map_sa,
+                                                                   args.params);
   PK_CHECK_LAUNCH("fp8_gemm_kernel");
 }
 

@@ -17,7 +17,8 @@ struct Params {
   int n;
   int k;
   int num_groups;  // groups of B
-  const float* sa;  // [G_a * m_rows, K / 128], G_a = G for masked, else 1
+  const float* sa;  // A scales, G_a x m_rows x K/128 in sa_layout (G_a = G for masked, else 1)
+  ScaleALayout sa_layout;
   const float* sb;  // [G, ceil(N / 128), K / 128]
   __nv_bfloat16* out;  // [G_a * m_rows, N]
   const int* group_info;  // m_indices or masked_m (device memory)
@@ -26,6 +27,7 @@ struct Params {
 struct LaunchArgs {
   CUtensorMap map_a;  // A [G_a, m_rows, K] e4m3, box 128 x BLOCK_M
   CUtensorMap map_b;  // B [G, N, K] e4m3, box 128 x BLOCK_N
+  CUtensorMap map_sa;  // MnMajor A scales [G_a, K/128, m_rows (M_pad apart)] f32, box BLOCK_M; unused for RowMajor
   Params params;
   int num_ctas;
 };
