@@ -322,7 +322,8 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   while (scheduler.next(tile)) {
     const int valid_rows = scheduler.valid_rows(tile);
     const int64_t group_row0 = p.layout == Layout::Masked ? int64_t(tile.group) * p.m_rows : 0;
-    // Rows past the data still run: their A rows and scales arrive as zeros, and they are not stored.
+    // Rows without data still run (past M their A rows and scales arrive as zeros); the epilogue replaces
+    // their products with zeros.
     const int row0 = tile.m_block * kBlockM + row_in_tile;
     const int n0 = tile.n_block * kBlockN;
 

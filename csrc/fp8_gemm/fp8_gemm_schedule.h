@@ -103,7 +103,7 @@ __host__ __device__ constexpr int64_t scale_a_offset(ScaleALayout layout, int64_
 // Which layout a scale tensor of shape [(G,) M, K/128] with these element strides is in. Contiguous
 // tensors are RowMajor (when K/128 == 1 both layouts place the scales alike); strides of size-1
 // dimensions are free, as in every stride check.
-inline ScaleALayout scale_a_layout(int ndim, const int64_t* shape, const int64_t* strides) {
+__host__ __device__ inline ScaleALayout scale_a_layout(int ndim, const int64_t* shape, const int64_t* strides) {
   if (ndim < 2) return ScaleALayout::Invalid;
   int64_t expected = 1;
   bool contiguous = true;
