@@ -542,9 +542,7 @@ def test_gpu_masked(backend, groups, expected_m, n, k):
     torch.cuda.synchronize()
     for g, rows in enumerate(masked.tolist()):
         assert_accurate(got[g, :rows], x[g, :rows], w[g], a[g, :rows], sa[g, :rows], b[g], sb[g])
-        # The CUDA kernel writes zeros past masked_m (as DeepGEMM's); the Triton kernel leaves them alone.
-        tail = got[g, rows:].float()
-        assert bool((tail == 0).all()) if backend == "cuda" else bool(torch.isnan(tail).all())
+        assert bool(torch.isnan(got[g, rows:].float()).all()), "rows past masked_m were written"
 
 
 @pytest.mark.gpu
@@ -573,8 +571,7 @@ def test_gpu_masked_cuda_graph(backend):
         for g, rows in enumerate(counts):
             if rows:
                 assert_accurate(out[g, :rows], x[g, :rows], w[g], a[g, :rows], sa[g, :rows], b[g], sb[g])
-            tail = out[g, rows:].float()
-            assert bool((tail == 0).all()) if backend == "cuda" else bool(torch.isnan(tail).all())
+            assert bool(torch.isnan(out[g, rows:].float()).all())
 
 
 @pytest.mark.gpu
@@ -733,9 +730,6 @@ def test_audit_fails_promotion_with_selects_or_extra_multiplies():
     assert any("0 FFMA (expected 8" in f for f in failures)
     short = _promotion_listing([f"FFMA R{40 + i}, R{24 + i}, R4, R{40 + i}" for i in range(7)])
     assert any("7 FFMA (expected 8" in f for f in audit.promotion_failures(audit.hot_loops(short)))
-    report = audit.KernelReport(name="k", source="cuda", hot_loops=audit.hot_loops(_promotion_listing(selecting)))
-    audit.check_expectations(report, {"pure_ffma_promotion": True})
-    assert not report.ok
 
 
 def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
@@ -770,7 +764,7 @@ def _blocky_problem(m, n, k, device="cuda"):
     return (a, sa), (b, sb)
 
 
-def assert_close_to_float64(got, a, sa, b, sb):
+def assert_close_to_dequantized(got, a, sa, b, sb):
     """Against the float64 product of the dequantized operands: elementwise within one bfloat16 step plus
     the accumulation-order term, and the Frobenius error beyond the output's own bfloat16 rounding
     (relative to the exact product) below 1e-3."""
@@ -801,7 +795,7 @@ def test_gpu_every_instantiation_against_float64(block_m, block_n):
         torch.cuda.synchronize()
     finally:
         ext.fp8_gemm_force_tile(0, 0)
-    assert_close_to_float64(out, a, sa, b, sb)
+    assert_close_to_dequantized(out, a, sa, b, sb)
 
 
 @pytest.mark.gpu
@@ -812,7 +806,7 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="cuda")
     torch.cuda.synchronize()
-    assert_close_to_float64(out, a, sa, b, sb)
+    assert_close_to_dequantized(out, a, sa, b, sb)
 
 
 # ---- CUDA kernel: A scales row-major or MN-major (DeepGEMM's TMA-aligned layout) -------------------------
@@ -900,7 +894,7 @@ def test_gpu_mn_major_scales_plain(m, n, k):
     for scales in (sa, mn_major_scales(sa)):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         _launch("fp8_gemm_nt", a, scales, b, sb, out)
-        assert_close_to_float64(out, a, sa, b, sb)
+        assert_close_to_dequantized(out, a, sa, b, sb)
 
 
 @pytest.mark.gpu
@@ -915,7 +909,7 @@ def test_gpu_mn_major_scales_grouped():
     _launch("m_grouped_fp8_gemm_nt_contiguous", a, mn_major_scales(sa), b, sb, idx, out)
     for g in (0, 2):
         rows = idx == g
-        assert_close_to_float64(out[rows], a[rows], sa[rows], b[g], sb[g])
+        assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
     assert bool((out[idx == -1].float() == 0).all())
     m_max = 70
     masked = torch.tensor([70, 0, 33], dtype=torch.int32, device="cuda")
@@ -926,7 +920,7 @@ def test_gpu_mn_major_scales_grouped():
     for g, rows in enumerate(masked.tolist()):
         assert bool((out3[g, rows:].float() == 0).all())
         if rows:
-            assert_close_to_float64(out3[g, :rows], a3[g, :rows], sa3[g, :rows], b[g], sb[g])
+            assert_close_to_dequantized(out3[g, :rows], a3[g, :rows], sa3[g, :rows], b[g], sb[g])
 
 
 # ---- CUDA kernel: rows without data are written as zeros ------------------------------------------------
@@ -982,7 +976,7 @@ def test_gpu_contiguous_padding_rows_are_zero(block_m):
     assert bool((out[idx == -1].float() == 0).all())
     for g in (0, 2):
         rows = idx == g
-        assert_close_to_float64(out[rows], a[rows], sa[rows], b[g], sb[g])
+        assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
 
 
 @pytest.mark.gpu
@@ -1000,4 +994,4 @@ def test_gpu_masked_rows_past_masked_m_are_zero(expected_m):
     for g, rows in enumerate(masked.tolist()):
         assert bool((out[g, rows:].float() == 0).all())
         if rows:
-            assert_close_to_float64(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
+            assert_close_to_dequantized(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
