@@ -167,17 +167,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("stream"));
   m.def(
       "fp8_gemm_config",
-      [](int m, int n, int k, int num_groups, int num_sms) {
-        // select_config divides by the SM count and the block counts: reject what would trap the process.
-        if (m <= 0 || n <= 0 || num_groups <= 0 || num_sms <= 0) {
-          pykernels::throw_value_error("m, n, num_groups, num_sms", "positive values",
-                                       std::to_string(m) + ", " + std::to_string(n) + ", " +
-                                           std::to_string(num_groups) + ", " + std::to_string(num_sms));
-        }
-        if (k <= 0 || k % pykernels::fp8_gemm::kBlockK != 0) {
+      [](int64_t m, int64_t n, int64_t k, int64_t num_groups, int64_t num_sms) {
+        using pykernels::fp8_gemm::kMaxDim;
+        // select_config divides by the SM count and the block counts, and the kernel indexes rows, columns
+        // and K in int: reject what would trap the process or overflow.
+        const auto require_range = [](int64_t value, const char* name, int64_t high) {
+          if (value < 1 || value > high) {
+            pykernels::throw_value_error(name, "an int in [1, " + std::to_string(high) + "]", std::to_string(value));
+          }
+        };
+        require_range(m, "m", kMaxDim - 1);
+        require_range(n, "n", kMaxDim - 1);
+        require_range(k, "k", kMaxDim - 1);
+        require_range(num_groups, "num_groups", kMaxDim - 1);
+        require_range(num_sms, "num_sms", 1 << 16);
+        if (k % pykernels::fp8_gemm::kBlockK != 0) {
           pykernels::throw_value_error("k", "a positive multiple of 128", std::to_string(k));
         }
-        const auto c = pykernels::fp8_gemm::select_config(m, n, k, num_groups, num_sms);
+        const auto c = pykernels::fp8_gemm::select_config(int(m), int(n), int(k), int(num_groups), int(num_sms));
         py::dict d;
         d["block_m"] = c.block_m;
         d["block_n"] = c.block_n;
@@ -196,7 +203,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fp8_gemm_tile_order",
       [](int layout, int m_rows, int n, int num_groups, int block_m, int block_n, int num_ctas,
-         std::vector<int> group_info) {
+         std::vector<int> group_info, bool include_zero_tiles) {
         using namespace pykernels::fp8_gemm;
         if (layout < 0 || layout > 2) {
           pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
@@ -219,14 +226,66 @@ PYBIND11_MODULE(_C, m) {
                       group_info.data(), cta, num_ctas);
           py::list tiles;
           Tile t;
-          while (s.next(t)) tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t)));
+          while (s.next(t)) {
+            if (include_zero_tiles) {
+              tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t), t.zero));
+            } else if (!t.zero) {
+              tiles.append(py::make_tuple(t.group, t.m_block, t.n_block, s.valid_rows(t)));
+            }
+          }
           per_cta.append(tiles);
         }
         return per_cta;
       },
       py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("num_groups"), py::arg("block_m"),
-      py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"),
-      "The persistent scheduler's tiles (group, m_block, n_block, valid_rows), per CTA, in visiting order");
+      py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"), py::arg("include_zero_tiles") = false,
+      "The persistent scheduler's computed tiles (group, m_block, n_block, valid_rows), per CTA, in visiting "
+      "order; with include_zero_tiles, every tile as (group, m_block, n_block, valid_rows, zero)");
+  m.def(
+      "fp8_gemm_split_columns",
+      [](int n0, int block_n) {
+        if (block_n <= 0 || n0 < 0 || n0 % block_n != 0) {
+          pykernels::throw_value_error("n0, block_n", "block_n > 0 and n0 a non-negative multiple of it",
+                                       std::to_string(n0) + ", " + std::to_string(block_n));
+        }
+        return pykernels::fp8_gemm::split_columns(n0, block_n);
+      },
+      py::arg("n0"), py::arg("block_n"),
+      "Columns of the tile starting at n0 that take B's scale block n0 / 128 (the rest take the next one)");
+  m.def(
+      "fp8_gemm_scale_a_layout",
+      [](std::vector<int64_t> shape, std::vector<int64_t> strides) {
+        if (shape.size() != strides.size()) {
+          pykernels::throw_value_error("strides", std::to_string(shape.size()) + " entries (one per dimension)",
+                                       std::to_string(strides.size()));
+        }
+        return int(pykernels::fp8_gemm::scale_a_layout(int(shape.size()), shape.data(), strides.data()));
+      },
+      py::arg("shape"), py::arg("strides"),
+      "The A-scale layout the launchers see in these element strides: 0 row-major, 1 MN-major, -1 neither");
+  m.def(
+      "fp8_gemm_scale_a_offset",
+      [](int layout, int64_t group, int64_t row, int64_t kb, int64_t m_rows, int64_t k_blocks) {
+        if (layout != 0 && layout != 1) {
+          pykernels::throw_value_error("layout", "0 (row-major) or 1 (MN-major)", std::to_string(layout));
+        }
+        return pykernels::fp8_gemm::scale_a_offset(static_cast<pykernels::fp8_gemm::ScaleALayout>(layout), group,
+                                                   row, kb, m_rows, k_blocks);
+      },
+      py::arg("layout"), py::arg("group"), py::arg("row"), py::arg("kb"), py::arg("m_rows"), py::arg("k_blocks"),
+      "Element offset of the A scale (group, row, K block) in a layout, as the kernel computes it");
+  m.def(
+      "fp8_gemm_block_n_choices",
+      []() {
+        py::list widths;
+        for (int i = 0; i < pykernels::fp8_gemm::kNumBlockNChoices; ++i) {
+          widths.append(pykernels::fp8_gemm::block_n_choice(i));
+        }
+        return widths;
+      },
+      "Every BLOCK_N the extension instantiates (each for BLOCK_M 64 and 128)");
+  m.def("fp8_gemm_force_tile", &pykernels::fp8_gemm_force_tile, py::arg("block_m"), py::arg("block_n"),
+        "Test hook: later launches use this tile shape; (0, 0) restores the heuristic");
 
   // ---- moe -------------------------------------------------------------------------------------------
   // An optional tensor argument (scales): None, or a view that lives in `slot`.

@@ -9,6 +9,9 @@ TMA instructions (UTMALDG, UTMASTG, UBLKCP, ...), 16-byte vector loads and an oc
 them against what each kernel is meant to be:
   - every kernel: no local memory, no stack, no ptxas performance warning (C7510: wgmma serialized;
     C7508: setmaxnreg ignored) in the build log;
+  - every CUDA kernel's hot loops (the shortest loops around its FP8 wgmma, QGMMA) promote with pure FFMA:
+    per 128-K step one FFMA per accumulator element, no FSEL and at most 4 FMUL (the sa * sb products).
+    A select or an extra multiply per element there means the scale split was left to run time;
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
     AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling.
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
@@ -67,6 +70,7 @@ class KernelReport:
     threads_per_block: int | None = None
     occupancy: float | None = None  # resident warps / 64, estimated
     instructions: dict = field(default_factory=dict)  # class -> count
+    hot_loops: list = field(default_factory=list)  # hot_loops() entries, in address order
     failures: list = field(default_factory=list)
 
     @property
@@ -154,6 +158,80 @@ def parse_sass(text: str) -> dict:
     return counts
 
 
+SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
+LOOP_MIX = ("FFMA", "FMUL", "FSEL", "QGMMA")
+# QGMMA instructions per 128-K promotion step: K = 128 in wgmma steps of k32.
+QGMMA_PER_K_STEP = 4
+MAX_FMUL_PER_K_STEP = 4  # sa[row] * sb[column block] for two rows and at most two column blocks
+
+
+def parse_listing(text: str) -> dict:
+    """cuobjdump -sass -> {mangled name: [(address, mnemonic, operands), ...]}."""
+    listing, current = {}, None
+    for line in text.splitlines():
+        header = re.match(r"\s*Function : (\S+)", line)
+        if header:
+            current = header.group(1)
+            listing[current] = []
+            continue
+        instr = SASS_LINE.match(line)
+        if current and instr:
+            listing[current].append((int(instr.group(1), 16), instr.group(2), instr.group(3).strip()))
+    return listing
+
+
+def hot_loops(instructions: list) -> list:
+    """The loops (a backward branch and its target) around QGMMA instructions, with their instruction
+    mix: {"start", "end", "encloses", "instructions", "k_steps", "FFMA", "FMUL", "FSEL", "QGMMA", "qgmma_n"}.
+    Addresses are byte offsets in the function; "instructions" counts the loop body once (per warp) less
+    the hot loops it encloses ("encloses" of them), "k_steps" the 128-K steps it holds (QGMMA /
+    QGMMA_PER_K_STEP: the compiler may unroll a k-loop, or peel an iteration into the tile loop)."""
+    loops = []
+    for address, mnemonic, operands in instructions:
+        target = re.match(r"(?:P\w+,\s*)?0x([0-9a-f]+)", operands) if mnemonic.split(".")[0] == "BRA" else None
+        if target and int(target.group(1), 16) <= address:
+            loops.append((int(target.group(1), 16), address))
+    # Each QGMMA's hot loop is the shortest loop around it. Shortest, not innermost: a wait retried in
+    # out-of-line code branches back into the loop from past its end, forming a longer overlapping "loop".
+    chosen = set()
+    for address, mnemonic, _ in instructions:
+        if mnemonic.split(".")[0] == "QGMMA":
+            around = [(end - start, start, end) for start, end in loops if start <= address <= end]
+            if around:
+                chosen.add(min(around)[1:])
+    result = []
+    for start, end in chosen:
+        # A loop around another hot loop (k-loop iterations the compiler peeled into the tile loop) counts
+        # only its own instructions.
+        inner = [(s, e) for s, e in chosen if start <= s and e <= end and (s, e) != (start, end)]
+        body = [m for a, m, _ in instructions if start <= a <= end and not any(s <= a <= e for s, e in inner)]
+        mix = collections.Counter(m.split(".")[0] for m in body)
+        shapes = {int(x.group(1)) for m in body if (x := re.match(r"QGMMA\.64x(\d+)x", m))}
+        steps = max(1, -(-mix.get("QGMMA", 0) // QGMMA_PER_K_STEP))
+        result.append({"start": start, "end": end, "encloses": len(inner), "instructions": len(body), "k_steps": steps,
+                       **{c: mix.get(c, 0) for c in LOOP_MIX}, "qgmma_n": max(shapes) if shapes else 0})
+    return sorted(result, key=lambda loop: loop["start"])
+
+
+def promotion_failures(loops: list) -> list:
+    """Why a kernel's FP8 hot loops do not promote with pure FFMA (empty when they do): per 128-K step,
+    N/2 FFMA per thread (one per accumulator element of an m64nN fragment), no FSEL, at most
+    MAX_FMUL_PER_K_STEP FMUL."""
+    failures = []
+    for loop in loops:
+        steps = loop["k_steps"]
+        where = f"hot loop at {loop['start']:#x}-{loop['end']:#x}"
+        if loop["FSEL"]:
+            failures.append(f"{where}: {loop['FSEL']} FSEL in promotion (expected none)")
+        if loop["FMUL"] > MAX_FMUL_PER_K_STEP * steps:
+            failures.append(f"{where}: {loop['FMUL']} FMUL in promotion (expected at most "
+                            f"{MAX_FMUL_PER_K_STEP * steps})")
+        if loop["FFMA"] < loop["qgmma_n"] // 2 * steps:
+            failures.append(f"{where}: {loop['FFMA']} FFMA (expected {loop['qgmma_n'] // 2 * steps}, one per "
+                            f"accumulator element per K step)")
+    return failures
+
+
 def parse_threads(elf_text: str) -> dict:
     """cuobjdump -elf -> {mangled name: threads per block} from __launch_bounds__ / .reqntid attributes."""
     threads, current, pending = {}, None, False
@@ -206,7 +284,9 @@ def _reports_from_binary(path: str, source: str, names: dict | None = None) -> l
     """KernelReports for every function in a cubin or a library with embedded cubins."""
     tool = find_cuobjdump()
     usage = parse_resource_usage(_run([tool, "-res-usage", path]))
-    sass = parse_sass(_run([tool, "-sass", path]))
+    sass_text = _run([tool, "-sass", path])
+    sass = parse_sass(sass_text)
+    listing = parse_listing(sass_text)
     threads = parse_threads(_run([tool, "-elf", path]))
     names = names or demangle(usage)
     reports = []
@@ -214,7 +294,8 @@ def _reports_from_binary(path: str, source: str, names: dict | None = None) -> l
         r = KernelReport(name=names.get(mangled, mangled), source=source, registers=res.get("REG", 0),
                          stack_bytes=res.get("STACK", 0), local_bytes=res.get("LOCAL", 0),
                          shared_bytes=res.get("SHARED", 0), threads_per_block=threads.get(mangled),
-                         instructions=dict(sorted(sass.get(mangled, {}).items())))
+                         instructions=dict(sorted(sass.get(mangled, {}).items())),
+                         hot_loops=hot_loops(listing.get(mangled, [])))
         r.occupancy = occupancy(r.registers, r.shared_bytes, r.threads_per_block)
         reports.append(r)
     return reports
@@ -253,6 +334,7 @@ def audit_cuda() -> tuple:
                 merged["max_instructions"].update(expect.get("max_instructions", {}))
                 merged.update({k: v for k, v in expect.items() if k not in ("min_instructions", "max_instructions")})
         check_expectations(r, merged)
+        r.failures += promotion_failures(r.hot_loops)
     for pattern in expectations:
         if not any(pattern in r.name for r in reports):
             reports.append(KernelReport(name=pattern, source="cuda",
@@ -301,19 +383,34 @@ def run(cuda: bool = True, triton: bool = True) -> dict:
             "note": "static figures read from sm_90a binaries, not measurements"}
 
 
+def hot_loop_summary(loops: list) -> str:
+    """'count x instructions/FFMA/FMUL/FSEL' per 128-K step of the innermost FP8 hot loop with the most
+    instructions per step, '-' when there is none. (A tile loop holding a peeled k-step is counted by the
+    rule but not shown: its instructions are mostly the tile's, not the step's.)"""
+    innermost = [loop for loop in loops if not loop["encloses"]]
+    if not innermost:
+        return "-"
+    worst = max(innermost, key=lambda loop: loop["instructions"] / loop["k_steps"])
+    per_step = "/".join(f"{worst[c] / worst['k_steps']:.4g}" for c in ("instructions", "FFMA", "FMUL", "FSEL"))
+    return f"{len(innermost)}x {per_step}"
+
+
 def format_table(result: dict) -> str:
     cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UBLKCP", "LDGSTS", "LDG.128"]
     header = f"{'kernel':70} {'src':6} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>7} {'thr':>4} {'occ':>5} " + \
-        " ".join(f"{c:>7}" for c in cols) + "  status"
+        " ".join(f"{c:>7}" for c in cols) + f" {'hot loops':>20}  status"
     lines = [header, "-" * len(header)]
     for k in result["kernels"]:
         name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
         occ = "-" if k["occupancy"] is None else f"{k['occupancy']:.2f}"
         thr = "-" if k["threads_per_block"] is None else str(k["threads_per_block"])
         counts = " ".join(f"{k['instructions'].get(c, 0):>7}" for c in cols)
+        counts += f" {hot_loop_summary(k['hot_loops']):>20}"
         status = "ok" if not k["failures"] else "FAIL: " + "; ".join(k["failures"])
         lines.append(f"{name:70} {k['source']:6} {k['registers']:>4} {k['stack_bytes']:>5} {k['local_bytes']:>5} "
                      f"{k['shared_bytes']:>7} {thr:>4} {occ:>5} {counts}  {status}")
+    lines.append("hot loops: FP8 wgmma loops, 'count x instructions/FFMA/FMUL/FSEL' per 128-K step per warp (the "
+                 "loop with the most instructions per step)")
     lines += [f"problem: {p}" for p in result["problems"]]
     lines.append(f"{len(result['kernels'])} kernels audited for sm_90a (static figures); "
                  f"{'all checks pass' if result['ok'] else 'CHECKS FAILED'}")

@@ -241,9 +241,11 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
     rows per group), on `num_sms` SMs (default: the current GPU's count, else 132 as on H800/H100 SXM).
 
     Returns block_m, block_n, block_k, num_math_warpgroups, num_stages, raster_group (M tiles per raster
-    group), num_tiles, num_waves, wave_utilization (tiles / (waves * SMs)) and smem_bytes. Deterministic:
-    no autotuning, the same answer for the same arguments.
+    group), num_tiles, num_waves, wave_utilization (the share of the SMs busy in the last wave: tiles left
+    for it / SMs) and smem_bytes. Deterministic: no autotuning, the same answer for the same arguments.
+    M, N, K and num_groups must be below 2^30: the kernel indexes rows, columns and K in int32.
     """
+    max_dim = 2 ** 30 - 1
     for value, name in ((M, "M"), (N, "N"), (K, "K"), (num_groups, "num_groups")):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -251,11 +253,14 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
         raise ValueError(f"M, N, num_groups: expected positive values, got {M}, {N}, {num_groups}")
     if K <= 0 or K % BLOCK_K:
         raise ValueError(f"K: expected a positive multiple of {BLOCK_K}, got {K}")
+    for value, name in ((M, "M"), (N, "N"), (K, "K"), (num_groups, "num_groups")):
+        _validate.integer(value, name, 1, max_dim)
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else _H800_SMS
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0:
         raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
+    _validate.integer(num_sms, "num_sms", 1, 2 ** 16)
     ext, why = _backend.extension()
     if ext is None:
         raise RuntimeError(f"fp8_gemm_config describes the CUDA kernel's choice and needs pykernels._C: {why}")

@@ -616,21 +616,21 @@ def python_raster(tile, m_blocks, n_blocks, group):
                                               (1, 24576, 1536, 1, 132), (64, 7168, 2048, 4, 78),
                                               (300, 320, 512, 1, 114), (128, 32768, 512, 1, 132)])
 def test_config_minimizes_padded_work(m, n, k, groups, sms):
-    _extension()
+    ext = _extension()
     cfg = pykernels.fp8_gemm_config(m, n, k, num_groups=groups, num_sms=sms)
     assert cfg == pykernels.fp8_gemm_config(m, n, k, num_groups=groups, num_sms=sms)  # deterministic
     block_m = 64 if m <= 64 else 128
     assert cfg["block_m"] == block_m and cfg["num_math_warpgroups"] == block_m // 64 and cfg["block_k"] == 128
 
-    def cost(bn):
+    def cost(bn):  # the busiest SM's tiles, each priced at its width plus 32 columns of fixed cost
         tiles = groups * -(-m // block_m) * -(-n // bn)
         waves = -(-tiles // sms)
-        return waves * bn, -tiles / (waves * sms), -bn
+        return waves * (bn + 32), -(tiles - (waves - 1) * sms) / sms, -bn
 
-    assert cost(cfg["block_n"]) == min(cost(bn) for bn in (112, 128, 160))
+    assert cost(cfg["block_n"]) == min(cost(bn) for bn in ext.fp8_gemm_block_n_choices())
     tiles = groups * -(-m // block_m) * -(-n // cfg["block_n"])
     assert cfg["num_tiles"] == tiles and cfg["num_waves"] == -(-tiles // sms)
-    assert cfg["wave_utilization"] == pytest.approx(tiles / (cfg["num_waves"] * sms))
+    assert cfg["wave_utilization"] == pytest.approx((tiles - (cfg["num_waves"] - 1) * sms) / sms)
     assert 2 <= cfg["num_stages"] <= 8
     assert cfg["smem_bytes"] <= 232448 - 1024  # dynamic, beside 1 KB of static shared memory
     assert cfg["num_stages"] * (block_m + cfg["block_n"]) * 128 <= cfg["smem_bytes"]
@@ -656,7 +656,7 @@ def test_config_bad_arguments():
 
 def test_index_math_bindings_reject_what_would_divide_by_zero():
     ext = _extension()
-    with pytest.raises(ValueError, match="num_sms: expected positive values, got 1, 128, 1, 0"):
+    with pytest.raises(ValueError, match=r"num_sms: expected an int in \[1, 65536\], got 0"):
         ext.fp8_gemm_config(1, 128, 128, 1, 0)
     with pytest.raises(ValueError, match="k: expected a positive multiple of 128, got 100"):
         ext.fp8_gemm_config(1, 128, 100, 1, 132)
@@ -851,3 +851,417 @@ def test_gpu_cuda_matches_triton():
     cuda = pykernels.fp8_gemm_nt((a, sa), (b, sb), backend="cuda")
     tri = pykernels.fp8_gemm_nt((a, sa), (b, sb), backend="triton")
     assert_matches_reference(cuda, tri.cpu(), a, sa, b, sb)
+
+
+# ---- CUDA kernel: tile instantiations, scale split, decode-size config, SASS promotion audit --------------
+
+from pykernels import audit  # noqa: E402
+
+DSV3_DECODE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+
+
+def _gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 65, 100, 128])
+@pytest.mark.parametrize("n,k", DSV3_DECODE_NK)
+def test_config_fills_the_sms_at_decode_sizes(m, n, k):
+    """M <= 128 on 132 SMs: the last wave of the chosen tiles keeps >= 85% of the SMs busy, and the
+    reported wave_utilization is exactly that share."""
+    ext = _extension()
+    cfg = pykernels.fp8_gemm_config(m, n, k, num_sms=132)
+    assert cfg["block_n"] in ext.fp8_gemm_block_n_choices()
+    tiles = -(-m // cfg["block_m"]) * -(-n // cfg["block_n"])
+    waves = -(-tiles // 132)
+    assert (cfg["num_tiles"], cfg["num_waves"]) == (tiles, waves)
+    last_wave = (tiles - (waves - 1) * 132) / 132
+    assert cfg["wave_utilization"] == pytest.approx(last_wave)
+    assert last_wave >= 0.85, cfg
+
+
+@pytest.mark.parametrize("m", [1, 64, 200, 4096])
+@pytest.mark.parametrize("n", [200, 576, 1536, 2112, 4096, 7168, 24576, 32768])
+@pytest.mark.parametrize("groups,sms", [(1, 132), (4, 78), (8, 114)])
+def test_config_picks_only_instantiated_tiles(m, n, groups, sms):
+    ext = _extension()
+    cfg = pykernels.fp8_gemm_config(m, n, 512, num_groups=groups, num_sms=sms)
+    assert cfg["block_m"] in (64, 128) and cfg["block_n"] in ext.fp8_gemm_block_n_choices()
+    # Stages and shared memory are the instantiation's compile-time plan: A and B tiles plus A scales.
+    per_stage = (cfg["block_m"] + cfg["block_n"]) * 128 + cfg["block_m"] * 4
+    assert cfg["num_stages"] == min(8, (232448 - 1024 - 2048) // per_stage)
+    assert cfg["smem_bytes"] == cfg["num_stages"] * per_stage + 2048 <= 232448 - 1024
+
+
+def test_block_n_choices_span_at_most_two_scale_blocks():
+    ext = _extension()
+    widths = ext.fp8_gemm_block_n_choices()
+    assert widths == sorted(set(widths)) and widths[0] == 16 and all(w % 8 == 0 for w in widths)
+    for w in widths:
+        assert 128 - _gcd(w, 128) + w <= 256, w  # the worst offset within a block plus the width
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160])
+def test_split_columns_matches_the_scale_blocks(block_n):
+    """The host's split_columns (the k-loop instance a tile runs) against the scale block of each column."""
+    ext = _extension()
+    splits = set()
+    for n0 in range(0, 40 * block_n, block_n):
+        split = ext.fp8_gemm_split_columns(n0, block_n)
+        blocks = [(n0 + c) // 128 for c in range(block_n)]
+        assert all(b == blocks[0] for b in blocks[:split]) and all(b == blocks[0] + 1 for b in blocks[split:])
+        assert split % 8 == 0  # whole 8-column fragment chunks on each side
+        splits.add(split)
+    # Exactly the instances the kernel compiles: multiples of gcd(block_n, 128) up to min(block_n, 128).
+    step = _gcd(block_n, 128)
+    assert splits == set(range(step, min(block_n, 128) + 1, step))
+    with pytest.raises(ValueError, match="n0, block_n: expected block_n > 0 and n0 a non-negative multiple"):
+        ext.fp8_gemm_split_columns(block_n + 8, block_n)
+
+
+@pytest.mark.parametrize("value", [2 ** 30, 2 ** 31 - 1, 2 ** 31, 2 ** 40])
+def test_config_rejects_dimensions_the_kernel_cannot_index(value):
+    ext = _extension()
+    for name, args in (("M", (value, 128, 128)), ("N", (1, value, 128)), ("num_groups", (1, 128, 128, value))):
+        with pytest.raises(ValueError, match=rf"{name}: expected an int in \[1, 1073741823\], got {value}"):
+            pykernels.fp8_gemm_config(*args, num_sms=132) if len(args) == 3 else \
+                pykernels.fp8_gemm_config(*args[:3], num_groups=args[3], num_sms=132)
+    with pytest.raises(ValueError, match=rf"n: expected an int in \[1, 1073741823\], got {value}"):
+        ext.fp8_gemm_config(1, value, 128, 1, 132)
+    with pytest.raises(ValueError, match=rf"m: expected an int in \[1, 1073741823\], got {value}"):
+        ext.fp8_gemm_config(value, 128, 128, 1, 132)
+    # The largest accepted sizes give sane counts (no int32 wrap-around).
+    cfg = pykernels.fp8_gemm_config(2 ** 30 - 1, 2 ** 30 - 1, 128, num_sms=132)
+    assert cfg["num_tiles"] > 0 and cfg["num_waves"] > 0 and 0 < cfg["wave_utilization"] <= 1
+
+
+def test_force_tile_accepts_only_instantiated_shapes():
+    ext = _extension()
+    for bm, bn in ((96, 128), (64, 120), (128, 0), (0, 128)):
+        with pytest.raises(ValueError, match="block_m, block_n: expected an instantiated tile"):
+            ext.fp8_gemm_force_tile(bm, bn)
+    ext.fp8_gemm_force_tile(64, 56)
+    ext.fp8_gemm_force_tile(0, 0)
+
+
+def _sass(body: str) -> str:
+    """A cuobjdump -sass listing of one function from 'address: instruction' lines."""
+    lines = ["\t\tFunction : _Zfake"]
+    for line in body.strip().splitlines():
+        address, instruction = line.split(":", 1)
+        lines.append(f"        /*{int(address, 16):04x}*/                   {instruction.strip()} ;"
+                     f"   /* 0x000000000000000000 */")
+    return "\n".join(lines)
+
+
+def _promotion_listing(promotion_lines):
+    """A k-loop as ptxas lays it out: wait, 4 QGMMA, scale products, promotion, back-edge; the wait's retry
+    sits after EXIT and branches back into the loop. Returns parse_listing's instructions."""
+    body = ["SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x10], R3", "@!P0 BRA RETRY",
+            "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR8], RZ, !UPT",
+            "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR12], R24",
+            "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR16], R24",
+            "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR20], R24, gsb0",
+            "AFTER_WAIT: WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMUL R4, R2, R5", "FMUL R6, R7, R5",
+            *promotion_lines, "ISETP.NE.AND P1, PT, R9, R10, PT", "@P1 BRA 0x0", "EXIT",
+            "RETRY: SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x10], R3", "@!P0 BRA RETRY", "BRA AFTER_WAIT"]
+    labels = {line.split(":")[0]: 16 * i for i, line in enumerate(body) if line.split(":")[0].isupper()
+              and ":" in line and " " not in line.split(":")[0]}
+    lines = []
+    for i, line in enumerate(body):
+        line = line.split(": ", 1)[1] if line.split(":")[0] in labels else line
+        for label, address in labels.items():
+            line = line.replace(f"BRA {label}", f"BRA {address:#x}")
+        lines.append(f"{16 * i:x}: {line}")
+    return audit.parse_listing(_sass("\n".join(lines)))["_Zfake"]
+
+
+def test_audit_hot_loop_is_the_shortest_loop_around_the_mma():
+    """The k-loop, not the longer 'loop' an out-of-line wait retry forms by branching back into it."""
+    instructions = _promotion_listing([f"FFMA R{40 + i}, R{24 + i}, R4, R{40 + i}" for i in range(8)])
+    (loop,) = audit.hot_loops(instructions)
+    assert loop["start"] == 0 and loop["QGMMA"] == 4 and loop["k_steps"] == 1 and loop["qgmma_n"] == 16
+    assert (loop["FFMA"], loop["FMUL"], loop["FSEL"]) == (8, 2, 0)
+    assert loop["instructions"] == 19  # wait, retry branch, 4 QGMMA, DEPBAR, 2 FMUL, 8 FFMA, ISETP, BRA
+    assert audit.promotion_failures([loop]) == []
+
+
+def test_audit_fails_promotion_with_selects_or_extra_multiplies():
+    """A run-time scale split shows as FSEL plus FMUL per element: the audit must reject it."""
+    selecting = []
+    for i in range(8):
+        selecting += [f"FSEL R{60 + i}, R4, R6, P2", f"FMUL R{70 + i}, R{24 + i}, R{60 + i}",
+                      f"FADD R{40 + i}, R{40 + i}, R{70 + i}"]
+    failures = audit.promotion_failures(audit.hot_loops(_promotion_listing(selecting)))
+    assert any("8 FSEL in promotion" in f for f in failures)
+    assert any("10 FMUL in promotion (expected at most 4)" in f for f in failures)
+    assert any("0 FFMA (expected 8" in f for f in failures)
+    short = _promotion_listing([f"FFMA R{40 + i}, R{24 + i}, R4, R{40 + i}" for i in range(7)])
+    assert any("7 FFMA (expected 8" in f for f in audit.promotion_failures(audit.hot_loops(short)))
+
+
+def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
+    """The built extension: one FFMA per accumulator element per 128-K step in every k-loop instance of
+    every tile shape, no FSEL, at most 4 FMUL (static SASS figures)."""
+    ext = _extension()
+    reports = audit._reports_from_binary(ext.__file__, "cuda")
+    gemm = {r.name: r for r in reports if "fp8_gemm_kernel<" in r.name}
+    widths = ext.fp8_gemm_block_n_choices()
+    assert len(gemm) == 2 * len(widths)
+    for name, r in gemm.items():
+        block_n = int(name.split("fp8_gemm_kernel<", 1)[1].split(",")[1].split(">")[0])
+        assert r.hot_loops, name
+        assert audit.promotion_failures(r.hot_loops) == [], name
+        step = _gcd(block_n, 128)
+        assert len(r.hot_loops) == len(range(step, min(block_n, 128) + 1, step)), name  # one per split
+        for loop in r.hot_loops:
+            assert loop["qgmma_n"] == block_n and loop["FFMA"] == block_n // 2 * loop["k_steps"]
+            assert loop["FSEL"] == 0 and loop["FMUL"] <= 4 * loop["k_steps"]
+
+
+def _blocky_problem(m, n, k, device="cuda"):
+    """Operands whose 128-column groups (activations) and 128x128 blocks (weights) differ in magnitude by
+    up to 100x: a scale taken from the wrong block is then a visible error."""
+    x = torch.randn(m, k, device=device) * 10.0 ** torch.randint(-1, 2, (m, k // 128), device=device) \
+        .repeat_interleave(128, dim=1)
+    nb = -(-n // 128)
+    mag = 10.0 ** torch.randint(-1, 2, (nb, k // 128), device=device).float()
+    w = torch.randn(n, k, device=device) * mag.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)
+    a, sa = fp8_quant.per_token_group_quant_fp8(x, 128)
+    b, sb = fp8_quant.per_block_quant_fp8(w, 128)
+    return (a, sa), (b, sb)
+
+
+def assert_close_to_dequantized(got, a, sa, b, sb):
+    """Against the float64 product of the dequantized operands: elementwise within one bfloat16 step plus
+    the accumulation-order term, and the Frobenius error beyond the output's own bfloat16 rounding
+    (relative to the exact product) below 1e-3."""
+    exact = ref.dequantized_product(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    got = got.cpu().double()
+    assert bool(torch.isfinite(got).all())
+    mag = magnitude_bound(a.cpu(), sa.cpu(), b.cpu(), sb.cpu())
+    bound = exact.abs() * 2 ** -7 + mag * a.shape[-1] * 2 ** -22
+    assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
+    rounded = exact.to(torch.bfloat16).double()
+    assert float((got - rounded).norm() / exact.norm()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160])
+def test_gpu_every_instantiation_against_float64(block_m, block_n):
+    """Each tile shape, forced, on a shape whose tiles start at every offset within a scale block (every
+    k-loop instance runs), with row and column tails and an odd N (the unpaired-store path)."""
+    ext = _extension()
+    lcm = block_n * 128 // _gcd(block_n, 128)
+    m, n, k = 2 * block_m - 37, lcm + 41, 640
+    (a, sa), (b, sb) = _blocky_problem(m, n, k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ext.fp8_gemm_force_tile(block_m, block_n)
+    try:
+        pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="cuda")
+        torch.cuda.synchronize()
+    finally:
+        ext.fp8_gemm_force_tile(0, 0)
+    assert_close_to_dequantized(out, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64, 128])
+@pytest.mark.parametrize("n,k", DSV3_DECODE_NK)
+def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
+    (a, sa), (b, sb) = _blocky_problem(m, n, k)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="cuda")
+    torch.cuda.synchronize()
+    assert_close_to_dequantized(out, a, sa, b, sb)
+
+
+# ---- CUDA kernel: A scales row-major or MN-major (DeepGEMM's TMA-aligned layout) -------------------------
+
+def mn_major_scales(sa):
+    """sa [.., M, K/128] re-laid MN-major and TMA-aligned: stride(-2) 1, stride(-1) M rounded up to 4, the
+    padding rows NaN (they must never be read)."""
+    *lead, m, kb = sa.shape
+    pad = -(-m // 4) * 4
+    buffer = torch.full((*lead, kb, pad), float("nan"), dtype=sa.dtype, device=sa.device)
+    view = buffer.transpose(-1, -2)[..., :m, :]
+    view.copy_(sa)
+    return view
+
+
+@pytest.mark.parametrize("lead,m,kb", [((), 1, 4), ((), 7, 3), ((), 64, 56), ((), 130, 1), ((3,), 33, 12),
+                                       ((1,), 5, 2), ((2,), 8, 1)])
+def test_scale_a_layout_and_offsets_match_torch_strides(lead, m, kb):
+    ext = _extension()
+    row_major = torch.zeros(*lead, m, kb)
+    mn = mn_major_scales(row_major)
+    assert ext.fp8_gemm_scale_a_layout(list(row_major.shape), list(row_major.stride())) == 0
+    expected_mn = 0 if kb == 1 else 1  # one K block: both layouts place the scales alike, contiguous
+    assert ext.fp8_gemm_scale_a_layout(list(mn.shape), list(mn.stride())) == expected_mn
+    groups = lead[0] if lead else 1
+    for layout, t in ((0, row_major), (1, mn)):
+        strides = t.stride() if lead else (0,) + t.stride()
+        for g in range(groups):
+            for row in {0, m // 2, m - 1}:
+                for k in {0, kb - 1}:
+                    want = g * strides[0] + row * strides[1] + k * strides[2]
+                    assert ext.fp8_gemm_scale_a_offset(layout, g, row, k, m, kb) == want
+
+
+@pytest.mark.parametrize("shape,strides", [((7, 3), (1, 7)), ((7, 3), (3, 2)), ((8, 3), (1, 12)),
+                                           ((2, 5, 3), (16, 1, 8)), ((2, 5, 3), (24, 1, 4)), ((4, 3), (2, 8))])
+def test_scale_a_layout_rejects_other_strides(shape, strides):
+    ext = _extension()
+    assert ext.fp8_gemm_scale_a_layout(list(shape), list(strides)) == -1
+
+
+def _fake_gemm_args(m=7, n=256, k=384, sa_strides=None, sa_ptr=0x40000):
+    from test_foundation import FakeCudaArray, FakeCudaDLPack
+
+    kb = k // 128
+    a = FakeCudaDLPack((m, k), 10, 8)
+    b = FakeCudaDLPack((n, k), 10, 8, ptr=0x80000)
+    sa = FakeCudaArray((m, kb), "<f4", ptr=sa_ptr, strides=sa_strides)
+    sb = FakeCudaArray((-(-n // 128), kb), "<f4", ptr=0x60000)
+    out = FakeCudaDLPack((m, n), 4, 16, ptr=0xa0000)
+    return a, sa, b, sb, out
+
+
+def test_launcher_accepts_either_scale_layout_and_rejects_others():
+    """Both A-scale layouts pass every check (the call then fails only at the device query, as no driver
+    exists here); other strides and a misaligned MN-major base are rejected naming sa."""
+    ext = _extension()
+    m, kb, pad = 7, 3, 8
+    for strides in (None, (4, 4 * pad)):  # bytes: row-major contiguous, MN-major with M_pad = 8
+        with pytest.raises(ext.CudaError, match="cudaGetDevice"):
+            ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_strides=strides), 0)
+    with pytest.raises(ValueError, match=r"sa: expected the scales of a row-major \(contiguous\) or MN-major "
+                                         r"TMA-aligned \(stride\(-2\) 1, stride\(-1\) M rounded up to 4 = 8\), "
+                                         r"got shape \[7, 3\] with strides \(1, 7\)"):
+        ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_strides=(4, 4 * m)), 0)
+    with pytest.raises(ValueError, match="sa: expected a data pointer aligned to 16 bytes"):
+        ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_strides=(4, 4 * pad), sa_ptr=0x40004), 0)
+    # Row-major scales need only float alignment.
+    with pytest.raises(ext.CudaError, match="cudaGetDevice"):
+        ext.fp8_gemm_nt(*_fake_gemm_args(m=m, sa_ptr=0x40004), 0)
+
+
+def _launch(name, *args):
+    """The extension's launcher itself, on the current stream: the A-scale layouts are its contract (the
+    public API may still insist on contiguous scales)."""
+    ext = _extension()
+    getattr(ext, name)(*args, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 7168), (37, 576, 1536), (300, 4096, 512), (129, 7168, 2048)])
+def test_gpu_mn_major_scales_plain(m, n, k):
+    (a, sa), (b, sb) = _blocky_problem(m, n, k)
+    for scales in (sa, mn_major_scales(sa)):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        _launch("fp8_gemm_nt", a, scales, b, sb, out)
+        assert_close_to_dequantized(out, a, sa, b, sb)
+
+
+@pytest.mark.gpu
+def test_gpu_mn_major_scales_grouped():
+    groups, n, k = 3, 1536, 1024
+    idx = contiguous_indices([130, 0, 77]).cuda()
+    m_total = idx.numel()
+    (a, sa), _ = _blocky_problem(m_total, 128, k)
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _launch("m_grouped_fp8_gemm_nt_contiguous", a, mn_major_scales(sa), b, sb, idx, out)
+    for g in (0, 2):
+        rows = idx == g
+        assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
+    assert bool((out[idx == -1].float() == 0).all())
+    m_max = 70
+    masked = torch.tensor([70, 0, 33], dtype=torch.int32, device="cuda")
+    pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+    a3, sa3 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    out3 = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _launch("m_grouped_fp8_gemm_nt_masked", a3, mn_major_scales(sa3), b, sb, masked, 64, out3)
+    for g, rows in enumerate(masked.tolist()):
+        assert bool((out3[g, rows:].float() == 0).all())
+        if rows:
+            assert_close_to_dequantized(out3[g, :rows], a3[g, :rows], sa3[g, :rows], b[g], sb[g])
+
+
+# ---- CUDA kernel: rows without data are written as zeros ------------------------------------------------
+
+@pytest.mark.parametrize("layout,m_rows,n,groups,info", SCHEDULES)
+@pytest.mark.parametrize("bm,bn", [(64, 56), (128, 144)])
+@pytest.mark.parametrize("num_ctas", [1, 5, 132])
+def test_scheduler_zero_tiles_cover_every_row_without_data(layout, m_rows, n, groups, info, bm, bn, num_ctas):
+    """With zero tiles, the walk covers the whole output once: every row block of every masked group (the
+    blocks past masked_m as zero tiles, dealt after all computed tiles) and every contiguous block whose
+    first row is padding (-1)."""
+    ext = _extension()
+    per_cta = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, num_ctas, info, include_zero_tiles=True)
+    computed_only = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, num_ctas, info)
+    assert [[t[:4] for t in tiles if not t[4]] for tiles in per_cta] == computed_only
+    visited = [(t[0], t[1], t[2]) for tiles in per_cta for t in tiles]
+    assert len(visited) == len(set(visited)), "a tile was visited twice"
+    m_blocks, n_blocks = -(-m_rows // bm), -(-n // bn)
+    if layout == 0:
+        expected = {(0, mb, nb): False for mb in range(m_blocks) for nb in range(n_blocks)}
+    elif layout == 1:
+        expected = {(info[mb * bm], mb, nb): info[mb * bm] == -1 for mb in range(m_blocks) for nb in range(n_blocks)
+                    if -1 <= info[mb * bm] < groups}
+    else:
+        expected = {(g, mb, nb): mb * bm >= info[g] for g in range(groups) for mb in range(m_blocks)
+                    for nb in range(n_blocks)}
+    assert {(t[0], t[1], t[2]): t[4] for tiles in per_cta for t in tiles} == expected
+    if layout == 2:
+        for tiles in per_cta:  # each CTA's computed tiles come before its zero tiles
+            flags = [t[4] for t in tiles]
+            assert flags == sorted(flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_gpu_contiguous_padding_rows_are_zero(block_m):
+    """The whole output is compared: padding rows (m_indices -1, inside a group's last block and whole
+    padding blocks) come back as zeros over a NaN-poisoned buffer."""
+    ext = _extension()
+    groups, n, k = 3, 712, 512
+    idx = contiguous_indices([77, 0, 130], trailing_padding_blocks=1).cuda()
+    m_total = idx.numel()
+    (a, sa), _ = _blocky_problem(m_total, 128, k)
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    out = torch.full((m_total, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ext.fp8_gemm_force_tile(block_m, 56)
+    try:
+        pykernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), idx, out=out, backend="cuda")
+        torch.cuda.synchronize()
+    finally:
+        ext.fp8_gemm_force_tile(0, 0)
+    assert bool((out[idx == -1].float() == 0).all())
+    for g in (0, 2):
+        rows = idx == g
+        assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("expected_m", [16, 100])
+def test_gpu_masked_rows_past_masked_m_are_zero(expected_m):
+    groups, m_max, n, k = 4, 200, 1000, 384
+    pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+    a, sa = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    masked = torch.tensor([0, 1, 130, 200], dtype=torch.int32, device="cuda")
+    out = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pykernels.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), masked, expected_m, out=out, backend="cuda")
+    torch.cuda.synchronize()
+    for g, rows in enumerate(masked.tolist()):
+        assert bool((out[g, rows:].float() == 0).all())
+        if rows:
+            assert_close_to_dequantized(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])

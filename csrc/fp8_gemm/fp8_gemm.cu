@@ -1,4 +1,3 @@
-#include "fp8_gemm/fp8_gemm.cuh"
 #include "fp8_gemm/fp8_gemm.h"
 
 #include <cudaTypedefs.h>
@@ -6,6 +5,9 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
+
+#include "fp8_gemm/fp8_gemm_launch.h"
 
 namespace pykernels {
 namespace {
@@ -52,6 +54,27 @@ CUtensorMap make_operand_map(const void* base, int64_t groups, int64_t rows, int
   return map;
 }
 
+// A 3-D map over MN-major A scales [groups, K/128, rows] (rows innermost, scale_a_pad(rows) apart),
+// loading box_rows scales of one 128-K block at a time; rows past `rows` are zero-filled.
+CUtensorMap make_scale_map(const void* base, int64_t groups, int64_t rows, int64_t k_blocks, int box_rows) {
+  CUtensorMap map;
+  const int64_t pad = fp8_gemm::scale_a_pad(rows);
+  const cuuint64_t dims[3] = {cuuint64_t(rows), cuuint64_t(k_blocks), cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {cuuint64_t(pad * 4), cuuint64_t(pad * k_blocks * 4)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult status = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<void*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (status != CUDA_SUCCESS) {
+    throw std::runtime_error("pykernels: cuTensorMapEncodeTiled failed for the A scales with CUresult " +
+                             std::to_string(int(status)) + " (rows " + std::to_string(rows) + ", K/128 " +
+                             std::to_string(k_blocks) + ", groups " + std::to_string(groups) + ")");
+  }
+  return map;
+}
+
 int sm_count(int device) {
   int sms = 0;
   PK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -61,6 +84,7 @@ int sm_count(int device) {
 struct Problem {
   Layout layout;
   const TensorView *a, *sa, *b, *sb, *out;
+  fp8_gemm::ScaleALayout sa_layout;
   const int* group_info;
   int64_t a_groups;  // G for masked, else 1
   int64_t m_rows;
@@ -68,35 +92,44 @@ struct Problem {
   int m_hint;  // rows per group the tile choice plans for
 };
 
-template <int kMathWG, int kBlockN>
-void launch_config(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
-  const CUtensorMap map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, 64 * kMathWG);
-  const CUtensorMap map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, kBlockN);
-  fp8_gemm::Params params;
-  params.layout = pr.layout;
-  params.m_rows = int(pr.m_rows);
-  params.n = int(pr.n);
-  params.k = int(pr.k);
-  params.num_groups = int(pr.num_groups);
-  params.sa = pr.sa->ptr<const float>();
-  params.sb = pr.sb->ptr<const float>();
-  params.out = pr.out->ptr<__nv_bfloat16>();
-  params.group_info = pr.group_info;
-  params.num_stages = cfg.num_stages;
-  auto kernel = fp8_gemm::fp8_gemm_kernel<kMathWG, kBlockN>;
-  PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg.smem_bytes));
-  kernel<<<num_ctas, (kMathWG + 1) * 128, cfg.smem_bytes, stream>>>(map_a, map_b, params);
-  PK_CHECK_LAUNCH("fp8_gemm_kernel");
+// The tile shape forced by fp8_gemm_force_tile (block_m 0: none), for tests that drive every instantiation.
+Config forced_tile;
+
+template <int kMathWG, size_t... I>
+void launch_width(int block_n, const fp8_gemm::LaunchArgs& args, cudaStream_t stream, std::index_sequence<I...>) {
+  const bool launched = ((block_n == fp8_gemm::block_n_choice(I)
+                              ? (fp8_gemm::launch_tile<kMathWG, fp8_gemm::block_n_choice(I)>(args, stream), true)
+                              : false) ||
+                         ...);
+  PK_ASSERT(launched, "no kernel instantiated for BLOCK_N " + std::to_string(block_n));
 }
 
-template <int kMathWG>
-void launch_block_n(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
-  switch (cfg.block_n) {
-    case 112: return launch_config<kMathWG, 112>(pr, cfg, num_ctas, stream);
-    case 128: return launch_config<kMathWG, 128>(pr, cfg, num_ctas, stream);
-    case 160: return launch_config<kMathWG, 160>(pr, cfg, num_ctas, stream);
+void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
+  fp8_gemm::LaunchArgs args;
+  args.map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, cfg.block_m);
+  args.map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, cfg.block_n);
+  args.params.layout = pr.layout;
+  args.params.m_rows = int(pr.m_rows);
+  args.params.n = int(pr.n);
+  args.params.k = int(pr.k);
+  args.params.num_groups = int(pr.num_groups);
+  args.params.sa = pr.sa->ptr<const float>();
+  args.params.sa_layout = pr.sa_layout;
+  if (pr.sa_layout == fp8_gemm::ScaleALayout::MnMajor) {
+    args.map_sa = make_scale_map(pr.sa->data, pr.a_groups, pr.m_rows, pr.k / kBlockK, cfg.block_m);
+  } else {
+    args.map_sa = CUtensorMap{};
   }
-  PK_ASSERT(false, "no kernel instantiated for BLOCK_N " + std::to_string(cfg.block_n));
+  args.params.sb = pr.sb->ptr<const float>();
+  args.params.out = pr.out->ptr<__nv_bfloat16>();
+  args.params.group_info = pr.group_info;
+  args.num_ctas = num_ctas;
+  const auto widths = std::make_index_sequence<fp8_gemm::kNumBlockNChoices>{};
+  if (cfg.num_math_warpgroups == 1) {
+    launch_width<1>(cfg.block_n, args, stream, widths);
+  } else {
+    launch_width<2>(cfg.block_n, args, stream, widths);
+  }
 }
 
 void require_operand(const TensorView& x, int ndim) {
@@ -116,6 +149,25 @@ void require_scales(const TensorView& s, const TensorView& of, int ndim) {
   require_ndim(s, ndim);
   require_contiguous(s);
   require_aligned(s, 4);
+}
+
+// The A scales' layout, recognized from their strides (either is accepted; see ScaleALayout).
+fp8_gemm::ScaleALayout require_scales_a(const TensorView& sa, const TensorView& a, int ndim) {
+  require_same_device(a, sa);
+  require_dtype(sa, DType::Float32);
+  require_ndim(sa, ndim);
+  const auto layout = fp8_gemm::scale_a_layout(sa.ndim, sa.shape.data(), sa.strides.data());
+  if (layout == fp8_gemm::ScaleALayout::Invalid) {
+    std::string strides;
+    for (int i = 0; i < sa.ndim; ++i) strides += (i ? ", " : "") + std::to_string(sa.strides[i]);
+    throw_value_error(sa.name, "the scales of a row-major (contiguous) or MN-major TMA-aligned (stride(-2) 1, "
+                      "stride(-1) M rounded up to 4 = " + std::to_string(fp8_gemm::scale_a_pad(sa.size(-2))) +
+                      (ndim == 3 ? ", stride(0) that times K/128" : "") + ")",
+                      "shape " + sa.shape_str() + " with strides (" + strides + ")");
+  }
+  // TMA reads MN-major scales from a 16-byte aligned base; plain loads need float alignment.
+  require_aligned(sa, layout == fp8_gemm::ScaleALayout::MnMajor ? 16 : 4);
+  return layout;
 }
 
 void run(const Problem& pr, cudaStream_t stream) {
@@ -145,7 +197,8 @@ void run(const Problem& pr, cudaStream_t stream) {
     throw_value_error(out.name, "shape with " + std::to_string(out_rows) + " rows of N = " + std::to_string(pr.n),
                       "shape " + out.shape_str());
   }
-  if (pr.m_rows >= (int64_t(1) << 31) / 2 || pr.n >= (int64_t(1) << 31) || pr.k >= (int64_t(1) << 31) ||
+  // The kernel indexes rows, columns and K in int: a column or row plus one tile must not overflow.
+  if (pr.m_rows >= fp8_gemm::kMaxDim || pr.n >= fp8_gemm::kMaxDim || pr.k >= fp8_gemm::kMaxDim ||
       out_rows * pr.n >= (int64_t(1) << 62)) {
     throw_value_error(a.name, "dimensions below 2^30", "shape " + a.shape_str());
   }
@@ -158,27 +211,44 @@ void run(const Problem& pr, cudaStream_t stream) {
   }
   const int sms = sm_count(device);
   const int plan_groups = pr.layout == Layout::Masked ? int(pr.num_groups) : 1;
-  const Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  if (forced_tile.block_m != 0) cfg = forced_tile;
   // Upper bound of the tiles the scheduler can hand out; masked counts are only known on the device.
   const int64_t max_tiles = pr.a_groups * ((pr.m_rows + cfg.block_m - 1) / cfg.block_m) *
                             ((pr.n + cfg.block_n - 1) / cfg.block_n);
   const int num_ctas = int(std::max<int64_t>(1, std::min<int64_t>(max_tiles, sms)));
-  if (cfg.num_math_warpgroups == 1) {
-    launch_block_n<1>(pr, cfg, num_ctas, stream);
-  } else {
-    launch_block_n<2>(pr, cfg, num_ctas, stream);
-  }
+  launch(pr, cfg, num_ctas, stream);
 }
 
 }  // namespace
+
+void fp8_gemm_force_tile(int block_m, int block_n) {
+  if (block_m == 0 && block_n == 0) {
+    forced_tile = Config();
+    return;
+  }
+  bool width_known = false;
+  for (int i = 0; i < fp8_gemm::kNumBlockNChoices; ++i) width_known |= fp8_gemm::block_n_choice(i) == block_n;
+  if ((block_m != 64 && block_m != 128) || !width_known) {
+    throw_value_error("block_m, block_n", "an instantiated tile (block_m 64 or 128, block_n one of the "
+                      "fp8_gemm_config choices) or (0, 0)", std::to_string(block_m) + ", " + std::to_string(block_n));
+  }
+  Config forced;
+  forced.block_m = block_m;
+  forced.block_n = block_n;
+  forced.num_math_warpgroups = block_m / 64;
+  forced.num_stages = fp8_gemm::num_stages(block_m, block_n);
+  forced.smem_bytes = fp8_gemm::smem_bytes(block_m, block_n);
+  forced_tile = forced;
+}
 
 void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b, const TensorView& sb,
                  const TensorView& out, cudaStream_t stream) {
   require_operand(a, 2);
   require_operand(b, 2);
-  require_scales(sa, a, 2);
+  const auto sa_layout = require_scales_a(sa, a, 2);
   require_scales(sb, b, 2);
-  Problem pr{Layout::Plain, &a, &sa, &b, &sb, &out, nullptr, 1, a.size(0), b.size(0), a.size(1), 1,
+  Problem pr{Layout::Plain, &a, &sa, &b, &sb, &out, sa_layout, nullptr, 1, a.size(0), b.size(0), a.size(1), 1,
              int(std::min<int64_t>(a.size(0), 1 << 30))};
   run(pr, stream);
 }
@@ -188,7 +258,7 @@ void m_grouped_fp8_gemm_nt_contiguous(const TensorView& a, const TensorView& sa,
                                       cudaStream_t stream) {
   require_operand(a, 2);
   require_operand(b, 3);
-  require_scales(sa, a, 2);
+  const auto sa_layout = require_scales_a(sa, a, 2);
   require_scales(sb, b, 3);
   require_same_device(a, m_indices);
   require_dtype(m_indices, DType::Int32);
@@ -198,7 +268,7 @@ void m_grouped_fp8_gemm_nt_contiguous(const TensorView& a, const TensorView& sa,
   if (a.size(0) % 128 != 0) {
     throw_value_error(a.name, "M_total a multiple of GROUPED_M_ALIGNMENT = 128", "shape " + a.shape_str());
   }
-  Problem pr{Layout::Contiguous, &a, &sa, &b, &sb, &out, m_indices.ptr<const int>(), 1, a.size(0), b.size(1),
+  Problem pr{Layout::Contiguous, &a, &sa, &b, &sb, &out, sa_layout, m_indices.ptr<const int>(), 1, a.size(0), b.size(1),
              a.size(1), b.size(0), int(std::min<int64_t>(a.size(0), 1 << 30))};
   run(pr, stream);
 }
@@ -208,7 +278,7 @@ void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, con
                                   const TensorView& out, cudaStream_t stream) {
   require_operand(a, 3);
   require_operand(b, 3);
-  require_scales(sa, a, 3);
+  const auto sa_layout = require_scales_a(sa, a, 3);
   require_scales(sb, b, 3);
   require_same_device(a, masked_m);
   require_dtype(masked_m, DType::Int32);
@@ -217,7 +287,7 @@ void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, con
   require_size(masked_m, 0, a.size(0), "groups of a");
   require_size(b, 0, a.size(0), "groups of a");
   if (expected_m <= 0) throw_value_error("expected_m", "a positive row count hint", std::to_string(expected_m));
-  Problem pr{Layout::Masked, &a, &sa, &b, &sb, &out, masked_m.ptr<const int>(), a.size(0), a.size(1), b.size(1),
+  Problem pr{Layout::Masked, &a, &sa, &b, &sb, &out, sa_layout, masked_m.ptr<const int>(), a.size(0), a.size(1), b.size(1),
              a.size(2), b.size(0), int(std::min<int64_t>(expected_m, a.size(1)))};
   run(pr, stream);
 }

@@ -5,14 +5,18 @@
 // Per CTA (BLOCK_M = 64 * kMathWG rows, BLOCK_N columns):
 //   warpgroup 0, the producer: gives registers back (setmaxnreg.dec to 40) and one thread walks the tile
 //     scheduler, issuing TMA loads (cp.async.bulk.tensor, 128-byte swizzle, out-of-range rows and columns
-//     filled with zeros) of each 128-K block of A and B into a ring of num_stages shared-memory stages;
-//     each load completes on the stage's "full" mbarrier by transaction count.
+//     filled with zeros) of each 128-K block of A and B, and of A's scales when they are MN-major, into a
+//     ring of kStages shared-memory stages (a compile-time count per tile shape); each load completes on
+//     the stage's "full" mbarrier by transaction count. Row-major A scales cannot form a TMA box: a second
+//     producer warp gathers them into the stage with plain loads and arrives on "full" lane by lane.
 //   warpgroups 1..kMathWG, the math: take registers (setmaxnreg.inc to 232), wait on "full", run 4 wgmma
 //     m64nBLOCK_Nk32 e4m3 (QGMMA) into a zeroed fragment, release the stage on its "empty" mbarrier, then
-//     promote on the CUDA cores: acc += fragment * sa[row] * sb[column block] in float32. The tensor core
-//     never accumulates more than one 128-K block (its FP8 accumulation keeps too few bits).
-//   Epilogue: each math thread converts its rows to bf16 and stores them with bounds checks, while the
-//   producer already fills stages for the next tile.
+//     promote on the CUDA cores: acc += fragment * sa[row] * sb[column block] in float32, one FFMA per
+//     element: the column where a tile crosses into the next 128-wide scale block of B is a template
+//     argument of the k-loop, which is compiled once per possible crossing and chosen once per tile. The
+//     tensor core never accumulates more than one 128-K block (its FP8 accumulation keeps too few bits).
+//   Epilogue: each math thread converts its rows to bf16 and stores them with bounds checks, zeros for
+//   rows without data, while the producer already fills stages for the next tile.
 //
 // Why CuTe's atoms and not hand-written PTX: the wgmma (SM90::GMMA::MMA_64xNx32_F32E4M3E4M3_SS_TN), TMA
 // (SM90_TMA_LOAD_3D), mbarrier (ClusterTransactionBarrier) and setmaxnreg wrappers are the tested ones
@@ -35,6 +39,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "fp8_gemm/fp8_gemm_launch.h"
 #include "fp8_gemm/fp8_gemm_schedule.h"
 
 namespace pykernels::fp8_gemm {
@@ -42,31 +47,59 @@ namespace pykernels::fp8_gemm {
 constexpr int kProducerRegisters = 40;
 constexpr int kMathRegisters = 232;
 
+// The e4m3 x e4m3 -> f32 wgmma of each instantiated BLOCK_N (block_n_choice).
 template <int kBlockN>
 struct GmmaOp;
+template <>
+struct GmmaOp<16> { using type = cute::SM90::GMMA::MMA_64x16x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<32> { using type = cute::SM90::GMMA::MMA_64x32x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<48> { using type = cute::SM90::GMMA::MMA_64x48x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<56> { using type = cute::SM90::GMMA::MMA_64x56x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<64> { using type = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<96> { using type = cute::SM90::GMMA::MMA_64x96x32_F32E4M3E4M3_SS_TN<>; };
 template <>
 struct GmmaOp<112> { using type = cute::SM90::GMMA::MMA_64x112x32_F32E4M3E4M3_SS_TN<>; };
 template <>
 struct GmmaOp<128> { using type = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>; };
 template <>
+struct GmmaOp<144> { using type = cute::SM90::GMMA::MMA_64x144x32_F32E4M3E4M3_SS_TN<>; };
+template <>
 struct GmmaOp<160> { using type = cute::SM90::GMMA::MMA_64x160x32_F32E4M3E4M3_SS_TN<>; };
 
-struct Params {
-  Layout layout;
-  int m_rows;      // rows of A per group: M (plain), M_total (contiguous), M_max (masked)
-  int n;
-  int k;
-  int num_groups;  // groups of B
-  const float* sa;  // [G_a * m_rows, K / 128], G_a = G for masked, else 1
-  const float* sb;  // [G, ceil(N / 128), K / 128]
-  __nv_bfloat16* out;  // [G_a * m_rows, N]
-  const int* group_info;  // m_indices or masked_m (device memory)
-  int num_stages;
+// The compile-time facts of one instantiation.
+template <int kMathWG, int kBlockN>
+struct TileShape {
+  static constexpr int kBlockM = 64 * kMathWG;
+  static constexpr int kFrag = kBlockN / 2;  // fp32 accumulator registers per thread for m64 x kBlockN
+  static constexpr int kStages = num_stages(kBlockM, kBlockN);
+  static constexpr int kSmemBytes = smem_bytes(kBlockM, kBlockN);
+  static constexpr int kABytes = kBlockM * kBlockK;  // one stage's A tile
+  static constexpr int kBBytes = kBlockN * kBlockK;
+  static constexpr int kSaBytes = kBlockM * 4;  // one stage's A scales
+  // split_columns of any tile is a multiple of this; it is also the number of distinct k-loop instances.
+  static constexpr int kSplitStep = gcd(kBlockN, kBlockK);
+
+  static_assert(kBlockN % 8 == 0 && kBlockN >= 16 && kBlockN <= 256, "wgmma e4m3 needs N a multiple of 8 up to 256");
+  static_assert(spans_two_scale_blocks_at_most(kBlockN), "a tile may span at most two 128-column scale blocks");
+  static_assert(kSplitStep % 8 == 0, "the scale split must fall between 8-column fragment chunks");
+  static_assert(kMathWG == 1 || kMathWG == 2, "one or two math warpgroups");
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "swizzled stage tiles must stay 1024-byte aligned");
+  static_assert(kStages >= 2 && kStages <= kMaxStages, "a pipeline needs two stages and fits in shared memory");
+  static_assert(kStages * (kABytes + kBBytes + kSaBytes) + 2 * kStages * 8 + 1023 <= kSmemBytes, "shared memory plan");
+  static_assert(kSaBytes % 128 == 0, "TMA writes the scale boxes to 128-byte aligned shared memory");
+  static_assert(2 * kFrag + 40 <= kMathRegisters, "fragment and accumulator must stay in registers");
 };
 
 // K-major operand tile in shared memory, 128-byte rows swizzled by TMA (SWIZZLE_128B): 8-row core groups
 // 1024 bytes apart. The start address advances by 32 bytes per k32 step inside the swizzle atom, which
-// the hardware resolves because the tile base is 1024-byte aligned.
+// the hardware resolves because the tile base is 1024-byte aligned. The start address sits in the low 14
+// bits in 16-byte units, so later stages and k steps are reached by adding (offset >> 4) to a base
+// descriptor: shared memory is below 256 KB, the field cannot carry into its neighbour.
 __device__ __forceinline__ uint64_t smem_descriptor(const void* smem) {
   cute::GmmaDescriptor desc;
   desc.bitfield.start_address_ = static_cast<uint16_t>(cute::cast_smem_ptr_to_uint(smem) >> 4);
@@ -83,34 +116,117 @@ __device__ __forceinline__ void gmma(uint64_t desc_a, uint64_t desc_b, float* d,
   Op::fma(desc_a, desc_b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
+// Calls body(std::integral_constant<int, split>) for the run-time split, one of kSplit, kSplit + kStep, ...
+// up to kLast, the values split_columns can return for this width (kLast = kBlockN when a width divides
+// into 128-column blocks, 128 for wider tiles, which always span two): each tile then runs a k-loop in
+// which the scale block of every fragment column is a compile-time fact.
+template <int kSplit, int kStep, int kLast, class Body>
+__device__ __forceinline__ void with_split(int split, Body&& body) {
+  if constexpr (kSplit >= kLast) {
+    body(std::integral_constant<int, kLast>{});
+  } else {
+    if (split == kSplit) {
+      body(std::integral_constant<int, kSplit>{});
+    } else {
+      with_split<kSplit + kStep, kStep, kLast>(split, static_cast<Body&&>(body));
+    }
+  }
+}
+
+// The math warpgroups' ring position, shared by all tiles of the persistent loop.
+struct Ring {
+  int stage = 0;
+  uint32_t phase = 0;
+};
+
+// One tile's main loop for one math warpgroup: per 128-K block, 4 wgmma k32 into a zeroed fragment, then
+// promotion acc += fragment * sa[row] * sb[column block] with one FFMA per element: the first kSplit
+// columns take scale block 0, the rest block 1, both known at compile time. The stage's A scales are read
+// from shared memory (row_in_tile and row_in_tile + 8) before the stage is released.
+template <int kMathWG, int kBlockN, int kSplit>
+__device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlass::arch::ClusterTransactionBarrier* full,
+                                               cutlass::arch::ClusterTransactionBarrier* empty, uint64_t desc_a,
+                                               uint64_t desc_b, const float* smem_sa, int row_in_tile,
+                                               const float* sb0, const float* sb1, int k_blocks, Ring& ring,
+                                               int lane) {
+  using Shape = TileShape<kMathWG, kBlockN>;
+  using Op = typename GmmaOp<kBlockN>::type;
+  constexpr bool kTwoBlocks = kSplit < kBlockN;
+  constexpr int kFrag = Shape::kFrag;
+  // One 128-K step per iteration, never unrolled: the ring position advances by one per step, and the
+  // audit reads exactly one step's instruction mix per loop.
+#pragma unroll 1
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    // B's scale loads are issued before the wait so their latency hides behind it.
+    const float b0 = __ldg(sb0 + kb);
+    const float b1 = kTwoBlocks ? __ldg(sb1 + kb) : b0;
+    full[ring.stage].wait(ring.phase);
+    const float a0 = smem_sa[ring.stage * Shape::kBlockM + row_in_tile];
+    const float a1 = smem_sa[ring.stage * Shape::kBlockM + row_in_tile + 8];
+    float frag[kFrag];
+#pragma unroll
+    for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
+    cute::warpgroup_arrive();
+    const uint64_t stage_a = desc_a + uint64_t((ring.stage * Shape::kABytes) >> 4);
+    const uint64_t stage_b = desc_b + uint64_t((ring.stage * Shape::kBBytes) >> 4);
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 32; ++kk) {
+      gmma<Op>(stage_a + uint64_t(kk * 32 >> 4), stage_b + uint64_t(kk * 32 >> 4), frag, kk > 0,
+               std::make_integer_sequence<int, kFrag>{});
+    }
+    cute::warpgroup_commit_batch();
+#pragma unroll
+    for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
+    cute::warpgroup_wait<0>();
+    __syncwarp();
+    if (lane == 0) empty[ring.stage].arrive();
+    if (++ring.stage == Shape::kStages) {
+      ring.stage = 0;
+      ring.phase ^= 1;
+    }
+    const float s00 = a0 * b0, s10 = a1 * b0;
+    const float s01 = kTwoBlocks ? a0 * b1 : s00, s11 = kTwoBlocks ? a1 * b1 : s10;
+    // wgmma's f32 fragment: register 4j+{0,1} holds row r, columns 8j + 2*(lane%4) + {0,1}; 4j+{2,3} row
+    // r+8. Chunk j lies wholly below or above the split (a multiple of 8), so `first` folds per register.
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      const bool first = 8 * j < kSplit;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        acc[4 * j + e] = fmaf(frag[4 * j + e], first ? s00 : s01, acc[4 * j + e]);
+        acc[4 * j + 2 + e] = fmaf(frag[4 * j + 2 + e], first ? s10 : s11, acc[4 * j + 2 + e]);
+      }
+    }
+  }
+}
+
 template <int kMathWG, int kBlockN>
 __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                    const Params p) {
-  constexpr int kBlockM = 64 * kMathWG;
-  constexpr int kFrag = kBlockN / 2;  // fp32 accumulator registers per thread for m64 x kBlockN
-  static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "wgmma e4m3 needs N a multiple of 8 (16 here)");
-  static_assert(kBlockN <= 2 * kBlockK, "a tile may span at most two 128-column scale blocks");
-  static_assert(kMathWG == 1 || kMathWG == 2, "one or two math warpgroups");
-  static_assert((kBlockM * kBlockK) % 1024 == 0 && (kBlockN * kBlockK) % 1024 == 0,
-                "swizzled stage tiles must stay 1024-byte aligned");
-  using Op = typename GmmaOp<kBlockN>::type;
+                    const __grid_constant__ CUtensorMap tma_sa, const Params p) {
+  using Shape = TileShape<kMathWG, kBlockN>;
+  constexpr int kBlockM = Shape::kBlockM;
+  constexpr int kFrag = Shape::kFrag;
+  constexpr int kStages = Shape::kStages;
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const int stages = p.num_stages;
   uint8_t* smem_a = smem;
-  uint8_t* smem_b = smem_a + stages * kBlockM * kBlockK;
-  Barrier* full = reinterpret_cast<Barrier*>(smem_b + stages * kBlockN * kBlockK);
-  Barrier* empty = full + stages;
+  uint8_t* smem_b = smem_a + kStages * Shape::kABytes;
+  float* smem_sa = reinterpret_cast<float*>(smem_b + kStages * Shape::kBBytes);
+  Barrier* full = reinterpret_cast<Barrier*>(smem_b + kStages * (Shape::kBBytes + Shape::kSaBytes));
+  Barrier* empty = full + kStages;
 
   const int warpgroup = threadIdx.x / 128;
+  const bool sa_by_tma = p.sa_layout == ScaleALayout::MnMajor;
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(&tma_a);
     cute::prefetch_tma_descriptor(&tma_b);
-    for (int s = 0; s < stages; ++s) {
-      full[s].init(1);                // the producer's arrive_and_expect_tx
+    if (sa_by_tma) cute::prefetch_tma_descriptor(&tma_sa);
+    for (int s = 0; s < kStages; ++s) {
+      // The producer's arrive_and_expect_tx, plus one arrive per lane of the scale warp (RowMajor scales).
+      full[s].init(sa_by_tma ? 1 : 1 + 32);
       empty[s].init(kMathWG * 4);     // one arrive per math warp
     }
     // The barriers must be initialized before the async proxy (TMA's complete_tx) touches them.
@@ -119,31 +235,66 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   }
   __syncthreads();
 
-  const int k_blocks = p.k / kBlockK;
-  Scheduler scheduler(p.layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info,
-                      blockIdx.x, gridDim.x);
+  // Each role builds its own scheduler after setmaxnreg: state live across the register reconfiguration
+  // would be spilled.
+  const auto make_scheduler = [&p]() {
+    return Scheduler(p.layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info, blockIdx.x,
+                     gridDim.x);
+  };
   Tile tile;
-  int stage = 0;
-  uint32_t phase = 0;
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    const int k_blocks = p.k / kBlockK;
+    Scheduler scheduler = make_scheduler();
+    int stage = 0;
+    uint32_t phase = 0;
+    if (threadIdx.x / 32 == 1 && !sa_by_tma) {
+      // The scale warp: RowMajor A scales are K/128 floats apart per row, too narrow a box for TMA; its
+      // lanes gather each stage's BLOCK_M scales (zeros past the valid rows) and arrive one by one.
+      const int lane = threadIdx.x % 32;
+      while (scheduler.next(tile)) {
+        if (tile.zero) continue;
+        const int valid_rows = scheduler.valid_rows(tile);
+        const int a_group = p.layout == Layout::Masked ? tile.group : 0;
+        for (int kb = 0; kb < k_blocks; ++kb) {
+          empty[stage].wait(phase ^ 1);
+          for (int i = lane; i < kBlockM; i += 32) {
+            const int row = tile.m_block * kBlockM + i;
+            smem_sa[stage * kBlockM + i] =
+                row < valid_rows ? __ldg(p.sa + scale_a_offset(ScaleALayout::RowMajor, a_group, row, kb, p.m_rows,
+                                                                k_blocks))
+                                 : 0.0f;
+          }
+          full[stage].arrive();
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+      return;
+    }
     if (threadIdx.x != 0) return;
-    constexpr uint32_t kStageBytes = (kBlockM + kBlockN) * kBlockK;
+    const uint32_t stage_bytes = Shape::kABytes + Shape::kBBytes + (sa_by_tma ? Shape::kSaBytes : 0);
     const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
     while (scheduler.next(tile)) {
+      if (tile.zero) continue;
       const int a_group = p.layout == Layout::Masked ? tile.group : 0;
       const int a_row = tile.m_block * kBlockM;
       const int b_row = tile.n_block * kBlockN;
       for (int kb = 0; kb < k_blocks; ++kb) {
         empty[stage].wait(phase ^ 1);
-        full[stage].arrive_and_expect_tx(kStageBytes);
+        full[stage].arrive_and_expect_tx(stage_bytes);
         uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
-        cute::SM90_TMA_LOAD_3D::copy(&tma_a, bar, hint, smem_a + stage * kBlockM * kBlockK, kb * kBlockK, a_row,
+        cute::SM90_TMA_LOAD_3D::copy(&tma_a, bar, hint, smem_a + stage * Shape::kABytes, kb * kBlockK, a_row,
                                      a_group);
-        cute::SM90_TMA_LOAD_3D::copy(&tma_b, bar, hint, smem_b + stage * kBlockN * kBlockK, kb * kBlockK, b_row,
+        cute::SM90_TMA_LOAD_3D::copy(&tma_b, bar, hint, smem_b + stage * Shape::kBBytes, kb * kBlockK, b_row,
                                      tile.group);
-        if (++stage == stages) {
+        if (sa_by_tma) {
+          cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, a_row, kb, a_group);
+        }
+        if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
         }
@@ -153,6 +304,8 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   }
 
   cutlass::arch::warpgroup_reg_alloc<kMathRegisters>();
+  const int k_blocks = p.k / kBlockK;
+  Scheduler scheduler = make_scheduler();
   const int math_wg = warpgroup - 1;
   const int lane = threadIdx.x % 32;
   const int warp_in_wg = (threadIdx.x / 32) % 4;
@@ -161,69 +314,52 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   const int col_in_chunk = 2 * (lane % 4);
   const int n_scale_blocks = ceil_div(p.n, kBlockK);
   const bool n_even = (p.n % 2) == 0;
+  // Stage 0's descriptors; the main loop offsets them to its stage and k step.
+  const uint64_t desc_a = smem_descriptor(smem_a + math_wg * 64 * kBlockK);
+  const uint64_t desc_b = smem_descriptor(smem_b);
+  Ring ring;
 
   while (scheduler.next(tile)) {
     const int valid_rows = scheduler.valid_rows(tile);
     const int64_t group_row0 = p.layout == Layout::Masked ? int64_t(tile.group) * p.m_rows : 0;
+    // Rows without data still run (past M their A rows and scales arrive as zeros); the epilogue replaces
+    // their products with zeros.
     const int row0 = tile.m_block * kBlockM + row_in_tile;
-    // Rows past the data still run (their TMA rows are zeros); their scale index is clamped in range.
-    const int row0_c = row0 < valid_rows ? row0 : valid_rows - 1;
-    const int row1_c = row0 + 8 < valid_rows ? row0 + 8 : valid_rows - 1;
-    const float* sa0 = p.sa + (group_row0 + row0_c) * k_blocks;
-    const float* sa1 = p.sa + (group_row0 + row1_c) * k_blocks;
     const int n0 = tile.n_block * kBlockN;
-    const int sb_block0 = n0 / kBlockK;
-    const int sb_block1 = min((n0 + kBlockN - 1) / kBlockK, n_scale_blocks - 1);
-    const int split = (sb_block0 + 1) * kBlockK - n0;  // tile columns below this use scale block 0
-    const float* sb0 = p.sb + (int64_t(tile.group) * n_scale_blocks + sb_block0) * k_blocks;
-    const float* sb1 = p.sb + (int64_t(tile.group) * n_scale_blocks + sb_block1) * k_blocks;
 
     float acc[kFrag];
 #pragma unroll
     for (int i = 0; i < kFrag; ++i) acc[i] = 0.0f;
+    // A zero tile runs no k step (the producers load nothing for it); its group may be -1.
+    const int tile_k_blocks = tile.zero ? 0 : k_blocks;
+    const int64_t b_group = tile.zero ? 0 : tile.group;
+    const int sb_block0 = n0 / kBlockK;
+    const int sb_block1 = min(sb_block0 + 1, n_scale_blocks - 1);
+    const float* sb0 = p.sb + (b_group * n_scale_blocks + sb_block0) * k_blocks;
+    const float* sb1 = p.sb + (b_group * n_scale_blocks + sb_block1) * k_blocks;
+    constexpr int kLastSplit = kBlockN <= kBlockK ? kBlockN : kBlockK;
+    with_split<Shape::kSplitStep, Shape::kSplitStep, kLastSplit>(split_columns(n0, kBlockN), [&](auto split) {
+      tile_main_loop<kMathWG, kBlockN, decltype(split)::value>(acc, full, empty, desc_a, desc_b, smem_sa, row_in_tile,
+                                                              sb0, sb1, tile_k_blocks, ring, lane);
+    });
 
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      // Scale loads are issued before the wait so their latency hides behind it.
-      const float a0 = __ldg(sa0 + kb), a1 = __ldg(sa1 + kb);
-      const float b0 = __ldg(sb0 + kb), b1 = __ldg(sb1 + kb);
-      full[stage].wait(phase);
-      float frag[kFrag];
-#pragma unroll
-      for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
-      cute::warpgroup_arrive();
-      const uint8_t* a_tile = smem_a + stage * kBlockM * kBlockK + math_wg * 64 * kBlockK;
-      const uint8_t* b_tile = smem_b + stage * kBlockN * kBlockK;
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / 32; ++kk) {
-        gmma<Op>(smem_descriptor(a_tile + kk * 32), smem_descriptor(b_tile + kk * 32), frag, kk > 0,
-                 std::make_integer_sequence<int, kFrag>{});
-      }
-      cute::warpgroup_commit_batch();
-#pragma unroll
-      for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
-      cute::warpgroup_wait<0>();
-      __syncwarp();
-      if (lane == 0) empty[stage].arrive();
-      if (++stage == p.num_stages) {
-        stage = 0;
-        phase ^= 1;
-      }
-      const float s00 = a0 * b0, s01 = a0 * b1, s10 = a1 * b0, s11 = a1 * b1;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const bool first = 8 * j + col_in_chunk + e < split;
-          acc[4 * j + e] += frag[4 * j + e] * (first ? s00 : s01);
-          acc[4 * j + 2 + e] += frag[4 * j + 2 + e] * (first ? s10 : s11);
-        }
-      }
-    }
-
+    // Every row of the tile inside the matrix (the group, masked) is stored: rows with data get the
+    // product, the others zeros (padding rows of the contiguous layout, rows at or past masked_m, and all
+    // rows of a zero tile), so the whole output is defined.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + 8 * half;
-      if (row >= valid_rows) continue;
+      const bool computed = !tile.zero && row < valid_rows &&
+                            !(p.layout == Layout::Contiguous && row < p.m_rows && __ldg(p.group_info + row) < 0);
+      if (!computed) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) acc[4 * j + 2 * half] = acc[4 * j + 2 * half + 1] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + 8 * half;
+      if (row >= p.m_rows) continue;
       __nv_bfloat16* out_row = p.out + (group_row0 + row) * p.n;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {

@@ -12,6 +12,8 @@
 namespace pykernels {
 
 // a [M, K] e4m3, sa [M, K/128] f32, b [N, K] e4m3, sb [ceil(N/128), K/128] f32 -> out [M, N] bf16.
+// In every layout sa is either row-major contiguous or MN-major TMA-aligned (fp8_gemm::ScaleALayout),
+// recognized from its strides.
 void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b, const TensorView& sb,
                  const TensorView& out, cudaStream_t stream);
 
@@ -26,5 +28,9 @@ void m_grouped_fp8_gemm_nt_contiguous(const TensorView& a, const TensorView& sa,
 void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, const TensorView& b,
                                   const TensorView& sb, const TensorView& masked_m, int expected_m,
                                   const TensorView& out, cudaStream_t stream);
+
+// Test hook: every later launch uses this tile shape instead of select_config's (block_m 64 or 128,
+// block_n one of block_n_choice); (0, 0) restores the heuristic. Process-wide, not thread-safe.
+void fp8_gemm_force_tile(int block_m, int block_n);
 
 }  // namespace pykernels

@@ -19,7 +19,23 @@ constexpr int kRasterGroup = 8;        // m-blocks per raster group (also the Tr
 constexpr int kSmemLimit = 232448 - 1024;
 constexpr int kSmemReserve = 2048;     // barriers plus the 1024-byte alignment of the swizzled tiles
 
+// M, N and K stay below this: the kernel's int row, column and K indices then cannot overflow.
+constexpr int kMaxDim = 1 << 30;
+
 enum class Layout : int { Plain = 0, Contiguous = 1, Masked = 2 };
+
+// Every BLOCK_N the extension instantiates (for BLOCK_M 64 and 128), and so every width select_config may
+// pick. Narrow widths fill the SMs at decode sizes (M <= 128: N / BLOCK_N tiles); 144 and 160 are the
+// widest whose tiles still span at most two 128-column scale blocks at any offset and whose two fp32
+// register sets (wgmma fragment and promoted accumulator) fit in a math thread's registers.
+constexpr int kNumBlockNChoices = 10;
+__host__ __device__ constexpr int block_n_choice(int i) {
+  constexpr int widths[kNumBlockNChoices] = {16, 32, 48, 56, 64, 96, 112, 128, 144, 160};
+  return widths[i];
+}
+// A tile's fixed cost per K step (barrier waits, scale loads, descriptor and loop bookkeeping), in units of
+// one output column: the cost model prices a tile of width BLOCK_N at BLOCK_N + kTileOverheadColumns.
+constexpr int kTileOverheadColumns = 32;
 
 struct Config {
   int block_m = 0;
@@ -28,31 +44,96 @@ struct Config {
   int num_stages = 0;
   int raster_group = kRasterGroup;
   int64_t num_tiles = 0;
-  int num_waves = 0;
-  double wave_utilization = 0.0;  // tiles / (waves * SMs)
+  int64_t num_waves = 0;
+  double wave_utilization = 0.0;  // share of the SMs busy in the last wave
   int smem_bytes = 0;
 };
 
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// For a >= 0, b > 0; exact up to INT_MAX (no a + b - 1 to overflow).
+__host__ __device__ constexpr int ceil_div(int a, int b) { return a / b + (a % b != 0); }
 
-__host__ __device__ inline int stage_bytes(int block_m, int block_n) { return (block_m + block_n) * kBlockK; }
+__host__ __device__ constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
+
+// One pipeline stage: the A and B tiles of a 128-K block plus the block_m float32 A scales of that block.
+__host__ __device__ constexpr int stage_bytes(int block_m, int block_n) {
+  return (block_m + block_n) * kBlockK + block_m * 4;
+}
+
+// Pipeline stages of a tile shape: as many as fit in shared memory, at most kMaxStages. A compile-time
+// fact of each instantiation (the kernel's ring size) that the host reproduces for the launch.
+__host__ __device__ constexpr int num_stages(int block_m, int block_n) {
+  return (kSmemLimit - kSmemReserve) / stage_bytes(block_m, block_n) < kMaxStages
+             ? (kSmemLimit - kSmemReserve) / stage_bytes(block_m, block_n)
+             : kMaxStages;
+}
+
+__host__ __device__ constexpr int smem_bytes(int block_m, int block_n) {
+  return num_stages(block_m, block_n) * stage_bytes(block_m, block_n) + kSmemReserve;
+}
+
+// A tile of width block_n starting at column n0 spans at most two 128-column scale blocks of B: its first
+// split_columns(n0, block_n) columns use the block n0 / 128, the rest the next one. n0 is a multiple of
+// block_n, so the result is a multiple of gcd(block_n, 128) in [gcd, block_n] (block_n: one block only).
+__host__ __device__ constexpr int split_columns(int n0, int block_n) {
+  return kBlockK - n0 % kBlockK < block_n ? kBlockK - n0 % kBlockK : block_n;
+}
+
+// Whether every tile of width block_n spans at most two scale blocks: the worst offset within a block is
+// 128 - gcd(block_n, 128).
+__host__ __device__ constexpr bool spans_two_scale_blocks_at_most(int block_n) {
+  return kBlockK - gcd(block_n, kBlockK) + block_n <= 2 * kBlockK;
+}
+
+// The A scales (one float32 per row per 128-K block) come in one of two layouts:
+//   RowMajor: [.., M, K/128] contiguous; element (g, m, kb) at (g * M + m) * K/128 + kb. A producer warp
+//             gathers each stage's BLOCK_M scales into shared memory with plain loads.
+//   MnMajor:  DeepGEMM's TMA-aligned layout, M innermost and padded to a 16-byte multiple:
+//             element (g, m, kb) at g * M_pad * K/128 + kb * M_pad + m, M_pad = scale_a_pad(M) (for the
+//             masked layout M is M_max). TMA loads each stage's BLOCK_M scales as one box.
+enum class ScaleALayout : int { Invalid = -1, RowMajor = 0, MnMajor = 1 };
+
+__host__ __device__ constexpr int64_t scale_a_pad(int64_t m) { return (m + 3) / 4 * 4; }
+
+__host__ __device__ constexpr int64_t scale_a_offset(ScaleALayout layout, int64_t group, int64_t row, int64_t kb,
+                                                     int64_t m_rows, int64_t k_blocks) {
+  return layout == ScaleALayout::MnMajor ? (group * k_blocks + kb) * scale_a_pad(m_rows) + row
+                                         : (group * m_rows + row) * k_blocks + kb;
+}
+
+// Which layout a scale tensor of shape [(G,) M, K/128] with these element strides is in. Contiguous
+// tensors are RowMajor (when K/128 == 1 both layouts place the scales alike); strides of size-1
+// dimensions are free, as in every stride check.
+__host__ __device__ inline ScaleALayout scale_a_layout(int ndim, const int64_t* shape, const int64_t* strides) {
+  if (ndim < 2) return ScaleALayout::Invalid;
+  int64_t expected = 1;
+  bool contiguous = true;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (shape[i] != 1 && strides[i] != expected) contiguous = false;
+    expected *= shape[i];
+  }
+  if (contiguous) return ScaleALayout::RowMajor;
+  const int64_t m = shape[ndim - 2], k_blocks = shape[ndim - 1], m_pad = scale_a_pad(m);
+  const bool rows_ok = m == 1 || strides[ndim - 2] == 1;
+  const bool blocks_ok = k_blocks == 1 || strides[ndim - 1] == m_pad;
+  const bool groups_ok = ndim == 2 || shape[0] == 1 || strides[0] == m_pad * k_blocks;
+  return ndim <= 3 && rows_ok && blocks_ok && groups_ok ? ScaleALayout::MnMajor : ScaleALayout::Invalid;
+}
 
 // Tiles per shape, deterministic. BLOCK_M is 64 (one math warpgroup) when a group holds at most 64 rows,
-// else 128 (two). BLOCK_N minimizes the padded work of the busiest SM, waves * BLOCK_N (a tile's time
-// grows with its width at fixed BLOCK_M): non-power-of-two widths win when they fill the SMs better, as
-// 112 does for M=256, N=7168 on 132 SMs (128 tiles in one wave instead of 112 tiles of width 128 -- the
-// same wave count, but narrower tiles). Ties go to the better-filled last wave, then to the wider tile.
-// Stages: as many as fit in shared memory, at most kMaxStages.
+// else 128 (two). BLOCK_N minimizes the busiest SM's work, waves * (BLOCK_N + kTileOverheadColumns): a
+// tile's time grows with its width plus a fixed cost, so narrow tiles win only when they fill more SMs,
+// as at decode sizes (M <= 128, N = 2112: 132 tiles of width 16 in one wave) or M=256, N=7168 (128 tiles
+// of width 112). Ties go to the better-filled last wave, then to the wider tile.
 __host__ __device__ inline Config select_config(int m_per_group, int n, int k, int num_groups, int num_sms) {
   Config best;
   const int block_m = m_per_group <= 64 ? 64 : 128;
   int64_t best_cost = -1;
-  const int block_n_choices[3] = {112, 128, 160};  // every BLOCK_N the extension instantiates
-  for (int block_n : block_n_choices) {
+  for (int c = 0; c < kNumBlockNChoices; ++c) {
+    const int block_n = block_n_choice(c);
     const int64_t tiles = int64_t(num_groups) * ceil_div(m_per_group, block_m) * ceil_div(n, block_n);
-    const int waves = int((tiles + num_sms - 1) / num_sms);
-    const int64_t cost = int64_t(waves) * block_n;
-    const double utilization = double(tiles) / (double(waves) * num_sms);
+    const int64_t waves = (tiles + num_sms - 1) / num_sms;
+    const int64_t cost = waves * (block_n + kTileOverheadColumns);
+    const double utilization = double(tiles - (waves - 1) * num_sms) / num_sms;
     const bool better = best_cost < 0 || cost < best_cost ||
                         (cost == best_cost && (utilization > best.wave_utilization ||
                                                (utilization == best.wave_utilization && block_n > best.block_n)));
@@ -66,13 +147,10 @@ __host__ __device__ inline Config select_config(int m_per_group, int n, int k, i
     }
   }
   best.num_math_warpgroups = block_m / 64;
-  const int per_stage = stage_bytes(best.block_m, best.block_n);
-  int stages = (kSmemLimit - kSmemReserve) / per_stage;
-  stages = stages > kMaxStages ? kMaxStages : stages;
   // K does not bound the stages: past a tile's last K block the producer runs ahead into the next tile.
   (void)k;
-  best.num_stages = stages < 2 ? 2 : stages;
-  best.smem_bytes = best.num_stages * per_stage + kSmemReserve;
+  best.num_stages = num_stages(best.block_m, best.block_n);
+  best.smem_bytes = smem_bytes(best.block_m, best.block_n);
   return best;
 }
 
@@ -90,18 +168,21 @@ __host__ __device__ inline void raster_tile(int tile, int m_blocks, int n_blocks
 }
 
 struct Tile {
-  int group;    // which B (and, masked, which A) group
+  int group;    // which B (and, masked, which A) group; -1 for a contiguous padding tile
   int m_block;  // within the group's rows
   int n_block;
+  bool zero;    // no rows to compute: the tile's output rows are written as zeros, nothing is loaded
 };
 
 // The persistent scheduler: CTA `cta` of `num_ctas` visits tiles cta, cta + num_ctas, ... of the layout's
-// tile space, in raster order, skipping tiles with no rows to compute:
+// tile space, in raster order:
 //   Plain:      ceil(M / BM) x ceil(N / BN) tiles.
 //   Contiguous: ceil(M_total / BM) x ceil(N / BN); a tile's group is m_indices of its first row (segments
-//               are GROUPED_M_ALIGNMENT-aligned and BM divides it); tiles whose group is -1 or >= G are skipped.
+//               are GROUPED_M_ALIGNMENT-aligned and BM divides it). Tiles whose first row is padding (-1)
+//               are zero tiles; tiles whose group is >= G or below -1 are skipped.
 //   Masked:     the groups' tiles back to back, group g contributing ceil(min(masked_m[g], M_max) / BM) x
-//               ceil(N / BN) (read from masked_m on the device: no host sync, graph-capturable).
+//               ceil(N / BN) (read from masked_m on the device: no host sync, graph-capturable); then
+//               the zero tiles, group g contributing the rest of its ceil(M_max / BM) row blocks.
 // Producer and consumers of a CTA run the same scheduler and so agree on every tile.
 struct Scheduler {
   Layout layout;
@@ -114,9 +195,11 @@ struct Scheduler {
   const int* group_info;  // m_indices (contiguous) or masked_m (masked); unused for plain
   int next_index;
   int stride;
-  // Masked layout: the group the walk is in and the index of its first tile (tile indices only grow).
+  // Masked layout: the group the walk is in and the index of its first tile (tile indices only grow),
+  // first through the groups' computed tiles, then (zero_pass) through their zero tiles.
   int cursor_group = 0;
   int cursor_first = 0;
+  bool zero_pass = false;
 
   __host__ __device__ Scheduler(Layout layout_, int m_rows_, int n, int num_groups_, int block_m_, int block_n,
                                 int raster_group_, const int* group_info_, int cta, int num_ctas)
@@ -133,19 +216,30 @@ struct Scheduler {
   __host__ __device__ bool next(Tile& tile) {
     while (true) {
       const int index = next_index;
+      tile.zero = false;
       if (layout == Layout::Masked) {
-        int group_tiles = 0;
-        while (cursor_group < num_groups) {
-          group_tiles = ceil_div(masked_rows(cursor_group), block_m) * n_blocks;
+        int group_tiles = 0, valid_blocks = 0;
+        while (true) {
+          if (cursor_group >= num_groups) {
+            if (zero_pass) return false;
+            zero_pass = true;  // the computed tiles are all dealt: the zero tiles follow
+            cursor_group = 0;
+            continue;
+          }
+          valid_blocks = ceil_div(masked_rows(cursor_group), block_m);
+          group_tiles = (zero_pass ? m_blocks - valid_blocks : valid_blocks) * n_blocks;
           if (index < cursor_first + group_tiles) break;
           cursor_first += group_tiles;
           ++cursor_group;
         }
-        if (cursor_group >= num_groups) return false;
         next_index += stride;
         tile.group = cursor_group;
         raster_tile(index - cursor_first, group_tiles / n_blocks, n_blocks, raster_group, tile.m_block,
                     tile.n_block);
+        if (zero_pass) {
+          tile.m_block += valid_blocks;
+          tile.zero = true;
+        }
         return true;
       }
       if (index >= m_blocks * n_blocks) return false;
@@ -154,13 +248,15 @@ struct Scheduler {
       tile.group = 0;
       if (layout == Layout::Contiguous) {
         tile.group = group_info[tile.m_block * block_m];
-        if (tile.group < 0 || tile.group >= num_groups) continue;
+        if (tile.group < -1 || tile.group >= num_groups) continue;
+        tile.zero = tile.group == -1;
       }
       return true;
     }
   }
 
-  // Rows of the tile's group that hold data (the epilogue stores rows below it).
+  // Rows of the tile's group that hold data (the epilogue computes rows below it and zeroes the rest up to
+  // the group's end).
   __host__ __device__ int valid_rows(const Tile& tile) const {
     return layout == Layout::Masked ? masked_rows(tile.group) : m_rows;
   }
