@@ -92,7 +92,7 @@ def test_combine_merges_exactly_the_split_requests():
         _, splits, split_offsets = plan_splits(lengths, num_parts)
         count = [sum(1 for s in splits if s[0] == i) for i in range(len(lengths))]
         assert ext.mla_combined_requests(split_offsets) == [c > 1 for c in count]
-    # One part: nothing is split, so every combine CTA exits before waiting for the split kernel.
+    # One part: nothing is split, so no combine CTA merges anything (each waits for the split kernel, then exits).
     _, _, split_offsets = plan_splits([5000, 1, 64, 129], 1)
     assert ext.mla_combined_requests(split_offsets) == [False] * 4
     with pytest.raises(ValueError, match="split_offsets: expected b \\+ 1 >= 2 entries, got 1 entries"):

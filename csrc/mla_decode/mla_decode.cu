@@ -38,8 +38,8 @@ void launch_programmatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, i
 }
 
 // The split kernel waits for its predecessor (the planner, or whatever wrote q and the cache) after its
-// prologue; the combine's CTAs start while the split kernel's last CTAs finish, skip requests with one
-// split, and wait before reading partials.
+// prologue; the combine's CTAs start while the split kernel's last CTAs finish and all wait for it, so that
+// the combine's completion implies the split kernel's; those of requests with one split then exit.
 template <bool kFp8>
 void launch_decode(const CUtensorMap& tma_q, const CUtensorMap& tma_kv, const mla::Params& params, int m_blocks,
                    int num_parts, cudaStream_t stream) {
