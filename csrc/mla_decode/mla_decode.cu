@@ -5,6 +5,7 @@
 #include "mla_decode/mla_decode.h"
 
 #include <climits>
+#include <cmath>
 #include <string>
 #include <utility>
 
@@ -199,6 +200,10 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
                 const TensorView& splits, const TensorView& split_offsets, const TensorView& out,
                 const TensorView& lse, const TensorView& out_partial, const TensorView& lse_partial,
                 float softmax_scale, bool causal, cudaStream_t stream) {
+  // Only a finite positive scale gives finite scores; NaN or 0 would reach every output silently.
+  if (!(std::isfinite(softmax_scale) && softmax_scale > 0.0f)) {
+    throw_value_error("softmax_scale", "a finite positive float", std::to_string(softmax_scale));
+  }
   require_dtype(q, DType::BFloat16);
   if (kv_cache.dtype != DType::BFloat16 && kv_cache.dtype != DType::Float8E4M3) {
     throw_type_error(kv_cache.name, "dtype bfloat16 or float8_e4m3fn", dtype_name(kv_cache.dtype));
@@ -228,7 +233,10 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
   require_dtype(part_splits, DType::Int32);
   require_ndim(part_splits, 1);
   const int64_t num_parts = part_splits.size(0) - 1;
-  if (num_parts < 1) throw_value_error(part_splits.name, "at least 2 entries", part_splits.shape_str());
+  // The split kernel's grid is (m_blocks, num_parts): y is limited to 65535.
+  if (num_parts < 1 || num_parts > 65535) {
+    throw_value_error(part_splits.name, "2..65536 entries (num_parts + 1)", "shape " + part_splits.shape_str());
+  }
   const int64_t capacity = b + num_parts;
   require_ndim(splits, 2);
   require_dtype(splits, DType::Int32);
@@ -288,7 +296,6 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
   params.causal = causal && s_q > 1;
 
   const int m_blocks = static_cast<int>((rows + mla::kRowsPerTile - 1) / mla::kRowsPerTile);
-  PK_ASSERT(num_parts <= 65535, "grid y limit");
   const CUtensorMap tma_q = make_q_map(q, b, rows);
   if (fp8) {
     const CUtensorMap unused{};  // the e4m3 cache moves by bulk copy
