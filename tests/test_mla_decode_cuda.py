@@ -128,16 +128,20 @@ def _host_launch_args(num_parts=1, softmax_scale=0.1):
             softmax_scale, False, 0]
 
 
-def test_launcher_refuses_bad_scale_and_grid_before_launch():
-    """The binding is public: a scale that is not finite and positive, or more SM parts than grid y holds
-    (65535), is refused with a ValueError before anything reaches a device. Valid values pass these checks
-    and stop at the next one (q not on a GPU)."""
+def test_launcher_refuses_bad_scale_table_and_grid_before_launch():
+    """The binding is public: a scale that is not finite and positive, a block_table without columns, or more
+    SM parts than grid y holds (65535), is refused with a ValueError before anything reaches a device. Valid
+    values pass these checks and stop at the next one (q not on a GPU)."""
     ext = _extension()
     with pytest.raises(ValueError, match="q: expected a CUDA tensor"):
         ext.mla_decode(*_host_launch_args(num_parts=3, softmax_scale=0.135))
     for scale in (float("nan"), float("inf"), 0.0, -0.5):
         with pytest.raises(ValueError, match="softmax_scale: expected a finite positive float"):
             ext.mla_decode(*_host_launch_args(softmax_scale=scale))
+    args = _host_launch_args()
+    args[2] = torch.zeros(1, 0, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table: expected max_blocks \\(dim 1\\) in 1..2147483647"):
+        ext.mla_decode(*args)
     args = _host_launch_args()
     args[5] = torch.zeros(65536 + 1, dtype=torch.int32)  # num_parts = 65536; the other shapes are checked later
     with pytest.raises(ValueError, match="part_splits: expected 2..65536 entries"):

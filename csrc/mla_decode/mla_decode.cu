@@ -228,6 +228,12 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
   require_size(kv_cache, 2, 1, "one latent KV head");
   require_size(kv_cache, 3, mla::kHeadDimK, "512 latent + 64 RoPE");
   require_size(block_table, 0, b, "b");
+  // The kernel reads block_table[request * max_blocks + page] for every page with a key: a table without
+  // columns has no entry to read, and max_blocks travels as an int.
+  if (block_table.size(1) < 1 || block_table.size(1) > INT_MAX) {
+    throw_value_error(block_table.name, "max_blocks (dim 1) in 1.." + std::to_string(INT_MAX),
+                      "shape " + block_table.shape_str());
+  }
   require_int32_vector(seqlens, b, "b");
   require_int32_vector(split_offsets, b + 1, "b + 1");
   require_dtype(part_splits, DType::Int32);
