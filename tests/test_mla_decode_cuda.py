@@ -92,7 +92,7 @@ def test_combine_merges_exactly_the_split_requests():
         _, splits, split_offsets = plan_splits(lengths, num_parts)
         count = [sum(1 for s in splits if s[0] == i) for i in range(len(lengths))]
         assert ext.mla_combined_requests(split_offsets) == [c > 1 for c in count]
-    # One part: nothing is split, so every combine CTA exits before waiting for the split kernel.
+    # One part: nothing is split, so no combine CTA merges anything (each waits for the split kernel, then exits).
     _, _, split_offsets = plan_splits([5000, 1, 64, 129], 1)
     assert ext.mla_combined_requests(split_offsets) == [False] * 4
     with pytest.raises(ValueError, match="split_offsets: expected b \\+ 1 >= 2 entries, got 1 entries"):
@@ -114,6 +114,41 @@ def test_planner_at_int32_max_matches_python(lengths, num_parts):
     for i, n in enumerate(host):
         mine = [s for s in got[1] if s[0] == i]
         assert mine[0][1] == 0 and mine[-1][2] == -(-n // PAGE_SIZE)
+
+
+def _host_launch_args(num_parts=1, softmax_scale=0.1):
+    """mla_decode's arguments with shapes that pass every shape check, on the CPU: the binding then refuses q
+    as not on a GPU, unless an argument checked earlier is refused first."""
+    b, rows = 1, 16
+    return [torch.zeros(b, 1, rows, 576, dtype=torch.bfloat16), torch.zeros(2, PAGE_SIZE, 1, 576, dtype=torch.bfloat16),
+            torch.zeros(b, 1, dtype=torch.int32), torch.ones(b, dtype=torch.int32), None,
+            torch.zeros(num_parts + 1, dtype=torch.int32), torch.zeros(b + num_parts, 4, dtype=torch.int32),
+            torch.zeros(b + 1, dtype=torch.int32), torch.zeros(b, 1, rows, 512, dtype=torch.bfloat16),
+            torch.zeros(b, rows, 1), torch.zeros(b + num_parts, rows, 512), torch.zeros(b + num_parts, rows),
+            softmax_scale, False, 0]
+
+
+def test_launcher_refuses_bad_scale_table_and_grid_before_launch():
+    """The binding is public: a scale that is not finite and positive, a block_table without columns, or more
+    SM parts than grid y holds (65535), is refused with a ValueError before anything reaches a device. Valid
+    values pass these checks and stop at the next one (q not on a GPU)."""
+    ext = _extension()
+    with pytest.raises(ValueError, match="q: expected a CUDA tensor"):
+        ext.mla_decode(*_host_launch_args(num_parts=3, softmax_scale=0.135))
+    for scale in (float("nan"), float("inf"), 0.0, -0.5):
+        with pytest.raises(ValueError, match="softmax_scale: expected a finite positive float"):
+            ext.mla_decode(*_host_launch_args(softmax_scale=scale))
+    args = _host_launch_args()
+    args[2] = torch.zeros(1, 0, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table: expected max_blocks \\(dim 1\\) in 1..2147483647"):
+        ext.mla_decode(*args)
+    args = _host_launch_args()
+    args[5] = torch.zeros(65536 + 1, dtype=torch.int32)  # num_parts = 65536; the other shapes are checked later
+    with pytest.raises(ValueError, match="part_splits: expected 2..65536 entries"):
+        ext.mla_decode(*args)
+    args[5] = torch.zeros(65535 + 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="splits: expected size 65536 in dim 0"):
+        ext.mla_decode(*args)
 
 
 # ---- the kernels, on a GPU ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 #include "mla_decode/mla_decode.h"
 
 #include <climits>
+#include <cmath>
 #include <string>
 #include <utility>
 
@@ -38,8 +39,8 @@ void launch_programmatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, i
 }
 
 // The split kernel waits for its predecessor (the planner, or whatever wrote q and the cache) after its
-// prologue; the combine's CTAs start while the split kernel's last CTAs finish, skip requests with one
-// split, and wait before reading partials.
+// prologue; the combine's CTAs start while the split kernel's last CTAs finish and all wait for it, so that
+// the combine's completion implies the split kernel's; those of requests with one split then exit.
 template <bool kFp8>
 void launch_decode(const CUtensorMap& tma_q, const CUtensorMap& tma_kv, const mla::Params& params, int m_blocks,
                    int num_parts, cudaStream_t stream) {
@@ -199,6 +200,10 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
                 const TensorView& splits, const TensorView& split_offsets, const TensorView& out,
                 const TensorView& lse, const TensorView& out_partial, const TensorView& lse_partial,
                 float softmax_scale, bool causal, cudaStream_t stream) {
+  // Only a finite positive scale gives finite scores; NaN or 0 would reach every output silently.
+  if (!(std::isfinite(softmax_scale) && softmax_scale > 0.0f)) {
+    throw_value_error("softmax_scale", "a finite positive float", std::to_string(softmax_scale));
+  }
   require_dtype(q, DType::BFloat16);
   if (kv_cache.dtype != DType::BFloat16 && kv_cache.dtype != DType::Float8E4M3) {
     throw_type_error(kv_cache.name, "dtype bfloat16 or float8_e4m3fn", dtype_name(kv_cache.dtype));
@@ -223,12 +228,21 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
   require_size(kv_cache, 2, 1, "one latent KV head");
   require_size(kv_cache, 3, mla::kHeadDimK, "512 latent + 64 RoPE");
   require_size(block_table, 0, b, "b");
+  // The kernel reads block_table[request * max_blocks + page] for every page with a key: a table without
+  // columns has no entry to read, and max_blocks travels as an int.
+  if (block_table.size(1) < 1 || block_table.size(1) > INT_MAX) {
+    throw_value_error(block_table.name, "max_blocks (dim 1) in 1.." + std::to_string(INT_MAX),
+                      "shape " + block_table.shape_str());
+  }
   require_int32_vector(seqlens, b, "b");
   require_int32_vector(split_offsets, b + 1, "b + 1");
   require_dtype(part_splits, DType::Int32);
   require_ndim(part_splits, 1);
   const int64_t num_parts = part_splits.size(0) - 1;
-  if (num_parts < 1) throw_value_error(part_splits.name, "at least 2 entries", part_splits.shape_str());
+  // The split kernel's grid is (m_blocks, num_parts): y is limited to 65535.
+  if (num_parts < 1 || num_parts > 65535) {
+    throw_value_error(part_splits.name, "2..65536 entries (num_parts + 1)", "shape " + part_splits.shape_str());
+  }
   const int64_t capacity = b + num_parts;
   require_ndim(splits, 2);
   require_dtype(splits, DType::Int32);
@@ -288,7 +302,6 @@ void mla_decode(const TensorView& q, const TensorView& kv_cache, const TensorVie
   params.causal = causal && s_q > 1;
 
   const int m_blocks = static_cast<int>((rows + mla::kRowsPerTile - 1) / mla::kRowsPerTile);
-  PK_ASSERT(num_parts <= 65535, "grid y limit");
   const CUtensorMap tma_q = make_q_map(q, b, rows);
   if (fp8) {
     const CUtensorMap unused{};  // the e4m3 cache moves by bulk copy

@@ -482,10 +482,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // grid (b, rows), 128 threads: one query row of one request, 4 output columns per thread (the batch on x,
-// whose limit is 2^31 - 1, not y's 65535). Launched as a programmatic dependent of the split kernel: a
-// request with a single split was written by the split kernel, and its CTAs exit before waiting for it
-// (split_offsets comes from the planner, which finished before the split kernel started). When no request
-// is split, the whole grid exits that way.
+// whose limit is 2^31 - 1, not y's 65535). Launched as a programmatic dependent of the split kernel. A
+// request with a single split was written by the split kernel and has nothing to merge, but its CTAs still
+// wait for the split kernel before they exit: griddepcontrol.wait (and the stream order of a plain launch)
+// only covers the grid right before, so the work after this grid is ordered after the split kernel only if
+// this grid cannot complete first. Without the wait, a batch with no split request lets this grid finish
+// while the split kernel still writes out and lse and reads the plan, and the next launch (the next step's
+// planner overwriting the plan, a split kernel reusing out, a programmatic consumer of out) races it.
 constexpr int kCombineThreads = 128;
 
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int* split_offsets,
@@ -493,10 +496,10 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const int*
                                                                        const float* lse_partial, bf16* out,
                                                                        float* lse, int s_q, int h_q) {
   const int request = blockIdx.x, row = blockIdx.y;
+  wait_for_prerequisite_grid();
   if (!needs_combine(split_offsets, request)) return;
   const int rows = s_q * h_q;
   const int first = split_offsets[request], last = split_offsets[request + 1];
-  wait_for_prerequisite_grid();
   float lse_max = -INFINITY;
   for (int g = first; g < last; ++g) lse_max = fmaxf(lse_max, lse_partial[static_cast<int64_t>(g) * rows + row]);
   const float ref = lse_max == -INFINITY ? 0.0f : lse_max;
