@@ -9,11 +9,12 @@ import torch as _torch
 from pykernels import moe
 from pykernels._backend import backends
 from pykernels._backend import extension as _extension
-from pykernels.fp8_gemm import (GROUPED_M_ALIGNMENT, fp8_gemm_config, fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous,
-                                m_grouped_fp8_gemm_nt_masked)
-from pykernels.fp8_quant import per_block_quant_fp8, per_token_group_quant_fp8
-from pykernels.mla_decode import MlaSchedule, get_mla_metadata, mla_decode
-from pykernels.moe import permute_to_experts, unpermute_from_experts
+from pykernels.fp8_gemm import GROUPED_M_ALIGNMENT, fp8_gemm_config
+from pykernels.mla_decode import MlaSchedule, get_mla_metadata
+# The ops as exported go through their torch.library custom ops, so torch.compile traces them whole.
+from pykernels.torch_ops import (fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked,
+                                 mla_decode, per_block_quant_fp8, per_token_group_quant_fp8, permute_to_experts,
+                                 unpermute_from_experts)
 
 __version__ = "0.1.0"
 
