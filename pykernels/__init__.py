@@ -9,12 +9,23 @@ import torch as _torch
 from pykernels import moe
 from pykernels._backend import backends
 from pykernels._backend import extension as _extension
+from pykernels import mla_decode as _mla_decode_module
+from pykernels import torch_ops as _torch_ops
 from pykernels.fp8_gemm import GROUPED_M_ALIGNMENT, fp8_gemm_config
-from pykernels.mla_decode import MlaSchedule, get_mla_metadata
-# The ops as exported go through their torch.library custom ops, so torch.compile traces them whole.
-from pykernels.torch_ops import (fp8_gemm_nt, m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked,
-                                 mla_decode, per_block_quant_fp8, per_token_group_quant_fp8, permute_to_experts,
-                                 unpermute_from_experts)
+from pykernels.interop import accepts_foreign_arrays as _accepts_foreign_arrays
+from pykernels.mla_decode import MlaSchedule
+
+# The ops as exported go through their torch.library custom ops, so torch.compile traces them whole, and take
+# CuPy / DLPack / __cuda_array_interface__ arrays as well as torch tensors, returning the caller's kind.
+fp8_gemm_nt = _accepts_foreign_arrays(_torch_ops.fp8_gemm_nt)
+m_grouped_fp8_gemm_nt_contiguous = _accepts_foreign_arrays(_torch_ops.m_grouped_fp8_gemm_nt_contiguous)
+m_grouped_fp8_gemm_nt_masked = _accepts_foreign_arrays(_torch_ops.m_grouped_fp8_gemm_nt_masked)
+mla_decode = _accepts_foreign_arrays(_torch_ops.mla_decode)
+per_block_quant_fp8 = _accepts_foreign_arrays(_torch_ops.per_block_quant_fp8)
+per_token_group_quant_fp8 = _accepts_foreign_arrays(_torch_ops.per_token_group_quant_fp8)
+permute_to_experts = _accepts_foreign_arrays(_torch_ops.permute_to_experts)
+unpermute_from_experts = _accepts_foreign_arrays(_torch_ops.unpermute_from_experts)
+get_mla_metadata = _accepts_foreign_arrays(_mla_decode_module.get_mla_metadata)
 
 __version__ = "0.1.0"
 
