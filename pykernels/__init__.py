@@ -1,16 +1,20 @@
 """pykernels: FP8 GEMM, MLA decode and MoE dispatch kernels for NVIDIA Hopper (sm_90a), each in CUDA C++
 and Triton beside a torch reference. Every op takes backend="auto" | "cuda" | "triton" | "torch";
-pykernels.backends() says which can run on this machine and why not."""
+pykernels.backends() says which can run on this machine and why not.
+
+Each op is also a torch.library custom op (torch.ops.pykernels.*, pykernels/torch_ops.py) that torch.compile
+traces whole, and takes CuPy / DLPack arrays as well as torch tensors (pykernels/interop.py). Code written
+for DeepGEMM, FlashMLA or DeepEP can import pykernels.compat.deep_gemm, .flash_mla or .deep_ep instead."""
 
 import warnings as _warnings
 
 import torch as _torch
 
+from pykernels import mla_decode as _mla_decode_module
 from pykernels import moe
+from pykernels import torch_ops as _torch_ops
 from pykernels._backend import backends
 from pykernels._backend import extension as _extension
-from pykernels import mla_decode as _mla_decode_module
-from pykernels import torch_ops as _torch_ops
 from pykernels.fp8_gemm import GROUPED_M_ALIGNMENT, fp8_gemm_config
 from pykernels.interop import accepts_foreign_arrays as _accepts_foreign_arrays
 from pykernels.mla_decode import MlaSchedule
