@@ -134,10 +134,12 @@ def test_opcheck_torch_backend(case):
 
 
 @pytest.mark.parametrize("name", ["per_token_group_quant_fp8", "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_masked",
-                                  "unpermute_from_experts"])
+                                  "mla_decode", "unpermute_from_experts"])
 def test_opcheck_triton_backend(name):
     """The Triton kernels through the same layer (under the interpreter on a CPU): the ops that are quick
-    there; the remaining ones share every line of the layer with their torch-backend cases."""
+    there; the remaining ones share every line of the layer with their torch-backend cases. Not
+    permute_to_experts: its Triton stage leaves padding rows uninitialized (their content is unspecified),
+    which opcheck's comparison of repeated runs reads as a difference."""
     _opcheck(name, next(build for n, build in CASES if n == name)("triton"))
 
 
