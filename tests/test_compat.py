@@ -75,7 +75,7 @@ def test_mn_major_tma_aligned_layout():
     assert deep_gemm.get_tma_aligned_size(37, 4) == 40 and deep_gemm.get_tma_aligned_size(37, 2) == 40
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 576, 512), (37, 200, 384), (130, 130, 256)])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 512), (37, 200, 384), (130, 130, 256), (64, 2112, 7168)])
 def test_deep_gemm_fp8_gemm_nt(backend, m, n, k):
     if backend == "triton" and m * n * k > 37 * 200 * 384:
         pytest.skip("interpreter time: one small Triton case suffices")
@@ -213,6 +213,7 @@ FLASH_MLA_CASES = [  # (b, s_q, s_k, h_q, varlen, causal, zero-length requests)
     (3, 2, 20, 9, False, True, False),
     (4, 2, 300, 16, True, True, True),
     (1, 4, 140, 1, False, True, False),
+    (2, 2, 4096, 128, True, True, True),  # DeepSeek-V3's 128 heads over long, uneven requests
 ]
 
 
