@@ -37,6 +37,23 @@ from pykernels._validate import FP8, cdiv
 
 NAMESPACE = "pykernels"
 
+# The ops are defined through torch.library.Library with explicit schemas rather than
+# torch.library.custom_op: the latter wraps every call in a Python autograd layer that costs tens of
+# microseconds, as much as a decode-sized kernel. None of the ops has a gradient.
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+
+
+def _custom_op(schema: str):
+    """Defines pykernels::<schema> with the decorated function as its implementation on every device;
+    returns the op (OpOverload), which the fake implementation is then registered for."""
+    def define(impl):
+        name = schema.split("(", 1)[0]
+        _LIBRARY.define(schema)
+        _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+        return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+    return define
+
 
 def _backend_name(backend) -> str:
     if not isinstance(backend, str) or backend not in _backend.BACKENDS:
@@ -74,13 +91,13 @@ def _optional_tensor(x, name: str):
 
 # ---- FP8 quantization ---------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{NAMESPACE}::per_token_group_quant_fp8", mutates_args=())
+@_custom_op("per_token_group_quant_fp8(Tensor x, int group_size, bool ue8m0, str backend) -> (Tensor, Tensor)")
 def _per_token_group_quant_fp8_op(x: Tensor, group_size: int, ue8m0: bool, backend: str) -> tuple[Tensor, Tensor]:
     q, s = _quant.per_token_group_quant_fp8(x, group_size, ue8m0, backend)
     return q.contiguous(), s.contiguous()
 
 
-@_per_token_group_quant_fp8_op.register_fake
+@torch.library.register_fake(_per_token_group_quant_fp8_op, lib=_LIBRARY)
 def _(x, group_size, ue8m0, backend):
     return (torch.empty(x.shape, dtype=FP8, device=x.device),
             x.new_empty((*x.shape[:-1], cdiv(x.shape[-1], group_size)), dtype=torch.float32))
@@ -92,13 +109,13 @@ def per_token_group_quant_fp8(x: Tensor, group_size: int = 128, ue8m0: bool = Fa
     return _per_token_group_quant_fp8_op(x, group_size, bool(ue8m0), _backend_name(backend))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::per_block_quant_fp8", mutates_args=())
+@_custom_op("per_block_quant_fp8(Tensor w, int block_size, bool ue8m0, str backend) -> (Tensor, Tensor)")
 def _per_block_quant_fp8_op(w: Tensor, block_size: int, ue8m0: bool, backend: str) -> tuple[Tensor, Tensor]:
     q, s = _quant.per_block_quant_fp8(w, block_size, ue8m0, backend)
     return q.contiguous(), s.contiguous()
 
 
-@_per_block_quant_fp8_op.register_fake
+@torch.library.register_fake(_per_block_quant_fp8_op, lib=_LIBRARY)
 def _(w, block_size, ue8m0, backend):
     n, k = w.shape[-2:]
     return (torch.empty(w.shape, dtype=FP8, device=w.device),
@@ -113,12 +130,12 @@ def per_block_quant_fp8(w: Tensor, block_size: int = 128, ue8m0: bool = False, b
 
 # ---- FP8 GEMMs: the ops write into `out`, allocated here when the caller gives none ----------------------
 
-@torch.library.custom_op(f"{NAMESPACE}::fp8_gemm_nt", mutates_args=("out",))
+@_custom_op("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, str backend) -> ()")
 def _fp8_gemm_nt_op(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out: Tensor, backend: str) -> None:
     _gemm.fp8_gemm_nt((a, sa), (b, sb), out=out, backend=backend)
 
 
-@_fp8_gemm_nt_op.register_fake
+@torch.library.register_fake(_fp8_gemm_nt_op, lib=_LIBRARY)
 def _(a, sa, b, sb, out, backend):
     return None
 
@@ -131,13 +148,14 @@ def fp8_gemm_nt(a_pair, b_pair, out: Optional[Tensor] = None, backend: str = "au
     return out
 
 
-@torch.library.custom_op(f"{NAMESPACE}::m_grouped_fp8_gemm_nt_contiguous", mutates_args=("out",))
+@_custom_op("m_grouped_fp8_gemm_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor m_indices, "
+            "Tensor(a!) out, str backend) -> ()")
 def _m_grouped_contiguous_op(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, m_indices: Tensor, out: Tensor,
                              backend: str) -> None:
     _gemm.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), m_indices, out=out, backend=backend)
 
 
-@_m_grouped_contiguous_op.register_fake
+@torch.library.register_fake(_m_grouped_contiguous_op, lib=_LIBRARY)
 def _(a, sa, b, sb, m_indices, out, backend):
     return None
 
@@ -152,13 +170,14 @@ def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, m_indices: Tensor, out: Opt
     return out
 
 
-@torch.library.custom_op(f"{NAMESPACE}::m_grouped_fp8_gemm_nt_masked", mutates_args=("out",))
+@_custom_op("m_grouped_fp8_gemm_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor masked_m, "
+            "int expected_m, Tensor(a!) out, str backend) -> ()")
 def _m_grouped_masked_op(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, masked_m: Tensor, expected_m: int,
                          out: Tensor, backend: str) -> None:
     _gemm.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), masked_m, expected_m, out=out, backend=backend)
 
 
-@_m_grouped_masked_op.register_fake
+@torch.library.register_fake(_m_grouped_masked_op, lib=_LIBRARY)
 def _(a, sa, b, sb, masked_m, expected_m, out, backend):
     return None
 
@@ -176,7 +195,9 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: Tensor, expected_m: i
 
 # ---- MLA decode: the schedule crosses as its three int32 tensors ---------------------------------------
 
-@torch.library.custom_op(f"{NAMESPACE}::mla_decode", mutates_args=())
+@_custom_op("mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+            "float? softmax_scale, bool causal, Tensor? kv_scale, Tensor? part_splits, Tensor? splits, "
+            "Tensor? split_offsets, str backend) -> (Tensor, Tensor)")
 def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
                    softmax_scale: Optional[float], causal: bool, kv_scale: Optional[Tensor],
                    part_splits: Optional[Tensor], splits: Optional[Tensor], split_offsets: Optional[Tensor],
@@ -190,7 +211,7 @@ def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqle
     return out.contiguous(), lse.contiguous()
 
 
-@_mla_decode_op.register_fake
+@torch.library.register_fake(_mla_decode_op, lib=_LIBRARY)
 def _(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, kv_scale, part_splits, splits,
       split_offsets, backend):
     b, s_q, h_q, _ = q.shape
@@ -224,7 +245,8 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: 
 
 # ---- MoE permute / unpermute --------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{NAMESPACE}::permute_to_experts", mutates_args=())
+@_custom_op("permute_to_experts(Tensor x, Tensor? x_scales, Tensor topk_idx, int alignment, "
+            "int? num_local_experts, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
 def _permute_to_experts_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tensor, alignment: int,
                            num_local_experts: Optional[int], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     recv_x = x if x_scales is None else (x, x_scales)
@@ -237,7 +259,7 @@ def _permute_to_experts_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tens
     return sorted_x.contiguous(), sorted_scales.contiguous(), m_indices.contiguous(), perm.contiguous()
 
 
-@_permute_to_experts_op.register_fake
+@torch.library.register_fake(_permute_to_experts_op, lib=_LIBRARY)
 def _(x, x_scales, topk_idx, alignment, num_local_experts, backend):
     # The row count depends on how many tokens each expert received: a size only the data can tell.
     rows = torch.library.get_ctx().new_dynamic_size()
@@ -265,12 +287,12 @@ def permute_to_experts(recv_x, recv_topk_idx: Tensor, alignment: int = 128, num_
     return (sorted_x if scales is None else (sorted_x, sorted_scales)), m_indices, perm
 
 
-@torch.library.custom_op(f"{NAMESPACE}::unpermute_from_experts", mutates_args=())
+@_custom_op("unpermute_from_experts(Tensor y_sorted, Tensor perm, Tensor recv_topk_weights, str backend) -> Tensor")
 def _unpermute_from_experts_op(y_sorted: Tensor, perm: Tensor, recv_topk_weights: Tensor, backend: str) -> Tensor:
     return _moe.unpermute_from_experts(y_sorted, perm, recv_topk_weights, backend).contiguous()
 
 
-@_unpermute_from_experts_op.register_fake
+@torch.library.register_fake(_unpermute_from_experts_op, lib=_LIBRARY)
 def _(y_sorted, perm, recv_topk_weights, backend):
     return y_sorted.new_empty((perm.shape[0], y_sorted.shape[1]))
 
