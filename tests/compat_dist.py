@@ -94,5 +94,9 @@ def program_deep_ep_intranode(rank, world, backend, seed, token_counts, hidden, 
             assert bool((combined[~sent] == 0).all())
             if with_topk:
                 assert moe_dist.calc_diff(combined_weights, topk_weights) < 1e-9
+                biases = (torch.randn(tokens, hidden).bfloat16(), torch.randn(tokens, hidden).bfloat16())
+                with_bias, _, _ = buffer.combine(recv_x, handle, bias=biases)
+                want = (combined.float() + biases[0].float() + biases[1].float()).bfloat16()
+                assert torch.equal(with_bias, want)
             checks += 1
     return checks
