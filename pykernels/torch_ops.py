@@ -43,7 +43,7 @@ NAMESPACE = "pykernels"
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
-def _custom_op(schema: str):
+def _define_op(schema: str):
     """Defines pykernels::<schema> with the decorated function as its implementation on every device;
     returns the op (OpOverload), which the fake implementation is then registered for."""
     def define(impl):
@@ -91,7 +91,7 @@ def _optional_tensor(x, name: str):
 
 # ---- FP8 quantization ---------------------------------------------------------------------------------
 
-@_custom_op("per_token_group_quant_fp8(Tensor x, int group_size, bool ue8m0, str backend) -> (Tensor, Tensor)")
+@_define_op("per_token_group_quant_fp8(Tensor x, int group_size, bool ue8m0, str backend) -> (Tensor, Tensor)")
 def _per_token_group_quant_fp8_op(x: Tensor, group_size: int, ue8m0: bool, backend: str) -> tuple[Tensor, Tensor]:
     q, s = _quant.per_token_group_quant_fp8(x, group_size, ue8m0, backend)
     return q.contiguous(), s.contiguous()
@@ -109,7 +109,7 @@ def per_token_group_quant_fp8(x: Tensor, group_size: int = 128, ue8m0: bool = Fa
     return _per_token_group_quant_fp8_op(x, group_size, bool(ue8m0), _backend_name(backend))
 
 
-@_custom_op("per_block_quant_fp8(Tensor w, int block_size, bool ue8m0, str backend) -> (Tensor, Tensor)")
+@_define_op("per_block_quant_fp8(Tensor w, int block_size, bool ue8m0, str backend) -> (Tensor, Tensor)")
 def _per_block_quant_fp8_op(w: Tensor, block_size: int, ue8m0: bool, backend: str) -> tuple[Tensor, Tensor]:
     q, s = _quant.per_block_quant_fp8(w, block_size, ue8m0, backend)
     return q.contiguous(), s.contiguous()
@@ -130,7 +130,7 @@ def per_block_quant_fp8(w: Tensor, block_size: int = 128, ue8m0: bool = False, b
 
 # ---- FP8 GEMMs: the ops write into `out`, allocated here when the caller gives none ----------------------
 
-@_custom_op("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, str backend) -> ()")
+@_define_op("fp8_gemm_nt(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor(a!) out, str backend) -> ()")
 def _fp8_gemm_nt_op(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out: Tensor, backend: str) -> None:
     _gemm.fp8_gemm_nt((a, sa), (b, sb), out=out, backend=backend)
 
@@ -148,7 +148,7 @@ def fp8_gemm_nt(a_pair, b_pair, out: Optional[Tensor] = None, backend: str = "au
     return out
 
 
-@_custom_op("m_grouped_fp8_gemm_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor m_indices, "
+@_define_op("m_grouped_fp8_gemm_nt_contiguous(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor m_indices, "
             "Tensor(a!) out, str backend) -> ()")
 def _m_grouped_contiguous_op(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, m_indices: Tensor, out: Tensor,
                              backend: str) -> None:
@@ -170,7 +170,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a_pair, b_pair, m_indices: Tensor, out: Opt
     return out
 
 
-@_custom_op("m_grouped_fp8_gemm_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor masked_m, "
+@_define_op("m_grouped_fp8_gemm_nt_masked(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor masked_m, "
             "int expected_m, Tensor(a!) out, str backend) -> ()")
 def _m_grouped_masked_op(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, masked_m: Tensor, expected_m: int,
                          out: Tensor, backend: str) -> None:
@@ -195,7 +195,7 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: Tensor, expected_m: i
 
 # ---- MLA decode: the schedule crosses as its three int32 tensors ---------------------------------------
 
-@_custom_op("mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+@_define_op("mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
             "float? softmax_scale, bool causal, Tensor? kv_scale, Tensor? part_splits, Tensor? splits, "
             "Tensor? split_offsets, str backend) -> (Tensor, Tensor)")
 def _mla_decode_op(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
@@ -245,7 +245,7 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: 
 
 # ---- MoE permute / unpermute --------------------------------------------------------------------------
 
-@_custom_op("permute_to_experts(Tensor x, Tensor? x_scales, Tensor topk_idx, int alignment, "
+@_define_op("permute_to_experts(Tensor x, Tensor? x_scales, Tensor topk_idx, int alignment, "
             "int? num_local_experts, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
 def _permute_to_experts_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tensor, alignment: int,
                            num_local_experts: Optional[int], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -287,7 +287,7 @@ def permute_to_experts(recv_x, recv_topk_idx: Tensor, alignment: int = 128, num_
     return (sorted_x if scales is None else (sorted_x, sorted_scales)), m_indices, perm
 
 
-@_custom_op("unpermute_from_experts(Tensor y_sorted, Tensor perm, Tensor recv_topk_weights, str backend) -> Tensor")
+@_define_op("unpermute_from_experts(Tensor y_sorted, Tensor perm, Tensor recv_topk_weights, str backend) -> Tensor")
 def _unpermute_from_experts_op(y_sorted: Tensor, perm: Tensor, recv_topk_weights: Tensor, backend: str) -> Tensor:
     return _moe.unpermute_from_experts(y_sorted, perm, recv_topk_weights, backend).contiguous()
 
