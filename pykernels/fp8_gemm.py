@@ -16,13 +16,13 @@ import torch
 from pykernels import _backend, _validate
 from pykernels._validate import FP8, cdiv
 from pykernels.reference import fp8_gemm as reference
+from pykernels.reference.fp8_quant import column_major_scales_rows, empty_token_group_scales
 
 BLOCK_K = 128
 # Each group's rows in the contiguous layout start at a multiple of this (padding rows carry index -1),
 # so that no M tile of a kernel straddles two groups.
 GROUPED_M_ALIGNMENT = 128
 _H800_SMS = 132
-_TMA_ALIGNMENT_FLOATS = 4  # TMA needs 16-byte aligned strides
 
 
 def _pair(pair, name: str, scales_name: str):
@@ -32,15 +32,10 @@ def _pair(pair, name: str, scales_name: str):
     return pair
 
 
-def _tma_aligned_rows(m: int) -> int:
-    """M rounded up to whole 16-byte units of float32 scales: the column stride of MN-major scales."""
-    return cdiv(m, _TMA_ALIGNMENT_FLOATS) * _TMA_ALIGNMENT_FLOATS
-
-
 def _mn_major_strides(shape) -> tuple:
     """The strides of MN-major TMA-aligned scales of `shape` ([M, KB] or [G, M, KB])."""
     m, kb = shape[-2], shape[-1]
-    m_pad = _tma_aligned_rows(m)
+    m_pad = column_major_scales_rows(m)
     return (m_pad * kb, 1, m_pad)[-len(shape):]
 
 
@@ -61,9 +56,7 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
     _validate.tensor(sf, "sf", (torch.float32,), ndim=(2, 3))
     if _is_mn_major_tma_aligned(sf):
         return sf
-    *lead, m, kb = sf.shape
-    storage = torch.empty(lead + [kb, _tma_aligned_rows(m)], dtype=sf.dtype, device=sf.device)
-    aligned = storage[..., :m].transpose(-1, -2)
+    aligned = empty_token_group_scales(tuple(sf.shape[:-1]), sf.shape[-1], True, sf.device)
     aligned.copy_(sf)
     return aligned
 
