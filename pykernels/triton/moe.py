@@ -50,7 +50,8 @@ def dispatch_layout_kernel(
     ranks = tl.arange(0, W_PAD)
     running = tl.zeros([W_PAD], dtype=tl.int32)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, num_tokens, BLOCK_T):
+    start = 0
+    while start < num_tokens:  # a while loop: triton 3.6's interpreter takes no runtime value as a range bound
         offs_t = start + tl.arange(0, BLOCK_T)
         in_range = offs_t < num_tokens
         hit = tl.zeros([BLOCK_T, W_PAD], dtype=tl.int32)
@@ -64,6 +65,7 @@ def dispatch_layout_kernel(
         out_mask = in_range[:, None] & (ranks[None, :] < world)
         tl.store(slots_ptr + offs_t.to(tl.int64)[:, None] * world + ranks[None, :], slot, mask=out_mask)
         running += tl.sum(hit, axis=0)
+        start += BLOCK_T
     tl.store(per_rank_ptr + ranks, running.to(tl.int64), mask=ranks < world)
     experts = tl.arange(0, E_PAD)
     tl.store(per_expert_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
@@ -113,7 +115,8 @@ def pack_kernel(
     k_mask = offs_k < TOPK
     e = tl.load(idx_ptr + t * TOPK + offs_k, mask=k_mask, other=-1)
     wv = tl.load(w_ptr + t * TOPK + offs_k, mask=k_mask, other=0.0)
-    for r in range(world):
+    r = 0
+    while r < world:
         slot = tl.load(slots_ptr + t * world + r)
         if slot >= 0:
             dst = tl.load(offsets_ptr + r) + slot
@@ -126,6 +129,7 @@ def pack_kernel(
                 tl.store(meta_row + TOPK + offs_k, tl.where(mine, wv, 0.0).to(tl.int32, bitcast=True), mask=k_mask)
             if QUANTIZE or HAS_SCALES:
                 tl.store(meta_row + 2 * TOPK + groups, scale_bits, mask=g_mask)
+        r += 1
 
 
 @triton.jit
@@ -142,11 +146,13 @@ def combine_reduce_kernel(
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < hidden
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for r in range(world):
+    r = 0
+    while r < world:
         slot = tl.load(slots_ptr + t * world + r)
         if slot >= 0:
             src = tl.load(offsets_ptr + r) + slot
             acc += tl.load(buf_ptr + src * hidden + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+        r += 1
     tl.store(out_ptr + t * hidden + offs_h, _to_output(acc, out_ptr), mask=h_mask)
 
 
@@ -162,7 +168,8 @@ def expert_ranks_kernel(
 ):
     experts = tl.arange(0, L_PAD)
     running = tl.zeros([L_PAD], dtype=tl.int32)
-    for start in range(0, num_pairs, BLOCK_P):
+    start = 0
+    while start < num_pairs:
         offs = start + tl.arange(0, BLOCK_P)
         in_range = offs < num_pairs
         e = tl.load(idx_ptr + offs, mask=in_range, other=-1).to(tl.int32)
@@ -171,6 +178,7 @@ def expert_ranks_kernel(
         rank = tl.sum(tl.where(onehot > 0, before, 0), axis=1)
         tl.store(rank_ptr + offs, tl.where(e >= 0, rank, -1), mask=in_range)
         running += tl.sum(onehot, axis=0)
+        start += BLOCK_P
     tl.store(counts_ptr + experts, running.to(tl.int64), mask=experts < num_local)
 
 
