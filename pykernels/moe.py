@@ -54,6 +54,13 @@ class Transport(abc.ABC):
         """send [sum(send_splits), ...], rows grouped by destination rank -> [sum(recv_splits), ...], rows
         grouped by source rank in rank order, each source's rows in the order it sent them."""
 
+    def exchange_equal(self, send: torch.Tensor) -> torch.Tensor:
+        """send [W * n, ...], block r (n rows) for rank r -> [W * n, ...], block r from rank r. The split
+        is fixed by the shape, so no count is read: the low-latency mode's only collective."""
+        rows = send.shape[0] // self.world_size
+        splits = [rows] * self.world_size
+        return self.exchange_rows(send, splits, splits)
+
 
 class AllToAllTransport(Transport):
     """torch.distributed all_to_all_single with uneven splits on the group's stream (NCCL on GPUs, gloo on
@@ -81,6 +88,12 @@ class AllToAllTransport(Transport):
         self._dist.all_to_all_single(recv_bytes, send_bytes, output_split_sizes=list(recv_splits),
                                      input_split_sizes=list(send_splits), group=self.group)
         return recv_bytes.view(send.dtype).reshape(-1, *row_shape)
+
+    def exchange_equal(self, send):
+        send_bytes = send.contiguous().view(torch.uint8)
+        recv_bytes = torch.empty_like(send_bytes)
+        self._dist.all_to_all_single(recv_bytes, send_bytes, group=self.group)
+        return recv_bytes.view(send.dtype)
 
 
 # ---- stage implementations per backend -------------------------------------------------------------------
@@ -228,6 +241,18 @@ class DispatchHandle:
     recv_splits: tuple  # rows received from each rank
 
 
+@dataclass(frozen=True)
+class LowLatencyHandle:
+    """What low_latency_combine needs: the received rows (for their expert ids) and where each landed."""
+
+    recv: torch.Tensor  # [W * M, row words] int32, the rows as received
+    pos: torch.Tensor  # [W * M, k] int32: each received (row, slot)'s row in its expert's block, -1 = none
+    row: reference.LowLatencyRow
+    num_experts: int
+    max_tokens_per_rank: int
+    num_tokens: int  # T on this rank
+
+
 class Buffer:
     """Expert-parallel dispatch and combine over a torch.distributed process group.
 
@@ -356,6 +381,82 @@ class Buffer:
         with _backend.on_device(buf.device):
             return _stages(which).combine_reduce(buf, handle.token_slots, handle.send_offsets)
 
+
+    # ---- low-latency mode: fixed-size buffers, one equal-split collective each way, no host reads ----
+
+    def _resolve_low_latency(self, device, op):
+        # The low-latency stages exist in Triton and torch: auto runs Triton on GPUs.
+        return _backend.resolve(self.backend, device, op, cuda_ok=False)
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, max_tokens_per_rank: int,
+                             num_experts: int, use_fp8: bool = True):
+        """Decode-time dispatch into fixed per-expert receive blocks, for m_grouped_fp8_gemm_nt_masked.
+
+        x: bf16 [T, H] with T <= max_tokens_per_rank (and H % 128 == 0 when use_fp8). topk_idx: int64 [T, k];
+        ids outside [0, num_experts) are ignored (there is no host read to refuse them). Every rank of the
+        group must pass the same max_tokens_per_rank, num_experts, H, k and use_fp8.
+
+        Returns (recv_x [L, W * M, H], recv_scales [L, W * M, H / 128] float32 or None, recv_count int32 [L]
+        on the device, handle). recv_x is FP8 e4m3 (quantized in the pack, 1x128 scales) when use_fp8, else
+        bf16; recv_x[e, :recv_count[e]] are the tokens routed to local expert e, ordered by source rank then
+        source token; later rows are unspecified. (recv_x, recv_scales) is the A operand of
+        m_grouped_fp8_gemm_nt_masked with masked_m = recv_count. No tensor value is read on the host and
+        every buffer's size is fixed by (W, M, H, k), so the call can be captured in a CUDA graph.
+        """
+        _validate.tensor(x, "x", PAYLOAD_DTYPES, ndim=2, contiguous=True)
+        _validate.boolean(use_fp8, "use_fp8")
+        world = self.world_size
+        _num_experts(num_experts, world)
+        max_tokens = _validate.integer(max_tokens_per_rank, "max_tokens_per_rank", 1)
+        tokens, hidden = x.shape
+        if tokens > max_tokens:
+            raise ValueError(f"x: expected at most max_tokens_per_rank = {max_tokens} tokens, got {tokens}")
+        if use_fp8 and hidden % SCALE_GROUP:
+            raise ValueError(f"x: expected a hidden size that is a multiple of {SCALE_GROUP} for use_fp8=True, "
+                             f"got {hidden}")
+        _routing(topk_idx, None, x, "x")
+        num_local = num_experts // world
+        _validate.integer(num_local * world * max_tokens, "num_local_experts * world * max_tokens_per_rank")
+        row = reference.LowLatencyRow(hidden, topk_idx.shape[1], use_fp8)
+        stages = _stages(self._resolve_low_latency(x.device, "moe low_latency_dispatch"))
+        with _backend.on_device(x.device):
+            send = stages.ll_pack(x, topk_idx, num_experts, world, max_tokens, row)
+        recv = self.transport.exchange_equal(send)
+        with _backend.on_device(recv.device):
+            recv_count, pos = stages.ll_positions(recv, num_local, row)
+            recv_x, recv_scales = stages.ll_unpack(recv, pos, num_local, row)
+        handle = LowLatencyHandle(recv, pos, row, num_experts, max_tokens, tokens)
+        return recv_x, recv_scales, recv_count, handle
+
+    def low_latency_combine(self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle) -> torch.Tensor:
+        """y: bf16 [L, W * M, N], the experts' outputs in low_latency_dispatch's receive layout (rows past
+        recv_count are never read). topk_idx / topk_weights: this rank's routing of that dispatch ([T, k]
+        int64 / float32). Returns bf16 [T, N]: out[t] = sum over t's slots of topk_weights[t, j] times the
+        output of expert topk_idx[t, j] for t, in float32, rounded once. No host reads; graph-capturable."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle: expected the LowLatencyHandle that low_latency_dispatch returned, "
+                            f"got {type(handle).__name__}")
+        world = self.world_size
+        num_local = handle.num_experts // world
+        rows = world * handle.max_tokens_per_rank
+        _validate.tensor(y, "y", (torch.bfloat16,), ndim=3, contiguous=True)
+        if y.shape[:2] != (num_local, rows):
+            raise ValueError(f"y: expected shape [{num_local}, {rows}, N] (local experts, W * max_tokens_per_rank), "
+                             f"got {list(y.shape)}")
+        _validate.tensor(topk_idx, "topk_idx", (torch.int64,), ndim=2, contiguous=True)
+        _validate.shape(topk_idx, "topk_idx", (handle.num_tokens, handle.row.topk), "as in the dispatch")
+        _validate.tensor(topk_weights, "topk_weights", (torch.float32,), ndim=2, contiguous=True)
+        _validate.shape(topk_weights, "topk_weights", tuple(topk_idx.shape), "same as topk_idx")
+        _validate.same_device(y, "y", topk_idx=topk_idx, topk_weights=topk_weights,
+                              **{"handle.recv": handle.recv})
+        stages = _stages(self._resolve_low_latency(y.device, "moe low_latency_combine"))
+        with _backend.on_device(y.device):
+            ret = stages.ll_combine_pack(y, handle.recv, handle.pos, handle.row)
+        returned = self.transport.exchange_equal(ret)
+        with _backend.on_device(y.device):
+            return stages.ll_combine_reduce(returned.view(world, handle.max_tokens_per_rank, handle.row.topk, -1),
+                                            topk_idx, topk_weights, handle.num_experts)
 
 # ---- expert-sorted layout for the grouped GEMM ----------------------------------------------------------
 

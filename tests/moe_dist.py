@@ -320,3 +320,68 @@ def program_fails_on_rank_1(rank, world):
     if rank == 1:
         raise ValueError("deliberate failure on rank 1")
     dist.barrier()
+
+
+def program_low_latency_layer(rank, world, backends, seed, token_counts, hidden, inter, topk, experts, max_tokens):
+    """A decode MoE layer in low-latency mode: low_latency_dispatch (FP8) -> masked grouped GEMM (gate/up)
+    -> SiLU-mul -> per-token-group quantization -> masked grouped GEMM (down) -> low_latency_combine,
+    against a dense float64 reference that rounds where the pipeline rounds (bf16 GEMM outputs, the
+    activation's FP8 quantization). Each backend runs with its own routing through the same group."""
+    import pykernels
+    from pykernels import moe
+    from pykernels.reference import fp8_quant as fq
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    w13q, w13s = fq.per_block_quant_fp8(torch.randn((experts, 2 * inter, hidden), generator=gen) / math.sqrt(hidden))
+    w2q, w2s = fq.per_block_quant_fp8(torch.randn((experts, hidden, inter), generator=gen) / math.sqrt(inter))
+    num_local = experts // world
+    mine = slice(rank * num_local, (rank + 1) * num_local)
+    local_w13 = (w13q[mine].contiguous().to(DEVICE), w13s[mine].contiguous().to(DEVICE))
+    local_w2 = (w2q[mine].contiguous().to(DEVICE), w2s[mine].contiguous().to(DEVICE))
+    diffs = []
+    for step, backend in enumerate(backends):
+        gemm_backend = "torch" if backend == "torch" else "auto"
+        buffer = moe.Buffer(None, backend=backend)
+        inputs = make_inputs(seed + 100 * step, token_counts, hidden, topk, experts)
+        x, idx, w = inputs[rank]
+        recv_x, recv_s, recv_count, handle = buffer.low_latency_dispatch(x.to(DEVICE), idx.to(DEVICE), max_tokens,
+                                                                         experts)
+        want_count = [len(b) for b in _ll_blocks([i for _, i, _ in inputs], rank, world, experts)]
+        assert recv_count.tolist() == want_count, (recv_count, want_count)
+        gate_up = pykernels.m_grouped_fp8_gemm_nt_masked((recv_x, recv_s), local_w13, recv_count, max_tokens,
+                                                         backend=gemm_backend)
+        act = (torch.nn.functional.silu(gate_up[..., :inter].float()) * gate_up[..., inter:].float()).bfloat16()
+        act_q = pykernels.per_token_group_quant_fp8(act, backend=gemm_backend)
+        down = pykernels.m_grouped_fp8_gemm_nt_masked(act_q, local_w2, recv_count, max_tokens, backend=gemm_backend)
+        out = buffer.low_latency_combine(down, idx.to(DEVICE), w.to(DEVICE), handle).cpu()
+
+        xq, xs = fq.per_token_group_quant_fp8(x)
+        a = fq.dequantize_token_groups(xq, xs).double()
+        want = torch.zeros((x.shape[0], hidden), dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for j in range(topk):
+                e = int(idx[t, j])
+                if e < 0:
+                    continue
+                h1 = (a[t] @ fq.dequantize_blocks(w13q[e], w13s[e]).double().T).bfloat16().float()
+                h = (torch.nn.functional.silu(h1[:inter]) * h1[inter:]).bfloat16()
+                hq, hs = fq.per_token_group_quant_fp8(h.unsqueeze(0))
+                h = fq.dequantize_token_groups(hq, hs).double()[0]
+                want[t] += float(w[t, j]) * (h @ fq.dequantize_blocks(w2q[e], w2s[e]).double().T).bfloat16().double()
+        assert out.shape == (x.shape[0], hidden) and out.dtype == torch.bfloat16
+        diff = calc_diff(out, want)
+        assert diff < 1e-4, diff
+        if want.numel():
+            assert bool(((out.double() - want).abs() <= want.abs().max() * 2 ** -6).all())
+        diffs.append(diff)
+    return max(diffs)
+
+
+def _ll_blocks(idxs, rank, world, experts):
+    num_local = experts // world
+    blocks = [[] for _ in range(num_local)]
+    for src, idx in enumerate(idxs):
+        for t, ids in enumerate(idx.tolist()):
+            for e in dict.fromkeys(e for e in ids if 0 <= e < experts and e // num_local == rank):
+                blocks[e - rank * num_local].append((src, t))
+    return blocks

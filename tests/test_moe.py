@@ -500,3 +500,240 @@ def test_dispatch_combine_nccl(backend):
                        dist_backend="nccl", timeout=300)
     moe_dist.run_ranks(world, moe_dist.program_fp8, backend, 18, counts, 7168, 8, 32 * world,
                        dist_backend="nccl", timeout=300)
+
+
+# ---- low-latency mode ------------------------------------------------------------------------------------
+
+def ll_routing(tokens, topk, experts, seed):
+    """Routing with the unchecked path's corner cases: ids == experts and beyond, ids below -1, and a token
+    naming one expert twice (it must take one row of that expert's block, and both slots its output)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx, w = moe_dist.make_routing(tokens, topk, experts, gen)
+    if tokens > 3 and topk > 1:
+        idx[1, 0], idx[2, topk - 1], idx[3, 0] = experts, experts + 5, -3
+        idx[4 % tokens, 1] = idx[4 % tokens, 0] = 0
+        w[4 % tokens, :2] = torch.tensor([0.25, 0.5])
+    return idx, w
+
+
+def expected_blocks(idxs, rank, world, experts):
+    """Independent loops: for each local expert of `rank`, the (source rank, token) pairs routed to it, in
+    the order the receive block holds them."""
+    num_local = experts // world
+    blocks = [[] for _ in range(num_local)]
+    for src, idx in enumerate(idxs):
+        for t, ids in enumerate(idx.tolist()):
+            for e in dict.fromkeys(e for e in ids if 0 <= e < experts and e // num_local == rank):
+                blocks[e - rank * num_local].append((src, t))
+    return blocks
+
+
+def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hidden, gen):
+    """Runs every rank's low-latency stages in one process, with the all-to-all done by hand, checks the
+    receive side against expected_blocks and returns (combined outputs, float64 expectations)."""
+    world = len(xs)
+    num_local = experts // world
+    row = ref.LowLatencyRow(xs[0].shape[1], idxs[0].shape[1], fp8)
+    sends = [stages.ll_pack(x, idx, experts, world, max_tokens, row) for x, idx in zip(xs, idxs)]
+    rows = world * max_tokens
+    ys, returned_blocks = [], []
+    for q in range(world):
+        recv = torch.cat([s[q * max_tokens:(q + 1) * max_tokens] for s in sends])
+        count, pos = stages.ll_positions(recv, num_local, row)
+        recv_x, recv_s = stages.ll_unpack(recv, pos, num_local, row)
+        blocks = expected_blocks(idxs, q, world, experts)
+        assert count.dtype == torch.int32 and count.tolist() == [len(b) for b in blocks]
+        assert recv_x.shape == (num_local, rows, row.hidden) and recv_x.is_contiguous()
+        for e, block in enumerate(blocks):
+            if not block:
+                continue
+            got = recv_x[e, :len(block)]
+            want = torch.stack([xs[src][t] for src, t in block])
+            if fp8:
+                want_q, want_s = fq.per_token_group_quant_fp8(want)
+                assert torch.equal(recv_s[e, :len(block)], want_s)
+                assert moe_dist.fp8_steps(got, want_q) <= (0 if stages is ref else 1)
+            else:
+                assert recv_s is None and torch.equal(got, want)
+        y = torch.randn((num_local, rows, out_hidden), generator=gen).bfloat16()
+        for e, block in enumerate(blocks):
+            y[e, len(block):] = float("nan")  # rows past recv_count must never be read
+        ys.append(y)
+        returned_blocks.append(stages.ll_combine_pack(y, recv, pos, row))
+    outs, wants = [], []
+    for src in range(world):
+        back = torch.cat([r[src * max_tokens:(src + 1) * max_tokens] for r in returned_blocks])
+        out = stages.ll_combine_reduce(back.view(world, max_tokens, row.topk, out_hidden), idxs[src], ws[src],
+                                       experts)
+        want = torch.zeros((idxs[src].shape[0], out_hidden), dtype=torch.float64)
+        mag = torch.zeros_like(want)
+        for t, ids in enumerate(idxs[src].tolist()):
+            for j, e in enumerate(ids):
+                if 0 <= e < experts:
+                    q = e // num_local
+                    i = expected_blocks(idxs, q, world, experts)[e - q * num_local].index((src, t))
+                    term = float(ws[src][t, j]) * ys[q][e - q * num_local, i].double()
+                    want[t] += term
+                    mag[t] += term.abs()
+        outs.append(out)
+        wants.append((want, mag))
+    return outs, wants
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("world,counts,hidden,topk,experts,max_tokens,fp8",
+                         [(2, [5, 3], 256, 3, 4, 6, True), (3, [7, 0, 4], 136, 4, 9, 7, False),
+                          (4, [1, 6, 2, 6], 384, 2, 8, 6, True)])
+def test_low_latency_stages_against_loops(backend, world, counts, hidden, topk, experts, max_tokens, fp8):
+    stages = moe._stages(backend)
+    gen = torch.Generator().manual_seed(sum(counts) + hidden)
+    xs, idxs, ws = [], [], []
+    for r, t in enumerate(counts):
+        xs.append((torch.randn((t, hidden), generator=gen) * 3).bfloat16())
+        idx, w = ll_routing(t, topk, experts, seed=r + hidden)
+        idxs.append(idx)
+        ws.append(w)
+    outs, wants = simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, 40, gen)
+    for out, (want, mag) in zip(outs, wants):
+        assert out.dtype == torch.bfloat16 and not bool(out.isnan().any())
+        # float32 sums of <= k rounded products, one bf16 rounding: within 2^-8 of the magnitude.
+        assert bool(((out.double() - want).abs() <= mag * 2 ** -8 + 1e-12).all())
+
+
+def test_low_latency_pack_matches_reference_words():
+    """The Triton pack writes the reference's ids, scales and payload bytes wherever they are specified."""
+    idx, _ = ll_routing(5, 3, 6, seed=1)
+    x = torch.randn(5, 256).bfloat16()
+    for fp8 in (True, False):
+        row = ref.LowLatencyRow(256, 3, fp8)
+        want = ref.ll_pack(x, idx, 6, 3, 8, row).view(3, 8, row.words)
+        got = moe._stages("triton").ll_pack(x, idx, 6, 3, 8, row).view(3, 8, row.words)
+        ids = slice(row.id_word, row.id_word + 3)
+        assert torch.equal(got[:, :, ids], want[:, :, ids])
+        sent = (want[:, :, ids] >= 0).any(-1)
+        assert torch.equal(got[:, :, :row.id_word][sent][:, row.scale_word:],
+                           want[:, :, :row.id_word][sent][:, row.scale_word:])
+        payload = lambda t: t[sent].view(torch.uint8)[:, :row.payload_bytes]
+        if fp8:
+            assert moe_dist.fp8_steps(payload(got).view(FP8), payload(want).view(FP8)) <= 1
+        else:
+            assert torch.equal(payload(got), payload(want))
+
+
+class _CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_low_latency_reads_nothing_on_the_host(backend, device):
+    buffer = moe.Buffer(transport=Loopback(), backend=backend)
+    idx, w = ll_routing(6, 3, 5, seed=4)
+    x = torch.randn(6, 128).bfloat16().to(device)
+    idx, w = idx.to(device), w.to(device)
+    counter = _CountHostReads()
+    with counter:
+        recv_x, recv_s, count, handle = buffer.low_latency_dispatch(x, idx, 8, 5)
+        out = buffer.low_latency_combine(torch.ones(5, 8, 64, dtype=torch.bfloat16, device=device), idx, w, handle)
+    assert counter.reads == 0
+    # Identity-free check on one rank: every expert output is 1, so out[t] = sum of t's valid weights.
+    valid = (idx >= 0) & (idx < 5)
+    want = torch.where(valid, w, 0.0).sum(1, keepdim=True).expand(6, 64)
+    torch.testing.assert_close(out.float().cpu(), want.cpu(), rtol=2 ** -8, atol=0)
+    assert count.tolist() == [len(b) for b in expected_blocks([idx.cpu()], 0, 1, 5)]
+
+
+def test_low_latency_bad_inputs_raise_before_communication():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
+    x = torch.randn(6, 256).bfloat16()
+    idx, w = routing(6, 2, 8)
+    cases = [
+        (lambda: buffer.low_latency_dispatch(x, idx, 5, 8), ValueError, "x: expected at most max_tokens_per_rank = 5"),
+        (lambda: buffer.low_latency_dispatch(x, idx, 0, 8), ValueError, "max_tokens_per_rank: expected an int in"),
+        (lambda: buffer.low_latency_dispatch(x, idx, 6.0, 8), TypeError, "max_tokens_per_rank: expected an int"),
+        (lambda: buffer.low_latency_dispatch(x, idx, 8, 10), ValueError, "num_experts"),
+        (lambda: buffer.low_latency_dispatch(x, idx, 8, 8, use_fp8="no"), TypeError, "use_fp8: expected a bool"),
+        (lambda: buffer.low_latency_dispatch(x[:, :200].contiguous(), idx, 8, 8), ValueError, "multiple of 128"),
+        (lambda: buffer.low_latency_dispatch(x.float(), idx, 8, 8), TypeError, "x: expected dtype bfloat16"),
+        (lambda: buffer.low_latency_dispatch(x, idx[:5], 8, 8), ValueError, "topk_idx: expected 6 rows"),
+        (lambda: buffer.low_latency_combine(x, idx, w, None), TypeError, "handle: expected the LowLatencyHandle"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+@pytest.mark.parametrize("world,counts", [(2, [5, 8]), (4, [8, 0, 3, 7])])
+def test_low_latency_moe_layer_multi_rank(world, counts):
+    """Torch stages, then Triton stages, in the same ranks (one spawn per world size)."""
+    diffs = moe_dist.run_ranks(world, moe_dist.program_low_latency_layer, ("torch", "triton"), 21 + world, counts,
+                               256, 128, 3, 2 * world, 8, timeout=240)
+    assert max(diffs) < 1e-4
+
+
+@pytest.mark.gpu
+def test_low_latency_moe_layer_nccl():
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        pytest.skip(f"NCCL low-latency dispatch/combine needs at least 2 GPUs; this machine has {gpus}")
+    world = min(gpus, 8)
+    counts = [128 - 7 * r for r in range(world)]
+    counts[1] = 0
+    moe_dist.run_ranks(world, moe_dist.program_low_latency_layer, ("triton", "torch"), 31, counts, 1024, 256, 8,
+                       8 * world, 128, dist_backend="nccl", timeout=300)
+
+
+@pytest.mark.gpu
+def test_low_latency_cuda_graph_replay_gpu():
+    """dispatch -> masked GEMM -> combine captured once in a CUDA graph and replayed with new tokens and new
+    routing written into the captured inputs: each replay matches a dense float64 computation."""
+    dev = torch.device("cuda")
+    experts, max_tokens, hidden, inter, topk = 6, 24, 256, 128, 3
+    buffer = moe.Buffer(transport=Loopback(), backend="auto")
+    wq, ws = fq.per_block_quant_fp8(torch.randn(experts, inter, hidden) / 16)
+    weights = (wq.to(dev), ws.to(dev))
+    static_x = torch.zeros(max_tokens, hidden, dtype=torch.bfloat16, device=dev)
+    static_idx = torch.full((max_tokens, topk), -1, dtype=torch.int64, device=dev)
+    static_w = torch.zeros(max_tokens, topk, device=dev)
+
+    def fill(seed):
+        x = torch.randn(max_tokens, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        idx, w = ll_routing(max_tokens, topk, experts, seed)
+        static_x.copy_(x)
+        static_idx.copy_(idx)
+        static_w.copy_(w)
+        return x, idx, w
+
+    def step():
+        recv_x, recv_s, count, handle = buffer.low_latency_dispatch(static_x, static_idx, max_tokens, experts)
+        y = pykernels.m_grouped_fp8_gemm_nt_masked((recv_x, recv_s), weights, count, max_tokens)
+        return buffer.low_latency_combine(y, static_idx, static_w, handle)
+
+    fill(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles every kernel before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    b = fq.dequantize_blocks(wq, ws).double()
+    for seed in (1, 2):
+        x, idx, w = fill(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        a = fq.dequantize_token_groups(*fq.per_token_group_quant_fp8(x)).double()
+        want = torch.zeros(max_tokens, inter, dtype=torch.float64)
+        for t in range(max_tokens):
+            for j in range(topk):
+                e = int(idx[t, j])
+                if 0 <= e < experts:
+                    want[t] += float(w[t, j]) * (a[t] @ b[e].T).bfloat16().double()
+        assert moe_dist.calc_diff(out.cpu(), want) < 1e-4

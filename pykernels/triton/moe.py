@@ -246,6 +246,197 @@ def unpermute_kernel(
     tl.store(out_ptr + i * hidden + offs_h, _to_output(acc, out_ptr), mask=h_mask)
 
 
+# ---- low-latency mode (fixed-size buffers; see the reference's definitions) ------------------------------
+
+@triton.jit
+def ll_pack_kernel(
+    x_ptr,  # [T, hidden] bf16 (as int16 unless QUANTIZE)
+    idx_ptr,  # [T, TOPK] int64
+    send_bytes_ptr,  # the send buffer as bytes (FP8 payloads)
+    send_half_ptr,  # ... as int16 (bf16 payloads)
+    send_words_ptr,  # ... as int32 (scales and ids)
+    num_tokens,
+    hidden,
+    num_experts,
+    num_local,
+    world,
+    max_tokens,
+    row_words,
+    scale_word,
+    id_word,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NG: tl.constexpr,
+):
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    offs_k = tl.arange(0, K_PAD)
+    k_mask = offs_k < TOPK
+    if t < num_tokens:
+        t64 = t.to(tl.int64)
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < hidden
+        row = tl.load(x_ptr + t64 * hidden + offs_h, mask=h_mask, other=0)
+        groups = hb * NG + tl.arange(0, NG)
+        g_mask = groups < hidden // 128
+        if QUANTIZE:
+            xg = tl.reshape(row.to(tl.float32), [NG, 128])
+            scale = fp8_scale_from_amax(tl.max(tl.abs(xg), axis=1), False)
+            payload = tl.reshape(quantize_e4m3(xg, scale[:, None]), [BLOCK_H]).to(tl.float8e4nv).to(
+                tl.uint8, bitcast=True)
+            scale_bits = scale.to(tl.int32, bitcast=True)
+        e = tl.load(idx_ptr + t64 * TOPK + offs_k, mask=k_mask, other=-1)
+        valid = (e >= 0) & (e < num_experts)
+        r = 0
+        while r < world:
+            local = e - r * num_local
+            mine = valid & (local >= 0) & (local < num_local)
+            dst = (r * max_tokens + t).to(tl.int64) * row_words
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                if QUANTIZE:
+                    tl.store(send_bytes_ptr + dst * 4 + offs_h, payload, mask=h_mask)
+                    tl.store(send_words_ptr + dst + scale_word + groups, scale_bits, mask=g_mask)
+                else:
+                    tl.store(send_half_ptr + dst * 2 + offs_h, row, mask=h_mask)
+            if hb == 0:
+                tl.store(send_words_ptr + dst + id_word + offs_k, tl.where(mine, local, -1).to(tl.int32),
+                         mask=k_mask)
+            r += 1
+    else:
+        if hb == 0:
+            r = 0
+            while r < world:
+                dst = (r * max_tokens + t).to(tl.int64) * row_words
+                tl.store(send_words_ptr + dst + id_word + offs_k, tl.full([K_PAD], -1, tl.int32), mask=k_mask)
+                r += 1
+
+
+@triton.jit
+def ll_positions_kernel(
+    recv_ptr,  # [S, row_words] int32: the received rows
+    count_ptr,  # [num_local] int32 out
+    pos_ptr,  # [S, TOPK] int32 out
+    num_rows,
+    num_local,
+    row_words,
+    id_word,
+    TOPK: tl.constexpr,
+    L_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # rows per chunk
+):
+    experts = tl.arange(0, L_PAD)
+    running = tl.zeros([L_PAD], dtype=tl.int32)
+    start = 0
+    while start < num_rows:
+        offs_s = start + tl.arange(0, BLOCK_S)
+        in_range = offs_s < num_rows
+        ids_row = recv_ptr + offs_s.to(tl.int64) * row_words + id_word
+        hit = tl.zeros([BLOCK_S, L_PAD], dtype=tl.int32)
+        for j in tl.static_range(TOPK):
+            e = tl.load(ids_row + j, mask=in_range, other=-1)
+            hit = tl.maximum(hit, ((e[:, None] == experts[None, :]) & (e[:, None] >= 0)).to(tl.int32))
+        before = tl.cumsum(hit, axis=0) - hit + running[None, :]
+        for j in tl.static_range(TOPK):
+            e = tl.load(ids_row + j, mask=in_range, other=-1)
+            valid = (e >= 0) & (e < num_local)
+            p = tl.sum(tl.where(e[:, None] == experts[None, :], before, 0), axis=1)
+            tl.store(pos_ptr + offs_s.to(tl.int64) * TOPK + j, tl.where(valid, p, -1), mask=in_range)
+        running += tl.sum(hit, axis=0)
+        start += BLOCK_S
+    tl.store(count_ptr + experts, running, mask=experts < num_local)
+
+
+@triton.jit
+def ll_unpack_kernel(
+    recv_ptr,  # [S, row_words * 4 / P] the received rows as payload-width integers
+    recv_words_ptr,  # the same rows as int32
+    pos_ptr,  # [S, TOPK] int32
+    out_ptr,  # [L, S, hidden] payload-width integers out
+    out_s_ptr,  # [L, S, hidden / 128] float32 out (FP8)
+    num_rows,
+    hidden,
+    row_words,
+    scale_word,
+    id_word,
+    UNITS_PER_WORD: tl.constexpr,  # payload elements per int32 word: 4 (fp8) or 2 (bf16)
+    TOPK: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NG: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    row = tl.load(recv_ptr + s * row_words * UNITS_PER_WORD + offs_h, mask=h_mask, other=0)
+    groups = hb * NG + tl.arange(0, NG)
+    num_scales = hidden // 128
+    g_mask = groups < num_scales
+    if HAS_SCALES:
+        scales = tl.load(recv_words_ptr + s * row_words + scale_word + groups, mask=g_mask, other=0)
+    for j in tl.static_range(TOPK):
+        p = tl.load(pos_ptr + s * TOPK + j)
+        if p >= 0:
+            e = tl.load(recv_words_ptr + s * row_words + id_word + j).to(tl.int64)
+            dst = e * num_rows + p
+            tl.store(out_ptr + dst * hidden + offs_h, row, mask=h_mask)
+            if HAS_SCALES:
+                tl.store(out_s_ptr + dst * num_scales + groups, scales.to(tl.float32, bitcast=True), mask=g_mask)
+
+
+@triton.jit
+def ll_combine_pack_kernel(
+    y_ptr,  # [L, S, hidden] bf16 expert outputs
+    recv_words_ptr,  # [S, row_words] int32: the dispatch's received rows (for the ids)
+    pos_ptr,  # [S, TOPK] int32
+    ret_ptr,  # [S, TOPK, hidden] bf16 out
+    num_rows,
+    hidden,
+    row_words,
+    id_word,
+    TOPK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    for j in tl.static_range(TOPK):
+        p = tl.load(pos_ptr + s * TOPK + j)
+        if p >= 0:
+            e = tl.load(recv_words_ptr + s * row_words + id_word + j).to(tl.int64)
+            v = tl.load(y_ptr + (e * num_rows + p) * hidden + offs_h, mask=h_mask, other=0)
+            tl.store(ret_ptr + (s * TOPK + j) * hidden + offs_h, v, mask=h_mask)
+
+
+@triton.jit
+def ll_combine_reduce_kernel(
+    ret_ptr,  # [W, max_tokens, TOPK, hidden] bf16: block q returned by rank q
+    idx_ptr,  # [T, TOPK] int64
+    w_ptr,  # [T, TOPK] float32
+    out_ptr,  # [T, hidden] bf16 out
+    hidden,
+    num_experts,
+    num_local,
+    max_tokens,
+    TOPK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        e = tl.load(idx_ptr + t * TOPK + j)
+        if (e >= 0) & (e < num_experts):
+            q = e // num_local
+            w = tl.load(w_ptr + t * TOPK + j)
+            src = ((q * max_tokens + t) * TOPK + j) * hidden
+            acc += w * tl.load(ret_ptr + src + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * hidden + offs_h, _to_output(acc, out_ptr), mask=h_mask)
+
+
 # ---- launch wrappers: the reference's stage functions ----------------------------------------------------
 
 def _pow2(n: int) -> int:
@@ -344,6 +535,70 @@ def unpermute(y_sorted, pos, weights):
     bh = block_h(hidden, y_sorted.element_size())
     unpermute_kernel[(rows, triton.cdiv(hidden, bh))](y_sorted, pos, weights, out, hidden, TOPK=topk, BLOCK_H=bh,
                                                      num_warps=NUM_WARPS)
+    return out
+
+
+def ll_pack(x, topk_idx, num_experts, world, max_tokens, row):
+    tokens, hidden = x.shape
+    send = torch.empty((world * max_tokens, row.words), dtype=torch.int32, device=x.device)
+    if max_tokens == 0:
+        return send
+    bh = block_h(hidden, x.element_size(), SCALE_GROUP if row.fp8 else 1)
+    grid = (max_tokens, triton.cdiv(hidden, bh))
+    ll_pack_kernel[grid](x if row.fp8 else _as_int(x), topk_idx, send.view(torch.uint8), send.view(torch.int16),
+                         send, tokens, hidden, num_experts, num_experts // world, world, max_tokens, row.words,
+                         row.scale_word, row.id_word, TOPK=row.topk, K_PAD=_pow2(row.topk), QUANTIZE=row.fp8,
+                         BLOCK_H=bh, NG=max(1, bh // SCALE_GROUP), num_warps=NUM_WARPS)
+    return send
+
+
+def ll_positions(recv, num_local, row):
+    rows = recv.shape[0]
+    count = torch.empty(num_local, dtype=torch.int32, device=recv.device)
+    pos = torch.empty((rows, row.topk), dtype=torch.int32, device=recv.device)
+    l_pad = _pow2(num_local)
+    ll_positions_kernel[(1,)](recv, count, pos, rows, num_local, row.words, row.id_word, TOPK=row.topk,
+                              L_PAD=l_pad, BLOCK_S=max(16, min(256, 8192 // l_pad)), num_warps=NUM_WARPS)
+    return count, pos
+
+
+def ll_unpack(recv, pos, num_local, row):
+    rows = recv.shape[0]
+    recv_x = torch.empty((num_local, rows, row.hidden), dtype=row.payload_dtype, device=recv.device)
+    recv_s = torch.empty((num_local, rows, row.num_scales), dtype=torch.float32, device=recv.device) \
+        if row.fp8 else None
+    if rows == 0:
+        return recv_x, recv_s
+    unit = torch.uint8 if row.fp8 else torch.int16
+    bh = block_h(row.hidden, recv_x.element_size(), SCALE_GROUP if row.fp8 else 1)
+    ll_unpack_kernel[(rows, triton.cdiv(row.hidden, bh))](
+        recv.view(unit), recv, pos, recv_x.view(unit), recv_s if recv_s is not None else recv, rows, row.hidden,
+        row.words, row.scale_word, row.id_word, UNITS_PER_WORD=4 // recv_x.element_size(), TOPK=row.topk,
+        HAS_SCALES=row.fp8, BLOCK_H=bh, NG=max(1, bh // SCALE_GROUP), num_warps=NUM_WARPS)
+    return recv_x, recv_s
+
+
+def ll_combine_pack(y, recv, pos, row):
+    num_local, rows, hidden = y.shape
+    ret = torch.empty((rows, row.topk, hidden), dtype=y.dtype, device=y.device)
+    if rows == 0:
+        return ret
+    bh = block_h(hidden, y.element_size())
+    ll_combine_pack_kernel[(rows, triton.cdiv(hidden, bh))](y, recv, pos, ret, rows, hidden, row.words, row.id_word,
+                                                            TOPK=row.topk, BLOCK_H=bh, num_warps=NUM_WARPS)
+    return ret
+
+
+def ll_combine_reduce(returned, topk_idx, topk_weights, num_experts):
+    world, max_tokens, topk, hidden = returned.shape
+    tokens = topk_idx.shape[0]
+    out = torch.empty((tokens, hidden), dtype=returned.dtype, device=returned.device)
+    if tokens == 0:
+        return out
+    bh = block_h(hidden, returned.element_size())
+    ll_combine_reduce_kernel[(tokens, triton.cdiv(hidden, bh))](
+        returned, topk_idx, topk_weights, out, hidden, num_experts, num_experts // world, max_tokens, TOPK=topk,
+        BLOCK_H=bh, num_warps=NUM_WARPS)
     return out
 
 
