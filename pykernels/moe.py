@@ -32,6 +32,8 @@ CUDA_MAX_EXPERTS = 4096
 CUDA_MAX_LOCAL_EXPERTS = 256
 CUDA_MAX_TOPK = 32
 PAYLOAD_DTYPES = (torch.bfloat16,)
+# The most local experts permute_to_experts keeps counters for (per call, on any backend).
+MAX_LOCAL_EXPERTS = 1 << 16
 COMBINE_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -149,8 +151,8 @@ class _CudaStages:
         return counts, rank
 
     def permute(self, x, x_scales, topk_idx, rank, starts, total_rows):
-        x_sorted = torch.empty((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)
-        s_sorted = None if x_scales is None else torch.empty((total_rows, x_scales.shape[1]), dtype=torch.float32,
+        x_sorted = torch.zeros((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)
+        s_sorted = None if x_scales is None else torch.zeros((total_rows, x_scales.shape[1]), dtype=torch.float32,
                                                              device=x.device)
         m_indices = torch.full((total_rows,), -1, dtype=torch.int32, device=x.device)
         pos = torch.empty(topk_idx.shape, dtype=torch.int32, device=x.device)
@@ -215,6 +217,26 @@ def _num_experts(num_experts, world: int) -> int:
     return num_experts
 
 
+def _join_rows(send_x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """[n, H] payload and [n, m] int32 metadata -> [n, bytes] uint8 rows: the payload padded to 4 bytes,
+    then the metadata, so that one exchange carries both."""
+    payload = send_x.view(torch.uint8).reshape(send_x.shape[0], send_x.shape[1] * send_x.element_size())
+    pad = -payload.shape[1] % 4
+    parts = [payload, meta.view(torch.uint8).reshape(meta.shape[0], meta.shape[1] * 4)]
+    if pad:
+        parts.insert(1, payload.new_zeros((payload.shape[0], pad)))
+    return torch.cat(parts, dim=1)
+
+
+def _split_rows(joined: torch.Tensor, dtype: torch.dtype, hidden: int, meta_width: int):
+    """The inverse of _join_rows: ([n, H] of dtype, [n, meta_width] int32)."""
+    payload_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+    meta_start = payload_bytes + (-payload_bytes % 4)
+    data = joined[:, :payload_bytes].contiguous().view(dtype)
+    meta = joined[:, meta_start:meta_start + 4 * meta_width].contiguous().view(torch.int32)
+    return data, meta
+
+
 # ---- layout and handle -----------------------------------------------------------------------------------
 
 class DispatchLayout(tuple):
@@ -239,6 +261,13 @@ class DispatchHandle:
     send_offsets: torch.Tensor  # [W] int64 on the tokens' device: first send row of each destination
     send_splits: tuple  # rows sent to each rank
     recv_splits: tuple  # rows received from each rank
+    topk_idx: torch.Tensor  # the routing, resent by dispatch(x, handle=...)
+    topk_weights: torch.Tensor
+    num_experts: int
+    num_recv_tokens_per_expert: object  # list of L ints, or an int32 [L] device tensor (num_worst_tokens)
+    num_worst_tokens: int | None = None
+    recv_rows: torch.Tensor | None = None  # num_worst_tokens: output row of each received block row (spare = R)
+    num_recv_tokens: torch.Tensor | None = None  # num_worst_tokens: int32 device scalar, rows received
 
 
 @dataclass(frozen=True)
@@ -297,7 +326,7 @@ class Buffer:
             per_rank, per_expert, slots = _stages(which).dispatch_layout(topk_idx, num_experts, self.world_size)
         return DispatchLayout(per_rank, per_expert, slots >= 0, slots)
 
-    def _check_layout(self, layout, topk_idx, num_experts):
+    def _check_layout(self, layout, topk_idx, num_experts, host_reads=True):
         if not isinstance(layout, (tuple, list)) or len(layout) != 3:
             raise TypeError("layout: expected the (num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank) "
                             f"that get_dispatch_layout returns, got {type(layout).__name__}")
@@ -311,38 +340,71 @@ class Buffer:
             _validate.same_device(topk_idx, "topk_idx", **{name: tensor})
         slots = getattr(layout, "token_slots", None)
         if slots is None:  # a layout built elsewhere: its slots follow from is_token_in_rank
+            # The send buffer is sized from num_tokens_per_rank and filled from is_token_in_rank: counts that
+            # disagree would put rows past its end. One host read, skipped where the caller asked for none
+            # (num_worst_tokens: blocks of a fixed size, which no slot can overrun).
+            implied = in_rank.sum(dim=0)
+            if host_reads and not torch.equal(per_rank.to(implied.dtype), implied):
+                raise ValueError(f"layout[0]: expected num_tokens_per_rank to count the tokens of layout[2] "
+                                 f"(is_token_in_rank), {implied.tolist()}, got {per_rank.tolist()}")
             slots = torch.where(in_rank, torch.cumsum(in_rank.long(), 0) - 1, -1).to(torch.int32)
         return DispatchLayout(per_rank.long(), per_expert.long(), in_rank, slots)
 
-    def dispatch(self, x, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, layout=None,
-                 *, quantize_fp8: bool = False, check_ids: bool = True):
+    def dispatch(self, x, topk_idx: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+                 num_experts: int | None = None, layout=None, *, handle: "DispatchHandle | None" = None,
+                 quantize_fp8: bool = False, check_ids: bool = True, num_worst_tokens: int | None = None):
         """Sends each token once to every rank hosting one of its experts.
 
         x: bf16 [T, H], or (x_fp8 [T, H] float8_e4m3fn, scales [T, H / 128] float32) with H % 128 == 0.
         topk_idx: int64 [T, k], expert ids in [0, num_experts) or -1. topk_weights: float32 [T, k].
         layout: get_dispatch_layout's result for these topk_idx, to skip recomputing it.
+        handle: an earlier dispatch's handle: x (T rows, any hidden size and form) is sent with that call's
+        routing, without layout or counts exchange; topk_idx, topk_weights, num_experts and layout are then
+        not given.
         quantize_fp8: quantize a bf16 x to FP8 (groups of 128) while packing, halving the bytes sent.
         check_ids: read the range of topk_idx (one host sync on a GPU) to refuse bad ids before any
-        communication; False skips that read when the caller guarantees ids in [-1, num_experts).
+        communication; False skips that read, and ids outside [0, num_experts) then count as -1.
+        num_worst_tokens: a bound on the rows any rank receives, the same on every rank. The call then reads no tensor value on the
+        host (ids are not checked; ids outside [0, num_experts) count as -1): each rank sends a fixed block
+        of num_worst_tokens rows to every rank and the receive side compacts them on the device.
 
         Returns (recv_x, recv_topk_idx [R, k] int64 with local expert ids (-1 for other ranks' experts),
-        recv_topk_weights [R, k] float32 (0 where the id is -1), num_recv_tokens_per_expert (list of L ints),
-        handle). recv_x has x's form (an FP8 pair when x is one or quantize_fp8 is set); rows are grouped by
-        source rank in rank order, each source's tokens in ascending order.
+        recv_topk_weights [R, k] float32 (0 where the id is -1), num_recv_tokens_per_expert, handle). recv_x
+        has x's form (an FP8 pair when x is one or quantize_fp8 is set); rows are grouped by source rank in
+        rank order, each source's tokens in ascending order. num_recv_tokens_per_expert is a list of L ints;
+        with num_worst_tokens it is an int32 [L] device tensor, R = num_worst_tokens, the rows past the
+        received count (handle.num_recv_tokens, an int32 device scalar) have ids -1, weights 0 and a zero
+        payload, and rows a rank would receive past the bound are dropped.
+        Rows and their metadata (ids, weights, FP8 scales) travel in one all-to-all, after one exchange of
+        the per-rank and per-expert counts (none with num_worst_tokens or a handle).
         """
         data, scales = _payload(x, "x")
         hidden = data.shape[1]
         world = self.world_size
-        _num_experts(num_experts, world)
+        _validate.boolean(quantize_fp8, "quantize_fp8")
+        _validate.boolean(check_ids, "check_ids")
         if quantize_fp8 and (scales is not None or hidden % SCALE_GROUP):
             raise ValueError(f"quantize_fp8: expected a bf16 x with a hidden size that is a multiple of "
                              f"{SCALE_GROUP}, got {'an FP8 pair' if scales is not None else f'hidden {hidden}'}")
-        _routing(topk_idx, topk_weights, data, "x", num_experts if check_ids else None)
+        if handle is not None:
+            return self._cached_dispatch(data, scales, handle, quantize_fp8, topk_idx, topk_weights, num_experts,
+                                         layout, num_worst_tokens)
+        _num_experts(num_experts, world)
+        _validate.tensor(topk_weights, "topk_weights", (torch.float32,))
+        worst = None
+        if num_worst_tokens is not None:
+            worst = _validate.integer(num_worst_tokens, "num_worst_tokens", 1)
+            _validate.integer(worst * world, "num_worst_tokens * world size")
+        _routing(topk_idx, topk_weights, data, "x", num_experts if check_ids and worst is None else None)
         which = self._resolve(data.device, "moe dispatch", num_experts)
-        stages = _stages(which)
         num_local = num_experts // world
-        layout = self._layout(topk_idx, num_experts, which) if layout is None else \
-            self._check_layout(layout, topk_idx, num_experts)
+        if layout is None:
+            layout = self._layout(topk_idx, num_experts, which)
+        else:
+            layout = self._check_layout(layout, topk_idx, num_experts, host_reads=worst is None)
+        if worst is not None:
+            return self._dispatch_worst(data, scales, topk_idx, topk_weights, num_experts, layout.token_slots,
+                                        worst, quantize_fp8, which)
 
         # Counts first: each destination learns how many rows (and rows per local expert) it will receive.
         counts = torch.cat([layout.num_tokens_per_rank.view(world, 1),
@@ -353,34 +415,125 @@ class Buffer:
         recv_table = [host[world + r * (num_local + 1): world + (r + 1) * (num_local + 1)] for r in range(world)]
         recv_splits = tuple(row[0] for row in recv_table)
         per_expert = [sum(row[1 + e] for row in recv_table) for e in range(num_local)]
+        handle = DispatchHandle(layout.token_slots, reference.exclusive_cumsum(layout.num_tokens_per_rank),
+                                send_splits, recv_splits, topk_idx, topk_weights, num_experts, per_expert)
+        return self._send(data, scales, handle, quantize_fp8, which)
 
-        send_offsets = reference.exclusive_cumsum(layout.num_tokens_per_rank)
+    def _send(self, data, scales, handle, quantize_fp8, which):
+        """Packs and exchanges with a handle's routing and splits (the uneven-split path)."""
+        topk = handle.topk_idx.shape[1]
         with _backend.on_device(data.device):
-            send_x, send_meta = stages.pack(data, scales, topk_idx, topk_weights, layout.token_slots, send_offsets,
-                                            sum(send_splits), num_local, quantize_fp8)
-        recv_x = self.transport.exchange_rows(send_x, send_splits, recv_splits)
-        recv_meta = self.transport.exchange_rows(send_meta, send_splits, recv_splits)
-        recv_idx, recv_weights, recv_scales = reference.unpack_meta(recv_meta, topk_idx.shape[1])
-        handle = DispatchHandle(layout.token_slots, send_offsets, send_splits, recv_splits)
+            send_x, send_meta = _stages(which).pack(data, scales, handle.topk_idx, handle.topk_weights,
+                                                    handle.token_slots, handle.send_offsets, sum(handle.send_splits),
+                                                    handle.num_experts // self.world_size, quantize_fp8)
+        joined = self.transport.exchange_rows(_join_rows(send_x, send_meta), handle.send_splits, handle.recv_splits)
+        recv_x, recv_meta = _split_rows(joined, send_x.dtype, data.shape[1], send_meta.shape[1])
+        recv_idx, recv_weights, recv_scales = reference.unpack_meta(recv_meta, topk)
         out_x = recv_x if recv_scales is None else (recv_x, recv_scales)
-        return out_x, recv_idx, recv_weights, per_expert, handle
+        return out_x, recv_idx, recv_weights, handle.num_recv_tokens_per_expert, handle
 
-    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def _dispatch_worst(self, data, scales, topk_idx, topk_weights, num_experts, token_slots, worst, quantize_fp8,
+                        which):
+        """num_worst_tokens: fixed blocks of `worst` rows per destination, compacted on the receive side."""
+        world = self.world_size
+        device = data.device
+        topk = topk_idx.shape[1]
+        num_local = num_experts // world
+        slots = torch.where(token_slots < worst, token_slots, -1)
+        send_offsets = torch.arange(world, device=device, dtype=torch.int64) * worst
+        with _backend.on_device(device):
+            send_x, send_meta = _stages(which).pack(data, scales, topk_idx, topk_weights, slots, send_offsets,
+                                                    world * worst, num_local, quantize_fp8)
+        # Rows no token took carry ids -1: the receiver tells real rows by a local id >= 0.
+        sent = (slots >= 0).sum(dim=0)
+        taken = (torch.arange(worst, device=device) < sent.view(world, 1)).view(-1, 1)
+        send_meta[:, :topk] = torch.where(taken, send_meta[:, :topk], -1)
+        joined = self.transport.exchange_equal(_join_rows(send_x, send_meta))
+        recv_x, recv_meta = _split_rows(joined, send_x.dtype, data.shape[1], send_meta.shape[1])
+        real = (recv_meta[:, :topk] >= 0).any(dim=1)
+        position = torch.cumsum(real, dim=0) - 1
+        # Each received row's output row; the spare row `worst` takes the padding and any rows past the bound.
+        out_row = torch.where(real & (position < worst), position, worst)
+        out_x = torch.zeros((worst + 1, recv_x.shape[1]), dtype=recv_x.dtype, device=device)
+        out_x.view(torch.uint8)[out_row] = recv_x.view(torch.uint8)
+        out_meta = torch.zeros((worst + 1, recv_meta.shape[1]), dtype=torch.int32, device=device)
+        out_meta[:, :topk] = -1
+        out_meta[out_row] = recv_meta
+        out_meta[worst] = 0  # the spare row took the padding: it goes back to "no expert"
+        out_meta[worst, :topk] = -1
+        recv_idx, recv_weights, recv_scales = reference.unpack_meta(out_meta[:worst], topk)
+        local = recv_idx.clamp(min=0)
+        per_expert = torch.zeros(num_local + 1, dtype=torch.int32, device=device)
+        per_expert.index_add_(0, torch.where(recv_idx >= 0, local, num_local).view(-1),
+                              torch.ones(recv_idx.numel(), dtype=torch.int32, device=device))
+        splits = (worst,) * world
+        handle = DispatchHandle(slots, send_offsets, splits, splits, topk_idx, topk_weights, num_experts,
+                                per_expert[:num_local], worst, out_row, real.sum().clamp(max=worst).to(torch.int32))
+        body = out_x[:worst]
+        out = body if recv_scales is None else (body, recv_scales)
+        return out, recv_idx, recv_weights, handle.num_recv_tokens_per_expert, handle
+
+    def _cached_dispatch(self, data, scales, handle, quantize_fp8, topk_idx, topk_weights, num_experts, layout,
+                         num_worst_tokens):
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
+        for name, value in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("num_experts", num_experts),
+                            ("layout", layout), ("num_worst_tokens", num_worst_tokens)):
+            if value is not None:
+                raise ValueError(f"{name}: expected None with handle= (the handle's routing is reused), "
+                                 f"got {type(value).__name__}")
+        tokens = handle.token_slots.shape[0]
+        if data.shape[0] != tokens:
+            raise ValueError(f"x: expected {tokens} rows (as in the dispatch that made the handle), "
+                             f"got {data.shape[0]}")
+        _validate.same_device(data, "x", **{"handle.token_slots": handle.token_slots})
+        which = self._resolve(data.device, "moe dispatch", handle.num_experts)
+        if handle.num_worst_tokens is None:
+            return self._send(data, scales, handle, quantize_fp8, which)
+        out = self._dispatch_worst(data, scales, handle.topk_idx, handle.topk_weights, handle.num_experts,
+                                   handle.token_slots, handle.num_worst_tokens, quantize_fp8, which)
+        return out[:4] + (handle,)
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         """y: [R, N] bf16 (or float32), one row per received token in dispatch's receive order -> [T, N] on
-        the source ranks: each token's rows summed over the ranks it was sent to (unweighted, as in DeepEP;
-        weight the expert outputs first, e.g. with unpermute_from_experts)."""
+        the source ranks: each token's rows summed over the ranks it was sent to, in float32, in rank order.
+
+        topk_weights: float32 [R], one factor per received row, applied before the rows are sent back (the
+        product rounded to y's dtype); without it the sum is unweighted, as in DeepEP (weight the expert
+        outputs first, e.g. with unpermute_from_experts). bias: [T, N] in y's dtype, added to each token's
+        sum once that sum is rounded to y's dtype (the addition in float32, rounded once more).
+        With a num_worst_tokens handle, R = num_worst_tokens and padding rows are never read."""
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
         _validate.tensor(y, "y", COMBINE_DTYPES, ndim=2, contiguous=True)
-        received = sum(handle.recv_splits)
+        received = handle.num_worst_tokens if handle.num_worst_tokens is not None else sum(handle.recv_splits)
         if y.shape[0] != received:
             raise ValueError(f"y: expected {received} rows (one per token this rank received), got {y.shape[0]}")
         _validate.same_device(y, "y", **{"handle.token_slots": handle.token_slots})
+        if topk_weights is not None:
+            _validate.tensor(topk_weights, "topk_weights", (torch.float32,), ndim=1, contiguous=True)
+            _validate.shape(topk_weights, "topk_weights", (received,), "one per received row")
+            _validate.same_device(y, "y", topk_weights=topk_weights)
+        tokens = handle.token_slots.shape[0]
+        if bias is not None:
+            _validate.tensor(bias, "bias", (y.dtype,), ndim=2, contiguous=True)
+            _validate.shape(bias, "bias", (tokens, y.shape[1]), "[T, N] of this rank's tokens")
+            _validate.same_device(y, "y", bias=bias)
         which = self._resolve(y.device, "moe combine")
-        buf = self.transport.exchange_rows(y, handle.recv_splits, handle.send_splits)
+        if topk_weights is not None:
+            y = (y.float() * topk_weights.unsqueeze(1)).to(y.dtype)
+        if handle.num_worst_tokens is None:
+            buf = self.transport.exchange_rows(y, handle.recv_splits, handle.send_splits)
+        else:
+            # Back to the fixed blocks the rows arrived in; the spare row feeds the unused block rows.
+            spread = torch.cat([y, y.new_zeros((1, y.shape[1]))])[handle.recv_rows]
+            buf = self.transport.exchange_equal(spread)
         with _backend.on_device(buf.device):
-            return _stages(which).combine_reduce(buf, handle.token_slots, handle.send_offsets)
-
+            out = _stages(which).combine_reduce(buf, handle.token_slots, handle.send_offsets)
+        if bias is not None:
+            out = (out.float() + bias.float()).to(out.dtype)
+        return out
 
     # ---- low-latency mode: fixed-size buffers, one equal-split collective each way, no host reads ----
 
@@ -466,20 +619,22 @@ def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128
     and padded per expert to `alignment` rows: the layout m_grouped_fp8_gemm_nt_contiguous takes.
 
     recv_x: bf16 [R, H] or an FP8 pair (x_fp8 [R, H], scales [R, H / 128]). recv_topk_idx: int64 [R, k] of
-    local expert ids or -1. num_local_experts: L (default: the largest id + 1; experts past it get no rows).
-    Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert of each row, -1 on
-    padding rows, whose content is unspecified), perm int32 [R, k]: the row of each pair, -1 for id -1).
+    local expert ids or -1. num_local_experts: L, at most MAX_LOCAL_EXPERTS (default: the largest id + 1,
+    within the same bound). Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert
+    of each row, -1 on padding rows, whose payload and scales are zero), perm int32 [R, k]: the row of each
+    pair, -1 for id -1).
     """
     data, scales = _payload(recv_x, "recv_x")
     _routing(recv_topk_idx, None, data, "recv_x", idx_name="recv_topk_idx")
     _validate.power_of_two(alignment, "alignment")
     if num_local_experts is not None:
-        if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int):
-            raise TypeError(f"num_local_experts: expected an int, got {type(num_local_experts).__name__}")
-        if num_local_experts <= 0:
-            raise ValueError(f"num_local_experts: expected a positive int, got {num_local_experts}")
+        _validate.integer(num_local_experts, "num_local_experts", 1, MAX_LOCAL_EXPERTS)
     lo, hi = (int(v) for v in torch.aminmax(recv_topk_idx)) if recv_topk_idx.numel() else (-1, -1)
     num_local = num_local_experts if num_local_experts is not None else max(hi + 1, 1)
+    if num_local_experts is None and num_local > MAX_LOCAL_EXPERTS:
+        # Per-expert state is sized by the expert count: an inferred one is bounded like a given one.
+        raise ValueError(f"recv_topk_idx: expected local expert ids below {MAX_LOCAL_EXPERTS} when "
+                         f"num_local_experts is not given, got {hi}; pass num_local_experts")
     if lo < -1 or hi >= num_local:
         raise ValueError(f"recv_topk_idx: expected local expert ids in [0, {num_local}) or -1, "
                          f"got {lo if lo < -1 else hi}")

@@ -385,3 +385,70 @@ def _ll_blocks(idxs, rank, world, experts):
             for e in dict.fromkeys(e for e in ids if 0 <= e < experts and e // num_local == rank):
                 blocks[e - rank * num_local].append((src, t))
     return blocks
+
+
+class CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of tensor values on the host (aten._local_scalar_dense: .item(), int(), bool())."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def program_worst_cached_weighted(rank, world, backends, seed, token_counts, hidden, topk, experts):
+    """For each backend: the checked dispatch; the same routing resent with handle= (a different x); the
+    num_worst_tokens dispatch (no host reads, padded, equal to the checked one on its real rows); combine
+    with per-row weights and a bias through both handles, against float64 sums."""
+    from pykernels import moe
+
+    inputs = make_inputs(seed, token_counts, hidden, topk, experts)
+    x, idx, w = inputs[rank]
+    rows, ids, weights, sources = expected_receive(inputs, rank, world, experts)
+    num_local = experts // world
+    dests = [sorted({int(e) // num_local for e in idx[t] if e >= 0}) for t in range(x.shape[0])]
+    bias = (torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + rank)) * 0.5).bfloat16()
+    row_factor = lambda r, t: 0.5 + 0.125 * r + 0.0625 * (t % 5)  # exact in bf16 and float32
+    want = torch.stack([x[t].double() * sum(row_factor(r, t) for r in dests[t]) + bias[t].double()
+                        for t in range(x.shape[0])]) if x.shape[0] else torch.zeros((0, hidden), dtype=torch.float64)
+    factors = torch.tensor([row_factor(rank, t) for _, t in sources], dtype=torch.float32)
+    for backend in backends:
+        buffer = moe.Buffer(None, backend=backend)
+        dx, didx, dw = x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE)
+        recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(dx, didx, dw, experts)
+        assert torch.equal(recv_x.cpu(), rows) and torch.equal(recv_idx.cpu(), ids)
+
+        again, again_idx, again_w, again_counts, same = buffer.dispatch(2 * dx, handle=handle)
+        assert same is handle and again_counts == per_expert
+        assert torch.equal(again.cpu(), 2 * rows) and torch.equal(again_idx.cpu(), ids)
+        assert torch.equal(again_w.cpu(), weights)
+
+        worst = sum(token_counts) + 2  # the same on every rank: any value >= the rows any rank receives
+        counter = CountHostReads()
+        with counter:
+            wx, widx, ww, wcount, whandle = buffer.dispatch(dx, didx, dw, experts, num_worst_tokens=worst)
+        assert counter.reads == 0, f"{counter.reads} host reads with num_worst_tokens"
+        r = rows.shape[0]
+        assert wx.shape == (worst, hidden) and int(whandle.num_recv_tokens) == r
+        assert torch.equal(wx[:r].cpu(), rows) and torch.equal(widx[:r].cpu(), ids)
+        assert torch.equal(ww[:r].cpu(), weights)
+        assert bool((widx[r:] == -1).all()) and not bool(ww[r:].any()) and not bool(wx[r:].float().any())
+        assert wcount.tolist() == per_expert
+
+        for y, h in ((recv_x, handle), (wx, whandle)):
+            f = torch.zeros(y.shape[0])
+            f[:r] = factors
+            if y.shape[0] > r:
+                y = y.clone()
+                y[r:] = float("nan")  # padding rows are never read
+            out = buffer.combine(y, h, topk_weights=f.to(DEVICE), bias=bias.to(DEVICE)).cpu()
+            # Each weighted row rounded to bf16, summed in float32, rounded; then the bias, rounded: a few
+            # bf16 ulps of the largest term.
+            scale = x.double().abs() * 4 + bias.double().abs()
+            assert out.dtype == torch.bfloat16 and not bool(out.isnan().any())
+            assert bool(((out.double() - want).abs() <= scale * 2 ** -7 + 1e-30).all())
+    return int(rows.shape[0])

@@ -227,6 +227,9 @@ def test_bad_inputs_raise_before_any_communication():
         (lambda: buffer.dispatch(x, idx, w, 8, layout=(1, 2)), TypeError, "layout: expected"),
         (lambda: buffer.get_dispatch_layout(idx, 6), ValueError, "num_experts"),
         (lambda: buffer.combine(x, None), TypeError, "handle: expected the DispatchHandle"),
+        (lambda: buffer.dispatch(x, idx, None, 8), TypeError, "topk_weights: expected a torch.Tensor, got NoneType"),
+        (lambda: buffer.dispatch(x, idx, w, 8, quantize_fp8="no"), TypeError, "quantize_fp8: expected a bool"),
+        (lambda: buffer.dispatch(x, idx, w, 8, check_ids=1), TypeError, "check_ids: expected a bool"),
     ]
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -432,9 +435,10 @@ def test_cuda_launchers_validate_before_launch():
     with pytest.raises(ValueError, match="rank: expected a CPU tensor|rank: expected shape|rank: expected size"):
         ext.moe_plan_permute(idx, torch.zeros(8, 3, dtype=torch.int32), torch.zeros(8, dtype=torch.int64),
                              torch.zeros(16, dtype=torch.int32), torch.zeros(8, 2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="topk_idx: expected ids in \\[0, 8\\) or -1, got 9"):
-        ext.moe_plan_dispatch_layout(idx.clone().fill_(9), torch.empty(4, dtype=torch.int64),
-                                     torch.empty(8, dtype=torch.int64), slots, 8)
+    # The layout planner, like the kernel, ignores ids outside [0, E): none of these goes anywhere.
+    per_rank, per_expert = torch.empty(4, dtype=torch.int64), torch.empty(8, dtype=torch.int64)
+    ext.moe_plan_dispatch_layout(torch.tensor([[8, 9], [-3, 8 + 64 * 2]] * 4), per_rank, per_expert, slots, 8)
+    assert not bool(per_rank.any()) and not bool(per_expert.any()) and bool((slots == -1).all())
 
 
 # ---- GPU: DeepSeek-V3 sizes and NCCL ----------------------------------------------------------------------
@@ -737,3 +741,125 @@ def test_low_latency_cuda_graph_replay_gpu():
                 if 0 <= e < experts:
                     want[t] += float(w[t, j]) * (a[t] @ b[e].T).bfloat16().double()
         assert moe_dist.calc_diff(out.cpu(), want) < 1e-4
+
+
+
+# ---- unchecked ids, hand-built layouts, bounded per-expert state ------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_ids_outside_range_are_ignored_on_every_backend(backend, device):
+    """check_ids=False: ids >= num_experts (even ones whose rank is past 64) and ids below -1 count as -1."""
+    idx, w = routing(29, 4, 8, seed=8)
+    bad = idx.clone()
+    bad[0, 0], bad[3, 1], bad[5, 2], bad[7, 3] = 8, 8 + 4 * 70, -5, 9
+    clean = torch.where((bad >= 0) & (bad < 8), bad, -1)
+    stages = moe._stages(backend)
+    got = stages.dispatch_layout(bad.to(device), 8, 4)
+    for g, want in zip(got, ref.dispatch_layout(clean, 8, 4)):
+        assert torch.equal(g.cpu(), want)
+    buffer = moe.Buffer(transport=Loopback(), backend=backend)
+    x = torch.randn(29, 128).bfloat16().to(device)
+    recv = buffer.dispatch(x, bad.to(device), w.to(device), 8, check_ids=False)
+    want = buffer.dispatch(x, clean.to(device), w.to(device), 8)
+    for a, b in zip(recv[:3], want[:3]):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert recv[3] == want[3]
+
+
+def test_hand_built_layout_that_disagrees_is_refused_before_communication():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
+    idx, w = routing(12, 2, 8, seed=6)
+    per_rank, per_expert, slots = ref.dispatch_layout(idx, 8, 4)
+    in_rank = slots >= 0
+    short = per_rank.clone()
+    short[1] -= 1
+    with pytest.raises(ValueError, match="layout\\[0\\]: expected num_tokens_per_rank to count the tokens"):
+        buffer.dispatch(torch.randn(12, 128).bfloat16(), idx, w, 8, layout=(short, per_expert, in_rank))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permute_padding_rows_are_zero(backend, device):
+    idx, _ = routing(19, 3, 5, seed=12)
+    x = torch.randn(19, 256).bfloat16().to(device)
+    q, s = fq.per_token_group_quant_fp8(x.cpu())
+    for data in (x, (q.to(device), s.to(device))):
+        out, m_indices, _ = moe.permute_to_experts(data, idx.to(device), alignment=16, num_local_experts=5,
+                                                   backend=backend)
+        pad = (m_indices < 0).cpu()
+        assert bool(pad.any())
+        if isinstance(out, tuple):
+            assert not bool(out[0].cpu()[pad].view(torch.uint8).any()) and not bool(out[1].cpu()[pad].any())
+        else:
+            assert not bool(out.cpu()[pad].view(torch.int16).any())
+
+
+def test_permute_per_expert_state_is_bounded():
+    x = torch.randn(2, 128).bfloat16()
+    idx = torch.tensor([[0, 30_000_000], [1, -1]])
+    with pytest.raises(ValueError, match="recv_topk_idx: expected local expert ids below 65536 when "
+                                         "num_local_experts is not given, got 30000000"):
+        moe.permute_to_experts(x, idx, backend="torch")
+    with pytest.raises(ValueError, match="recv_topk_idx: expected local expert ids in \\[0, 4\\)"):
+        moe.permute_to_experts(x, idx, num_local_experts=4, backend="torch")
+    with pytest.raises(ValueError, match="num_local_experts: expected an int in \\[1, 65536\\], got 1099511627776"):
+        moe.permute_to_experts(x, idx, num_local_experts=2 ** 40, backend="torch")
+    with pytest.raises(TypeError, match="num_local_experts: expected an int, got bool"):
+        moe.permute_to_experts(x, idx, num_local_experts=True, backend="torch")
+
+
+# ---- normal mode: cached dispatch, num_worst_tokens, weighted combine with bias ------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_worst_tokens_over_loopback(backend, device):
+    """Padded receive, device counts, no host reads; a bound below the rows received drops the rows past it
+    on both sides (their tokens combine to zero), never past the buffers."""
+    buffer = moe.Buffer(transport=Loopback(), backend=backend)
+    idx, w = routing(26, 3, 6, seed=14)
+    x = torch.randn(26, 256).bfloat16().to(device)
+    idx, w = idx.to(device), w.to(device)
+    recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, idx, w, 6)
+    rows = recv_x.shape[0]
+    for worst in (rows + 5, rows - 3):
+        counter = _CountHostReads()
+        with counter:
+            wx, widx, ww, count, wh = buffer.dispatch(x, idx, w, 6, num_worst_tokens=worst)
+            out = buffer.combine(wx, wh)
+        assert counter.reads == 0
+        kept = min(rows, worst)
+        assert wx.shape == (worst, 256) and int(wh.num_recv_tokens) == kept
+        assert torch.equal(wx[:kept], recv_x[:kept]) and torch.equal(widx[:kept], recv_idx[:kept])
+        assert torch.equal(ww[:kept], recv_w[:kept])
+        assert bool((widx[kept:] == -1).all()) and not bool(wx[kept:].float().any())
+        assert count.dtype == torch.int32 and count.tolist() == [int((widx == e).sum()) for e in range(6)]
+        routed = (idx >= 0).any(1).cpu()
+        sent_rank = torch.cumsum(routed.long(), 0) - 1
+        want = torch.where((routed & (sent_rank < worst)).unsqueeze(1), x.cpu(), torch.zeros(()))
+        assert torch.equal(out.cpu(), want.bfloat16())
+
+
+def test_cached_and_worst_dispatch_bad_inputs_raise_before_communication():
+    buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
+    x = torch.randn(6, 256).bfloat16()
+    idx, w = routing(6, 2, 8)
+    fake = moe.DispatchHandle(torch.zeros(6, 4, dtype=torch.int32), torch.zeros(4, dtype=torch.int64), (0,) * 4,
+                              (0,) * 4, idx, w, 8, [0, 0])
+    cases = [
+        (lambda: buffer.dispatch(x, idx, w, 8, num_worst_tokens=0), ValueError, "num_worst_tokens: expected an int"),
+        (lambda: buffer.dispatch(x, idx, w, 8, num_worst_tokens=2.5), TypeError, "num_worst_tokens: expected an int"),
+        (lambda: buffer.dispatch(x, handle=object()), TypeError, "handle: expected the DispatchHandle"),
+        (lambda: buffer.dispatch(x[:5], handle=fake), ValueError, "x: expected 6 rows"),
+        (lambda: buffer.dispatch(x, idx, handle=fake), ValueError, "topk_idx: expected None with handle="),
+        (lambda: buffer.combine(x, fake), ValueError, "y: expected 0 rows"),
+        (lambda: buffer.combine(x[:0], fake, topk_weights=torch.ones(3)), ValueError, "topk_weights: expected shape"),
+        (lambda: buffer.combine(x[:0], fake, bias=torch.ones(6, 256)), TypeError, "bias: expected dtype bfloat16"),
+        (lambda: buffer.combine(x[:0], fake, bias=x[:5]), ValueError, "bias: expected shape"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_worst_cached_weighted_multi_rank():
+    """Three ranks (one without tokens), torch then Triton stages in the same processes."""
+    moe_dist.run_ranks(3, moe_dist.program_worst_cached_weighted, ("torch", "triton"), 43, [9, 0, 17], 128, 3, 9,
+                       timeout=240)

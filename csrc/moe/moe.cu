@@ -369,7 +369,6 @@ void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_
   require_vector(per_expert, DType::Int64, num_experts, nullptr, "num_experts");
   require_matrix(slots, DType::Int32, tokens, world, nullptr, "[T, world]");
   for (const TensorView* t : {&topk_idx, &per_rank, &per_expert, &slots}) require_host(*t);
-  require_ids(topk_idx, num_experts);
   const int num_local = static_cast<int>(num_experts / world);
   const int64_t* idx = topk_idx.ptr<const int64_t>();
   int64_t* ranks = per_rank.ptr<int64_t>();
@@ -378,9 +377,9 @@ void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_
   for (int64_t e = 0; e < num_experts; ++e) experts[e] = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t* row = idx + t * topk;
-    const uint64_t mask = moe::destination_mask(row, static_cast<int>(topk), num_local);
+    const uint64_t mask = moe::destination_mask(row, static_cast<int>(topk), num_local, num_experts);
     for (int64_t j = 0; j < topk; ++j) {
-      if (row[j] >= 0) ++experts[row[j]];
+      if (moe::is_expert(row[j], num_experts)) ++experts[row[j]];
     }
     for (int64_t r = 0; r < world; ++r) {
       slots.ptr<int32_t>()[t * world + r] = ((mask >> r) & 1) ? static_cast<int32_t>(ranks[r]++) : -1;

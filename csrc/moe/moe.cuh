@@ -32,13 +32,18 @@ static_assert(kScanWarps * kMaxLocalExperts * 4 + kMaxLocalExperts * 4 <= 48 * 1
 
 // ---- index math, shared by the kernels and the host planners the tests run on the CPU ----------------
 
+// Whether a slot names an expert. Ids outside [0, num_experts) are ignored by every stage (the checked
+// path refuses them on the host first), so no id can index past a per-expert or per-rank table.
+__host__ __device__ inline bool is_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
+
 // Bit r set when the token has an expert on rank r (experts r*num_local .. (r+1)*num_local-1).
-__host__ __device__ inline uint64_t destination_mask(const int64_t* topk_row, int topk, int num_local) {
+__host__ __device__ inline uint64_t destination_mask(const int64_t* topk_row, int topk, int num_local,
+                                                     int num_experts) {
   uint64_t mask = 0;
 #pragma unroll 1
   for (int j = 0; j < topk; ++j) {
     const int64_t e = topk_row[j];
-    if (e >= 0) mask |= uint64_t{1} << (e / num_local);
+    if (is_expert(e, num_experts)) mask |= uint64_t{1} << (e / num_local);
   }
   return mask;
 }
@@ -107,11 +112,11 @@ __global__ void __launch_bounds__(kScanThreads) dispatch_layout_kernel(
     const int t = base + threadIdx.x;
     const bool valid = t < num_tokens;
     const int64_t* row = topk_idx + static_cast<int64_t>(valid ? t : 0) * topk;
-    const uint64_t mask = valid ? destination_mask(row, topk, num_local) : 0;
+    const uint64_t mask = valid ? destination_mask(row, topk, num_local, num_experts) : 0;
     if (valid) {
 #pragma unroll 1
       for (int j = 0; j < topk; ++j) {
-        if (row[j] >= 0) atomicAdd(&expert_count[row[j]], 1);
+        if (is_expert(row[j], num_experts)) atomicAdd(&expert_count[row[j]], 1);
       }
     }
 #pragma unroll 1

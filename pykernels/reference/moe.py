@@ -18,7 +18,7 @@ Stages (each a kernel on the CUDA and Triton backends, with these exact results)
                     among the pairs of its expert in row-major order (-1 where the id is -1).
   permute           writes pair (i, j) of expert e to row padded_starts[e] + rank[i, j] of the expert-sorted
                     buffer, where each expert's segment is padded to `alignment` rows; m_indices holds the
-                    expert of every row, -1 on padding rows.
+                    expert of every row, -1 on padding rows (whose payload and scales are zero).
   unpermute         out[i] = sum over j in ascending order of weights[i, j] * y_sorted[pos[i, j]] (pos >= 0),
                     in float32, cast to y_sorted's dtype.
 
@@ -48,7 +48,7 @@ def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
 def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, world: int):
     """-> (num_tokens_per_rank [W] int64, num_tokens_per_expert [E] int64, token_slots [T, W] int32)."""
     num_local = num_experts // world
-    valid = topk_idx >= 0
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)  # other ids are ignored (the unchecked path's rule)
     per_expert = torch.bincount(topk_idx[valid], minlength=num_experts)
     dest = torch.where(valid, topk_idx // num_local, -1)
     in_rank = (dest.unsqueeze(-1) == torch.arange(world, device=topk_idx.device)).any(dim=1)
@@ -132,7 +132,7 @@ def padded_starts(counts, alignment: int):
 def permute(x: torch.Tensor, x_scales: torch.Tensor | None, topk_idx: torch.Tensor, rank: torch.Tensor,
             starts: torch.Tensor, total_rows: int):
     """-> (x_sorted [M, H], scales_sorted [M, S] or None, m_indices [M] int32, pos [R, k] int32).
-    Padding rows are zero here; other backends leave them unwritten."""
+    Padding rows are zero on every backend."""
     valid = topk_idx >= 0
     pos = torch.where(valid, starts[topk_idx.clamp(min=0)] + rank.long(), -1)
     tokens, slots = torch.nonzero(valid, as_tuple=True)

@@ -56,9 +56,10 @@ def dispatch_layout_kernel(
         in_range = offs_t < num_tokens
         hit = tl.zeros([BLOCK_T, W_PAD], dtype=tl.int32)
         for j in tl.static_range(TOPK):
-            e = tl.load(idx_ptr + offs_t.to(tl.int64) * TOPK + j, mask=in_range, other=-1).to(tl.int32)
-            valid = e >= 0
-            counts += tl.histogram(tl.where(valid, e, 0), E_PAD, mask=valid)
+            e = tl.load(idx_ptr + offs_t.to(tl.int64) * TOPK + j, mask=in_range, other=-1)
+            valid = (e >= 0) & (e < num_experts)
+            e = tl.where(valid, e, 0).to(tl.int32)
+            counts += tl.histogram(e, E_PAD, mask=valid)
             dest = tl.where(valid, e // num_local, -1)
             hit = tl.maximum(hit, (dest[:, None] == ranks[None, :]).to(tl.int32))
         slot = tl.where(hit > 0, tl.cumsum(hit, axis=0) - 1 + running[None, :], -1)
@@ -510,9 +511,9 @@ def expert_ranks(topk_idx, num_local):
 def permute(x, x_scales, topk_idx, rank, starts, total_rows):
     rows, hidden = x.shape
     topk = topk_idx.shape[1]
-    x_sorted = torch.empty((total_rows, hidden), dtype=x.dtype, device=x.device)
+    x_sorted = torch.zeros((total_rows, hidden), dtype=x.dtype, device=x.device)
     num_scales = x_scales.shape[1] if x_scales is not None else 0
-    s_sorted = None if x_scales is None else torch.empty((total_rows, num_scales), dtype=torch.float32,
+    s_sorted = None if x_scales is None else torch.zeros((total_rows, num_scales), dtype=torch.float32,
                                                          device=x.device)
     m_indices = torch.full((total_rows,), -1, dtype=torch.int32, device=x.device)
     pos = torch.empty((rows, topk), dtype=torch.int32, device=x.device)
