@@ -246,11 +246,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("buf"), py::arg("slots"), py::arg("send_offsets"), py::arg("out"), py::arg("stream"));
   m.def(
       "moe_expert_ranks",
-      [](py::handle topk_idx, py::handle counts, py::handle rank, py::handle stream) {
+      [](py::handle topk_idx, py::handle counts, py::handle rank, py::handle chunk_counts, py::handle stream) {
         pykernels::moe_expert_ranks(as_tensor(topk_idx, "recv_topk_idx"), as_tensor(counts, "counts"),
-                                    as_tensor(rank, "rank"), as_stream(stream));
+                                    as_tensor(rank, "rank"), as_tensor(chunk_counts, "chunk_counts"),
+                                    as_stream(stream));
       },
-      py::arg("topk_idx"), py::arg("counts"), py::arg("rank"), py::arg("stream"));
+      py::arg("topk_idx"), py::arg("counts"), py::arg("rank"), py::arg("chunk_counts"), py::arg("stream"));
+  m.def("moe_expert_rank_chunks", &pykernels::moe_expert_rank_chunks, py::arg("num_pairs"),
+        "CTAs of the expert-ranks kernels for num_pairs pairs (rows of their chunk_counts workspace)");
   m.def(
       "moe_permute",
       [optional_tensor](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle rank, py::handle starts,

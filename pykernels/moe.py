@@ -8,14 +8,23 @@ to the grouped FP8 GEMM (permute_to_experts / unpermute_from_experts).
     y = unpermute_from_experts(y_sorted, perm, recv_w)
     out = buffer.combine(y, handle)             # [T, H] on the source ranks
 
-The stage definitions (layout, pack, combine-reduce, expert ranks, permute, unpermute) are in
-pykernels/reference/moe.py. Every argument is checked on the calling rank before any communication, so a
-bad call raises there instead of leaving the other ranks waiting in a collective.
+Decode (low-latency mode, fixed-size buffers, no host reads, CUDA-graph capturable):
+
+    recv_x, recv_scales, recv_count, h = buffer.low_latency_dispatch(x, topk_idx, max_tokens, num_experts)
+    y = m_grouped_fp8_gemm_nt_masked((recv_x, recv_scales), weights, recv_count, expected_m)
+    out = buffer.low_latency_combine(y, topk_idx, topk_weights, h)
+
+The stage definitions are in pykernels/reference/moe.py. On the checked paths every rank joins a small
+agreement header before any rows move, even when its own arguments were refused, so a bad call or a
+disagreement between ranks raises on every rank instead of leaving some waiting in a collective; the paths
+that read nothing on the host (num_worst_tokens, low-latency mode) check arguments locally only (the
+README's MoE section lists what each mode promises).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -56,6 +65,11 @@ class Transport(abc.ABC):
         """send [sum(send_splits), ...], rows grouped by destination rank -> [sum(recv_splits), ...], rows
         grouped by source rank in rank order, each source's rows in the order it sent them."""
 
+    @property
+    def header_device(self) -> torch.device:
+        """Where the small agreement header is exchanged when a rank has no valid tensor to place it by."""
+        return torch.device("cpu")
+
     def exchange_equal(self, send: torch.Tensor) -> torch.Tensor:
         """send [W * n, ...], block r (n rows) for rank r -> [W * n, ...], block r from rank r. The split
         is fixed by the shape, so no count is read: the low-latency mode's only collective."""
@@ -76,6 +90,11 @@ class AllToAllTransport(Transport):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self._nccl = dist.get_backend(group) == "nccl"
+
+    @property
+    def header_device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if self._nccl else torch.device("cpu")
 
     def exchange_counts(self, counts):
         out = torch.empty_like(counts)
@@ -147,7 +166,9 @@ class _CudaStages:
     def expert_ranks(self, topk_idx, num_local):
         counts = torch.empty(num_local, dtype=torch.int64, device=topk_idx.device)
         rank = torch.empty(topk_idx.shape, dtype=torch.int32, device=topk_idx.device)
-        self._ext().moe_expert_ranks(topk_idx, counts, rank, _backend.current_stream(topk_idx.device))
+        chunks = self._ext().moe_expert_rank_chunks(topk_idx.numel())
+        workspace = torch.empty((chunks, num_local), dtype=torch.int32, device=topk_idx.device)
+        self._ext().moe_expert_ranks(topk_idx, counts, rank, workspace, _backend.current_stream(topk_idx.device))
         return counts, rank
 
     def permute(self, x, x_scales, topk_idx, rank, starts, total_rows):
@@ -215,6 +236,30 @@ def _num_experts(num_experts, world: int) -> int:
     if num_experts <= 0 or num_experts % world:
         raise ValueError(f"num_experts: expected a positive multiple of the group size {world}, got {num_experts}")
     return num_experts
+
+
+# The agreement header's fields (see Buffer._agree), and how dtypes travel in it.
+_DISPATCH_FIELDS = ("num_experts", "hidden size", "top-k", "payload dtype")
+_COMBINE_FIELDS = ("hidden size", "combine dtype")
+_DTYPE_CODES = {torch.bfloat16: 1, FP8: 2, torch.float32: 3}
+_DTYPE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
+
+
+def _show(field: str, value: int) -> str:
+    return _DTYPE_NAMES.get(value, str(value)) if field.endswith("dtype") else str(value)
+
+
+def _device_of(*candidates) -> torch.device | None:
+    for c in candidates:
+        if isinstance(c, (tuple, list)) and c:
+            c = c[0]
+        if isinstance(c, torch.Tensor):
+            return c.device
+    return None
+
+
+def checked_topk(handle, topk_idx) -> int:
+    return (handle.topk_idx if handle is not None else topk_idx).shape[1]
 
 
 def _join_rows(send_x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -378,6 +423,46 @@ class Buffer:
         Rows and their metadata (ids, weights, FP8 scales) travel in one all-to-all, after one exchange of
         the per-rank and per-expert counts (none with num_worst_tokens or a handle).
         """
+        worst_handle = isinstance(handle, DispatchHandle) and handle.num_worst_tokens is not None
+        if num_worst_tokens is not None or worst_handle:
+            # The caller asked for no host reads: checked locally, no agreement header.
+            return self._dispatch_checked(x, topk_idx, topk_weights, num_experts, layout, handle, quantize_fp8,
+                                          check_ids, num_worst_tokens)
+        error, checked = None, None
+        try:
+            checked = self._dispatch_checked(x, topk_idx, topk_weights, num_experts, layout, handle, quantize_fp8,
+                                             check_ids, None)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            error = exc
+        if checked is None:
+            self._agree("dispatch", _DISPATCH_FIELDS, None, None, _device_of(x, topk_idx), error)  # raises
+        data, scales, handle, which, layout = checked
+        world = self.world_size
+        fp8 = scales is not None or quantize_fp8
+        fields = [handle.num_experts if handle else num_experts, data.shape[1], checked_topk(handle, topk_idx),
+                  _DTYPE_CODES[FP8 if fp8 else data.dtype]]
+        if handle is not None:
+            self._agree("dispatch", _DISPATCH_FIELDS, fields, None, data.device, None)
+            return self._send(data, scales, handle, quantize_fp8, which)
+        send_splits, recv_splits = self._agree("dispatch", _DISPATCH_FIELDS, fields, layout.num_tokens_per_rank,
+                                               data.device, None)
+        handle = DispatchHandle(layout.token_slots, reference.exclusive_cumsum(layout.num_tokens_per_rank),
+                                send_splits, recv_splits, topk_idx, topk_weights, num_experts, None)
+        out = self._send(data, scales, handle, quantize_fp8, which)
+        # Rows per local expert, counted from the ids that arrived (the counts exchange carries only the
+        # per-rank counts, so that its size does not depend on num_experts and every rank can check it).
+        recv_idx = out[1]
+        num_local = num_experts // world
+        per_expert = torch.zeros(num_local + 1, dtype=torch.int64, device=recv_idx.device)
+        per_expert.index_add_(0, torch.where(recv_idx >= 0, recv_idx, num_local).view(-1),
+                              torch.ones(recv_idx.numel(), dtype=torch.int64, device=recv_idx.device))
+        handle = dataclasses.replace(handle, num_recv_tokens_per_expert=per_expert[:num_local].tolist())
+        return out[0], out[1], out[2], handle.num_recv_tokens_per_expert, handle
+
+    def _dispatch_checked(self, x, topk_idx, topk_weights, num_experts, layout, handle, quantize_fp8, check_ids,
+                          num_worst_tokens):
+        """Checks dispatch's arguments; with num_worst_tokens (or a handle of such a call) also runs it.
+        Otherwise returns (data, scales, handle or None, backend, layout or None)."""
         data, scales = _payload(x, "x")
         hidden = data.shape[1]
         world = self.world_size
@@ -387,8 +472,12 @@ class Buffer:
             raise ValueError(f"quantize_fp8: expected a bf16 x with a hidden size that is a multiple of "
                              f"{SCALE_GROUP}, got {'an FP8 pair' if scales is not None else f'hidden {hidden}'}")
         if handle is not None:
-            return self._cached_dispatch(data, scales, handle, quantize_fp8, topk_idx, topk_weights, num_experts,
-                                         layout, num_worst_tokens)
+            which = self._check_cached(data, handle, topk_idx, topk_weights, num_experts, layout, num_worst_tokens)
+            if handle.num_worst_tokens is None:
+                return data, scales, handle, which, None
+            out = self._dispatch_worst(data, scales, handle.topk_idx, handle.topk_weights, handle.num_experts,
+                                       handle.token_slots, handle.num_worst_tokens, quantize_fp8, which)
+            return out[:4] + (handle,)
         _num_experts(num_experts, world)
         _validate.tensor(topk_weights, "topk_weights", (torch.float32,))
         worst = None
@@ -397,7 +486,6 @@ class Buffer:
             _validate.integer(worst * world, "num_worst_tokens * world size")
         _routing(topk_idx, topk_weights, data, "x", num_experts if check_ids and worst is None else None)
         which = self._resolve(data.device, "moe dispatch", num_experts)
-        num_local = num_experts // world
         if layout is None:
             layout = self._layout(topk_idx, num_experts, which)
         else:
@@ -406,18 +494,7 @@ class Buffer:
             return self._dispatch_worst(data, scales, topk_idx, topk_weights, num_experts, layout.token_slots,
                                         worst, quantize_fp8, which)
 
-        # Counts first: each destination learns how many rows (and rows per local expert) it will receive.
-        counts = torch.cat([layout.num_tokens_per_rank.view(world, 1),
-                            layout.num_tokens_per_expert.view(world, num_local)], dim=1)
-        recv_counts = self.transport.exchange_counts(counts)
-        host = torch.cat([counts[:, 0], recv_counts.flatten()]).tolist()  # the one host sync
-        send_splits = tuple(host[:world])
-        recv_table = [host[world + r * (num_local + 1): world + (r + 1) * (num_local + 1)] for r in range(world)]
-        recv_splits = tuple(row[0] for row in recv_table)
-        per_expert = [sum(row[1 + e] for row in recv_table) for e in range(num_local)]
-        handle = DispatchHandle(layout.token_slots, reference.exclusive_cumsum(layout.num_tokens_per_rank),
-                                send_splits, recv_splits, topk_idx, topk_weights, num_experts, per_expert)
-        return self._send(data, scales, handle, quantize_fp8, which)
+        return data, scales, None, which, layout
 
     def _send(self, data, scales, handle, quantize_fp8, which):
         """Packs and exchanges with a handle's routing and splits (the uneven-split path)."""
@@ -473,8 +550,8 @@ class Buffer:
         out = body if recv_scales is None else (body, recv_scales)
         return out, recv_idx, recv_weights, handle.num_recv_tokens_per_expert, handle
 
-    def _cached_dispatch(self, data, scales, handle, quantize_fp8, topk_idx, topk_weights, num_experts, layout,
-                         num_worst_tokens):
+    def _check_cached(self, data, handle, topk_idx, topk_weights, num_experts, layout, num_worst_tokens):
+        """Checks dispatch(x, handle=...); returns the backend."""
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
         for name, value in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("num_experts", num_experts),
@@ -487,12 +564,35 @@ class Buffer:
             raise ValueError(f"x: expected {tokens} rows (as in the dispatch that made the handle), "
                              f"got {data.shape[0]}")
         _validate.same_device(data, "x", **{"handle.token_slots": handle.token_slots})
-        which = self._resolve(data.device, "moe dispatch", handle.num_experts)
-        if handle.num_worst_tokens is None:
-            return self._send(data, scales, handle, quantize_fp8, which)
-        out = self._dispatch_worst(data, scales, handle.topk_idx, handle.topk_weights, handle.num_experts,
-                                   handle.token_slots, handle.num_worst_tokens, quantize_fp8, which)
-        return out[:4] + (handle,)
+        return self._resolve(data.device, "moe dispatch", handle.num_experts)
+
+    def _agree(self, op, names, fields, counts, device, error):
+        """The agreement header: one fixed-size exchange in which every rank, valid input or not, sends
+        [valid, fields..., rows for that rank] to every rank. Raises the same way on every rank when one
+        rejected its input or the fields differ; else returns (send_splits, recv_splits) as tuples."""
+        world = self.world_size
+        width = 2 + len(names)
+        mine = torch.zeros((world, width), dtype=torch.int64, device=device or self.transport.header_device)
+        if error is None:
+            mine[:, 0] = 1
+            mine[:, 1:1 + len(names)] = torch.tensor(fields, dtype=torch.int64)
+            if counts is not None:
+                mine[:, -1] = counts
+        table = torch.cat([mine, self.transport.exchange_counts(mine)]).tolist()  # the one host read
+        if error is not None:
+            raise error
+        theirs = table[world:]
+        rejected = [r for r in range(world) if theirs[r][0] != 1]
+        if rejected:
+            raise ValueError(f"{op}: expected valid arguments on every rank, got an error on rank "
+                             f"{', '.join(map(str, rejected))} of {world} (that rank's own error says which); "
+                             f"no rows were exchanged")
+        for i, name in enumerate(names):
+            values = [row[1 + i] for row in theirs]
+            if len(set(values)) > 1:
+                shown = ", ".join(f"rank {r}: {_show(name, v)}" for r, v in enumerate(values))
+                raise ValueError(f"{op}: expected the same {name} on every rank, got {shown}; no rows were exchanged")
+        return tuple(row[-1] for row in table[:world]), tuple(row[-1] for row in theirs)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -504,6 +604,19 @@ class Buffer:
         outputs first, e.g. with unpermute_from_experts). bias: [T, N] in y's dtype, added to each token's
         sum once that sum is rounded to y's dtype (the addition in float32, rounded once more).
         With a num_worst_tokens handle, R = num_worst_tokens and padding rows are never read."""
+        if isinstance(handle, DispatchHandle) and handle.num_worst_tokens is not None:
+            return self._combine_rows(*self._combine_checked(y, handle, topk_weights, bias))
+        error, checked = None, None
+        try:
+            checked = self._combine_checked(y, handle, topk_weights, bias)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            error = exc
+        fields = None if checked is None else [y.shape[1], _DTYPE_CODES[y.dtype]]
+        self._agree("combine", _COMBINE_FIELDS, fields, None, _device_of(y), error)
+        return self._combine_rows(*checked)
+
+    def _combine_checked(self, y, handle, topk_weights, bias):
+        """Checks combine's arguments -> (y with the row factors applied, handle, bias, backend)."""
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the DispatchHandle that dispatch returned, got {type(handle).__name__}")
         _validate.tensor(y, "y", COMBINE_DTYPES, ndim=2, contiguous=True)
@@ -523,6 +636,9 @@ class Buffer:
         which = self._resolve(y.device, "moe combine")
         if topk_weights is not None:
             y = (y.float() * topk_weights.unsqueeze(1)).to(y.dtype)
+        return y, handle, bias, which
+
+    def _combine_rows(self, y, handle, bias, which):
         if handle.num_worst_tokens is None:
             buf = self.transport.exchange_rows(y, handle.recv_splits, handle.send_splits)
         else:
@@ -614,22 +730,29 @@ class Buffer:
 # ---- expert-sorted layout for the grouped GEMM ----------------------------------------------------------
 
 def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128, num_local_experts=None,
-                       backend: str = "auto"):
+                       backend: str = "auto", check_ids: bool = True):
     """Expands received tokens into one row per (token, local expert) pair, grouped by expert in expert order
     and padded per expert to `alignment` rows: the layout m_grouped_fp8_gemm_nt_contiguous takes.
 
     recv_x: bf16 [R, H] or an FP8 pair (x_fp8 [R, H], scales [R, H / 128]). recv_topk_idx: int64 [R, k] of
     local expert ids or -1. num_local_experts: L, at most MAX_LOCAL_EXPERTS (default: the largest id + 1,
-    within the same bound). Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert
+    within the same bound). check_ids: refuse ids outside [-1, L) (one host read); False skips the read,
+    needs num_local_experts, and ids outside [0, L) then count as -1 on every backend. Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert
     of each row, -1 on padding rows, whose payload and scales are zero), perm int32 [R, k]: the row of each
     pair, -1 for id -1).
     """
     data, scales = _payload(recv_x, "recv_x")
     _routing(recv_topk_idx, None, data, "recv_x", idx_name="recv_topk_idx")
     _validate.power_of_two(alignment, "alignment")
+    _validate.boolean(check_ids, "check_ids")
     if num_local_experts is not None:
         _validate.integer(num_local_experts, "num_local_experts", 1, MAX_LOCAL_EXPERTS)
-    lo, hi = (int(v) for v in torch.aminmax(recv_topk_idx)) if recv_topk_idx.numel() else (-1, -1)
+    elif not check_ids:
+        raise ValueError("num_local_experts: expected an int with check_ids=False (it bounds the ids), got None")
+    if check_ids and recv_topk_idx.numel():
+        lo, hi = (int(v) for v in torch.aminmax(recv_topk_idx))
+    else:
+        lo, hi = -1, -1
     num_local = num_local_experts if num_local_experts is not None else max(hi + 1, 1)
     if num_local_experts is None and num_local > MAX_LOCAL_EXPERTS:
         # Per-expert state is sized by the expert count: an inferred one is bounded like a given one.
@@ -682,4 +805,6 @@ CUDA_AUDIT = {
     "pykernels::moe::unpermute_kernel<float, 4>": _VECTOR_COPY,
     "pykernels::moe::dispatch_layout_kernel": {"no_local_memory": True},
     "pykernels::moe::expert_ranks_kernel": {"no_local_memory": True},
+    "pykernels::moe::expert_chunk_counts_kernel": {"no_local_memory": True},
+    "pykernels::moe::expert_chunk_offsets_kernel": {"no_local_memory": True},
 }

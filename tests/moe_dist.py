@@ -452,3 +452,46 @@ def program_worst_cached_weighted(rank, world, backends, seed, token_counts, hid
             assert out.dtype == torch.bfloat16 and not bool(out.isnan().any())
             assert bool(((out.double() - want).abs() <= scale * 2 ** -7 + 1e-30).all())
     return int(rows.shape[0])
+
+
+def program_disagreements(rank, world, backend):
+    """Calls on which the ranks disagree (num_experts, hidden size, top-k, payload dtype, combine dtype and
+    hidden size) or on which one rank's input is bad: every rank must raise, none may hang or return a
+    wrong sum, and the group must still work afterwards. Returns each scenario's error message."""
+    from pykernels import moe
+
+    buffer = moe.Buffer(None, backend=backend)
+    gen = torch.Generator().manual_seed(5 + rank)
+    x = torch.randn((7, 256), generator=gen).bfloat16()
+    idx, w = make_routing(7, 2, 4, gen)
+    odd = rank == world - 1
+    scenarios = {
+        "num_experts": lambda: buffer.dispatch(x, idx, w, 8 if odd else 4),
+        "hidden size": lambda: buffer.dispatch(x[:, :128].contiguous() if odd else x, idx, w, 4),
+        "top-k": lambda: buffer.dispatch(x, idx[:, :1].contiguous() if odd else idx,
+                                         w[:, :1].contiguous() if odd else w, 4),
+        "payload dtype": lambda: buffer.dispatch(x, idx, w, 4, quantize_fp8=odd),
+        "bad input": lambda: buffer.dispatch(x, idx + 100 if odd else idx, w, 4),
+    }
+    messages = {}
+    for name, call in scenarios.items():
+        try:
+            call()
+        except ValueError as exc:
+            messages[name] = str(exc)
+        else:
+            raise AssertionError(f"{name}: dispatch returned on rank {rank}")
+    recv_x, _, _, _, handle = buffer.dispatch(x, idx, w, 4)
+    for name, y in (("combine dtype", recv_x.float() if odd else recv_x),
+                    ("combine hidden size", recv_x[:, :128].contiguous() if odd else recv_x),
+                    ("combine bad input", recv_x[:0] if odd else recv_x)):
+        try:
+            buffer.combine(y, handle)
+        except ValueError as exc:
+            messages[name] = str(exc)
+        else:
+            raise AssertionError(f"{name}: combine returned on rank {rank}")
+    out = buffer.combine(recv_x, handle)  # the group still works
+    fanout = sum(((idx >= 0) & (idx // 2 == r)).any(1).long() for r in range(world))
+    assert torch.equal(out.double(), (x.double() * fanout.double().unsqueeze(1)).bfloat16().double())
+    return messages

@@ -195,17 +195,21 @@ def test_permute_unpermute_round_trip(backend, device):
 # ---- argument checks: before any communication ----------------------------------------------------------
 
 class NoCommunication(moe.Transport):
-    """A transport for a world of 4 that fails the test if Buffer ever reaches it."""
+    """A transport for a world of 4 that lets through only the agreement header (as if the other ranks sent
+    the same one) and fails the test if Buffer ever moves rows: a bad call must raise first."""
 
     rank, world_size = 0, 4
 
     def exchange_counts(self, counts):
-        raise AssertionError("communication started before the arguments were checked")
+        assert counts.shape[0] == 4 and counts.dtype == torch.int64, "only the agreement header may pass"
+        assert not bool(counts[:, 0].any()), "a bad call must join the header marked invalid"
+        return counts.clone()
 
-    exchange_rows = exchange_counts
+    def exchange_rows(self, send, send_splits, recv_splits):
+        raise AssertionError("rows moved before the arguments were checked")
 
 
-def test_bad_inputs_raise_before_any_communication():
+def test_bad_inputs_raise_before_any_rows_move():
     buffer = moe.Buffer(transport=NoCommunication(), backend="torch")
     x = torch.randn(6, 256).bfloat16()
     idx, w = routing(6, 2, 8)
@@ -427,7 +431,8 @@ def test_cuda_launchers_validate_before_launch():
     with pytest.raises(TypeError, match="buf: expected dtype bfloat16 or float32"):
         ext.moe_combine_reduce(x.half(), slots, offsets, x, 0)
     with pytest.raises(ValueError, match="recv_topk_idx: expected a CUDA tensor"):
-        ext.moe_expert_ranks(idx, torch.empty(4, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32), 0)
+        ext.moe_expert_ranks(idx, torch.empty(4, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32),
+                             torch.empty(1, 4, dtype=torch.int32), 0)
     with pytest.raises(ValueError, match="num_local: expected a value in \\[1, 256\\]"):
         ext.moe_plan_expert_ranks(idx, torch.empty(300, dtype=torch.int64), torch.empty(8, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="y_sorted: expected a CUDA tensor"):
@@ -863,3 +868,56 @@ def test_worst_cached_weighted_multi_rank():
     """Three ranks (one without tokens), torch then Triton stages in the same processes."""
     moe_dist.run_ranks(3, moe_dist.program_worst_cached_weighted, ("torch", "triton"), 43, [9, 0, 17], 128, 3, 9,
                        timeout=240)
+
+
+def test_ranks_that_disagree_all_raise_the_same_error():
+    messages = moe_dist.run_ranks(2, moe_dist.program_disagreements, "torch", timeout=120)
+    for field in ("num_experts", "hidden size", "top-k", "payload dtype"):
+        want = {"num_experts": "rank 0: 4, rank 1: 8", "hidden size": "rank 0: 256, rank 1: 128",
+                "top-k": "rank 0: 2, rank 1: 1", "payload dtype": "rank 0: bfloat16, rank 1: float8_e4m3fn"}[field]
+        assert messages[0][field] == messages[1][field]
+        assert messages[0][field] == f"dispatch: expected the same {field} on every rank, got {want}; no rows were exchanged"
+    assert messages[0]["combine dtype"] == messages[1]["combine dtype"]
+    assert "combine: expected the same combine dtype on every rank, got rank 0: bfloat16, rank 1: float32" \
+        in messages[0]["combine dtype"]
+    assert "same hidden size on every rank, got rank 0: 256, rank 1: 128" in messages[1]["combine hidden size"]
+    # The rank with the bad input raises its own error; its peers say which rank and that nothing moved.
+    assert messages[1]["bad input"].startswith("topk_idx: expected expert ids in [0, 4)")
+    assert messages[0]["bad input"].startswith("dispatch: expected valid arguments on every rank, got an error on rank 1")
+    assert messages[1]["combine bad input"].startswith("y: expected")
+    assert "got an error on rank 1" in messages[0]["combine bad input"]
+
+
+def test_cuda_expert_ranks_split_over_the_gpu():
+    """The expert-ranks kernels run one CTA per 1024 pairs (EP8 prefill: 4096 tokens x top-8 from 8 ranks is
+    256 CTAs, not one CTA walking 256 chunks), and the chunked decomposition, run on the host, gives the
+    reference's ranks across chunk boundaries, with ids spread unevenly over the chunks."""
+    ext = _extension()
+    assert ext.moe_expert_rank_chunks(4096 * 8 * 8) == 256
+    assert [ext.moe_expert_rank_chunks(n) for n in (0, 1, 1024, 1025)] == [0, 1, 1, 2]
+    gen = torch.Generator().manual_seed(17)
+    local = torch.randint(-1, 7, (700, 5), generator=gen)
+    local[:300] = torch.where(local[:300] >= 0, 2, -1)  # the first chunk mostly one expert
+    counts = torch.full((7,), -7, dtype=torch.int64)
+    rank = torch.full(local.shape, -7, dtype=torch.int32)
+    ext.moe_plan_expert_ranks(local, counts, rank)
+    want_counts, want_rank = ref.expert_ranks(local, 7)
+    assert torch.equal(counts, want_counts) and torch.equal(rank, want_rank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permute_unchecked_ids_outside_range_are_ignored(backend, device):
+    idx, w = routing(21, 3, 5, seed=19)
+    bad = idx.clone()
+    bad[0, 0], bad[2, 1], bad[4, 2], bad[6, 0] = 5, 30_000_000, -4, 2 ** 40
+    clean = torch.where((bad >= 0) & (bad < 5), bad, -1)
+    x = torch.randn(21, 256).bfloat16().to(device)
+    got = moe.permute_to_experts(x, bad.to(device), alignment=8, num_local_experts=5, backend=backend,
+                                 check_ids=False)
+    want = moe.permute_to_experts(x, clean.to(device), alignment=8, num_local_experts=5, backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b.cpu())
+    with pytest.raises(ValueError, match="num_local_experts: expected an int with check_ids=False"):
+        moe.permute_to_experts(x, bad.to(device), check_ids=False, backend=backend)
+    with pytest.raises(ValueError, match="recv_topk_idx: expected local expert ids in \\[0, 5\\)"):
+        moe.permute_to_experts(x, bad.to(device), num_local_experts=5, backend=backend)

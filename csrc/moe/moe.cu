@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace pykernels {
 namespace {
@@ -84,7 +85,7 @@ void launch_permute(const TensorView& x, const TensorView* x_scales, const Tenso
       rank.ptr<const int32_t>(), starts.ptr<const int64_t>(), x_sorted.ptr<V>(),
       s_sorted ? s_sorted->ptr<float>() : nullptr, m_indices.ptr<int32_t>(), pos.ptr<int32_t>(),
       row_bytes / static_cast<int64_t>(sizeof(V)), static_cast<int>(topk_idx.size(1)),
-      x_scales ? static_cast<int>(x_scales->size(1)) : 0);
+      x_scales ? static_cast<int>(x_scales->size(1)) : 0, static_cast<int>(starts.size(0)));
   PK_CHECK_LAUNCH("moe::permute_kernel");
 }
 
@@ -286,17 +287,37 @@ void moe_combine_reduce(const TensorView& buf, const TensorView& slots, const Te
 }
 
 void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, const TensorView& rank,
-                      cudaStream_t stream) {
+                      const TensorView& chunk_counts, cudaStream_t stream) {
   require_matrix(topk_idx, DType::Int64, -1, -1, nullptr);
   require_cuda(topk_idx);
   require_ndim(counts, 1);
   require_range("num_local", counts.size(0), 1, kMaxLocalExperts);
-  require_vector(counts, DType::Int64, counts.size(0), &topk_idx, "num_local");
+  const int num_local = static_cast<int>(counts.size(0));
+  require_vector(counts, DType::Int64, num_local, &topk_idx, "num_local");
   require_matrix(rank, DType::Int32, topk_idx.size(0), topk_idx.size(1), &topk_idx, "same as topk_idx");
-  moe::expert_ranks_kernel<<<1, kScanThreads, 0, stream>>>(topk_idx.ptr<const int64_t>(), counts.ptr<int64_t>(),
-                                                          rank.ptr<int32_t>(), topk_idx.numel(),
-                                                          static_cast<int>(counts.size(0)));
-  PK_CHECK_LAUNCH("moe::expert_ranks_kernel");
+  const int64_t num_pairs = topk_idx.numel();
+  const int64_t chunks = moe::rank_chunks(num_pairs);
+  require_range("expert rank chunks", chunks, 0, std::numeric_limits<int32_t>::max());
+  require_matrix(chunk_counts, DType::Int32, chunks, num_local, &topk_idx, "[ceil(pairs / 1024), num_local]");
+  if (chunks > 0) {
+    moe::expert_chunk_counts_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream>>>(
+        topk_idx.ptr<const int64_t>(), chunk_counts.ptr<int32_t>(), num_pairs, num_local);
+    PK_CHECK_LAUNCH("moe::expert_chunk_counts_kernel");
+  }
+  const unsigned offset_ctas = static_cast<unsigned>((num_local + moe::kOffsetWarps - 1) / moe::kOffsetWarps);
+  moe::expert_chunk_offsets_kernel<<<offset_ctas, moe::kOffsetWarps * 32, 0, stream>>>(
+      chunk_counts.ptr<int32_t>(), counts.ptr<int64_t>(), chunks, num_local);
+  PK_CHECK_LAUNCH("moe::expert_chunk_offsets_kernel");
+  if (chunks > 0) {
+    moe::expert_ranks_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream>>>(
+        topk_idx.ptr<const int64_t>(), chunk_counts.ptr<const int32_t>(), rank.ptr<int32_t>(), num_pairs, num_local);
+    PK_CHECK_LAUNCH("moe::expert_ranks_kernel");
+  }
+}
+
+int64_t moe_expert_rank_chunks(int64_t num_pairs) {
+  require_range("num_pairs", num_pairs, 0, std::numeric_limits<int64_t>::max());
+  return moe::rank_chunks(num_pairs);
 }
 
 void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorView& topk_idx, const TensorView& rank,
@@ -313,6 +334,7 @@ void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorVi
   require_range("topk_idx top-k", topk, 1, kMaxTopk);
   require_matrix(rank, DType::Int32, rows, topk, &x, "same as topk_idx");
   require_ndim(starts, 1);
+  require_range("starts size (num_local)", starts.size(0), 1, std::numeric_limits<int32_t>::max());
   require_vector(starts, DType::Int64, starts.size(0), &x, "num_local");
   require_matrix(x_sorted, x.dtype, -1, hidden, &x, "[M, H]");
   const int64_t total = x_sorted.size(0);
@@ -395,11 +417,30 @@ void moe_plan_expert_ranks(const TensorView& topk_idx, const TensorView& counts,
   require_matrix(rank, DType::Int32, topk_idx.size(0), topk_idx.size(1), nullptr, "same as topk_idx");
   for (const TensorView* t : {&topk_idx, &counts, &rank}) require_host(*t);
   require_ids(topk_idx, counts.size(0));
+  // The kernels' decomposition, run serially: per-chunk counts, their exclusive scan over the chunks,
+  // then each pair's rank from its chunk's offset.
+  const int num_local = static_cast<int>(counts.size(0));
+  const int64_t num_pairs = topk_idx.numel();
+  const int64_t chunks = moe::rank_chunks(num_pairs);
+  const int64_t* idx = topk_idx.ptr<const int64_t>();
+  std::vector<int64_t> offsets(static_cast<size_t>(chunks * num_local), 0);
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    if (moe::is_local_expert(idx[p], num_local)) ++offsets[(p / moe::kRankChunk) * num_local + idx[p]];
+  }
   int64_t* c = counts.ptr<int64_t>();
-  for (int64_t e = 0; e < counts.size(0); ++e) c[e] = 0;
-  for (int64_t p = 0; p < topk_idx.numel(); ++p) {
-    const int64_t e = topk_idx.ptr<const int64_t>()[p];
-    rank.ptr<int32_t>()[p] = e >= 0 ? static_cast<int32_t>(c[e]++) : -1;
+  for (int e = 0; e < num_local; ++e) {
+    int64_t carry = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t n = offsets[k * num_local + e];
+      offsets[k * num_local + e] = carry;
+      carry += n;
+    }
+    c[e] = carry;
+  }
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    const int64_t e = idx[p];
+    rank.ptr<int32_t>()[p] =
+        moe::is_local_expert(e, num_local) ? static_cast<int32_t>(offsets[(p / moe::kRankChunk) * num_local + e]++) : -1;
   }
 }
 
@@ -416,7 +457,8 @@ void moe_plan_permute(const TensorView& topk_idx, const TensorView& rank, const 
   require_ids(topk_idx, starts.size(0));
   for (int64_t p = 0; p < topk_idx.numel(); ++p) {
     const int64_t e = topk_idx.ptr<const int64_t>()[p];
-    const int64_t row = moe::sorted_row(e, starts.ptr<const int64_t>(), rank.ptr<const int32_t>()[p]);
+    const int64_t row = moe::sorted_row(e, static_cast<int>(starts.size(0)), starts.ptr<const int64_t>(),
+                                        rank.ptr<const int32_t>()[p]);
     pos.ptr<int32_t>()[p] = static_cast<int32_t>(row);
     if (row >= 0) {
       if (row >= m_indices.size(0)) throw_value_error("m_indices", "room for row " + std::to_string(row), m_indices.shape_str());

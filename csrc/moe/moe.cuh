@@ -2,10 +2,10 @@
 //
 // Row stages (pack, permute, combine-reduce, unpermute) give each token row to one CTA, which reads every
 // 16-byte chunk of the row once and writes it to all of that row's destinations: they are pure bandwidth.
-// Counting stages (dispatch layout, expert ranks) are one-CTA, one-pass scans: chunks of 1024 tokens (or
-// pairs), warp votes for the within-warp prefix, a shared-memory scan over the 32 warps, and running totals
-// carried from chunk to chunk. At DeepSeek-V3 sizes (4096 tokens x top-8) that is 4 or 32 chunks, a few
-// microseconds, and it avoids both a second kernel and any host round trip.
+// The dispatch layout is a one-CTA, one-pass scan: chunks of 1024 tokens, warp votes for the within-warp
+// prefix, a shared-memory scan over the 32 warps, running totals carried from chunk to chunk (4 chunks at
+// 4096 tokens). Expert ranks, which see every (token, slot) pair a rank receives, split the same scan over
+// one CTA per chunk (see expert_ranks_kernel).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -66,8 +66,9 @@ __host__ __device__ inline int64_t send_row(const int64_t* send_offsets, const i
 }
 
 // Row of the expert-sorted buffer that carries pair (token, slot), or -1.
-__host__ __device__ inline int64_t sorted_row(int64_t e, const int64_t* starts, int32_t rank_in_expert) {
-  return e >= 0 ? starts[e] + rank_in_expert : -1;
+__host__ __device__ inline int64_t sorted_row(int64_t e, int num_local, const int64_t* starts,
+                                              int32_t rank_in_expert) {
+  return e >= 0 && e < num_local ? starts[e] + rank_in_expert : -1;
 }
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -143,32 +144,83 @@ __global__ void __launch_bounds__(kScanThreads) dispatch_layout_kernel(
   for (int e = threadIdx.x; e < num_experts; e += kScanThreads) per_expert[e] = expert_count[e];
 }
 
-// topk_idx [R * topk] local ids -> counts [num_local], rank [R * topk] (int32 rank within its expert, -1).
+// Expert ranks run on the whole GPU in three launches over chunks of kRankChunk pairs: per-chunk counts
+// (one CTA per chunk), an exclusive scan of those counts over the chunks (one warp per expert), then each
+// chunk's ranks from its offsets (one CTA per chunk). At EP8 prefill (4096 tokens x top-8 from each of 8
+// ranks) that is ~256 CTAs per launch instead of one CTA walking ~256 chunks in turn.
+constexpr int kRankChunk = kScanThreads;
+constexpr int kOffsetWarps = 8;  // experts per CTA of the scan launch
+
+__host__ __device__ inline int64_t rank_chunks(int64_t num_pairs) { return (num_pairs + kRankChunk - 1) / kRankChunk; }
+
+// A local id that indexes the per-expert tables; anything else (-1, or an id a caller let through
+// unchecked) takes no row.
+__host__ __device__ inline bool is_local_expert(int64_t e, int num_local) { return e >= 0 && e < num_local; }
+
+// chunk_counts [chunks][num_local] int32: pairs of each expert in each chunk.
+__global__ void __launch_bounds__(kScanThreads) expert_chunk_counts_kernel(
+    const int64_t* __restrict__ topk_idx, int32_t* __restrict__ chunk_counts, int64_t num_pairs, int num_local) {
+  __shared__ int count[kMaxLocalExperts];
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) count[e] = 0;
+  __syncthreads();
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * kRankChunk + threadIdx.x;
+  if (p < num_pairs) {
+    const int64_t e = topk_idx[p];
+    if (is_local_expert(e, num_local)) atomicAdd(&count[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) {
+    chunk_counts[static_cast<int64_t>(blockIdx.x) * num_local + e] = count[e];
+  }
+}
+
+// In place: chunk_counts[c][e] -> pairs of e in chunks before c; counts[e] = the total. One warp per
+// expert, 32 chunks per step: a shuffle scan across the lanes, the carry in a register.
+__global__ void __launch_bounds__(kOffsetWarps * 32) expert_chunk_offsets_kernel(
+    int32_t* __restrict__ chunk_counts, int64_t* __restrict__ counts, int64_t chunks, int num_local) {
+  const int lane = threadIdx.x % 32;
+  const int e = blockIdx.x * kOffsetWarps + threadIdx.x / 32;
+  if (e >= num_local) return;  // whole warps leave together: e is uniform across a warp
+  int64_t carry = 0;
+#pragma unroll 1
+  for (int64_t base = 0; base < chunks; base += 32) {
+    const int64_t c = base + lane;
+    const int32_t n = c < chunks ? chunk_counts[c * num_local + e] : 0;
+    int32_t inclusive = n;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += up;
+    }
+    if (c < chunks) chunk_counts[c * num_local + e] = static_cast<int32_t>(carry + inclusive - n);
+    carry += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  if (lane == 0) counts[e] = carry;
+}
+
+// One CTA per chunk: each pair's rank = its expert's offset at the chunk + its rank inside the chunk
+// (warp votes for the within-warp prefix, a shared-memory scan over the warps).
 __global__ void __launch_bounds__(kScanThreads) expert_ranks_kernel(
-    const int64_t* __restrict__ topk_idx, int64_t* __restrict__ counts, int32_t* __restrict__ rank,
+    const int64_t* __restrict__ topk_idx, const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ rank,
     int64_t num_pairs, int num_local) {
   __shared__ int warp_count[kScanWarps * kMaxLocalExperts];
   __shared__ int running[kMaxLocalExperts];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int e = threadIdx.x; e < num_local; e += kScanThreads) running[e] = 0;
+  const int64_t chunk = blockIdx.x;
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) running[e] = chunk_offsets[chunk * num_local + e];
 #pragma unroll 1
-  for (int64_t base = 0; base < num_pairs; base += kScanThreads) {
-#pragma unroll 1
-    for (int e = lane; e < num_local; e += 32) warp_count[warp * num_local + e] = 0;
-    __syncthreads();
-    const int64_t p = base + threadIdx.x;
-    const int e = p < num_pairs ? static_cast<int>(topk_idx[p]) : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    const int before = __popc(peers & lanes_below());
-    if (e >= 0 && before == 0) warp_count[warp * num_local + e] = __popc(peers);
-    __syncthreads();
-    scan_warp_counts(warp_count, num_local, running);
-    __syncthreads();
-    if (p < num_pairs) rank[p] = e >= 0 ? warp_count[warp * num_local + e] + before : -1;
-    __syncthreads();  // the next chunk clears the table these reads use
-  }
-#pragma unroll 1
-  for (int e = threadIdx.x; e < num_local; e += kScanThreads) counts[e] = running[e];
+  for (int e = lane; e < num_local; e += 32) warp_count[warp * num_local + e] = 0;
+  __syncthreads();
+  const int64_t p = chunk * kRankChunk + threadIdx.x;
+  const int64_t id = p < num_pairs ? topk_idx[p] : -1;
+  const int e = is_local_expert(id, num_local) ? static_cast<int>(id) : -1;
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const int before = __popc(peers & lanes_below());
+  if (e >= 0 && before == 0) warp_count[warp * num_local + e] = __popc(peers);
+  __syncthreads();
+  scan_warp_counts(warp_count, num_local, running);
+  __syncthreads();
+  if (p < num_pairs) rank[p] = e >= 0 ? warp_count[warp * num_local + e] + before : -1;
 }
 
 // ---- row stages ------------------------------------------------------------------------------------
@@ -322,7 +374,7 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(
     const V* __restrict__ x, const float* __restrict__ x_scales, const int64_t* __restrict__ topk_idx,
     const int32_t* __restrict__ rank, const int64_t* __restrict__ starts, V* __restrict__ x_sorted,
     float* __restrict__ s_sorted, int32_t* __restrict__ m_indices, int32_t* __restrict__ pos, int64_t row_units,
-    int topk, int num_scales) {
+    int topk, int num_scales, int num_local) {
   __shared__ int64_t dst_rows[kMaxTopk];
   __shared__ int count;
   const int64_t i = blockIdx.x;
@@ -330,7 +382,7 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(
     int n = 0;
     for (int j = 0; j < topk; ++j) {
       const int64_t e = topk_idx[i * topk + j];
-      const int64_t row = sorted_row(e, starts, rank[i * topk + j]);
+      const int64_t row = sorted_row(e, num_local, starts, rank[i * topk + j]);
       pos[i * topk + j] = static_cast<int32_t>(row);
       if (row >= 0) {
         m_indices[row] = static_cast<int32_t>(e);

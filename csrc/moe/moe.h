@@ -27,9 +27,12 @@ void moe_pack(const TensorView& x, const TensorView* x_scales, const TensorView&
 void moe_combine_reduce(const TensorView& buf, const TensorView& slots, const TensorView& send_offsets,
                         const TensorView& out, cudaStream_t stream);
 
-// topk_idx [R, k] int64 local ids -> counts [L] int64, rank [R, k] int32.
+// topk_idx [R, k] int64 local ids -> counts [L] int64, rank [R, k] int32. chunk_counts: int32 workspace
+// [moe_expert_rank_chunks(R * k), L].
 void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, const TensorView& rank,
-                      cudaStream_t stream);
+                      const TensorView& chunk_counts, cudaStream_t stream);
+// CTAs (chunks of pairs) the expert-ranks kernels run on for num_pairs (token, slot) pairs.
+int64_t moe_expert_rank_chunks(int64_t num_pairs);
 
 // x [R, H] (bf16 / fp8, scales [R, S]) -> x_sorted [M, H], s_sorted [M, S], m_indices [M] (pre-filled with -1),
 // pos [R, k] int32.

@@ -107,7 +107,7 @@ def combine_reduce(buf: torch.Tensor, token_slots: torch.Tensor, send_offsets: t
 def expert_ranks(topk_idx: torch.Tensor, num_local: int):
     """-> (rows per local expert [L] int64, rank [R, k] int32 of each pair among its expert's pairs)."""
     flat = topk_idx.reshape(-1)
-    valid = flat >= 0
+    valid = (flat >= 0) & (flat < num_local)  # other ids take no row (the unchecked path's rule)
     counts = torch.bincount(flat[valid], minlength=num_local)
     # A stable sort by expert keeps the row-major order of pairs inside each expert.
     order = torch.sort(torch.where(valid, flat, num_local), stable=True).indices
@@ -133,8 +133,8 @@ def permute(x: torch.Tensor, x_scales: torch.Tensor | None, topk_idx: torch.Tens
             starts: torch.Tensor, total_rows: int):
     """-> (x_sorted [M, H], scales_sorted [M, S] or None, m_indices [M] int32, pos [R, k] int32).
     Padding rows are zero on every backend."""
-    valid = topk_idx >= 0
-    pos = torch.where(valid, starts[topk_idx.clamp(min=0)] + rank.long(), -1)
+    valid = (topk_idx >= 0) & (topk_idx < starts.shape[0])
+    pos = torch.where(valid, starts[topk_idx.clamp(0, max(starts.shape[0] - 1, 0))] + rank.long(), -1)
     tokens, slots = torch.nonzero(valid, as_tuple=True)
     rows = pos[tokens, slots]
     x_sorted = torch.zeros((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)

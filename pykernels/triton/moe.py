@@ -173,7 +173,8 @@ def expert_ranks_kernel(
     while start < num_pairs:
         offs = start + tl.arange(0, BLOCK_P)
         in_range = offs < num_pairs
-        e = tl.load(idx_ptr + offs, mask=in_range, other=-1).to(tl.int32)
+        e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
+        e = tl.where((e >= 0) & (e < num_local), e, -1).to(tl.int32)  # other ids take no row
         onehot = (e[:, None] == experts[None, :]).to(tl.int32)
         before = tl.cumsum(onehot, axis=0) - 1 + running[None, :]
         rank = tl.sum(tl.where(onehot > 0, before, 0), axis=1)
@@ -196,6 +197,7 @@ def permute_kernel(
     pos_ptr,  # [R, TOPK] int32 out
     hidden,
     num_scales,
+    num_local,
     TOPK: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     S_PAD: tl.constexpr,
@@ -212,7 +214,7 @@ def permute_kernel(
         srow = tl.load(xs_ptr + i * num_scales + offs_s, mask=s_mask, other=0.0)
     for j in tl.static_range(TOPK):
         e = tl.load(idx_ptr + i * TOPK + j)
-        if e >= 0:
+        if (e >= 0) & (e < num_local):
             p = tl.load(starts_ptr + e) + tl.load(rank_ptr + i * TOPK + j)
             tl.store(out_ptr + p * hidden + offs_h, row, mask=h_mask)
             if hb == 0:
@@ -522,7 +524,7 @@ def permute(x, x_scales, topk_idx, rank, starts, total_rows):
     bh = block_h(hidden, x.element_size())
     permute_kernel[(rows, triton.cdiv(hidden, bh))](
         _as_int(x), x_scales if x_scales is not None else pos, topk_idx, rank, starts, _as_int(x_sorted),
-        s_sorted if s_sorted is not None else pos, m_indices, pos, hidden, num_scales, TOPK=topk,
+        s_sorted if s_sorted is not None else pos, m_indices, pos, hidden, num_scales, starts.shape[0], TOPK=topk,
         HAS_SCALES=x_scales is not None, S_PAD=_pow2(num_scales), BLOCK_H=bh, num_warps=NUM_WARPS)
     return x_sorted, s_sorted, m_indices, pos
 
@@ -673,7 +675,7 @@ AOT_KERNELS = [
         fn=permute_kernel,
         signature={"x_ptr": "*u8", "xs_ptr": "*fp32", "idx_ptr": "*i64", "rank_ptr": "*i32", "starts_ptr": "*i64",
                    "out_ptr": "*u8", "out_s_ptr": "*fp32", "m_indices_ptr": "*i32", "pos_ptr": "*i32",
-                   "hidden": "i32:16", "num_scales": "i32"},
+                   "hidden": "i32:16", "num_scales": "i32", "num_local": "i32"},
         constexprs={"TOPK": 8, "HAS_SCALES": True, "S_PAD": 64, "BLOCK_H": block_h(7168, 1)},
         num_warps=NUM_WARPS,
         expect=_ROW_COPY,
