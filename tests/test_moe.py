@@ -840,6 +840,12 @@ def test_num_worst_tokens_over_loopback(backend, device):
         sent_rank = torch.cumsum(routed.long(), 0) - 1
         want = torch.where((routed & (sent_rank < worst)).unsqueeze(1), x.cpu(), torch.zeros(()))
         assert torch.equal(out.cpu(), want.bfloat16())
+        again, again_idx, _, _, same = buffer.dispatch(2 * x, handle=wh)
+        assert same is wh and torch.equal(again, 2 * wx) and torch.equal(again_idx, widx)
+    (q, s), qidx, _, _, qh = buffer.dispatch(x, idx, w, 6, num_worst_tokens=rows + 2, quantize_fp8=True)
+    (want_q, want_s), _, _, _, _ = buffer.dispatch(x, idx, w, 6, quantize_fp8=True)
+    assert torch.equal(s[:rows], want_s) and not bool(s[rows:].any())
+    assert torch.equal(q[:rows].view(torch.uint8), want_q.view(torch.uint8)) and not bool(q[rows:].view(torch.uint8).any())
 
 
 def test_cached_and_worst_dispatch_bad_inputs_raise_before_communication():
