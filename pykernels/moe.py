@@ -187,6 +187,45 @@ class _CudaStages:
         return out
 
 
+    # Low-latency stages (the reference's ll_* definitions).
+    def ll_pack(self, x, topk_idx, num_experts, world, max_tokens, row):
+        send = torch.empty((world * max_tokens, row.words), dtype=torch.int32, device=x.device)
+        self._ext().moe_ll_pack(x, topk_idx, send, num_experts, world, max_tokens, row.scale_word, row.id_word,
+                                row.fp8, _backend.current_stream(x.device))
+        return send
+
+    def ll_positions(self, recv, num_local, row):
+        ids = recv[:, row.id_word:row.id_word + row.topk].long()
+        valid = (ids >= 0) & (ids < num_local)
+        # A row naming one expert twice takes one row of its block: rank only each id's first slot (the
+        # CUDA expert-ranks kernels), then give the later slots the first one's row.
+        first_slot = (ids.unsqueeze(2) == ids.unsqueeze(1)).int().argmax(dim=2)
+        first = first_slot == torch.arange(row.topk, device=recv.device)
+        counts, rank = self.expert_ranks(torch.where(valid & first, ids, -1), num_local)
+        pos = torch.where(valid, rank.gather(1, first_slot), -1)
+        return counts.to(torch.int32), pos.to(torch.int32)
+
+    def ll_unpack(self, recv, pos, num_local, row):
+        rows = recv.shape[0]
+        recv_x = torch.empty((num_local, rows, row.hidden), dtype=row.payload_dtype, device=recv.device)
+        recv_s = torch.empty((num_local, rows, row.num_scales), dtype=torch.float32, device=recv.device) \
+            if row.fp8 else None
+        self._ext().moe_ll_unpack(recv, pos, recv_x, recv_s, row.scale_word, row.id_word,
+                                  _backend.current_stream(recv.device))
+        return recv_x, recv_s
+
+    def ll_combine_pack(self, y, recv, pos, row):
+        ret = torch.empty((y.shape[1], row.topk, y.shape[2]), dtype=y.dtype, device=y.device)
+        self._ext().moe_ll_combine_pack(y, recv, pos, ret, row.id_word, _backend.current_stream(y.device))
+        return ret
+
+    def ll_combine_reduce(self, returned, topk_idx, topk_weights, num_experts):
+        out = torch.empty((topk_idx.shape[0], returned.shape[3]), dtype=returned.dtype, device=returned.device)
+        self._ext().moe_ll_combine_reduce(returned, topk_idx, topk_weights, out, num_experts,
+                                          _backend.current_stream(returned.device))
+        return out
+
+
 _cuda_stages = _CudaStages()
 
 
@@ -653,9 +692,13 @@ class Buffer:
 
     # ---- low-latency mode: fixed-size buffers, one equal-split collective each way, no host reads ----
 
-    def _resolve_low_latency(self, device, op):
-        # The low-latency stages exist in Triton and torch: auto runs Triton on GPUs.
-        return _backend.resolve(self.backend, device, op, cuda_ok=False)
+    def _resolve_low_latency(self, device, op, num_local, topk, widths, tensors):
+        """The CUDA low-latency kernels copy 16-byte units: every row width a multiple of 8 bf16 elements and
+        every tensor 16-byte aligned (both read from shapes and pointers, never from values)."""
+        cuda_ok = (self.world_size <= CUDA_MAX_WORLD and num_local <= CUDA_MAX_LOCAL_EXPERTS
+                   and topk <= CUDA_MAX_TOPK and all(w % 8 == 0 for w in widths)
+                   and all(t.data_ptr() % 16 == 0 for t in tensors))
+        return _backend.resolve(self.backend, device, op, cuda_ok=cuda_ok)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, max_tokens_per_rank: int,
                              num_experts: int, use_fp8: bool = True):
@@ -687,7 +730,8 @@ class Buffer:
         num_local = num_experts // world
         _validate.integer(num_local * world * max_tokens, "num_local_experts * world * max_tokens_per_rank")
         row = reference.LowLatencyRow(hidden, topk_idx.shape[1], use_fp8)
-        stages = _stages(self._resolve_low_latency(x.device, "moe low_latency_dispatch"))
+        stages = _stages(self._resolve_low_latency(x.device, "moe low_latency_dispatch", num_local, row.topk,
+                                                   (hidden,), (x,)))
         with _backend.on_device(x.device):
             send = stages.ll_pack(x, topk_idx, num_experts, world, max_tokens, row)
         recv = self.transport.exchange_equal(send)
@@ -719,7 +763,8 @@ class Buffer:
         _validate.shape(topk_weights, "topk_weights", tuple(topk_idx.shape), "same as topk_idx")
         _validate.same_device(y, "y", topk_idx=topk_idx, topk_weights=topk_weights,
                               **{"handle.recv": handle.recv})
-        stages = _stages(self._resolve_low_latency(y.device, "moe low_latency_combine"))
+        stages = _stages(self._resolve_low_latency(y.device, "moe low_latency_combine", num_local, handle.row.topk,
+                                                   (y.shape[2],), (y,)))
         with _backend.on_device(y.device):
             ret = stages.ll_combine_pack(y, handle.recv, handle.pos, handle.row)
         returned = self.transport.exchange_equal(ret)
@@ -807,4 +852,9 @@ CUDA_AUDIT = {
     "pykernels::moe::expert_ranks_kernel": {"no_local_memory": True},
     "pykernels::moe::expert_chunk_counts_kernel": {"no_local_memory": True},
     "pykernels::moe::expert_chunk_offsets_kernel": {"no_local_memory": True},
+    "pykernels::moe::ll_pack_kernel<false>": _VECTOR_COPY,
+    "pykernels::moe::ll_pack_kernel<true>": {"no_local_memory": True, "min_instructions": {"LDG.128": 1}},
+    "pykernels::moe::ll_unpack_kernel": _VECTOR_COPY,
+    "pykernels::moe::ll_combine_pack_kernel": _VECTOR_COPY,
+    "pykernels::moe::ll_combine_reduce_kernel": {"no_local_memory": True, "min_instructions": {"LDG.128": 1}},
 }

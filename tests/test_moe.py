@@ -537,19 +537,21 @@ def expected_blocks(idxs, rank, world, experts):
     return blocks
 
 
-def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hidden, gen):
+def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hidden, gen, device="cpu"):
     """Runs every rank's low-latency stages in one process, with the all-to-all done by hand, checks the
     receive side against expected_blocks and returns (combined outputs, float64 expectations)."""
     world = len(xs)
     num_local = experts // world
     row = ref.LowLatencyRow(xs[0].shape[1], idxs[0].shape[1], fp8)
-    sends = [stages.ll_pack(x, idx, experts, world, max_tokens, row) for x, idx in zip(xs, idxs)]
+    sends = [stages.ll_pack(x.to(device), idx.to(device), experts, world, max_tokens, row) for x, idx in zip(xs, idxs)]
     rows = world * max_tokens
     ys, returned_blocks = [], []
     for q in range(world):
         recv = torch.cat([s[q * max_tokens:(q + 1) * max_tokens] for s in sends])
         count, pos = stages.ll_positions(recv, num_local, row)
         recv_x, recv_s = stages.ll_unpack(recv, pos, num_local, row)
+        count, recv_x = count.cpu(), recv_x.cpu()
+        recv_s = None if recv_s is None else recv_s.cpu()
         blocks = expected_blocks(idxs, q, world, experts)
         assert count.dtype == torch.int32 and count.tolist() == [len(b) for b in blocks]
         assert recv_x.shape == (num_local, rows, row.hidden) and recv_x.is_contiguous()
@@ -568,12 +570,12 @@ def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hid
         for e, block in enumerate(blocks):
             y[e, len(block):] = float("nan")  # rows past recv_count must never be read
         ys.append(y)
-        returned_blocks.append(stages.ll_combine_pack(y, recv, pos, row))
+        returned_blocks.append(stages.ll_combine_pack(y.to(device), recv, pos, row))
     outs, wants = [], []
     for src in range(world):
         back = torch.cat([r[src * max_tokens:(src + 1) * max_tokens] for r in returned_blocks])
-        out = stages.ll_combine_reduce(back.view(world, max_tokens, row.topk, out_hidden), idxs[src], ws[src],
-                                       experts)
+        out = stages.ll_combine_reduce(back.view(world, max_tokens, row.topk, out_hidden), idxs[src].to(device),
+                                       ws[src].to(device), experts).cpu()
         want = torch.zeros((idxs[src].shape[0], out_hidden), dtype=torch.float64)
         mag = torch.zeros_like(want)
         for t, ids in enumerate(idxs[src].tolist()):
@@ -589,11 +591,11 @@ def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hid
     return outs, wants
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world,counts,hidden,topk,experts,max_tokens,fp8",
                          [(2, [5, 3], 256, 3, 4, 6, True), (3, [7, 0, 4], 136, 4, 9, 7, False),
                           (4, [1, 6, 2, 6], 384, 2, 8, 6, True)])
-def test_low_latency_stages_against_loops(backend, world, counts, hidden, topk, experts, max_tokens, fp8):
+def test_low_latency_stages_against_loops(backend, world, counts, hidden, topk, experts, max_tokens, fp8, device):
     stages = moe._stages(backend)
     gen = torch.Generator().manual_seed(sum(counts) + hidden)
     xs, idxs, ws = [], [], []
@@ -602,7 +604,7 @@ def test_low_latency_stages_against_loops(backend, world, counts, hidden, topk, 
         idx, w = ll_routing(t, topk, experts, seed=r + hidden)
         idxs.append(idx)
         ws.append(w)
-    outs, wants = simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, 40, gen)
+    outs, wants = simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, 40, gen, device)
     for out, (want, mag) in zip(outs, wants):
         assert out.dtype == torch.bfloat16 and not bool(out.isnan().any())
         # float32 sums of <= k rounded products, one bf16 rounding: within 2^-8 of the magnitude.
@@ -927,3 +929,51 @@ def test_permute_unchecked_ids_outside_range_are_ignored(backend, device):
         moe.permute_to_experts(x, bad.to(device), check_ids=False, backend=backend)
     with pytest.raises(ValueError, match="recv_topk_idx: expected local expert ids in \\[0, 5\\)"):
         moe.permute_to_experts(x, bad.to(device), num_local_experts=5, backend=backend)
+
+
+def test_cuda_low_latency_launchers_validate_and_index_like_the_reference():
+    """The CUDA low-latency launchers refuse bad arguments before any launch, and their row indexing is the
+    reference's (send block r row t; expert e's block of S rows; returned [W, M, k] rows)."""
+    ext = _extension()
+    assert [ext.moe_ll_send_row(r, t, 7) for r, t in ((0, 0), (2, 5), (3, 6))] == [0, 19, 27]
+    assert ext.moe_ll_expert_row(3, 4, 16) == 52 and ext.moe_ll_return_row(2, 5, 1, 6, 3) == (2 * 6 + 5) * 3 + 1
+    row = ref.LowLatencyRow(256, 3, True)
+    assert (row.scale_word, row.id_word, row.words) == (64, 66, 72)
+    x = torch.randn(4, 256).bfloat16()
+    idx, w = routing(4, 3, 8)
+    send = torch.empty(2 * 6, row.words, dtype=torch.int32)
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+        ext.moe_ll_pack(x, idx, send, 8, 2, 6, row.scale_word, row.id_word, True, 0)
+    with pytest.raises(ValueError, match="x tokens: expected a value in \\[0, 3\\]"):
+        ext.moe_ll_pack(x, idx, send, 8, 2, 3, row.scale_word, row.id_word, True, 0)
+    with pytest.raises(TypeError, match="x: expected dtype bfloat16"):
+        ext.moe_ll_pack(x.float(), idx, send, 8, 2, 6, row.scale_word, row.id_word, True, 0)
+    with pytest.raises(ValueError, match="num_experts: expected a multiple of the world size 3"):
+        ext.moe_ll_pack(x, idx, send, 8, 3, 6, row.scale_word, row.id_word, True, 0)
+    with pytest.raises(ValueError, match="recv: expected a CUDA tensor"):
+        ext.moe_ll_unpack(send, torch.zeros(12, 3, dtype=torch.int32), torch.empty(4, 12, 256, dtype=FP8),
+                          torch.empty(4, 12, 2), row.scale_word, row.id_word, 0)
+    with pytest.raises(ValueError, match="y: expected a hidden size that is a positive multiple of 8"):
+        ext.moe_ll_combine_pack(torch.empty(4, 12, 36).bfloat16(), send, torch.zeros(12, 3, dtype=torch.int32),
+                                torch.empty(12, 3, 36).bfloat16(), row.id_word, 0)
+    with pytest.raises(ValueError, match="returned: expected 4 dimensions"):
+        ext.moe_ll_combine_reduce(torch.empty(2, 6, 3 * 64).bfloat16(), idx, w, torch.empty(4, 64).bfloat16(), 8, 0)
+
+
+def test_cuda_low_latency_positions_glue_matches_reference():
+    """The CUDA ll_positions ranks each id's first slot with the expert-ranks kernels and gives duplicate
+    slots the first one's row; its torch part, run here with the reference's expert ranks, must equal
+    the reference positions (duplicates, -1 and ids from several source ranks included)."""
+
+    class HostExpertRanks(moe._CudaStages):
+        def expert_ranks(self, topk_idx, num_local):
+            return ref.expert_ranks(topk_idx, num_local)
+
+    row = ref.LowLatencyRow(128, 4, False)
+    idxs = [ll_routing(9, 4, 8, seed=s)[0] for s in range(2)]
+    sends = [ref.ll_pack(torch.randn(9, 128).bfloat16(), idx, 8, 2, 10, row) for idx in idxs]
+    for q in range(2):
+        recv = torch.cat([s[q * 10:(q + 1) * 10] for s in sends])
+        got = HostExpertRanks().ll_positions(recv, 4, row)
+        want = ref.ll_positions(recv, 4, row)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

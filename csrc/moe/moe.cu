@@ -2,6 +2,7 @@
 #include "moe/moe.h"
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -372,6 +373,172 @@ void moe_unpermute(const TensorView& y_sorted, const TensorView& pos, const Tens
   if (rows == 0 || hidden == 0) return;
   with_reduce_type<UnpermuteLaunch>(y_sorted.dtype, vectorizable(y_sorted, out, hidden), y_sorted, pos, weights, out,
                                     stream);
+}
+
+// ---- low-latency mode -----------------------------------------------------------------------------------
+
+namespace {
+
+// A contiguous CUDA tensor of `dtype` with exactly `shape`, on ref's device, 16-byte aligned.
+void require_ll(const TensorView& t, DType dtype, std::initializer_list<int64_t> shape, const TensorView& ref,
+                const std::string& what) {
+  require_dtype(t, dtype);
+  require_ndim(t, static_cast<int>(shape.size()));
+  int dim = 0;
+  for (int64_t size : shape) require_size(t, dim++, size, what);
+  require_contiguous(t);
+  require_cuda(t);
+  require_same_device(ref, t);
+  require_aligned(t, 16);
+}
+
+// The word offsets of a low-latency row: payload, then scales, then ids, within row_words (a multiple of 4).
+void require_ll_row(int64_t row_words, int64_t payload_bytes, int64_t scale_word, int64_t num_scales,
+                    int64_t id_word, int64_t topk) {
+  if (row_words % 4 != 0) throw_value_error("row words", "a multiple of 4 (16-byte rows)", std::to_string(row_words));
+  require_range("scale_word", scale_word, (payload_bytes + 3) / 4, row_words);
+  require_range("id_word", id_word, scale_word + num_scales, row_words - topk);
+}
+
+}  // namespace
+
+void moe_ll_pack(const TensorView& x, const TensorView& topk_idx, const TensorView& send, int num_experts, int world,
+                 int64_t max_tokens, int scale_word, int id_word, bool fp8, cudaStream_t stream) {
+  require_dtype(x, DType::BFloat16);
+  require_ndim(x, 2);
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  require_range("world size", world, 1, kMaxWorld);
+  require_range("num_experts", num_experts, world, std::numeric_limits<int32_t>::max());
+  if (num_experts % world != 0) {
+    throw_value_error("num_experts", "a multiple of the world size " + std::to_string(world),
+                      std::to_string(num_experts));
+  }
+  require_range("max_tokens_per_rank", max_tokens, 1, std::numeric_limits<int32_t>::max() / world);
+  require_range("x tokens", tokens, 0, max_tokens);
+  if (hidden <= 0 || hidden % (fp8 ? kScaleGroup : 8) != 0) {
+    throw_value_error(x.name, std::string("a hidden size that is a positive multiple of ") + (fp8 ? "128" : "8"),
+                      "shape " + x.shape_str());
+  }
+  require_ll(x, DType::BFloat16, {tokens, hidden}, x, "[T, H]");
+  require_ndim(topk_idx, 2);
+  const int64_t topk = topk_idx.size(1);
+  require_range("topk_idx top-k", topk, 1, kMaxTopk);
+  require_matrix(topk_idx, DType::Int64, tokens, topk, &x, "one row per token");
+  require_ndim(send, 2);
+  const int64_t row_words = send.size(1);
+  require_ll(send, DType::Int32, {world * max_tokens, row_words}, x, "[W * M, row words]");
+  const int64_t num_scales = fp8 ? hidden / kScaleGroup : 0;
+  require_ll_row(row_words, hidden * (fp8 ? 1 : 2), scale_word, num_scales, id_word, topk);
+  const int num_local = num_experts / world;
+  const dim3 grid(static_cast<unsigned>(max_tokens));
+  if (fp8) {
+    moe::ll_pack_kernel<true><<<grid, kRowThreads, 0, stream>>>(
+        x.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), send.ptr<int32_t>(), static_cast<int>(tokens),
+        static_cast<int>(hidden), static_cast<int>(topk), num_experts, num_local, world, max_tokens,
+        static_cast<int>(row_words), scale_word, id_word);
+  } else {
+    moe::ll_pack_kernel<false><<<grid, kRowThreads, 0, stream>>>(
+        x.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), send.ptr<int32_t>(), static_cast<int>(tokens),
+        static_cast<int>(hidden), static_cast<int>(topk), num_experts, num_local, world, max_tokens,
+        static_cast<int>(row_words), scale_word, id_word);
+  }
+  PK_CHECK_LAUNCH("moe::ll_pack_kernel");
+}
+
+void moe_ll_unpack(const TensorView& recv, const TensorView& pos, const TensorView& out_x, const TensorView* out_s,
+                   int scale_word, int id_word, cudaStream_t stream) {
+  require_dtype(recv, DType::Int32);
+  require_ndim(recv, 2);
+  const int64_t rows = recv.size(0), row_words = recv.size(1);
+  require_grid("recv", rows);
+  require_ll(recv, DType::Int32, {rows, row_words}, recv, "[S, row words]");
+  require_ndim(pos, 2);
+  const int64_t topk = pos.size(1);
+  require_range("pos top-k", topk, 1, kMaxTopk);
+  require_matrix(pos, DType::Int32, rows, topk, &recv, "[S, k]");
+  const bool fp8 = out_s != nullptr;
+  require_ndim(out_x, 3);
+  const int64_t num_local = out_x.size(0), hidden = out_x.size(2);
+  require_range("num_local", num_local, 1, kMaxLocalExperts);
+  if (hidden <= 0 || hidden % (fp8 ? kScaleGroup : 8) != 0) {
+    throw_value_error(out_x.name, std::string("a hidden size that is a positive multiple of ") + (fp8 ? "128" : "8"),
+                      "shape " + out_x.shape_str());
+  }
+  require_ll(out_x, fp8 ? DType::Float8E4M3 : DType::BFloat16, {num_local, rows, hidden}, recv, "[L, S, H]");
+  const int64_t num_scales = fp8 ? hidden / kScaleGroup : 0;
+  if (fp8) require_ll(*out_s, DType::Float32, {num_local, rows, num_scales}, recv, "[L, S, H / 128]");
+  const int64_t payload_bytes = hidden * (fp8 ? 1 : 2);
+  require_ll_row(row_words, payload_bytes, scale_word, num_scales, id_word, topk);
+  if (rows == 0) return;
+  moe::ll_unpack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), out_x.ptr<uint4>(), fp8 ? out_s->ptr<float>() : nullptr,
+      rows, payload_bytes / 16, static_cast<int>(row_words), scale_word, id_word, static_cast<int>(topk),
+      static_cast<int>(num_scales));
+  PK_CHECK_LAUNCH("moe::ll_unpack_kernel");
+}
+
+void moe_ll_combine_pack(const TensorView& y, const TensorView& recv, const TensorView& pos, const TensorView& ret,
+                         int id_word, cudaStream_t stream) {
+  require_dtype(y, DType::BFloat16);
+  require_ndim(y, 3);
+  const int64_t num_local = y.size(0), rows = y.size(1), hidden = y.size(2);
+  if (hidden <= 0 || hidden % 8 != 0) {
+    throw_value_error(y.name, "a hidden size that is a positive multiple of 8", "shape " + y.shape_str());
+  }
+  require_range("num_local", num_local, 1, kMaxLocalExperts);
+  require_grid("y", rows);
+  require_ll(y, DType::BFloat16, {num_local, rows, hidden}, y, "[L, S, N]");
+  require_ndim(recv, 2);
+  const int64_t row_words = recv.size(1);
+  require_ll(recv, DType::Int32, {rows, row_words}, y, "[S, row words]");
+  require_ndim(pos, 2);
+  const int64_t topk = pos.size(1);
+  require_range("pos top-k", topk, 1, kMaxTopk);
+  require_matrix(pos, DType::Int32, rows, topk, &y, "[S, k]");
+  require_range("id_word", id_word, 0, row_words - topk);
+  require_ll(ret, DType::BFloat16, {rows, topk, hidden}, y, "[S, k, N]");
+  if (rows == 0) return;
+  moe::ll_combine_pack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      y.ptr<const uint4>(), recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), ret.ptr<uint4>(), rows, hidden / 8,
+      static_cast<int>(row_words), id_word, static_cast<int>(topk));
+  PK_CHECK_LAUNCH("moe::ll_combine_pack_kernel");
+}
+
+void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_idx, const TensorView& weights,
+                           const TensorView& out, int num_experts, cudaStream_t stream) {
+  require_dtype(returned, DType::BFloat16);
+  require_ndim(returned, 4);
+  const int64_t world = returned.size(0), max_tokens = returned.size(1), topk = returned.size(2),
+                hidden = returned.size(3);
+  require_range("world size", world, 1, kMaxWorld);
+  require_range("returned top-k", topk, 1, kMaxTopk);
+  if (hidden <= 0 || hidden % 8 != 0) {
+    throw_value_error(returned.name, "a hidden size that is a positive multiple of 8", "shape " + returned.shape_str());
+  }
+  require_ll(returned, DType::BFloat16, {world, max_tokens, topk, hidden}, returned, "[W, M, k, N]");
+  require_range("num_experts", num_experts, static_cast<int>(world), std::numeric_limits<int32_t>::max());
+  if (num_experts % world != 0) {
+    throw_value_error("num_experts", "a multiple of the world size " + std::to_string(world),
+                      std::to_string(num_experts));
+  }
+  require_ndim(topk_idx, 2);
+  const int64_t tokens = topk_idx.size(0);
+  require_range("topk_idx tokens", tokens, 0, max_tokens);
+  require_matrix(topk_idx, DType::Int64, tokens, topk, &returned, "[T, k]");
+  require_matrix(weights, DType::Float32, tokens, topk, &returned, "same as topk_idx");
+  require_ll(out, DType::BFloat16, {tokens, hidden}, returned, "[T, N]");
+  if (tokens == 0) return;
+  moe::ll_combine_reduce_kernel<<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
+      returned.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), weights.ptr<const float>(),
+      out.ptr<__nv_bfloat16>(), hidden, static_cast<int>(topk), num_experts,
+      num_experts / static_cast<int>(world), max_tokens);
+  PK_CHECK_LAUNCH("moe::ll_combine_reduce_kernel");
+}
+
+int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens) { return moe::ll_send_row(rank, token, max_tokens); }
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows) { return moe::ll_expert_row(expert, pos, rows); }
+int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk) {
+  return moe::ll_return_row(rank, token, slot, max_tokens, topk);
 }
 
 // ---- host planners -----------------------------------------------------------------------------------

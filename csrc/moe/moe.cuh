@@ -439,5 +439,177 @@ __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(
   }
 }
 
+// ---- low-latency mode (definitions in pykernels/reference/moe.py) ----------------------------------
+//
+// Every buffer has a size fixed by (W, M = max tokens per rank, H, k). Rows are 16-byte aligned (a row is a
+// multiple of 4 int32 words) and payloads are copied in 16-byte units, so the launchers require H % 8 == 0
+// (bf16) or H % 128 == 0 (FP8).
+
+// Send-buffer row that carries token t to rank r: block r holds max_tokens rows.
+__host__ __device__ inline int64_t ll_send_row(int r, int64_t t, int64_t max_tokens) { return r * max_tokens + t; }
+
+// Row of the flattened [L * S] receive layout that holds expert e's pos-th received row.
+__host__ __device__ inline int64_t ll_expert_row(int64_t e, int64_t pos, int64_t rows) { return e * rows + pos; }
+
+// Row of the returned [W, M, k] buffer that holds rank q's output for (token t, slot j).
+__host__ __device__ inline int64_t ll_return_row(int q, int64_t t, int j, int64_t max_tokens, int topk) {
+  return (q * max_tokens + t) * topk + j;
+}
+
+// One CTA per token slot t < max_tokens: the local ids for every destination (-1 past the tokens), then the
+// payload, read once, to each destination that hosts one of t's experts. FP8: 16 lanes per 128-element
+// group, the scale reduced across them, as pack_quantize_kernel.
+template <bool kFp8>
+__global__ void __launch_bounds__(kRowThreads) ll_pack_kernel(
+    const __nv_bfloat16* __restrict__ x, const int64_t* __restrict__ topk_idx, int32_t* __restrict__ send,
+    int num_tokens, int hidden, int topk, int num_experts, int num_local, int world, int64_t max_tokens,
+    int row_words, int scale_word, int id_word) {
+  const int64_t t = blockIdx.x;
+  const bool token = t < num_tokens;
+  for (int i = threadIdx.x; i < world * topk; i += blockDim.x) {
+    const int r = i / topk, j = i % topk;
+    send[ll_send_row(r, t, max_tokens) * row_words + id_word + j] =
+        token ? local_expert_id(topk_idx[t * topk + j], r, num_local) : -1;
+  }
+  if (!token) return;
+  const uint64_t mask = destination_mask(topk_idx + t * topk, topk, num_local, num_experts);
+  if constexpr (!kFp8) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + t * hidden);
+    const int64_t units = hidden / 8, row_units = row_words / 4;
+    for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
+      const uint4 v = src[i];
+      for (int r = 0; r < world; ++r) {
+        if ((mask >> r) & 1) reinterpret_cast<uint4*>(send)[ll_send_row(r, t, max_tokens) * row_units + i] = v;
+      }
+    }
+  } else {
+    constexpr int kVec = 8, kLanesPerGroup = kScaleGroup / kVec;
+    static_assert(kLanesPerGroup == 16 && kRowThreads % kLanesPerGroup == 0, "two groups per warp");
+    const int groups = hidden / kScaleGroup;
+    const int lane_in_group = threadIdx.x % kLanesPerGroup;
+    constexpr int kGroupsPerPass = kRowThreads / kLanesPerGroup;
+    // The loop bound is uniform across the CTA, so every shuffle sees all 32 lanes.
+    for (int g0 = 0; g0 < groups; g0 += kGroupsPerPass) {
+      const int g = g0 + static_cast<int>(threadIdx.x) / kLanesPerGroup;
+      const bool valid = g < groups;
+      const int64_t col = static_cast<int64_t>(g) * kScaleGroup + lane_in_group * kVec;
+      float vals[kVec];
+      float amax = 0.0f;
+      if (valid) {
+        fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
+        amax = fp8_quant::abs_max(vals);
+      }
+      for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      }
+      if (!valid) continue;
+      const float scale = fp8_scale_from_amax(amax, false);
+      for (int r = 0; r < world; ++r) {
+        if (!((mask >> r) & 1)) continue;
+        int32_t* row = send + ll_send_row(r, t, max_tokens) * row_words;
+        fp8_quant::quantize_store<kVec>(vals, scale, reinterpret_cast<uint8_t*>(row) + col);
+        if (lane_in_group == 0) row[scale_word + g] = __float_as_int(scale);
+      }
+    }
+  }
+}
+
+// The distinct receive rows a received row s goes to (one per local expert it names), in dst_rows.
+__device__ inline int ll_destinations(const int32_t* recv_row, const int32_t* pos_row, int id_word, int topk,
+                                      int64_t rows, int64_t* dst_rows) {
+  __shared__ int count;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int j = 0; j < topk; ++j) {
+      if (pos_row[j] < 0) continue;
+      const int64_t dst = ll_expert_row(recv_row[id_word + j], pos_row[j], rows);
+      bool seen = false;
+      for (int d = 0; d < n; ++d) seen = seen || dst_rows[d] == dst;
+      if (!seen) dst_rows[n++] = dst;
+    }
+    count = n;
+  }
+  __syncthreads();
+  return count;
+}
+
+// One CTA per received row: its payload (16-byte units) and scales to each of its experts' rows.
+__global__ void __launch_bounds__(kRowThreads) ll_unpack_kernel(
+    const int32_t* __restrict__ recv, const int32_t* __restrict__ pos, uint4* __restrict__ out_x,
+    float* __restrict__ out_s, int64_t rows, int64_t payload_units, int row_words, int scale_word, int id_word,
+    int topk, int num_scales) {
+  __shared__ int64_t dst_rows[kMaxTopk];
+  const int64_t s = blockIdx.x;
+  const int32_t* row = recv + s * row_words;
+  const int count = ll_destinations(row, pos + s * topk, id_word, topk, rows, dst_rows);
+  const uint4* src = reinterpret_cast<const uint4*>(row);
+  for (int64_t i = threadIdx.x; i < payload_units; i += blockDim.x) {
+    const uint4 v = src[i];
+    for (int d = 0; d < count; ++d) out_x[dst_rows[d] * payload_units + i] = v;
+  }
+  if (out_s != nullptr) {
+    for (int i = threadIdx.x; i < count * num_scales; i += blockDim.x) {
+      const int d = i / num_scales, g = i % num_scales;
+      out_s[dst_rows[d] * num_scales + g] = __int_as_float(row[scale_word + g]);
+    }
+  }
+}
+
+// One CTA per received row: each slot's expert output (bf16, 16-byte units) to the row going back.
+__global__ void __launch_bounds__(kRowThreads) ll_combine_pack_kernel(
+    const uint4* __restrict__ y, const int32_t* __restrict__ recv, const int32_t* __restrict__ pos,
+    uint4* __restrict__ ret, int64_t rows, int64_t units, int row_words, int id_word, int topk) {
+  __shared__ int64_t src_rows[kMaxTopk];
+  const int64_t s = blockIdx.x;
+  if (threadIdx.x < topk) {
+    const int j = threadIdx.x;
+    const int32_t p = pos[s * topk + j];
+    src_rows[j] = p >= 0 ? ll_expert_row(recv[s * row_words + id_word + j], p, rows) : -1;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
+    for (int j = 0; j < topk; ++j) {
+      if (src_rows[j] >= 0) ret[(s * topk + j) * units + i] = y[src_rows[j] * units + i];
+    }
+  }
+}
+
+// One CTA per token: out[t] = sum over its slots with ids in [0, E), in slot order, of weight * the
+// returned row, in float32 (rounded product, rounded sum), rounded once to bf16.
+__global__ void __launch_bounds__(kRowThreads) ll_combine_reduce_kernel(
+    const __nv_bfloat16* __restrict__ ret, const int64_t* __restrict__ topk_idx, const float* __restrict__ weights,
+    __nv_bfloat16* __restrict__ out, int64_t hidden, int topk, int num_experts, int num_local, int64_t max_tokens) {
+  __shared__ int64_t rows[kMaxTopk];
+  __shared__ float row_weights[kMaxTopk];
+  __shared__ int count;
+  const int64_t t = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int j = 0; j < topk; ++j) {
+      const int64_t e = topk_idx[t * topk + j];
+      if (!is_expert(e, num_experts)) continue;
+      rows[n] = ll_return_row(static_cast<int>(e / num_local), t, j, max_tokens, topk);
+      row_weights[n++] = weights[t * topk + j];
+    }
+    count = n;
+  }
+  __syncthreads();
+  using Chunk = fp8_quant::Vec<__nv_bfloat16, 8>;
+  for (int64_t c = threadIdx.x; c * 8 < hidden; c += blockDim.x) {
+    float acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+    for (int d = 0; d < count; ++d) {
+      const Chunk v = *reinterpret_cast<const Chunk*>(ret + rows[d] * hidden + c * 8);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = __fadd_rn(acc[k], __fmul_rn(row_weights[d], __bfloat162float(v.v[k])));
+    }
+    Chunk o;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o.v[k] = __float2bfloat16_rn(acc[k]);
+    *reinterpret_cast<Chunk*>(out + t * hidden + c * 8) = o;
+  }
+}
+
 }  // namespace moe
 }  // namespace pykernels

@@ -44,6 +44,23 @@ void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorVi
 void moe_unpermute(const TensorView& y_sorted, const TensorView& pos, const TensorView& weights,
                    const TensorView& out, cudaStream_t stream);
 
+// Low-latency mode (pykernels/reference/moe.py): x [T, H] bf16 -> send [W * M, row words] int32 (FP8 payload
+// quantized in the pack when fp8); recv + pos [S, k] -> out_x [L, S, H] (fp8 with out_s [L, S, H/128], or
+// bf16); y [L, S, N] -> ret [S, k, N]; returned [W, M, k, N] + routing -> out [T, N]. All bf16 rows are
+// copied in 16-byte units: H and N multiples of 8 (128 for FP8), every tensor 16-byte aligned.
+void moe_ll_pack(const TensorView& x, const TensorView& topk_idx, const TensorView& send, int num_experts, int world,
+                 int64_t max_tokens, int scale_word, int id_word, bool fp8, cudaStream_t stream);
+void moe_ll_unpack(const TensorView& recv, const TensorView& pos, const TensorView& out_x, const TensorView* out_s,
+                   int scale_word, int id_word, cudaStream_t stream);
+void moe_ll_combine_pack(const TensorView& y, const TensorView& recv, const TensorView& pos, const TensorView& ret,
+                         int id_word, cudaStream_t stream);
+void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_idx, const TensorView& weights,
+                           const TensorView& out, int num_experts, cudaStream_t stream);
+// The low-latency kernels' row indexing, for host tests.
+int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens);
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows);
+int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk);
+
 // Host planners (CPU tensors, same outputs as the kernels above).
 void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_rank, const TensorView& per_expert,
                               const TensorView& slots, int num_experts);
