@@ -297,7 +297,7 @@ def _device_of(*candidates) -> torch.device | None:
     return None
 
 
-def checked_topk(handle, topk_idx) -> int:
+def _topk_of(handle, topk_idx) -> int:
     return (handle.topk_idx if handle is not None else topk_idx).shape[1]
 
 
@@ -478,7 +478,7 @@ class Buffer:
         data, scales, handle, which, layout = checked
         world = self.world_size
         fp8 = scales is not None or quantize_fp8
-        fields = [handle.num_experts if handle else num_experts, data.shape[1], checked_topk(handle, topk_idx),
+        fields = [handle.num_experts if handle is not None else num_experts, data.shape[1], _topk_of(handle, topk_idx),
                   _DTYPE_CODES[FP8 if fp8 else data.dtype]]
         if handle is not None:
             self._agree("dispatch", _DISPATCH_FIELDS, fields, None, data.device, None)

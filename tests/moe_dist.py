@@ -339,6 +339,7 @@ def program_low_latency_layer(rank, world, backends, seed, token_counts, hidden,
     local_w13 = (w13q[mine].contiguous().to(DEVICE), w13s[mine].contiguous().to(DEVICE))
     local_w2 = (w2q[mine].contiguous().to(DEVICE), w2s[mine].contiguous().to(DEVICE))
     diffs = []
+    dense = {}  # dequantized weights of the experts the reference has used
     for step, backend in enumerate(backends):
         gemm_backend = "torch" if backend == "torch" else "auto"
         buffer = moe.Buffer(None, backend=backend)
@@ -363,11 +364,14 @@ def program_low_latency_layer(rank, world, backends, seed, token_counts, hidden,
                 e = int(idx[t, j])
                 if e < 0:
                     continue
-                h1 = (a[t] @ fq.dequantize_blocks(w13q[e], w13s[e]).double().T).bfloat16().float()
+                if e not in dense:
+                    dense[e] = (fq.dequantize_blocks(w13q[e], w13s[e]).double(),
+                                fq.dequantize_blocks(w2q[e], w2s[e]).double())
+                h1 = (a[t] @ dense[e][0].T).bfloat16().float()
                 h = (torch.nn.functional.silu(h1[:inter]) * h1[inter:]).bfloat16()
                 hq, hs = fq.per_token_group_quant_fp8(h.unsqueeze(0))
                 h = fq.dequantize_token_groups(hq, hs).double()[0]
-                want[t] += float(w[t, j]) * (h @ fq.dequantize_blocks(w2q[e], w2s[e]).double().T).bfloat16().double()
+                want[t] += float(w[t, j]) * (h @ dense[e][1].T).bfloat16().double()
         assert out.shape == (x.shape[0], hidden) and out.dtype == torch.bfloat16
         diff = calc_diff(out, want)
         assert diff < 1e-4, diff

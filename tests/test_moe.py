@@ -696,8 +696,8 @@ def test_low_latency_moe_layer_nccl():
     world = min(gpus, 8)
     counts = [128 - 7 * r for r in range(world)]
     counts[1] = 0
-    moe_dist.run_ranks(world, moe_dist.program_low_latency_layer, ("triton", "torch"), 31, counts, 1024, 256, 8,
-                       8 * world, 128, dist_backend="nccl", timeout=300)
+    moe_dist.run_ranks(world, moe_dist.program_low_latency_layer, ("auto", "triton", "torch"), 31, counts, 1024, 256,
+                       8, 8 * world, 128, dist_backend="nccl", timeout=300)
 
 
 @pytest.mark.gpu
