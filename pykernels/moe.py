@@ -263,10 +263,15 @@ def _routing(topk_idx, topk_weights, data, data_name: str, num_experts=None, idx
         _validate.same_device(topk_idx, "topk_idx", topk_weights=topk_weights)
     if num_experts is not None and topk_idx.numel():
         # One read of two scalars: the price of refusing a bad id before it corrupts another rank's buffers.
-        lo, hi = (int(v) for v in torch.aminmax(topk_idx))
+        lo, hi = _range_of(topk_idx)
         if lo < -1 or hi >= num_experts:
             bad = lo if lo < -1 else hi
             raise ValueError(f"{idx_name}: expected expert ids in [0, {num_experts}) or -1, got {bad}")
+
+
+def _range_of(t: torch.Tensor):
+    """(min, max) of a non-empty integer tensor in one host read."""
+    return tuple(torch.stack(torch.aminmax(t)).tolist())
 
 
 def _num_experts(num_experts, world: int) -> int:
@@ -795,7 +800,7 @@ def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128
     elif not check_ids:
         raise ValueError("num_local_experts: expected an int with check_ids=False (it bounds the ids), got None")
     if check_ids and recv_topk_idx.numel():
-        lo, hi = (int(v) for v in torch.aminmax(recv_topk_idx))
+        lo, hi = _range_of(recv_topk_idx)
     else:
         lo, hi = -1, -1
     num_local = num_local_experts if num_local_experts is not None else max(hi + 1, 1)
@@ -810,9 +815,11 @@ def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128
     stages = _stages(_backend.resolve(backend, data.device, "permute_to_experts", cuda_ok=cuda_ok))
     with _backend.on_device(data.device):
         counts, rank = stages.expert_ranks(recv_topk_idx, num_local)
-        starts, total = reference.padded_starts(counts.tolist(), alignment)
-        starts_t = torch.tensor(starts, dtype=torch.int64).to(data.device)
-        x_sorted, s_sorted, m_indices, perm = stages.permute(data, scales, recv_topk_idx, rank, starts_t, total)
+        # Segment starts stay on the device; only the total row count (the output's size) is read.
+        padded = (counts + alignment - 1) // alignment * alignment
+        starts = reference.exclusive_cumsum(padded)
+        total = int(padded.sum())
+        x_sorted, s_sorted, m_indices, perm = stages.permute(data, scales, recv_topk_idx, rank, starts, total)
     return (x_sorted if scales is None else (x_sorted, s_sorted)), m_indices, perm
 
 
@@ -827,7 +834,7 @@ def unpermute_from_experts(y_sorted: torch.Tensor, perm: torch.Tensor, recv_topk
     _validate.shape(recv_topk_weights, "recv_topk_weights", tuple(perm.shape), "same as perm")
     _validate.same_device(y_sorted, "y_sorted", perm=perm, recv_topk_weights=recv_topk_weights)
     if perm.numel():
-        lo, hi = (int(v) for v in torch.aminmax(perm))
+        lo, hi = _range_of(perm)
         if lo < -1 or hi >= y_sorted.shape[0]:
             raise ValueError(f"perm: expected rows in [0, {y_sorted.shape[0]}) of y_sorted or -1, "
                              f"got {lo if lo < -1 else hi}")

@@ -392,7 +392,8 @@ def _ll_blocks(idxs, rank, world, experts):
 
 
 class CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the reads of tensor values on the host (aten._local_scalar_dense: .item(), int(), bool())."""
+    """Counts the reads of tensor values on the host: aten._local_scalar_dense (.item(), int(), bool())
+    and Tensor.tolist."""
 
     def __init__(self):
         super().__init__()
@@ -402,6 +403,22 @@ class CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.reads += 1
         return func(*args, **(kwargs or {}))
+
+    # Tensor.tolist reads values without going through the dispatcher: count it by wrapping it.
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def counted_tolist(tensor):
+            counter.reads += 1
+            return counter._tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
 
 def program_worst_cached_weighted(rank, world, backends, seed, token_counts, hidden, topk, experts):

@@ -631,24 +631,13 @@ def test_low_latency_pack_matches_reference_words():
             assert torch.equal(payload(got), payload(want))
 
 
-class _CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_low_latency_reads_nothing_on_the_host(backend, device):
     buffer = moe.Buffer(transport=Loopback(), backend=backend)
     idx, w = ll_routing(6, 3, 5, seed=4)
     x = torch.randn(6, 128).bfloat16().to(device)
     idx, w = idx.to(device), w.to(device)
-    counter = _CountHostReads()
+    counter = moe_dist.CountHostReads()
     with counter:
         recv_x, recv_s, count, handle = buffer.low_latency_dispatch(x, idx, 8, 5)
         out = buffer.low_latency_combine(torch.ones(5, 8, 64, dtype=torch.bfloat16, device=device), idx, w, handle)
@@ -827,7 +816,7 @@ def test_num_worst_tokens_over_loopback(backend, device):
     recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(x, idx, w, 6)
     rows = recv_x.shape[0]
     for worst in (rows + 5, rows - 3):
-        counter = _CountHostReads()
+        counter = moe_dist.CountHostReads()
         with counter:
             wx, widx, ww, count, wh = buffer.dispatch(x, idx, w, 6, num_worst_tokens=worst)
             out = buffer.combine(wx, wh)
@@ -977,3 +966,32 @@ def test_cuda_low_latency_positions_glue_matches_reference():
         got = HostExpertRanks().ll_positions(recv, 4, row)
         want = ref.ll_positions(recv, 4, row)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_host_reads_on_the_checked_paths():
+    """What the checked paths read on the host (Triton stages, whose kernels read nothing): dispatch the id
+    range, the agreement header and the per-expert counts; combine the header; get_dispatch_layout the id
+    range; permute_to_experts the id range and its output size; unpermute_from_experts the row range."""
+    buffer = moe.Buffer(transport=Loopback(), backend="triton")
+    idx, w = routing(14, 3, 6, seed=21)
+    x = torch.randn(14, 128).bfloat16()
+    reads = {}
+    for name, call in (("layout", lambda: buffer.get_dispatch_layout(idx, 6)),
+                       ("dispatch", lambda: buffer.dispatch(x, idx, w, 6)),
+                       ("dispatch unchecked", lambda: buffer.dispatch(x, idx, w, 6, check_ids=False))):
+        counter = moe_dist.CountHostReads()
+        with counter:
+            out = call()
+        reads[name] = counter.reads
+    recv_x, recv_idx, recv_w, _, handle = out
+    for name, call in (("combine", lambda: buffer.combine(recv_x, handle)),
+                       ("permute", lambda: moe.permute_to_experts(recv_x, recv_idx, alignment=8, backend="triton"))):
+        counter = moe_dist.CountHostReads()
+        with counter:
+            out = call()
+        reads[name] = counter.reads
+    counter = moe_dist.CountHostReads()
+    with counter:
+        moe.unpermute_from_experts(out[0], out[2], recv_w, backend="triton")
+    reads["unpermute"] = counter.reads
+    assert reads == {"layout": 1, "dispatch": 3, "dispatch unchecked": 2, "combine": 1, "permute": 2, "unpermute": 1}
