@@ -509,6 +509,8 @@ def test_dispatch_combine_nccl(backend):
                        dist_backend="nccl", timeout=300)
     moe_dist.run_ranks(world, moe_dist.program_fp8, backend, 18, counts, 7168, 8, 32 * world,
                        dist_backend="nccl", timeout=300)
+    moe_dist.run_ranks(world, moe_dist.program_worst_cached_weighted, (backend,), 19, counts, 7168, 8, 32 * world,
+                       dist_backend="nccl", timeout=300)
 
 
 # ---- low-latency mode ------------------------------------------------------------------------------------
