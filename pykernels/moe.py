@@ -453,9 +453,10 @@ class Buffer:
         quantize_fp8: quantize a bf16 x to FP8 (groups of 128) while packing, halving the bytes sent.
         check_ids: read the range of topk_idx (one host sync on a GPU) to refuse bad ids before any
         communication; False skips that read, and ids outside [0, num_experts) then count as -1.
-        num_worst_tokens: a bound on the rows any rank receives, the same on every rank. The call then reads no tensor value on the
-        host (ids are not checked; ids outside [0, num_experts) count as -1): each rank sends a fixed block
-        of num_worst_tokens rows to every rank and the receive side compacts them on the device.
+        num_worst_tokens: a bound on the rows any rank receives, the same on every rank. The call then reads
+        no tensor value on the host (ids are not checked; ids outside [0, num_experts) count as -1): each
+        rank sends a fixed block of num_worst_tokens rows to every rank and the receive side compacts them on
+        the device.
 
         Returns (recv_x, recv_topk_idx [R, k] int64 with local expert ids (-1 for other ranks' experts),
         recv_topk_weights [R, k] float32 (0 where the id is -1), num_recv_tokens_per_expert, handle). recv_x
@@ -787,9 +788,9 @@ def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128
     recv_x: bf16 [R, H] or an FP8 pair (x_fp8 [R, H], scales [R, H / 128]). recv_topk_idx: int64 [R, k] of
     local expert ids or -1. num_local_experts: L, at most MAX_LOCAL_EXPERTS (default: the largest id + 1,
     within the same bound). check_ids: refuse ids outside [-1, L) (one host read); False skips the read,
-    needs num_local_experts, and ids outside [0, L) then count as -1 on every backend. Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert
-    of each row, -1 on padding rows, whose payload and scales are zero), perm int32 [R, k]: the row of each
-    pair, -1 for id -1).
+    needs num_local_experts, and ids outside [0, L) then count as -1 on every backend.
+    Returns (x_sorted of recv_x's form with M rows, m_indices int32 [M] (the expert of each row, -1 on
+    padding rows, whose payload and scales are zero), perm int32 [R, k]: the row of each pair, -1 for id -1).
     """
     data, scales = _payload(recv_x, "recv_x")
     _routing(recv_topk_idx, None, data, "recv_x", idx_name="recv_topk_idx")

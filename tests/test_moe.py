@@ -838,7 +838,8 @@ def test_num_worst_tokens_over_loopback(backend, device):
     (q, s), qidx, _, _, qh = buffer.dispatch(x, idx, w, 6, num_worst_tokens=rows + 2, quantize_fp8=True)
     (want_q, want_s), _, _, _, _ = buffer.dispatch(x, idx, w, 6, quantize_fp8=True)
     assert torch.equal(s[:rows], want_s) and not bool(s[rows:].any())
-    assert torch.equal(q[:rows].view(torch.uint8), want_q.view(torch.uint8)) and not bool(q[rows:].view(torch.uint8).any())
+    assert torch.equal(q[:rows].view(torch.uint8), want_q.view(torch.uint8))
+    assert not bool(q[rows:].view(torch.uint8).any())
 
 
 def test_cached_and_worst_dispatch_bad_inputs_raise_before_communication():
@@ -875,14 +876,16 @@ def test_ranks_that_disagree_all_raise_the_same_error():
         want = {"num_experts": "rank 0: 4, rank 1: 8", "hidden size": "rank 0: 256, rank 1: 128",
                 "top-k": "rank 0: 2, rank 1: 1", "payload dtype": "rank 0: bfloat16, rank 1: float8_e4m3fn"}[field]
         assert messages[0][field] == messages[1][field]
-        assert messages[0][field] == f"dispatch: expected the same {field} on every rank, got {want}; no rows were exchanged"
+        assert messages[0][field] == (f"dispatch: expected the same {field} on every rank, got {want}; "
+                                      "no rows were exchanged")
     assert messages[0]["combine dtype"] == messages[1]["combine dtype"]
     assert "combine: expected the same combine dtype on every rank, got rank 0: bfloat16, rank 1: float32" \
         in messages[0]["combine dtype"]
     assert "same hidden size on every rank, got rank 0: 256, rank 1: 128" in messages[1]["combine hidden size"]
     # The rank with the bad input raises its own error; its peers say which rank and that nothing moved.
     assert messages[1]["bad input"].startswith("topk_idx: expected expert ids in [0, 4)")
-    assert messages[0]["bad input"].startswith("dispatch: expected valid arguments on every rank, got an error on rank 1")
+    assert messages[0]["bad input"].startswith("dispatch: expected valid arguments on every rank, "
+                                               "got an error on rank 1")
     assert messages[1]["combine bad input"].startswith("y: expected")
     assert "got an error on rank 1" in messages[0]["combine bad input"]
 
