@@ -329,11 +329,55 @@ PYBIND11_MODULE(_C, m) {
       py::arg("buf"), py::arg("slots"), py::arg("send_offsets"), py::arg("out"), py::arg("stream"));
   m.def(
       "moe_expert_ranks",
-      [](py::handle topk_idx, py::handle counts, py::handle rank, py::handle stream) {
+      [](py::handle topk_idx, py::handle counts, py::handle rank, py::handle chunk_counts, py::handle stream) {
         pykernels::moe_expert_ranks(as_tensor(topk_idx, "recv_topk_idx"), as_tensor(counts, "counts"),
-                                    as_tensor(rank, "rank"), as_stream(stream));
+                                    as_tensor(rank, "rank"), as_tensor(chunk_counts, "chunk_counts"),
+                                    as_stream(stream));
       },
-      py::arg("topk_idx"), py::arg("counts"), py::arg("rank"), py::arg("stream"));
+      py::arg("topk_idx"), py::arg("counts"), py::arg("rank"), py::arg("chunk_counts"), py::arg("stream"));
+  m.def("moe_expert_rank_chunks", &pykernels::moe_expert_rank_chunks, py::arg("num_pairs"),
+        "CTAs of the expert-ranks kernels for num_pairs pairs (rows of their chunk_counts workspace)");
+  m.def(
+      "moe_ll_pack",
+      [](py::handle x, py::handle topk_idx, py::handle send, int num_experts, int world, int64_t max_tokens,
+         int scale_word, int id_word, bool fp8, py::handle stream) {
+        pykernels::moe_ll_pack(as_tensor(x, "x"), as_tensor(topk_idx, "topk_idx"), as_tensor(send, "send"),
+                               num_experts, world, max_tokens, scale_word, id_word, fp8, as_stream(stream));
+      },
+      py::arg("x"), py::arg("topk_idx"), py::arg("send"), py::arg("num_experts"), py::arg("world"),
+      py::arg("max_tokens"), py::arg("scale_word"), py::arg("id_word"), py::arg("fp8"), py::arg("stream"));
+  m.def(
+      "moe_ll_unpack",
+      [optional_tensor](py::handle recv, py::handle pos, py::handle out_x, py::handle out_s, int scale_word,
+                        int id_word, py::handle stream) {
+        pykernels::TensorView scales_view;
+        pykernels::moe_ll_unpack(as_tensor(recv, "recv"), as_tensor(pos, "pos"), as_tensor(out_x, "recv_x"),
+                                 optional_tensor(out_s, "recv_scales", scales_view), scale_word, id_word,
+                                 as_stream(stream));
+      },
+      py::arg("recv"), py::arg("pos"), py::arg("out_x"), py::arg("out_s"), py::arg("scale_word"), py::arg("id_word"),
+      py::arg("stream"));
+  m.def(
+      "moe_ll_combine_pack",
+      [](py::handle y, py::handle recv, py::handle pos, py::handle ret, int id_word, py::handle stream) {
+        pykernels::moe_ll_combine_pack(as_tensor(y, "y"), as_tensor(recv, "recv"), as_tensor(pos, "pos"),
+                                       as_tensor(ret, "ret"), id_word, as_stream(stream));
+      },
+      py::arg("y"), py::arg("recv"), py::arg("pos"), py::arg("ret"), py::arg("id_word"), py::arg("stream"));
+  m.def(
+      "moe_ll_combine_reduce",
+      [](py::handle returned, py::handle topk_idx, py::handle weights, py::handle out, int num_experts,
+         py::handle stream) {
+        pykernels::moe_ll_combine_reduce(as_tensor(returned, "returned"), as_tensor(topk_idx, "topk_idx"),
+                                         as_tensor(weights, "topk_weights"), as_tensor(out, "out"), num_experts,
+                                         as_stream(stream));
+      },
+      py::arg("returned"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("out"), py::arg("num_experts"),
+      py::arg("stream"));
+  m.def("moe_ll_send_row", &pykernels::moe_ll_send_row, py::arg("rank"), py::arg("token"), py::arg("max_tokens"));
+  m.def("moe_ll_expert_row", &pykernels::moe_ll_expert_row, py::arg("expert"), py::arg("pos"), py::arg("rows"));
+  m.def("moe_ll_return_row", &pykernels::moe_ll_return_row, py::arg("rank"), py::arg("token"), py::arg("slot"),
+        py::arg("max_tokens"), py::arg("topk"));
   m.def(
       "moe_permute",
       [optional_tensor](py::handle x, py::handle x_scales, py::handle topk_idx, py::handle rank, py::handle starts,

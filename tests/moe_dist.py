@@ -320,3 +320,199 @@ def program_fails_on_rank_1(rank, world):
     if rank == 1:
         raise ValueError("deliberate failure on rank 1")
     dist.barrier()
+
+
+def program_low_latency_layer(rank, world, backends, seed, token_counts, hidden, inter, topk, experts, max_tokens):
+    """A decode MoE layer in low-latency mode: low_latency_dispatch (FP8) -> masked grouped GEMM (gate/up)
+    -> SiLU-mul -> per-token-group quantization -> masked grouped GEMM (down) -> low_latency_combine,
+    against a dense float64 reference that rounds where the pipeline rounds (bf16 GEMM outputs, the
+    activation's FP8 quantization). Each backend runs with its own routing through the same group."""
+    import pykernels
+    from pykernels import moe
+    from pykernels.reference import fp8_quant as fq
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    w13q, w13s = fq.per_block_quant_fp8(torch.randn((experts, 2 * inter, hidden), generator=gen) / math.sqrt(hidden))
+    w2q, w2s = fq.per_block_quant_fp8(torch.randn((experts, hidden, inter), generator=gen) / math.sqrt(inter))
+    num_local = experts // world
+    mine = slice(rank * num_local, (rank + 1) * num_local)
+    local_w13 = (w13q[mine].contiguous().to(DEVICE), w13s[mine].contiguous().to(DEVICE))
+    local_w2 = (w2q[mine].contiguous().to(DEVICE), w2s[mine].contiguous().to(DEVICE))
+    diffs = []
+    dense = {}  # dequantized weights of the experts the reference has used
+    for step, backend in enumerate(backends):
+        gemm_backend = "torch" if backend == "torch" else "auto"
+        buffer = moe.Buffer(None, backend=backend)
+        inputs = make_inputs(seed + 100 * step, token_counts, hidden, topk, experts)
+        x, idx, w = inputs[rank]
+        recv_x, recv_s, recv_count, handle = buffer.low_latency_dispatch(x.to(DEVICE), idx.to(DEVICE), max_tokens,
+                                                                         experts)
+        want_count = [len(b) for b in _ll_blocks([i for _, i, _ in inputs], rank, world, experts)]
+        assert recv_count.tolist() == want_count, (recv_count, want_count)
+        gate_up = pykernels.m_grouped_fp8_gemm_nt_masked((recv_x, recv_s), local_w13, recv_count, max_tokens,
+                                                         backend=gemm_backend)
+        act = (torch.nn.functional.silu(gate_up[..., :inter].float()) * gate_up[..., inter:].float()).bfloat16()
+        act_q = pykernels.per_token_group_quant_fp8(act, backend=gemm_backend)
+        down = pykernels.m_grouped_fp8_gemm_nt_masked(act_q, local_w2, recv_count, max_tokens, backend=gemm_backend)
+        out = buffer.low_latency_combine(down, idx.to(DEVICE), w.to(DEVICE), handle).cpu()
+
+        xq, xs = fq.per_token_group_quant_fp8(x)
+        a = fq.dequantize_token_groups(xq, xs).double()
+        want = torch.zeros((x.shape[0], hidden), dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for j in range(topk):
+                e = int(idx[t, j])
+                if e < 0:
+                    continue
+                if e not in dense:
+                    dense[e] = (fq.dequantize_blocks(w13q[e], w13s[e]).double(),
+                                fq.dequantize_blocks(w2q[e], w2s[e]).double())
+                h1 = (a[t] @ dense[e][0].T).bfloat16().float()
+                h = (torch.nn.functional.silu(h1[:inter]) * h1[inter:]).bfloat16()
+                hq, hs = fq.per_token_group_quant_fp8(h.unsqueeze(0))
+                h = fq.dequantize_token_groups(hq, hs).double()[0]
+                want[t] += float(w[t, j]) * (h @ dense[e][1].T).bfloat16().double()
+        assert out.shape == (x.shape[0], hidden) and out.dtype == torch.bfloat16
+        diff = calc_diff(out, want)
+        assert diff < 1e-4, diff
+        if want.numel():
+            assert bool(((out.double() - want).abs() <= want.abs().max() * 2 ** -6).all())
+        diffs.append(diff)
+    return max(diffs)
+
+
+def _ll_blocks(idxs, rank, world, experts):
+    num_local = experts // world
+    blocks = [[] for _ in range(num_local)]
+    for src, idx in enumerate(idxs):
+        for t, ids in enumerate(idx.tolist()):
+            for e in dict.fromkeys(e for e in ids if 0 <= e < experts and e // num_local == rank):
+                blocks[e - rank * num_local].append((src, t))
+    return blocks
+
+
+class CountHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of tensor values on the host: aten._local_scalar_dense (.item(), int(), bool())
+    and Tensor.tolist."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+    # Tensor.tolist reads values without going through the dispatcher: count it by wrapping it.
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def counted_tolist(tensor):
+            counter.reads += 1
+            return counter._tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def program_worst_cached_weighted(rank, world, backends, seed, token_counts, hidden, topk, experts):
+    """For each backend: the checked dispatch; the same routing resent with handle= (a different x); the
+    num_worst_tokens dispatch (no host reads, padded, equal to the checked one on its real rows); combine
+    with per-row weights and a bias through both handles, against float64 sums."""
+    from pykernels import moe
+
+    inputs = make_inputs(seed, token_counts, hidden, topk, experts)
+    x, idx, w = inputs[rank]
+    rows, ids, weights, sources = expected_receive(inputs, rank, world, experts)
+    num_local = experts // world
+    dests = [sorted({int(e) // num_local for e in idx[t] if e >= 0}) for t in range(x.shape[0])]
+    bias = (torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + rank)) * 0.5).bfloat16()
+    row_factor = lambda r, t: 0.5 + 0.125 * r + 0.0625 * (t % 5)  # exact in bf16 and float32
+    want = torch.stack([x[t].double() * sum(row_factor(r, t) for r in dests[t]) + bias[t].double()
+                        for t in range(x.shape[0])]) if x.shape[0] else torch.zeros((0, hidden), dtype=torch.float64)
+    factors = torch.tensor([row_factor(rank, t) for _, t in sources], dtype=torch.float32)
+    for backend in backends:
+        buffer = moe.Buffer(None, backend=backend)
+        dx, didx, dw = x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE)
+        recv_x, recv_idx, recv_w, per_expert, handle = buffer.dispatch(dx, didx, dw, experts)
+        assert torch.equal(recv_x.cpu(), rows) and torch.equal(recv_idx.cpu(), ids)
+
+        again, again_idx, again_w, again_counts, same = buffer.dispatch(2 * dx, handle=handle)
+        assert same is handle and again_counts == per_expert
+        assert torch.equal(again.cpu(), 2 * rows) and torch.equal(again_idx.cpu(), ids)
+        assert torch.equal(again_w.cpu(), weights)
+
+        worst = sum(token_counts) + 2  # the same on every rank: any value >= the rows any rank receives
+        counter = CountHostReads()
+        with counter:
+            wx, widx, ww, wcount, whandle = buffer.dispatch(dx, didx, dw, experts, num_worst_tokens=worst)
+        assert counter.reads == 0, f"{counter.reads} host reads with num_worst_tokens"
+        r = rows.shape[0]
+        assert wx.shape == (worst, hidden) and int(whandle.num_recv_tokens) == r
+        assert torch.equal(wx[:r].cpu(), rows) and torch.equal(widx[:r].cpu(), ids)
+        assert torch.equal(ww[:r].cpu(), weights)
+        assert bool((widx[r:] == -1).all()) and not bool(ww[r:].any()) and not bool(wx[r:].float().any())
+        assert wcount.tolist() == per_expert
+
+        for y, h in ((recv_x, handle), (wx, whandle)):
+            f = torch.zeros(y.shape[0])
+            f[:r] = factors
+            if y.shape[0] > r:
+                y = y.clone()
+                y[r:] = float("nan")  # padding rows are never read
+            out = buffer.combine(y, h, topk_weights=f.to(DEVICE), bias=bias.to(DEVICE)).cpu()
+            # Each weighted row rounded to bf16, summed in float32, rounded; then the bias, rounded: a few
+            # bf16 ulps of the largest term.
+            scale = x.double().abs() * 4 + bias.double().abs()
+            assert out.dtype == torch.bfloat16 and not bool(out.isnan().any())
+            assert bool(((out.double() - want).abs() <= scale * 2 ** -7 + 1e-30).all())
+    return int(rows.shape[0])
+
+
+def program_disagreements(rank, world, backend):
+    """Calls on which the ranks disagree (num_experts, hidden size, top-k, payload dtype, combine dtype and
+    hidden size) or on which one rank's input is bad: every rank must raise, none may hang or return a
+    wrong sum, and the group must still work afterwards. Returns each scenario's error message."""
+    from pykernels import moe
+
+    buffer = moe.Buffer(None, backend=backend)
+    gen = torch.Generator().manual_seed(5 + rank)
+    x = torch.randn((7, 256), generator=gen).bfloat16()
+    idx, w = make_routing(7, 2, 4, gen)
+    odd = rank == world - 1
+    scenarios = {
+        "num_experts": lambda: buffer.dispatch(x, idx, w, 8 if odd else 4),
+        "hidden size": lambda: buffer.dispatch(x[:, :128].contiguous() if odd else x, idx, w, 4),
+        "top-k": lambda: buffer.dispatch(x, idx[:, :1].contiguous() if odd else idx,
+                                         w[:, :1].contiguous() if odd else w, 4),
+        "payload dtype": lambda: buffer.dispatch(x, idx, w, 4, quantize_fp8=odd),
+        "bad input": lambda: buffer.dispatch(x, idx + 100 if odd else idx, w, 4),
+    }
+    messages = {}
+    for name, call in scenarios.items():
+        try:
+            call()
+        except ValueError as exc:
+            messages[name] = str(exc)
+        else:
+            raise AssertionError(f"{name}: dispatch returned on rank {rank}")
+    recv_x, _, _, _, handle = buffer.dispatch(x, idx, w, 4)
+    for name, y in (("combine dtype", recv_x.float() if odd else recv_x),
+                    ("combine hidden size", recv_x[:, :128].contiguous() if odd else recv_x),
+                    ("combine bad input", recv_x[:0] if odd else recv_x)):
+        try:
+            buffer.combine(y, handle)
+        except ValueError as exc:
+            messages[name] = str(exc)
+        else:
+            raise AssertionError(f"{name}: combine returned on rank {rank}")
+    out = buffer.combine(recv_x, handle)  # the group still works
+    fanout = sum(((idx >= 0) & (idx // 2 == r)).any(1).long() for r in range(world))
+    assert torch.equal(out.double(), (x.double() * fanout.double().unsqueeze(1)).bfloat16().double())
+    return messages

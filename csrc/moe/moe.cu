@@ -2,8 +2,10 @@
 #include "moe/moe.h"
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace pykernels {
 namespace {
@@ -84,7 +86,7 @@ void launch_permute(const TensorView& x, const TensorView* x_scales, const Tenso
       rank.ptr<const int32_t>(), starts.ptr<const int64_t>(), x_sorted.ptr<V>(),
       s_sorted ? s_sorted->ptr<float>() : nullptr, m_indices.ptr<int32_t>(), pos.ptr<int32_t>(),
       row_bytes / static_cast<int64_t>(sizeof(V)), static_cast<int>(topk_idx.size(1)),
-      x_scales ? static_cast<int>(x_scales->size(1)) : 0);
+      x_scales ? static_cast<int>(x_scales->size(1)) : 0, static_cast<int>(starts.size(0)));
   PK_CHECK_LAUNCH("moe::permute_kernel");
 }
 
@@ -286,17 +288,37 @@ void moe_combine_reduce(const TensorView& buf, const TensorView& slots, const Te
 }
 
 void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, const TensorView& rank,
-                      cudaStream_t stream) {
+                      const TensorView& chunk_counts, cudaStream_t stream) {
   require_matrix(topk_idx, DType::Int64, -1, -1, nullptr);
   require_cuda(topk_idx);
   require_ndim(counts, 1);
   require_range("num_local", counts.size(0), 1, kMaxLocalExperts);
-  require_vector(counts, DType::Int64, counts.size(0), &topk_idx, "num_local");
+  const int num_local = static_cast<int>(counts.size(0));
+  require_vector(counts, DType::Int64, num_local, &topk_idx, "num_local");
   require_matrix(rank, DType::Int32, topk_idx.size(0), topk_idx.size(1), &topk_idx, "same as topk_idx");
-  moe::expert_ranks_kernel<<<1, kScanThreads, 0, stream>>>(topk_idx.ptr<const int64_t>(), counts.ptr<int64_t>(),
-                                                          rank.ptr<int32_t>(), topk_idx.numel(),
-                                                          static_cast<int>(counts.size(0)));
-  PK_CHECK_LAUNCH("moe::expert_ranks_kernel");
+  const int64_t num_pairs = topk_idx.numel();
+  const int64_t chunks = moe::rank_chunks(num_pairs);
+  require_range("expert rank chunks", chunks, 0, std::numeric_limits<int32_t>::max());
+  require_matrix(chunk_counts, DType::Int32, chunks, num_local, &topk_idx, "[ceil(pairs / 1024), num_local]");
+  if (chunks > 0) {
+    moe::expert_chunk_counts_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream>>>(
+        topk_idx.ptr<const int64_t>(), chunk_counts.ptr<int32_t>(), num_pairs, num_local);
+    PK_CHECK_LAUNCH("moe::expert_chunk_counts_kernel");
+  }
+  const unsigned offset_ctas = static_cast<unsigned>((num_local + moe::kOffsetWarps - 1) / moe::kOffsetWarps);
+  moe::expert_chunk_offsets_kernel<<<offset_ctas, moe::kOffsetWarps * 32, 0, stream>>>(
+      chunk_counts.ptr<int32_t>(), counts.ptr<int64_t>(), chunks, num_local);
+  PK_CHECK_LAUNCH("moe::expert_chunk_offsets_kernel");
+  if (chunks > 0) {
+    moe::expert_ranks_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream>>>(
+        topk_idx.ptr<const int64_t>(), chunk_counts.ptr<const int32_t>(), rank.ptr<int32_t>(), num_pairs, num_local);
+    PK_CHECK_LAUNCH("moe::expert_ranks_kernel");
+  }
+}
+
+int64_t moe_expert_rank_chunks(int64_t num_pairs) {
+  require_range("num_pairs", num_pairs, 0, std::numeric_limits<int64_t>::max());
+  return moe::rank_chunks(num_pairs);
 }
 
 void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorView& topk_idx, const TensorView& rank,
@@ -313,6 +335,7 @@ void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorVi
   require_range("topk_idx top-k", topk, 1, kMaxTopk);
   require_matrix(rank, DType::Int32, rows, topk, &x, "same as topk_idx");
   require_ndim(starts, 1);
+  require_range("starts size (num_local)", starts.size(0), 1, std::numeric_limits<int32_t>::max());
   require_vector(starts, DType::Int64, starts.size(0), &x, "num_local");
   require_matrix(x_sorted, x.dtype, -1, hidden, &x, "[M, H]");
   const int64_t total = x_sorted.size(0);
@@ -352,6 +375,172 @@ void moe_unpermute(const TensorView& y_sorted, const TensorView& pos, const Tens
                                     stream);
 }
 
+// ---- low-latency mode -----------------------------------------------------------------------------------
+
+namespace {
+
+// A contiguous CUDA tensor of `dtype` with exactly `shape`, on ref's device, 16-byte aligned.
+void require_ll(const TensorView& t, DType dtype, std::initializer_list<int64_t> shape, const TensorView& ref,
+                const std::string& what) {
+  require_dtype(t, dtype);
+  require_ndim(t, static_cast<int>(shape.size()));
+  int dim = 0;
+  for (int64_t size : shape) require_size(t, dim++, size, what);
+  require_contiguous(t);
+  require_cuda(t);
+  require_same_device(ref, t);
+  require_aligned(t, 16);
+}
+
+// The word offsets of a low-latency row: payload, then scales, then ids, within row_words (a multiple of 4).
+void require_ll_row(int64_t row_words, int64_t payload_bytes, int64_t scale_word, int64_t num_scales,
+                    int64_t id_word, int64_t topk) {
+  if (row_words % 4 != 0) throw_value_error("row words", "a multiple of 4 (16-byte rows)", std::to_string(row_words));
+  require_range("scale_word", scale_word, (payload_bytes + 3) / 4, row_words);
+  require_range("id_word", id_word, scale_word + num_scales, row_words - topk);
+}
+
+}  // namespace
+
+void moe_ll_pack(const TensorView& x, const TensorView& topk_idx, const TensorView& send, int num_experts, int world,
+                 int64_t max_tokens, int scale_word, int id_word, bool fp8, cudaStream_t stream) {
+  require_dtype(x, DType::BFloat16);
+  require_ndim(x, 2);
+  const int64_t tokens = x.size(0), hidden = x.size(1);
+  require_range("world size", world, 1, kMaxWorld);
+  require_range("num_experts", num_experts, world, std::numeric_limits<int32_t>::max());
+  if (num_experts % world != 0) {
+    throw_value_error("num_experts", "a multiple of the world size " + std::to_string(world),
+                      std::to_string(num_experts));
+  }
+  require_range("max_tokens_per_rank", max_tokens, 1, std::numeric_limits<int32_t>::max() / world);
+  require_range("x tokens", tokens, 0, max_tokens);
+  if (hidden <= 0 || hidden % (fp8 ? kScaleGroup : 8) != 0) {
+    throw_value_error(x.name, std::string("a hidden size that is a positive multiple of ") + (fp8 ? "128" : "8"),
+                      "shape " + x.shape_str());
+  }
+  require_ll(x, DType::BFloat16, {tokens, hidden}, x, "[T, H]");
+  require_ndim(topk_idx, 2);
+  const int64_t topk = topk_idx.size(1);
+  require_range("topk_idx top-k", topk, 1, kMaxTopk);
+  require_matrix(topk_idx, DType::Int64, tokens, topk, &x, "one row per token");
+  require_ndim(send, 2);
+  const int64_t row_words = send.size(1);
+  require_ll(send, DType::Int32, {world * max_tokens, row_words}, x, "[W * M, row words]");
+  const int64_t num_scales = fp8 ? hidden / kScaleGroup : 0;
+  require_ll_row(row_words, hidden * (fp8 ? 1 : 2), scale_word, num_scales, id_word, topk);
+  const int num_local = num_experts / world;
+  const dim3 grid(static_cast<unsigned>(max_tokens));
+  if (fp8) {
+    moe::ll_pack_kernel<true><<<grid, kRowThreads, 0, stream>>>(
+        x.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), send.ptr<int32_t>(), static_cast<int>(tokens),
+        static_cast<int>(hidden), static_cast<int>(topk), num_experts, num_local, world, max_tokens,
+        static_cast<int>(row_words), scale_word, id_word);
+  } else {
+    moe::ll_pack_kernel<false><<<grid, kRowThreads, 0, stream>>>(
+        x.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), send.ptr<int32_t>(), static_cast<int>(tokens),
+        static_cast<int>(hidden), static_cast<int>(topk), num_experts, num_local, world, max_tokens,
+        static_cast<int>(row_words), scale_word, id_word);
+  }
+  PK_CHECK_LAUNCH("moe::ll_pack_kernel");
+}
+
+void moe_ll_unpack(const TensorView& recv, const TensorView& pos, const TensorView& out_x, const TensorView* out_s,
+                   int scale_word, int id_word, cudaStream_t stream) {
+  require_dtype(recv, DType::Int32);
+  require_ndim(recv, 2);
+  const int64_t rows = recv.size(0), row_words = recv.size(1);
+  require_grid("recv", rows);
+  require_ll(recv, DType::Int32, {rows, row_words}, recv, "[S, row words]");
+  require_ndim(pos, 2);
+  const int64_t topk = pos.size(1);
+  require_range("pos top-k", topk, 1, kMaxTopk);
+  require_matrix(pos, DType::Int32, rows, topk, &recv, "[S, k]");
+  const bool fp8 = out_s != nullptr;
+  require_ndim(out_x, 3);
+  const int64_t num_local = out_x.size(0), hidden = out_x.size(2);
+  require_range("num_local", num_local, 1, kMaxLocalExperts);
+  if (hidden <= 0 || hidden % (fp8 ? kScaleGroup : 8) != 0) {
+    throw_value_error(out_x.name, std::string("a hidden size that is a positive multiple of ") + (fp8 ? "128" : "8"),
+                      "shape " + out_x.shape_str());
+  }
+  require_ll(out_x, fp8 ? DType::Float8E4M3 : DType::BFloat16, {num_local, rows, hidden}, recv, "[L, S, H]");
+  const int64_t num_scales = fp8 ? hidden / kScaleGroup : 0;
+  if (fp8) require_ll(*out_s, DType::Float32, {num_local, rows, num_scales}, recv, "[L, S, H / 128]");
+  const int64_t payload_bytes = hidden * (fp8 ? 1 : 2);
+  require_ll_row(row_words, payload_bytes, scale_word, num_scales, id_word, topk);
+  if (rows == 0) return;
+  moe::ll_unpack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), out_x.ptr<uint4>(), fp8 ? out_s->ptr<float>() : nullptr,
+      rows, payload_bytes / 16, static_cast<int>(row_words), scale_word, id_word, static_cast<int>(topk),
+      static_cast<int>(num_scales));
+  PK_CHECK_LAUNCH("moe::ll_unpack_kernel");
+}
+
+void moe_ll_combine_pack(const TensorView& y, const TensorView& recv, const TensorView& pos, const TensorView& ret,
+                         int id_word, cudaStream_t stream) {
+  require_dtype(y, DType::BFloat16);
+  require_ndim(y, 3);
+  const int64_t num_local = y.size(0), rows = y.size(1), hidden = y.size(2);
+  if (hidden <= 0 || hidden % 8 != 0) {
+    throw_value_error(y.name, "a hidden size that is a positive multiple of 8", "shape " + y.shape_str());
+  }
+  require_range("num_local", num_local, 1, kMaxLocalExperts);
+  require_grid("y", rows);
+  require_ll(y, DType::BFloat16, {num_local, rows, hidden}, y, "[L, S, N]");
+  require_ndim(recv, 2);
+  const int64_t row_words = recv.size(1);
+  require_ll(recv, DType::Int32, {rows, row_words}, y, "[S, row words]");
+  require_ndim(pos, 2);
+  const int64_t topk = pos.size(1);
+  require_range("pos top-k", topk, 1, kMaxTopk);
+  require_matrix(pos, DType::Int32, rows, topk, &y, "[S, k]");
+  require_range("id_word", id_word, 0, row_words - topk);
+  require_ll(ret, DType::BFloat16, {rows, topk, hidden}, y, "[S, k, N]");
+  if (rows == 0) return;
+  moe::ll_combine_pack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      y.ptr<const uint4>(), recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), ret.ptr<uint4>(), rows, hidden / 8,
+      static_cast<int>(row_words), id_word, static_cast<int>(topk));
+  PK_CHECK_LAUNCH("moe::ll_combine_pack_kernel");
+}
+
+void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_idx, const TensorView& weights,
+                           const TensorView& out, int num_experts, cudaStream_t stream) {
+  require_dtype(returned, DType::BFloat16);
+  require_ndim(returned, 4);
+  const int64_t world = returned.size(0), max_tokens = returned.size(1), topk = returned.size(2),
+                hidden = returned.size(3);
+  require_range("world size", world, 1, kMaxWorld);
+  require_range("returned top-k", topk, 1, kMaxTopk);
+  if (hidden <= 0 || hidden % 8 != 0) {
+    throw_value_error(returned.name, "a hidden size that is a positive multiple of 8", "shape " + returned.shape_str());
+  }
+  require_ll(returned, DType::BFloat16, {world, max_tokens, topk, hidden}, returned, "[W, M, k, N]");
+  require_range("num_experts", num_experts, static_cast<int>(world), std::numeric_limits<int32_t>::max());
+  if (num_experts % world != 0) {
+    throw_value_error("num_experts", "a multiple of the world size " + std::to_string(world),
+                      std::to_string(num_experts));
+  }
+  require_ndim(topk_idx, 2);
+  const int64_t tokens = topk_idx.size(0);
+  require_range("topk_idx tokens", tokens, 0, max_tokens);
+  require_matrix(topk_idx, DType::Int64, tokens, topk, &returned, "[T, k]");
+  require_matrix(weights, DType::Float32, tokens, topk, &returned, "same as topk_idx");
+  require_ll(out, DType::BFloat16, {tokens, hidden}, returned, "[T, N]");
+  if (tokens == 0) return;
+  moe::ll_combine_reduce_kernel<<<static_cast<unsigned>(tokens), kRowThreads, 0, stream>>>(
+      returned.ptr<const __nv_bfloat16>(), topk_idx.ptr<const int64_t>(), weights.ptr<const float>(),
+      out.ptr<__nv_bfloat16>(), hidden, static_cast<int>(topk), num_experts,
+      num_experts / static_cast<int>(world), max_tokens);
+  PK_CHECK_LAUNCH("moe::ll_combine_reduce_kernel");
+}
+
+int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens) { return moe::ll_send_row(rank, token, max_tokens); }
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows) { return moe::ll_expert_row(expert, pos, rows); }
+int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk) {
+  return moe::ll_return_row(rank, token, slot, max_tokens, topk);
+}
+
 // ---- host planners -----------------------------------------------------------------------------------
 
 void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_rank, const TensorView& per_expert,
@@ -369,7 +558,6 @@ void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_
   require_vector(per_expert, DType::Int64, num_experts, nullptr, "num_experts");
   require_matrix(slots, DType::Int32, tokens, world, nullptr, "[T, world]");
   for (const TensorView* t : {&topk_idx, &per_rank, &per_expert, &slots}) require_host(*t);
-  require_ids(topk_idx, num_experts);
   const int num_local = static_cast<int>(num_experts / world);
   const int64_t* idx = topk_idx.ptr<const int64_t>();
   int64_t* ranks = per_rank.ptr<int64_t>();
@@ -378,9 +566,9 @@ void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_
   for (int64_t e = 0; e < num_experts; ++e) experts[e] = 0;
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t* row = idx + t * topk;
-    const uint64_t mask = moe::destination_mask(row, static_cast<int>(topk), num_local);
+    const uint64_t mask = moe::destination_mask(row, static_cast<int>(topk), num_local, num_experts);
     for (int64_t j = 0; j < topk; ++j) {
-      if (row[j] >= 0) ++experts[row[j]];
+      if (moe::is_expert(row[j], num_experts)) ++experts[row[j]];
     }
     for (int64_t r = 0; r < world; ++r) {
       slots.ptr<int32_t>()[t * world + r] = ((mask >> r) & 1) ? static_cast<int32_t>(ranks[r]++) : -1;
@@ -396,11 +584,30 @@ void moe_plan_expert_ranks(const TensorView& topk_idx, const TensorView& counts,
   require_matrix(rank, DType::Int32, topk_idx.size(0), topk_idx.size(1), nullptr, "same as topk_idx");
   for (const TensorView* t : {&topk_idx, &counts, &rank}) require_host(*t);
   require_ids(topk_idx, counts.size(0));
+  // The kernels' decomposition, run serially: per-chunk counts, their exclusive scan over the chunks,
+  // then each pair's rank from its chunk's offset.
+  const int num_local = static_cast<int>(counts.size(0));
+  const int64_t num_pairs = topk_idx.numel();
+  const int64_t chunks = moe::rank_chunks(num_pairs);
+  const int64_t* idx = topk_idx.ptr<const int64_t>();
+  std::vector<int64_t> offsets(static_cast<size_t>(chunks * num_local), 0);
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    if (moe::is_local_expert(idx[p], num_local)) ++offsets[(p / moe::kRankChunk) * num_local + idx[p]];
+  }
   int64_t* c = counts.ptr<int64_t>();
-  for (int64_t e = 0; e < counts.size(0); ++e) c[e] = 0;
-  for (int64_t p = 0; p < topk_idx.numel(); ++p) {
-    const int64_t e = topk_idx.ptr<const int64_t>()[p];
-    rank.ptr<int32_t>()[p] = e >= 0 ? static_cast<int32_t>(c[e]++) : -1;
+  for (int e = 0; e < num_local; ++e) {
+    int64_t carry = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t n = offsets[k * num_local + e];
+      offsets[k * num_local + e] = carry;
+      carry += n;
+    }
+    c[e] = carry;
+  }
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    const int64_t e = idx[p];
+    rank.ptr<int32_t>()[p] =
+        moe::is_local_expert(e, num_local) ? static_cast<int32_t>(offsets[(p / moe::kRankChunk) * num_local + e]++) : -1;
   }
 }
 
@@ -417,7 +624,8 @@ void moe_plan_permute(const TensorView& topk_idx, const TensorView& rank, const 
   require_ids(topk_idx, starts.size(0));
   for (int64_t p = 0; p < topk_idx.numel(); ++p) {
     const int64_t e = topk_idx.ptr<const int64_t>()[p];
-    const int64_t row = moe::sorted_row(e, starts.ptr<const int64_t>(), rank.ptr<const int32_t>()[p]);
+    const int64_t row = moe::sorted_row(e, static_cast<int>(starts.size(0)), starts.ptr<const int64_t>(),
+                                        rank.ptr<const int32_t>()[p]);
     pos.ptr<int32_t>()[p] = static_cast<int32_t>(row);
     if (row >= 0) {
       if (row >= m_indices.size(0)) throw_value_error("m_indices", "room for row " + std::to_string(row), m_indices.shape_str());

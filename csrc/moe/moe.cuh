@@ -2,10 +2,10 @@
 //
 // Row stages (pack, permute, combine-reduce, unpermute) give each token row to one CTA, which reads every
 // 16-byte chunk of the row once and writes it to all of that row's destinations: they are pure bandwidth.
-// Counting stages (dispatch layout, expert ranks) are one-CTA, one-pass scans: chunks of 1024 tokens (or
-// pairs), warp votes for the within-warp prefix, a shared-memory scan over the 32 warps, and running totals
-// carried from chunk to chunk. At DeepSeek-V3 sizes (4096 tokens x top-8) that is 4 or 32 chunks, a few
-// microseconds, and it avoids both a second kernel and any host round trip.
+// The dispatch layout is a one-CTA, one-pass scan: chunks of 1024 tokens, warp votes for the within-warp
+// prefix, a shared-memory scan over the 32 warps, running totals carried from chunk to chunk (4 chunks at
+// 4096 tokens). Expert ranks, which see every (token, slot) pair a rank receives, split the same scan over
+// one CTA per chunk (see expert_ranks_kernel).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,13 +32,18 @@ static_assert(kScanWarps * kMaxLocalExperts * 4 + kMaxLocalExperts * 4 <= 48 * 1
 
 // ---- index math, shared by the kernels and the host planners the tests run on the CPU ----------------
 
+// Whether a slot names an expert. Ids outside [0, num_experts) are ignored by every stage (the checked
+// path refuses them on the host first), so no id can index past a per-expert or per-rank table.
+__host__ __device__ inline bool is_expert(int64_t e, int num_experts) { return e >= 0 && e < num_experts; }
+
 // Bit r set when the token has an expert on rank r (experts r*num_local .. (r+1)*num_local-1).
-__host__ __device__ inline uint64_t destination_mask(const int64_t* topk_row, int topk, int num_local) {
+__host__ __device__ inline uint64_t destination_mask(const int64_t* topk_row, int topk, int num_local,
+                                                     int num_experts) {
   uint64_t mask = 0;
 #pragma unroll 1
   for (int j = 0; j < topk; ++j) {
     const int64_t e = topk_row[j];
-    if (e >= 0) mask |= uint64_t{1} << (e / num_local);
+    if (is_expert(e, num_experts)) mask |= uint64_t{1} << (e / num_local);
   }
   return mask;
 }
@@ -61,8 +66,9 @@ __host__ __device__ inline int64_t send_row(const int64_t* send_offsets, const i
 }
 
 // Row of the expert-sorted buffer that carries pair (token, slot), or -1.
-__host__ __device__ inline int64_t sorted_row(int64_t e, const int64_t* starts, int32_t rank_in_expert) {
-  return e >= 0 ? starts[e] + rank_in_expert : -1;
+__host__ __device__ inline int64_t sorted_row(int64_t e, int num_local, const int64_t* starts,
+                                              int32_t rank_in_expert) {
+  return e >= 0 && e < num_local ? starts[e] + rank_in_expert : -1;
 }
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -107,11 +113,11 @@ __global__ void __launch_bounds__(kScanThreads) dispatch_layout_kernel(
     const int t = base + threadIdx.x;
     const bool valid = t < num_tokens;
     const int64_t* row = topk_idx + static_cast<int64_t>(valid ? t : 0) * topk;
-    const uint64_t mask = valid ? destination_mask(row, topk, num_local) : 0;
+    const uint64_t mask = valid ? destination_mask(row, topk, num_local, num_experts) : 0;
     if (valid) {
 #pragma unroll 1
       for (int j = 0; j < topk; ++j) {
-        if (row[j] >= 0) atomicAdd(&expert_count[row[j]], 1);
+        if (is_expert(row[j], num_experts)) atomicAdd(&expert_count[row[j]], 1);
       }
     }
 #pragma unroll 1
@@ -138,32 +144,83 @@ __global__ void __launch_bounds__(kScanThreads) dispatch_layout_kernel(
   for (int e = threadIdx.x; e < num_experts; e += kScanThreads) per_expert[e] = expert_count[e];
 }
 
-// topk_idx [R * topk] local ids -> counts [num_local], rank [R * topk] (int32 rank within its expert, -1).
+// Expert ranks run on the whole GPU in three launches over chunks of kRankChunk pairs: per-chunk counts
+// (one CTA per chunk), an exclusive scan of those counts over the chunks (one warp per expert), then each
+// chunk's ranks from its offsets (one CTA per chunk). At EP8 prefill (4096 tokens x top-8 from each of 8
+// ranks) that is ~256 CTAs per launch instead of one CTA walking ~256 chunks in turn.
+constexpr int kRankChunk = kScanThreads;
+constexpr int kOffsetWarps = 8;  // experts per CTA of the scan launch
+
+__host__ __device__ inline int64_t rank_chunks(int64_t num_pairs) { return (num_pairs + kRankChunk - 1) / kRankChunk; }
+
+// A local id that indexes the per-expert tables; anything else (-1, or an id a caller let through
+// unchecked) takes no row.
+__host__ __device__ inline bool is_local_expert(int64_t e, int num_local) { return e >= 0 && e < num_local; }
+
+// chunk_counts [chunks][num_local] int32: pairs of each expert in each chunk.
+__global__ void __launch_bounds__(kScanThreads) expert_chunk_counts_kernel(
+    const int64_t* __restrict__ topk_idx, int32_t* __restrict__ chunk_counts, int64_t num_pairs, int num_local) {
+  __shared__ int count[kMaxLocalExperts];
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) count[e] = 0;
+  __syncthreads();
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * kRankChunk + threadIdx.x;
+  if (p < num_pairs) {
+    const int64_t e = topk_idx[p];
+    if (is_local_expert(e, num_local)) atomicAdd(&count[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) {
+    chunk_counts[static_cast<int64_t>(blockIdx.x) * num_local + e] = count[e];
+  }
+}
+
+// In place: chunk_counts[c][e] -> pairs of e in chunks before c; counts[e] = the total. One warp per
+// expert, 32 chunks per step: a shuffle scan across the lanes, the carry in a register.
+__global__ void __launch_bounds__(kOffsetWarps * 32) expert_chunk_offsets_kernel(
+    int32_t* __restrict__ chunk_counts, int64_t* __restrict__ counts, int64_t chunks, int num_local) {
+  const int lane = threadIdx.x % 32;
+  const int e = blockIdx.x * kOffsetWarps + threadIdx.x / 32;
+  if (e >= num_local) return;  // whole warps leave together: e is uniform across a warp
+  int64_t carry = 0;
+#pragma unroll 1
+  for (int64_t base = 0; base < chunks; base += 32) {
+    const int64_t c = base + lane;
+    const int32_t n = c < chunks ? chunk_counts[c * num_local + e] : 0;
+    int32_t inclusive = n;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += up;
+    }
+    if (c < chunks) chunk_counts[c * num_local + e] = static_cast<int32_t>(carry + inclusive - n);
+    carry += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  if (lane == 0) counts[e] = carry;
+}
+
+// One CTA per chunk: each pair's rank = its expert's offset at the chunk + its rank inside the chunk
+// (warp votes for the within-warp prefix, a shared-memory scan over the warps).
 __global__ void __launch_bounds__(kScanThreads) expert_ranks_kernel(
-    const int64_t* __restrict__ topk_idx, int64_t* __restrict__ counts, int32_t* __restrict__ rank,
+    const int64_t* __restrict__ topk_idx, const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ rank,
     int64_t num_pairs, int num_local) {
   __shared__ int warp_count[kScanWarps * kMaxLocalExperts];
   __shared__ int running[kMaxLocalExperts];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int e = threadIdx.x; e < num_local; e += kScanThreads) running[e] = 0;
+  const int64_t chunk = blockIdx.x;
+  for (int e = threadIdx.x; e < num_local; e += kScanThreads) running[e] = chunk_offsets[chunk * num_local + e];
 #pragma unroll 1
-  for (int64_t base = 0; base < num_pairs; base += kScanThreads) {
-#pragma unroll 1
-    for (int e = lane; e < num_local; e += 32) warp_count[warp * num_local + e] = 0;
-    __syncthreads();
-    const int64_t p = base + threadIdx.x;
-    const int e = p < num_pairs ? static_cast<int>(topk_idx[p]) : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, e);
-    const int before = __popc(peers & lanes_below());
-    if (e >= 0 && before == 0) warp_count[warp * num_local + e] = __popc(peers);
-    __syncthreads();
-    scan_warp_counts(warp_count, num_local, running);
-    __syncthreads();
-    if (p < num_pairs) rank[p] = e >= 0 ? warp_count[warp * num_local + e] + before : -1;
-    __syncthreads();  // the next chunk clears the table these reads use
-  }
-#pragma unroll 1
-  for (int e = threadIdx.x; e < num_local; e += kScanThreads) counts[e] = running[e];
+  for (int e = lane; e < num_local; e += 32) warp_count[warp * num_local + e] = 0;
+  __syncthreads();
+  const int64_t p = chunk * kRankChunk + threadIdx.x;
+  const int64_t id = p < num_pairs ? topk_idx[p] : -1;
+  const int e = is_local_expert(id, num_local) ? static_cast<int>(id) : -1;
+  const unsigned peers = __match_any_sync(0xffffffffu, e);
+  const int before = __popc(peers & lanes_below());
+  if (e >= 0 && before == 0) warp_count[warp * num_local + e] = __popc(peers);
+  __syncthreads();
+  scan_warp_counts(warp_count, num_local, running);
+  __syncthreads();
+  if (p < num_pairs) rank[p] = e >= 0 ? warp_count[warp * num_local + e] + before : -1;
 }
 
 // ---- row stages ------------------------------------------------------------------------------------
@@ -317,7 +374,7 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(
     const V* __restrict__ x, const float* __restrict__ x_scales, const int64_t* __restrict__ topk_idx,
     const int32_t* __restrict__ rank, const int64_t* __restrict__ starts, V* __restrict__ x_sorted,
     float* __restrict__ s_sorted, int32_t* __restrict__ m_indices, int32_t* __restrict__ pos, int64_t row_units,
-    int topk, int num_scales) {
+    int topk, int num_scales, int num_local) {
   __shared__ int64_t dst_rows[kMaxTopk];
   __shared__ int count;
   const int64_t i = blockIdx.x;
@@ -325,7 +382,7 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(
     int n = 0;
     for (int j = 0; j < topk; ++j) {
       const int64_t e = topk_idx[i * topk + j];
-      const int64_t row = sorted_row(e, starts, rank[i * topk + j]);
+      const int64_t row = sorted_row(e, num_local, starts, rank[i * topk + j]);
       pos[i * topk + j] = static_cast<int32_t>(row);
       if (row >= 0) {
         m_indices[row] = static_cast<int32_t>(e);
@@ -379,6 +436,178 @@ __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(
 #pragma unroll
     for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(acc[k]);
     *reinterpret_cast<Chunk*>(out + i * hidden + c * VEC) = o;
+  }
+}
+
+// ---- low-latency mode (definitions in pykernels/reference/moe.py) ----------------------------------
+//
+// Every buffer has a size fixed by (W, M = max tokens per rank, H, k). Rows are 16-byte aligned (a row is a
+// multiple of 4 int32 words) and payloads are copied in 16-byte units, so the launchers require H % 8 == 0
+// (bf16) or H % 128 == 0 (FP8).
+
+// Send-buffer row that carries token t to rank r: block r holds max_tokens rows.
+__host__ __device__ inline int64_t ll_send_row(int r, int64_t t, int64_t max_tokens) { return r * max_tokens + t; }
+
+// Row of the flattened [L * S] receive layout that holds expert e's pos-th received row.
+__host__ __device__ inline int64_t ll_expert_row(int64_t e, int64_t pos, int64_t rows) { return e * rows + pos; }
+
+// Row of the returned [W, M, k] buffer that holds rank q's output for (token t, slot j).
+__host__ __device__ inline int64_t ll_return_row(int q, int64_t t, int j, int64_t max_tokens, int topk) {
+  return (q * max_tokens + t) * topk + j;
+}
+
+// One CTA per token slot t < max_tokens: the local ids for every destination (-1 past the tokens), then the
+// payload, read once, to each destination that hosts one of t's experts. FP8: 16 lanes per 128-element
+// group, the scale reduced across them, as pack_quantize_kernel.
+template <bool kFp8>
+__global__ void __launch_bounds__(kRowThreads) ll_pack_kernel(
+    const __nv_bfloat16* __restrict__ x, const int64_t* __restrict__ topk_idx, int32_t* __restrict__ send,
+    int num_tokens, int hidden, int topk, int num_experts, int num_local, int world, int64_t max_tokens,
+    int row_words, int scale_word, int id_word) {
+  const int64_t t = blockIdx.x;
+  const bool token = t < num_tokens;
+  for (int i = threadIdx.x; i < world * topk; i += blockDim.x) {
+    const int r = i / topk, j = i % topk;
+    send[ll_send_row(r, t, max_tokens) * row_words + id_word + j] =
+        token ? local_expert_id(topk_idx[t * topk + j], r, num_local) : -1;
+  }
+  if (!token) return;
+  const uint64_t mask = destination_mask(topk_idx + t * topk, topk, num_local, num_experts);
+  if constexpr (!kFp8) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + t * hidden);
+    const int64_t units = hidden / 8, row_units = row_words / 4;
+    for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
+      const uint4 v = src[i];
+      for (int r = 0; r < world; ++r) {
+        if ((mask >> r) & 1) reinterpret_cast<uint4*>(send)[ll_send_row(r, t, max_tokens) * row_units + i] = v;
+      }
+    }
+  } else {
+    constexpr int kVec = 8, kLanesPerGroup = kScaleGroup / kVec;
+    static_assert(kLanesPerGroup == 16 && kRowThreads % kLanesPerGroup == 0, "two groups per warp");
+    const int groups = hidden / kScaleGroup;
+    const int lane_in_group = threadIdx.x % kLanesPerGroup;
+    constexpr int kGroupsPerPass = kRowThreads / kLanesPerGroup;
+    // The loop bound is uniform across the CTA, so every shuffle sees all 32 lanes.
+    for (int g0 = 0; g0 < groups; g0 += kGroupsPerPass) {
+      const int g = g0 + static_cast<int>(threadIdx.x) / kLanesPerGroup;
+      const bool valid = g < groups;
+      const int64_t col = static_cast<int64_t>(g) * kScaleGroup + lane_in_group * kVec;
+      float vals[kVec];
+      float amax = 0.0f;
+      if (valid) {
+        fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
+        amax = fp8_quant::abs_max(vals);
+      }
+      for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      }
+      if (!valid) continue;
+      const float scale = fp8_scale_from_amax(amax, false);
+      for (int r = 0; r < world; ++r) {
+        if (!((mask >> r) & 1)) continue;
+        int32_t* row = send + ll_send_row(r, t, max_tokens) * row_words;
+        fp8_quant::quantize_store<kVec>(vals, scale, reinterpret_cast<uint8_t*>(row) + col);
+        if (lane_in_group == 0) row[scale_word + g] = __float_as_int(scale);
+      }
+    }
+  }
+}
+
+// The distinct receive rows a received row s goes to (one per local expert it names), in dst_rows.
+__device__ inline int ll_destinations(const int32_t* recv_row, const int32_t* pos_row, int id_word, int topk,
+                                      int64_t rows, int64_t* dst_rows) {
+  __shared__ int count;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int j = 0; j < topk; ++j) {
+      if (pos_row[j] < 0) continue;
+      const int64_t dst = ll_expert_row(recv_row[id_word + j], pos_row[j], rows);
+      bool seen = false;
+      for (int d = 0; d < n; ++d) seen = seen || dst_rows[d] == dst;
+      if (!seen) dst_rows[n++] = dst;
+    }
+    count = n;
+  }
+  __syncthreads();
+  return count;
+}
+
+// One CTA per received row: its payload (16-byte units) and scales to each of its experts' rows.
+__global__ void __launch_bounds__(kRowThreads) ll_unpack_kernel(
+    const int32_t* __restrict__ recv, const int32_t* __restrict__ pos, uint4* __restrict__ out_x,
+    float* __restrict__ out_s, int64_t rows, int64_t payload_units, int row_words, int scale_word, int id_word,
+    int topk, int num_scales) {
+  __shared__ int64_t dst_rows[kMaxTopk];
+  const int64_t s = blockIdx.x;
+  const int32_t* row = recv + s * row_words;
+  const int count = ll_destinations(row, pos + s * topk, id_word, topk, rows, dst_rows);
+  const uint4* src = reinterpret_cast<const uint4*>(row);
+  for (int64_t i = threadIdx.x; i < payload_units; i += blockDim.x) {
+    const uint4 v = src[i];
+    for (int d = 0; d < count; ++d) out_x[dst_rows[d] * payload_units + i] = v;
+  }
+  if (out_s != nullptr) {
+    for (int i = threadIdx.x; i < count * num_scales; i += blockDim.x) {
+      const int d = i / num_scales, g = i % num_scales;
+      out_s[dst_rows[d] * num_scales + g] = __int_as_float(row[scale_word + g]);
+    }
+  }
+}
+
+// One CTA per received row: each slot's expert output (bf16, 16-byte units) to the row going back.
+__global__ void __launch_bounds__(kRowThreads) ll_combine_pack_kernel(
+    const uint4* __restrict__ y, const int32_t* __restrict__ recv, const int32_t* __restrict__ pos,
+    uint4* __restrict__ ret, int64_t rows, int64_t units, int row_words, int id_word, int topk) {
+  __shared__ int64_t src_rows[kMaxTopk];
+  const int64_t s = blockIdx.x;
+  if (threadIdx.x < topk) {
+    const int j = threadIdx.x;
+    const int32_t p = pos[s * topk + j];
+    src_rows[j] = p >= 0 ? ll_expert_row(recv[s * row_words + id_word + j], p, rows) : -1;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {
+    for (int j = 0; j < topk; ++j) {
+      if (src_rows[j] >= 0) ret[(s * topk + j) * units + i] = y[src_rows[j] * units + i];
+    }
+  }
+}
+
+// One CTA per token: out[t] = sum over its slots with ids in [0, E), in slot order, of weight * the
+// returned row, in float32 (rounded product, rounded sum), rounded once to bf16.
+__global__ void __launch_bounds__(kRowThreads) ll_combine_reduce_kernel(
+    const __nv_bfloat16* __restrict__ ret, const int64_t* __restrict__ topk_idx, const float* __restrict__ weights,
+    __nv_bfloat16* __restrict__ out, int64_t hidden, int topk, int num_experts, int num_local, int64_t max_tokens) {
+  __shared__ int64_t rows[kMaxTopk];
+  __shared__ float row_weights[kMaxTopk];
+  __shared__ int count;
+  const int64_t t = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int j = 0; j < topk; ++j) {
+      const int64_t e = topk_idx[t * topk + j];
+      if (!is_expert(e, num_experts)) continue;
+      rows[n] = ll_return_row(static_cast<int>(e / num_local), t, j, max_tokens, topk);
+      row_weights[n++] = weights[t * topk + j];
+    }
+    count = n;
+  }
+  __syncthreads();
+  using Chunk = fp8_quant::Vec<__nv_bfloat16, 8>;
+  for (int64_t c = threadIdx.x; c * 8 < hidden; c += blockDim.x) {
+    float acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+    for (int d = 0; d < count; ++d) {
+      const Chunk v = *reinterpret_cast<const Chunk*>(ret + rows[d] * hidden + c * 8);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = __fadd_rn(acc[k], __fmul_rn(row_weights[d], __bfloat162float(v.v[k])));
+    }
+    Chunk o;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o.v[k] = __float2bfloat16_rn(acc[k]);
+    *reinterpret_cast<Chunk*>(out + t * hidden + c * 8) = o;
   }
 }
 

@@ -27,9 +27,12 @@ void moe_pack(const TensorView& x, const TensorView* x_scales, const TensorView&
 void moe_combine_reduce(const TensorView& buf, const TensorView& slots, const TensorView& send_offsets,
                         const TensorView& out, cudaStream_t stream);
 
-// topk_idx [R, k] int64 local ids -> counts [L] int64, rank [R, k] int32.
+// topk_idx [R, k] int64 local ids -> counts [L] int64, rank [R, k] int32. chunk_counts: int32 workspace
+// [moe_expert_rank_chunks(R * k), L].
 void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, const TensorView& rank,
-                      cudaStream_t stream);
+                      const TensorView& chunk_counts, cudaStream_t stream);
+// CTAs (chunks of pairs) the expert-ranks kernels run on for num_pairs (token, slot) pairs.
+int64_t moe_expert_rank_chunks(int64_t num_pairs);
 
 // x [R, H] (bf16 / fp8, scales [R, S]) -> x_sorted [M, H], s_sorted [M, S], m_indices [M] (pre-filled with -1),
 // pos [R, k] int32.
@@ -40,6 +43,23 @@ void moe_permute(const TensorView& x, const TensorView* x_scales, const TensorVi
 // y_sorted [M, N] (bf16 / float32), pos [R, k] int32, weights [R, k] float32 -> out [R, N].
 void moe_unpermute(const TensorView& y_sorted, const TensorView& pos, const TensorView& weights,
                    const TensorView& out, cudaStream_t stream);
+
+// Low-latency mode (pykernels/reference/moe.py): x [T, H] bf16 -> send [W * M, row words] int32 (FP8 payload
+// quantized in the pack when fp8); recv + pos [S, k] -> out_x [L, S, H] (fp8 with out_s [L, S, H/128], or
+// bf16); y [L, S, N] -> ret [S, k, N]; returned [W, M, k, N] + routing -> out [T, N]. All bf16 rows are
+// copied in 16-byte units: H and N multiples of 8 (128 for FP8), every tensor 16-byte aligned.
+void moe_ll_pack(const TensorView& x, const TensorView& topk_idx, const TensorView& send, int num_experts, int world,
+                 int64_t max_tokens, int scale_word, int id_word, bool fp8, cudaStream_t stream);
+void moe_ll_unpack(const TensorView& recv, const TensorView& pos, const TensorView& out_x, const TensorView* out_s,
+                   int scale_word, int id_word, cudaStream_t stream);
+void moe_ll_combine_pack(const TensorView& y, const TensorView& recv, const TensorView& pos, const TensorView& ret,
+                         int id_word, cudaStream_t stream);
+void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_idx, const TensorView& weights,
+                           const TensorView& out, int num_experts, cudaStream_t stream);
+// The low-latency kernels' row indexing, for host tests.
+int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens);
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows);
+int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk);
 
 // Host planners (CPU tensors, same outputs as the kernels above).
 void moe_plan_dispatch_layout(const TensorView& topk_idx, const TensorView& per_rank, const TensorView& per_expert,

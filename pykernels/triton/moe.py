@@ -50,20 +50,23 @@ def dispatch_layout_kernel(
     ranks = tl.arange(0, W_PAD)
     running = tl.zeros([W_PAD], dtype=tl.int32)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, num_tokens, BLOCK_T):
+    start = 0
+    while start < num_tokens:  # a while loop: triton 3.6's interpreter takes no runtime value as a range bound
         offs_t = start + tl.arange(0, BLOCK_T)
         in_range = offs_t < num_tokens
         hit = tl.zeros([BLOCK_T, W_PAD], dtype=tl.int32)
         for j in tl.static_range(TOPK):
-            e = tl.load(idx_ptr + offs_t.to(tl.int64) * TOPK + j, mask=in_range, other=-1).to(tl.int32)
-            valid = e >= 0
-            counts += tl.histogram(tl.where(valid, e, 0), E_PAD, mask=valid)
+            e = tl.load(idx_ptr + offs_t.to(tl.int64) * TOPK + j, mask=in_range, other=-1)
+            valid = (e >= 0) & (e < num_experts)
+            e = tl.where(valid, e, 0).to(tl.int32)
+            counts += tl.histogram(e, E_PAD, mask=valid)
             dest = tl.where(valid, e // num_local, -1)
             hit = tl.maximum(hit, (dest[:, None] == ranks[None, :]).to(tl.int32))
         slot = tl.where(hit > 0, tl.cumsum(hit, axis=0) - 1 + running[None, :], -1)
         out_mask = in_range[:, None] & (ranks[None, :] < world)
         tl.store(slots_ptr + offs_t.to(tl.int64)[:, None] * world + ranks[None, :], slot, mask=out_mask)
         running += tl.sum(hit, axis=0)
+        start += BLOCK_T
     tl.store(per_rank_ptr + ranks, running.to(tl.int64), mask=ranks < world)
     experts = tl.arange(0, E_PAD)
     tl.store(per_expert_ptr + experts, counts.to(tl.int64), mask=experts < num_experts)
@@ -113,7 +116,8 @@ def pack_kernel(
     k_mask = offs_k < TOPK
     e = tl.load(idx_ptr + t * TOPK + offs_k, mask=k_mask, other=-1)
     wv = tl.load(w_ptr + t * TOPK + offs_k, mask=k_mask, other=0.0)
-    for r in range(world):
+    r = 0
+    while r < world:
         slot = tl.load(slots_ptr + t * world + r)
         if slot >= 0:
             dst = tl.load(offsets_ptr + r) + slot
@@ -126,6 +130,7 @@ def pack_kernel(
                 tl.store(meta_row + TOPK + offs_k, tl.where(mine, wv, 0.0).to(tl.int32, bitcast=True), mask=k_mask)
             if QUANTIZE or HAS_SCALES:
                 tl.store(meta_row + 2 * TOPK + groups, scale_bits, mask=g_mask)
+        r += 1
 
 
 @triton.jit
@@ -142,11 +147,13 @@ def combine_reduce_kernel(
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < hidden
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for r in range(world):
+    r = 0
+    while r < world:
         slot = tl.load(slots_ptr + t * world + r)
         if slot >= 0:
             src = tl.load(offsets_ptr + r) + slot
             acc += tl.load(buf_ptr + src * hidden + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+        r += 1
     tl.store(out_ptr + t * hidden + offs_h, _to_output(acc, out_ptr), mask=h_mask)
 
 
@@ -162,15 +169,18 @@ def expert_ranks_kernel(
 ):
     experts = tl.arange(0, L_PAD)
     running = tl.zeros([L_PAD], dtype=tl.int32)
-    for start in range(0, num_pairs, BLOCK_P):
+    start = 0
+    while start < num_pairs:
         offs = start + tl.arange(0, BLOCK_P)
         in_range = offs < num_pairs
-        e = tl.load(idx_ptr + offs, mask=in_range, other=-1).to(tl.int32)
+        e = tl.load(idx_ptr + offs, mask=in_range, other=-1)
+        e = tl.where((e >= 0) & (e < num_local), e, -1).to(tl.int32)  # other ids take no row
         onehot = (e[:, None] == experts[None, :]).to(tl.int32)
         before = tl.cumsum(onehot, axis=0) - 1 + running[None, :]
         rank = tl.sum(tl.where(onehot > 0, before, 0), axis=1)
         tl.store(rank_ptr + offs, tl.where(e >= 0, rank, -1), mask=in_range)
         running += tl.sum(onehot, axis=0)
+        start += BLOCK_P
     tl.store(counts_ptr + experts, running.to(tl.int64), mask=experts < num_local)
 
 
@@ -187,6 +197,7 @@ def permute_kernel(
     pos_ptr,  # [R, TOPK] int32 out
     hidden,
     num_scales,
+    num_local,
     TOPK: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     S_PAD: tl.constexpr,
@@ -203,7 +214,7 @@ def permute_kernel(
         srow = tl.load(xs_ptr + i * num_scales + offs_s, mask=s_mask, other=0.0)
     for j in tl.static_range(TOPK):
         e = tl.load(idx_ptr + i * TOPK + j)
-        if e >= 0:
+        if (e >= 0) & (e < num_local):
             p = tl.load(starts_ptr + e) + tl.load(rank_ptr + i * TOPK + j)
             tl.store(out_ptr + p * hidden + offs_h, row, mask=h_mask)
             if hb == 0:
@@ -236,6 +247,197 @@ def unpermute_kernel(
             w = tl.load(w_ptr + i * TOPK + j)
             acc += w * tl.load(y_ptr + p.to(tl.int64) * hidden + offs_h, mask=h_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + i * hidden + offs_h, _to_output(acc, out_ptr), mask=h_mask)
+
+
+# ---- low-latency mode (fixed-size buffers; see the reference's definitions) ------------------------------
+
+@triton.jit
+def ll_pack_kernel(
+    x_ptr,  # [T, hidden] bf16 (as int16 unless QUANTIZE)
+    idx_ptr,  # [T, TOPK] int64
+    send_bytes_ptr,  # the send buffer as bytes (FP8 payloads)
+    send_half_ptr,  # ... as int16 (bf16 payloads)
+    send_words_ptr,  # ... as int32 (scales and ids)
+    num_tokens,
+    hidden,
+    num_experts,
+    num_local,
+    world,
+    max_tokens,
+    row_words,
+    scale_word,
+    id_word,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NG: tl.constexpr,
+):
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    offs_k = tl.arange(0, K_PAD)
+    k_mask = offs_k < TOPK
+    if t < num_tokens:
+        t64 = t.to(tl.int64)
+        offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < hidden
+        row = tl.load(x_ptr + t64 * hidden + offs_h, mask=h_mask, other=0)
+        groups = hb * NG + tl.arange(0, NG)
+        g_mask = groups < hidden // 128
+        if QUANTIZE:
+            xg = tl.reshape(row.to(tl.float32), [NG, 128])
+            scale = fp8_scale_from_amax(tl.max(tl.abs(xg), axis=1), False)
+            payload = tl.reshape(quantize_e4m3(xg, scale[:, None]), [BLOCK_H]).to(tl.float8e4nv).to(
+                tl.uint8, bitcast=True)
+            scale_bits = scale.to(tl.int32, bitcast=True)
+        e = tl.load(idx_ptr + t64 * TOPK + offs_k, mask=k_mask, other=-1)
+        valid = (e >= 0) & (e < num_experts)
+        r = 0
+        while r < world:
+            local = e - r * num_local
+            mine = valid & (local >= 0) & (local < num_local)
+            dst = (r * max_tokens + t).to(tl.int64) * row_words
+            if tl.max(mine.to(tl.int32), axis=0) > 0:
+                if QUANTIZE:
+                    tl.store(send_bytes_ptr + dst * 4 + offs_h, payload, mask=h_mask)
+                    tl.store(send_words_ptr + dst + scale_word + groups, scale_bits, mask=g_mask)
+                else:
+                    tl.store(send_half_ptr + dst * 2 + offs_h, row, mask=h_mask)
+            if hb == 0:
+                tl.store(send_words_ptr + dst + id_word + offs_k, tl.where(mine, local, -1).to(tl.int32),
+                         mask=k_mask)
+            r += 1
+    else:
+        if hb == 0:
+            r = 0
+            while r < world:
+                dst = (r * max_tokens + t).to(tl.int64) * row_words
+                tl.store(send_words_ptr + dst + id_word + offs_k, tl.full([K_PAD], -1, tl.int32), mask=k_mask)
+                r += 1
+
+
+@triton.jit
+def ll_positions_kernel(
+    recv_ptr,  # [S, row_words] int32: the received rows
+    count_ptr,  # [num_local] int32 out
+    pos_ptr,  # [S, TOPK] int32 out
+    num_rows,
+    num_local,
+    row_words,
+    id_word,
+    TOPK: tl.constexpr,
+    L_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # rows per chunk
+):
+    experts = tl.arange(0, L_PAD)
+    running = tl.zeros([L_PAD], dtype=tl.int32)
+    start = 0
+    while start < num_rows:
+        offs_s = start + tl.arange(0, BLOCK_S)
+        in_range = offs_s < num_rows
+        ids_row = recv_ptr + offs_s.to(tl.int64) * row_words + id_word
+        hit = tl.zeros([BLOCK_S, L_PAD], dtype=tl.int32)
+        for j in tl.static_range(TOPK):
+            e = tl.load(ids_row + j, mask=in_range, other=-1)
+            hit = tl.maximum(hit, ((e[:, None] == experts[None, :]) & (e[:, None] >= 0)).to(tl.int32))
+        before = tl.cumsum(hit, axis=0) - hit + running[None, :]
+        for j in tl.static_range(TOPK):
+            e = tl.load(ids_row + j, mask=in_range, other=-1)
+            valid = (e >= 0) & (e < num_local)
+            p = tl.sum(tl.where(e[:, None] == experts[None, :], before, 0), axis=1)
+            tl.store(pos_ptr + offs_s.to(tl.int64) * TOPK + j, tl.where(valid, p, -1), mask=in_range)
+        running += tl.sum(hit, axis=0)
+        start += BLOCK_S
+    tl.store(count_ptr + experts, running, mask=experts < num_local)
+
+
+@triton.jit
+def ll_unpack_kernel(
+    recv_ptr,  # [S, row_words * 4 / P] the received rows as payload-width integers
+    recv_words_ptr,  # the same rows as int32
+    pos_ptr,  # [S, TOPK] int32
+    out_ptr,  # [L, S, hidden] payload-width integers out
+    out_s_ptr,  # [L, S, hidden / 128] float32 out (FP8)
+    num_rows,
+    hidden,
+    row_words,
+    scale_word,
+    id_word,
+    UNITS_PER_WORD: tl.constexpr,  # payload elements per int32 word: 4 (fp8) or 2 (bf16)
+    TOPK: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    NG: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    row = tl.load(recv_ptr + s * row_words * UNITS_PER_WORD + offs_h, mask=h_mask, other=0)
+    groups = hb * NG + tl.arange(0, NG)
+    num_scales = hidden // 128
+    g_mask = groups < num_scales
+    if HAS_SCALES:
+        scales = tl.load(recv_words_ptr + s * row_words + scale_word + groups, mask=g_mask, other=0)
+    for j in tl.static_range(TOPK):
+        p = tl.load(pos_ptr + s * TOPK + j)
+        if p >= 0:
+            e = tl.load(recv_words_ptr + s * row_words + id_word + j).to(tl.int64)
+            dst = e * num_rows + p
+            tl.store(out_ptr + dst * hidden + offs_h, row, mask=h_mask)
+            if HAS_SCALES:
+                tl.store(out_s_ptr + dst * num_scales + groups, scales.to(tl.float32, bitcast=True), mask=g_mask)
+
+
+@triton.jit
+def ll_combine_pack_kernel(
+    y_ptr,  # [L, S, hidden] bf16 expert outputs
+    recv_words_ptr,  # [S, row_words] int32: the dispatch's received rows (for the ids)
+    pos_ptr,  # [S, TOPK] int32
+    ret_ptr,  # [S, TOPK, hidden] bf16 out
+    num_rows,
+    hidden,
+    row_words,
+    id_word,
+    TOPK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    for j in tl.static_range(TOPK):
+        p = tl.load(pos_ptr + s * TOPK + j)
+        if p >= 0:
+            e = tl.load(recv_words_ptr + s * row_words + id_word + j).to(tl.int64)
+            v = tl.load(y_ptr + (e * num_rows + p) * hidden + offs_h, mask=h_mask, other=0)
+            tl.store(ret_ptr + (s * TOPK + j) * hidden + offs_h, v, mask=h_mask)
+
+
+@triton.jit
+def ll_combine_reduce_kernel(
+    ret_ptr,  # [W, max_tokens, TOPK, hidden] bf16: block q returned by rank q
+    idx_ptr,  # [T, TOPK] int64
+    w_ptr,  # [T, TOPK] float32
+    out_ptr,  # [T, hidden] bf16 out
+    hidden,
+    num_experts,
+    num_local,
+    max_tokens,
+    TOPK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        e = tl.load(idx_ptr + t * TOPK + j)
+        if (e >= 0) & (e < num_experts):
+            q = e // num_local
+            w = tl.load(w_ptr + t * TOPK + j)
+            src = ((q * max_tokens + t) * TOPK + j) * hidden
+            acc += w * tl.load(ret_ptr + src + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * hidden + offs_h, _to_output(acc, out_ptr), mask=h_mask)
 
 
 # ---- launch wrappers: the reference's stage functions ----------------------------------------------------
@@ -311,9 +513,9 @@ def expert_ranks(topk_idx, num_local):
 def permute(x, x_scales, topk_idx, rank, starts, total_rows):
     rows, hidden = x.shape
     topk = topk_idx.shape[1]
-    x_sorted = torch.empty((total_rows, hidden), dtype=x.dtype, device=x.device)
+    x_sorted = torch.zeros((total_rows, hidden), dtype=x.dtype, device=x.device)
     num_scales = x_scales.shape[1] if x_scales is not None else 0
-    s_sorted = None if x_scales is None else torch.empty((total_rows, num_scales), dtype=torch.float32,
+    s_sorted = None if x_scales is None else torch.zeros((total_rows, num_scales), dtype=torch.float32,
                                                          device=x.device)
     m_indices = torch.full((total_rows,), -1, dtype=torch.int32, device=x.device)
     pos = torch.empty((rows, topk), dtype=torch.int32, device=x.device)
@@ -322,7 +524,7 @@ def permute(x, x_scales, topk_idx, rank, starts, total_rows):
     bh = block_h(hidden, x.element_size())
     permute_kernel[(rows, triton.cdiv(hidden, bh))](
         _as_int(x), x_scales if x_scales is not None else pos, topk_idx, rank, starts, _as_int(x_sorted),
-        s_sorted if s_sorted is not None else pos, m_indices, pos, hidden, num_scales, TOPK=topk,
+        s_sorted if s_sorted is not None else pos, m_indices, pos, hidden, num_scales, starts.shape[0], TOPK=topk,
         HAS_SCALES=x_scales is not None, S_PAD=_pow2(num_scales), BLOCK_H=bh, num_warps=NUM_WARPS)
     return x_sorted, s_sorted, m_indices, pos
 
@@ -336,6 +538,70 @@ def unpermute(y_sorted, pos, weights):
     bh = block_h(hidden, y_sorted.element_size())
     unpermute_kernel[(rows, triton.cdiv(hidden, bh))](y_sorted, pos, weights, out, hidden, TOPK=topk, BLOCK_H=bh,
                                                      num_warps=NUM_WARPS)
+    return out
+
+
+def ll_pack(x, topk_idx, num_experts, world, max_tokens, row):
+    tokens, hidden = x.shape
+    send = torch.empty((world * max_tokens, row.words), dtype=torch.int32, device=x.device)
+    if max_tokens == 0:
+        return send
+    bh = block_h(hidden, x.element_size(), SCALE_GROUP if row.fp8 else 1)
+    grid = (max_tokens, triton.cdiv(hidden, bh))
+    ll_pack_kernel[grid](x if row.fp8 else _as_int(x), topk_idx, send.view(torch.uint8), send.view(torch.int16),
+                         send, tokens, hidden, num_experts, num_experts // world, world, max_tokens, row.words,
+                         row.scale_word, row.id_word, TOPK=row.topk, K_PAD=_pow2(row.topk), QUANTIZE=row.fp8,
+                         BLOCK_H=bh, NG=max(1, bh // SCALE_GROUP), num_warps=NUM_WARPS)
+    return send
+
+
+def ll_positions(recv, num_local, row):
+    rows = recv.shape[0]
+    count = torch.empty(num_local, dtype=torch.int32, device=recv.device)
+    pos = torch.empty((rows, row.topk), dtype=torch.int32, device=recv.device)
+    l_pad = _pow2(num_local)
+    ll_positions_kernel[(1,)](recv, count, pos, rows, num_local, row.words, row.id_word, TOPK=row.topk,
+                              L_PAD=l_pad, BLOCK_S=max(16, min(256, 8192 // l_pad)), num_warps=NUM_WARPS)
+    return count, pos
+
+
+def ll_unpack(recv, pos, num_local, row):
+    rows = recv.shape[0]
+    recv_x = torch.empty((num_local, rows, row.hidden), dtype=row.payload_dtype, device=recv.device)
+    recv_s = torch.empty((num_local, rows, row.num_scales), dtype=torch.float32, device=recv.device) \
+        if row.fp8 else None
+    if rows == 0:
+        return recv_x, recv_s
+    unit = torch.uint8 if row.fp8 else torch.int16
+    bh = block_h(row.hidden, recv_x.element_size(), SCALE_GROUP if row.fp8 else 1)
+    ll_unpack_kernel[(rows, triton.cdiv(row.hidden, bh))](
+        recv.view(unit), recv, pos, recv_x.view(unit), recv_s if recv_s is not None else recv, rows, row.hidden,
+        row.words, row.scale_word, row.id_word, UNITS_PER_WORD=4 // recv_x.element_size(), TOPK=row.topk,
+        HAS_SCALES=row.fp8, BLOCK_H=bh, NG=max(1, bh // SCALE_GROUP), num_warps=NUM_WARPS)
+    return recv_x, recv_s
+
+
+def ll_combine_pack(y, recv, pos, row):
+    num_local, rows, hidden = y.shape
+    ret = torch.empty((rows, row.topk, hidden), dtype=y.dtype, device=y.device)
+    if rows == 0:
+        return ret
+    bh = block_h(hidden, y.element_size())
+    ll_combine_pack_kernel[(rows, triton.cdiv(hidden, bh))](y, recv, pos, ret, rows, hidden, row.words, row.id_word,
+                                                            TOPK=row.topk, BLOCK_H=bh, num_warps=NUM_WARPS)
+    return ret
+
+
+def ll_combine_reduce(returned, topk_idx, topk_weights, num_experts):
+    world, max_tokens, topk, hidden = returned.shape
+    tokens = topk_idx.shape[0]
+    out = torch.empty((tokens, hidden), dtype=returned.dtype, device=returned.device)
+    if tokens == 0:
+        return out
+    bh = block_h(hidden, returned.element_size())
+    ll_combine_reduce_kernel[(tokens, triton.cdiv(hidden, bh))](
+        returned, topk_idx, topk_weights, out, hidden, num_experts, num_experts // world, max_tokens, TOPK=topk,
+        BLOCK_H=bh, num_warps=NUM_WARPS)
     return out
 
 
@@ -409,7 +675,7 @@ AOT_KERNELS = [
         fn=permute_kernel,
         signature={"x_ptr": "*u8", "xs_ptr": "*fp32", "idx_ptr": "*i64", "rank_ptr": "*i32", "starts_ptr": "*i64",
                    "out_ptr": "*u8", "out_s_ptr": "*fp32", "m_indices_ptr": "*i32", "pos_ptr": "*i32",
-                   "hidden": "i32:16", "num_scales": "i32"},
+                   "hidden": "i32:16", "num_scales": "i32", "num_local": "i32"},
         constexprs={"TOPK": 8, "HAS_SCALES": True, "S_PAD": 64, "BLOCK_H": block_h(7168, 1)},
         num_warps=NUM_WARPS,
         expect=_ROW_COPY,
@@ -418,6 +684,39 @@ AOT_KERNELS = [
         name="unpermute_kernel[bf16,H7168,k8]",
         fn=unpermute_kernel,
         signature={"y_ptr": "*bf16", "pos_ptr": "*i32", "w_ptr": "*fp32", "out_ptr": "*bf16", "hidden": "i32:16"},
+        constexprs={"TOPK": 8, "BLOCK_H": block_h(7168, 2)},
+        num_warps=NUM_WARPS,
+        expect={"no_local_memory": True, "min_instructions": {"LDG.128": 1}},
+    ),
+    # Low-latency mode at DeepSeek-V3 decode sizes (hidden 7168, top-8, 32 local experts).
+    AotKernel(
+        name="ll_pack_kernel[bf16->fp8,H7168,k8]",
+        fn=ll_pack_kernel,
+        signature={"x_ptr": "*bf16", "idx_ptr": "*i64", "send_bytes_ptr": "*u8", "send_half_ptr": "*i16",
+                   "send_words_ptr": "*i32", "num_tokens": "i32", "hidden": "i32:16", "num_experts": "i32",
+                   "num_local": "i32", "world": "i32", "max_tokens": "i32", "row_words": "i32:16",
+                   "scale_word": "i32", "id_word": "i32"},
+        constexprs={"TOPK": 8, "K_PAD": 8, "QUANTIZE": True, "BLOCK_H": block_h(7168, 2, SCALE_GROUP),
+                    "NG": block_h(7168, 2, SCALE_GROUP) // SCALE_GROUP},
+        num_warps=NUM_WARPS,
+        expect={"no_local_memory": True, "min_instructions": {"LDG.128": 1}},
+    ),
+    AotKernel(
+        name="ll_unpack_kernel[fp8,H7168,k8]",
+        fn=ll_unpack_kernel,
+        signature={"recv_ptr": "*u8", "recv_words_ptr": "*i32", "pos_ptr": "*i32", "out_ptr": "*u8",
+                   "out_s_ptr": "*fp32", "num_rows": "i32", "hidden": "i32:16", "row_words": "i32:16",
+                   "scale_word": "i32", "id_word": "i32"},
+        constexprs={"UNITS_PER_WORD": 4, "TOPK": 8, "HAS_SCALES": True, "BLOCK_H": block_h(7168, 1, SCALE_GROUP),
+                    "NG": block_h(7168, 1, SCALE_GROUP) // SCALE_GROUP},
+        num_warps=NUM_WARPS,
+        expect={"no_local_memory": True},
+    ),
+    AotKernel(
+        name="ll_combine_reduce_kernel[bf16,H7168,k8]",
+        fn=ll_combine_reduce_kernel,
+        signature={"ret_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16", "hidden": "i32:16",
+                   "num_experts": "i32", "num_local": "i32", "max_tokens": "i32"},
         constexprs={"TOPK": 8, "BLOCK_H": block_h(7168, 2)},
         num_warps=NUM_WARPS,
         expect={"no_local_memory": True, "min_instructions": {"LDG.128": 1}},
