@@ -10,7 +10,7 @@
     torch.ops.pykernels.mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal,
                                    kv_scale, part_splits, splits, split_offsets, planned_for, backend)
         -> (out, lse)
-    torch.ops.pykernels.permute_to_experts(x, x_scales, topk_idx, alignment, num_local_experts, backend)
+    torch.ops.pykernels.permute_to_experts(x, x_scales, topk_idx, alignment, num_local_experts, check_ids, backend)
         -> (x_sorted, s_sorted, m_indices, perm)
     torch.ops.pykernels.unpermute_from_experts(y_sorted, perm, weights, backend) -> out
 
@@ -263,11 +263,13 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: 
 # ---- MoE permute / unpermute --------------------------------------------------------------------------
 
 @_define_op("permute_to_experts(Tensor x, Tensor? x_scales, Tensor topk_idx, int alignment, "
-            "int? num_local_experts, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
+            "int? num_local_experts, bool check_ids, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
 def _permute_to_experts_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tensor, alignment: int,
-                           num_local_experts: Optional[int], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           num_local_experts: Optional[int], check_ids: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     recv_x = x if x_scales is None else (x, x_scales)
-    sorted_x, m_indices, perm = _moe.permute_to_experts(recv_x, topk_idx, alignment, num_local_experts, backend)
+    sorted_x, m_indices, perm = _moe.permute_to_experts(recv_x, topk_idx, alignment, num_local_experts,
+                                                        backend=backend, check_ids=check_ids)
     if x_scales is None:
         # A schema cannot return an optional tensor: no scales travel as an empty [M, 0] tensor.
         sorted_scales = torch.empty((sorted_x.shape[0], 0), dtype=torch.float32, device=x.device)
@@ -277,7 +279,7 @@ def _permute_to_experts_op(x: Tensor, x_scales: Optional[Tensor], topk_idx: Tens
 
 
 @torch.library.register_fake(_permute_to_experts_op, lib=_LIBRARY)
-def _(x, x_scales, topk_idx, alignment, num_local_experts, backend):
+def _(x, x_scales, topk_idx, alignment, num_local_experts, check_ids, backend):
     # The row count depends on how many tokens each expert received: a size only the data can tell.
     rows = torch.library.get_ctx().new_dynamic_size()
     scale_cols = 0 if x_scales is None else x_scales.shape[1]
@@ -286,7 +288,7 @@ def _(x, x_scales, topk_idx, alignment, num_local_experts, backend):
 
 
 def permute_to_experts(recv_x, recv_topk_idx: Tensor, alignment: int = 128, num_local_experts: Optional[int] = None,
-                       backend: str = "auto"):
+                       backend: str = "auto", check_ids: bool = True):
     if isinstance(recv_x, (tuple, list)):
         if len(recv_x) != 2:
             raise TypeError(f"recv_x: expected a tensor or a (x_fp8, scales) pair, got a sequence of {len(recv_x)}")
@@ -299,8 +301,10 @@ def permute_to_experts(recv_x, recv_topk_idx: Tensor, alignment: int = 128, num_
     _validate.power_of_two(alignment, "alignment")
     if num_local_experts is not None:
         _validate.integer(num_local_experts, "num_local_experts", low=None, high=None)
+    _validate.boolean(check_ids, "check_ids")
     sorted_x, sorted_scales, m_indices, perm = _permute_to_experts_op(data, scales, recv_topk_idx, alignment,
-                                                                      num_local_experts, _backend_name(backend))
+                                                                      num_local_experts, check_ids,
+                                                                      _backend_name(backend))
     return (sorted_x if scales is None else (sorted_x, sorted_scales)), m_indices, perm
 
 
