@@ -43,6 +43,8 @@ CUDA_MAX_TOPK = 32
 PAYLOAD_DTYPES = (torch.bfloat16,)
 # The most local experts permute_to_experts keeps counters for (per call, on any backend).
 MAX_LOCAL_EXPERTS = 1 << 16
+# The largest per-expert row alignment permute_to_experts pads to.
+MAX_ALIGNMENT = 1 << 20
 COMBINE_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -795,6 +797,9 @@ def permute_to_experts(recv_x, recv_topk_idx: torch.Tensor, alignment: int = 128
     data, scales = _payload(recv_x, "recv_x")
     _routing(recv_topk_idx, None, data, "recv_x", idx_name="recv_topk_idx")
     _validate.power_of_two(alignment, "alignment")
+    # Every expert's segment is padded to `alignment` rows and the grouped GEMM indexes rows in int32:
+    # beyond 2^20 rows of padding per expert a few experts would already overflow it.
+    _validate.integer(alignment, "alignment", 1, MAX_ALIGNMENT)
     _validate.boolean(check_ids, "check_ids")
     if num_local_experts is not None:
         _validate.integer(num_local_experts, "num_local_experts", 1, MAX_LOCAL_EXPERTS)

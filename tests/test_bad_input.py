@@ -213,14 +213,7 @@ def cases():
 
 # Known defects of other modules, fixed in parallel: these cases flip to passing (and must then lose their
 # mark, strict=True) when the fixes land.
-KNOWN_DEFECTS = {
-    **{f"fp8_gemm_config-{arg}-2**40": "GEMM config overflow: a size past int32 reaches the binding's int "
-                                       "conversion (a pybind11 TypeError)" for arg in ("M", "N", "K", "num_groups", "num_sms")},
-    "permute_to_experts-recv_topk_idx-2**40-torch": "MoE id bounds: an id of 2**40 sizes the expert "
-                                                    "counts (an allocator error)",
-    "permute_to_experts-alignment-2**40-torch": "MoE alignment unbounded: padding to 2**40 rows reaches the "
-                                                "allocator",
-}
+KNOWN_DEFECTS = {}
 FORM = re.compile(r"^(?P<name>[\w.\[\]'(), ]+): expected .+, got ", re.S)
 
 
