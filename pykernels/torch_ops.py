@@ -33,7 +33,7 @@ from pykernels import _backend, _validate
 from pykernels import fp8_gemm as _gemm
 from pykernels import fp8_quant as _quant
 from pykernels import moe as _moe
-from pykernels.mla_decode import HEAD_DIM_V, MlaSchedule
+from pykernels.mla_decode import HEAD_DIM_V, MlaSchedule, _check_kv_scale
 from pykernels.mla_decode import mla_decode as _mla_decode
 from pykernels._validate import FP8, cdiv
 from pykernels.reference.fp8_quant import empty_token_group_scales
@@ -80,12 +80,21 @@ def _gemm_operands(a_pair, b_pair, a_ndim: int, b_ndim: int, **others):
     device: the dispatcher would otherwise route a call mixing in a meta tensor to the fake implementation."""
     a, sa = _pair(a_pair, "a", "sa")
     b, sb = _pair(b_pair, "b", "sb")
-    _validate.tensor(a, "a", (FP8,), ndim=a_ndim)
+    _on_a_device(_validate.tensor(a, "a", (FP8,), ndim=a_ndim), "a")
     _validate.tensor(b, "b", (FP8,), ndim=b_ndim)
     _validate.same_device(a, "a", sa=sa)
     _validate.same_device(b, "b", sb=sb)
     _validate.same_device(a, "a", b=b, **others)
     return a, sa, b, sb
+
+
+def _on_a_device(x: Tensor, name: str) -> Tensor:
+    """A meta tensor would be routed by the dispatcher to the fake implementation and come back as an
+    unchecked result; the op modules refuse it, so the layer does too, before dispatch. (Under
+    torch.compile the traced FakeTensors report their real device.)"""
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a tensor on cpu or cuda, got one on {x.device.type}")
+    return x
 
 
 def _optional_tensor(x, name: str):
@@ -112,7 +121,7 @@ def _(x, group_size, ue8m0, column_major_scales, backend):
 
 def per_token_group_quant_fp8(x: Tensor, group_size: int = 128, ue8m0: bool = False,
                               column_major_scales: bool = False, backend: str = "auto"):
-    _validate.tensor(x, "x")
+    _on_a_device(_validate.tensor(x, "x"), "x")
     _validate.integer(group_size, "group_size", low=1)
     _validate.boolean(ue8m0, "ue8m0")
     _validate.boolean(column_major_scales, "column_major_scales")
@@ -133,7 +142,7 @@ def _(w, block_size, ue8m0, backend):
 
 
 def per_block_quant_fp8(w: Tensor, block_size: int = 128, ue8m0: bool = False, backend: str = "auto"):
-    _validate.tensor(w, "w", ndim=(2, 3))
+    _on_a_device(_validate.tensor(w, "w", ndim=(2, 3)), "w")
     _validate.integer(block_size, "block_size", low=1)
     _validate.boolean(ue8m0, "ue8m0")
     return _per_block_quant_fp8_op(w, block_size, ue8m0, _backend_name(backend))
@@ -236,7 +245,7 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: 
                head_dim_v: int = HEAD_DIM_V, softmax_scale: Optional[float] = None, causal: bool = False,
                kv_scale: Optional[Tensor] = None, metadata: Optional[MlaSchedule] = None,
                backend: str = "auto"):
-    _validate.tensor(q, "q", ndim=4)
+    _on_a_device(_validate.tensor(q, "q", ndim=4), "q")
     for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         _validate.tensor(t, name)
     _validate.integer(head_dim_v, "head_dim_v")
@@ -245,7 +254,9 @@ def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: 
             raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
         softmax_scale = float(softmax_scale)
     _validate.boolean(causal, "causal")
-    _optional_tensor(kv_scale, "kv_scale")
+    if kv_scale is not None and not isinstance(kv_scale, torch.Tensor):
+        # A Python number crosses the schema as the float32 tensor the module makes of it (checked there).
+        kv_scale = _check_kv_scale(kv_scale, kv_cache, q.device)
     schedule = (None, None, None, [])
     if metadata is not None:
         if not isinstance(metadata, MlaSchedule):
@@ -297,6 +308,7 @@ def permute_to_experts(recv_x, recv_topk_idx: Tensor, alignment: int = 128, num_
     else:
         data, scales = _validate.tensor(recv_x, "recv_x"), None
     _validate.tensor(recv_topk_idx, "recv_topk_idx")
+    _on_a_device(data, "recv_x")
     _validate.same_device(data, "recv_x", recv_topk_idx=recv_topk_idx)
     _validate.power_of_two(alignment, "alignment")
     if num_local_experts is not None:
@@ -321,6 +333,7 @@ def _(y_sorted, perm, recv_topk_weights, backend):
 def unpermute_from_experts(y_sorted: Tensor, perm: Tensor, recv_topk_weights: Tensor, backend: str = "auto") -> Tensor:
     for name, t in (("y_sorted", y_sorted), ("perm", perm), ("recv_topk_weights", recv_topk_weights)):
         _validate.tensor(t, name)
+    _on_a_device(y_sorted, "y_sorted")
     _validate.same_device(y_sorted, "y_sorted", perm=perm, recv_topk_weights=recv_topk_weights)
     return _unpermute_from_experts_op(y_sorted, perm, recv_topk_weights, _backend_name(backend))
 
