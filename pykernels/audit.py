@@ -216,8 +216,8 @@ def hot_loops(instructions: list) -> list:
 
 
 def unordered_shared_loads(body: list) -> int:
-    """Shared-memory loads (LDS) of a k-loop body (mnemonics in address order) that do not sit between a
-    stage's mbarrier wait and its release: walking back around the loop from the load, the nearest
+    """Shared-memory loads (LDS, or generic LD where the compiler lost the address space) of a k-loop body
+    (mnemonics in address order) that do not sit between a stage's mbarrier wait and its release: walking back around the loop from the load, the nearest
     mbarrier instruction must be a wait (SYNCS.PHASECHK), not an arrive (SYNCS.ARRIVE). A load hoisted
     above the wait reads a stage before it is filled; one sunk below the arrive races with the refill.
     0 for loops without mbarrier waits (their shared memory is ordered otherwise)."""
@@ -228,7 +228,7 @@ def unordered_shared_loads(body: list) -> int:
         return 0
     unordered = 0
     for i, mnemonic in enumerate(body):
-        if mnemonic.split(".")[0] != "LDS":
+        if mnemonic.split(".")[0] not in ("LDS", "LD"):
             continue
         before = (barrier_kind(body[(i - j) % len(body)]) for j in range(1, len(body)))
         if next((kind for kind in before if kind), None) != "PHASECHK":

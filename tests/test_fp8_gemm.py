@@ -744,6 +744,8 @@ def test_audit_fails_scale_loads_outside_the_stage():
     # the back-edge to the top of the loop (hoisted above the wait).
     sunk = audit.hot_loops(_promotion_listing([release, "LDS R2, [R14+0x100]", *ffma]))
     assert sunk[0]["unordered_lds"] == 1
+    generic = audit.hot_loops(_promotion_listing([release, "LD.E R2, desc[UR6][R14.64+0x100]", *ffma]))
+    assert generic[0]["unordered_lds"] == 1
     assert any("1 shared-memory loads outside" in f for f in audit.promotion_failures(sunk))
     (loop,) = audit.hot_loops(_promotion_listing([release, *ffma], head=["LDS R2, [R14+0x100]"]))
     assert loop["start"] == 0 and loop["unordered_lds"] == 1
