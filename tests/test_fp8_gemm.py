@@ -773,6 +773,21 @@ def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
             assert loop["unordered_lds"] == 0, name
 
 
+def test_setmaxnreg_fits_every_gemm_instantiations_register_allocation():
+    """The producer warpgroup drops to 40 registers and each math warpgroup rises to 232 (setmaxnreg).
+    The rise only completes if the block's launch allocation (ptxas's register count times the threads)
+    covers both, and both must fit the 64K-register file: otherwise the math warps wait forever."""
+    producer, math = 40, 232  # kProducerRegisters, kMathRegisters in csrc/fp8_gemm/fp8_gemm.cuh
+    reports = audit._reports_from_binary(_extension().__file__, "cuda")
+    gemm = [r for r in reports if "fp8_gemm_kernel<" in r.name]
+    assert gemm
+    for r in gemm:
+        math_warpgroups = int(r.name.split("fp8_gemm_kernel<", 1)[1].split(",")[0])
+        assert r.threads_per_block == 128 * (1 + math_warpgroups), r.name
+        needed = 128 * producer + 128 * math * math_warpgroups
+        assert needed <= r.registers * r.threads_per_block <= 65536, (r.name, r.registers)
+
+
 def _blocky_problem(m, n, k, device="cuda"):
     """Operands whose 128-column groups (activations) and 128x128 blocks (weights) differ in magnitude by
     up to 100x: a scale taken from the wrong block is then a visible error."""

@@ -93,6 +93,12 @@ struct TileShape {
   static_assert(kStages * (kABytes + kBBytes + kSaBytes) + 2 * kStages * 8 + 1023 <= kSmemBytes, "shared memory plan");
   static_assert(kSaBytes % 128 == 0, "TMA writes the scale boxes to 128-byte aligned shared memory");
   static_assert(2 * kFrag + 40 <= kMathRegisters, "fragment and accumulator must stay in registers");
+  static_assert(kSmemBytes <= kSmemLimit, "dynamic shared memory above the 227 KB opt-in less static");
+  // setmaxnreg moves registers within the block's allocation: what the warpgroups hold after it must fit
+  // in the 64K-register file (ptxas sizes the allocation from __launch_bounds__, 65536 / threads).
+  static_assert(kProducerRegisters * 128 + kMathRegisters * 128 * kMathWG <= 65536,
+                "producer and math register counts exceed the register file");
+  static_assert(kProducerRegisters % 8 == 0 && kMathRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
 };
 
 // K-major operand tile in shared memory, 128-byte rows swizzled by TMA (SWIZZLE_128B): 8-row core groups
