@@ -179,7 +179,8 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
   // audit reads exactly one step's instruction mix per loop.
 #pragma unroll 1
   for (int kb = 0; kb < k_blocks; ++kb) {
-    // B's scale loads are issued before the wait so their latency hides behind it.
+    // B's scales do not live in the stage: the compiler may issue their loads before the wait or among the
+    // wgmmas, and either way their latency hides behind the tensor-core work.
     const float b0 = __ldg(sb0 + kb);
     const float b1 = kTwoBlocks ? __ldg(sb1 + kb) : b0;
     full[ring.stage].wait(ring.phase);
