@@ -11,7 +11,8 @@ them against what each kernel is meant to be:
     C7508: setmaxnreg ignored) in the build log;
   - every CUDA kernel's hot loops (the shortest loops around its FP8 wgmma, QGMMA) promote with pure FFMA:
     per 128-K step one FFMA per accumulator element, no FSEL and at most 4 FMUL (the sa * sb products).
-    A select or an extra multiply per element there means the scale split was left to run time;
+    A select or an extra multiply per element there means the scale split was left to run time. Their
+    shared-memory loads (the A scales) lie between the stage's mbarrier wait and its release;
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
     AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling.
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
@@ -209,14 +210,36 @@ def hot_loops(instructions: list) -> list:
         shapes = {int(x.group(1)) for m in body if (x := re.match(r"QGMMA\.64x(\d+)x", m))}
         steps = max(1, -(-mix.get("QGMMA", 0) // QGMMA_PER_K_STEP))
         result.append({"start": start, "end": end, "encloses": len(inner), "instructions": len(body), "k_steps": steps,
-                       **{c: mix.get(c, 0) for c in LOOP_MIX}, "qgmma_n": max(shapes) if shapes else 0})
+                       **{c: mix.get(c, 0) for c in LOOP_MIX}, "qgmma_n": max(shapes) if shapes else 0,
+                       "unordered_lds": unordered_shared_loads(body)})
     return sorted(result, key=lambda loop: loop["start"])
+
+
+def unordered_shared_loads(body: list) -> int:
+    """Shared-memory loads (LDS, or generic LD where the compiler lost the address space) of a k-loop body
+    (mnemonics in address order) that do not sit between a stage's mbarrier wait and its release: walking back around the loop from the load, the nearest
+    mbarrier instruction must be a wait (SYNCS.PHASECHK), not an arrive (SYNCS.ARRIVE). A load hoisted
+    above the wait reads a stage before it is filled; one sunk below the arrive races with the refill.
+    0 for loops without mbarrier waits (their shared memory is ordered otherwise)."""
+    def barrier_kind(mnemonic):
+        return next((kind for kind in ("PHASECHK", "ARRIVE") if mnemonic.startswith(f"SYNCS.{kind}")), None)
+
+    if not any(barrier_kind(m) == "PHASECHK" for m in body):
+        return 0
+    unordered = 0
+    for i, mnemonic in enumerate(body):
+        if mnemonic.split(".")[0] not in ("LDS", "LD"):
+            continue
+        before = (barrier_kind(body[(i - j) % len(body)]) for j in range(1, len(body)))
+        if next((kind for kind in before if kind), None) != "PHASECHK":
+            unordered += 1
+    return unordered
 
 
 def promotion_failures(loops: list) -> list:
     """Why a kernel's FP8 hot loops do not promote with pure FFMA (empty when they do): per 128-K step,
     N/2 FFMA per thread (one per accumulator element of an m64nN fragment), no FSEL, at most
-    MAX_FMUL_PER_K_STEP FMUL."""
+    MAX_FMUL_PER_K_STEP FMUL; and no shared-memory load outside the stage (unordered_shared_loads)."""
     failures = []
     for loop in loops:
         steps = loop["k_steps"]
@@ -226,6 +249,9 @@ def promotion_failures(loops: list) -> list:
         if loop["FMUL"] > MAX_FMUL_PER_K_STEP * steps:
             failures.append(f"{where}: {loop['FMUL']} FMUL in promotion (expected at most "
                             f"{MAX_FMUL_PER_K_STEP * steps})")
+        if loop.get("unordered_lds"):
+            failures.append(f"{where}: {loop['unordered_lds']} shared-memory loads outside the stage's mbarrier "
+                            "wait and release")
         if loop["FFMA"] < loop["qgmma_n"] // 2 * steps:
             failures.append(f"{where}: {loop['FFMA']} FFMA (expected {loop['qgmma_n'] // 2 * steps}, one per "
                             f"accumulator element per K step)")

@@ -956,10 +956,10 @@ def _sass(body: str) -> str:
     return "\n".join(lines)
 
 
-def _promotion_listing(promotion_lines):
-    """A k-loop as ptxas lays it out: wait, 4 QGMMA, scale products, promotion, back-edge; the wait's retry
-    sits after EXIT and branches back into the loop. Returns parse_listing's instructions."""
-    body = ["SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x10], R3", "@!P0 BRA RETRY",
+def _promotion_listing(promotion_lines, head=()):
+    """A k-loop as ptxas lays it out: (head,) wait, 4 QGMMA, scale products, promotion, back-edge; the
+    wait's retry sits after EXIT and branches back into the loop. Returns parse_listing's instructions."""
+    body = [*head, "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x10], R3", "@!P0 BRA RETRY",
             "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR8], RZ, !UPT",
             "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR12], R24",
             "QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR16], R24",
@@ -1002,6 +1002,27 @@ def test_audit_fails_promotion_with_selects_or_extra_multiplies():
     assert any("7 FFMA (expected 8" in f for f in audit.promotion_failures(audit.hot_loops(short)))
 
 
+def test_audit_fails_scale_loads_outside_the_stage():
+    """The A scales are read from the stage between its full-barrier wait and its empty-barrier release; a
+    load the compiler hoisted above the wait or sank below the release is a race the audit must reject."""
+    ffma = [f"FFMA R{40 + i}, R{24 + i}, R4, R{40 + i}" for i in range(8)]
+    release = "SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR4+0x40], RZ"
+    inside = _promotion_listing(["LDS R2, [R14+0x100]", release, *ffma])
+    (loop,) = audit.hot_loops(inside)
+    assert loop["unordered_lds"] == 0 and audit.promotion_failures([loop]) == []
+    # LDS after the release (sunk), and LDS after the release of the previous iteration, wrapping around
+    # the back-edge to the top of the loop (hoisted above the wait).
+    sunk = audit.hot_loops(_promotion_listing([release, "LDS R2, [R14+0x100]", *ffma]))
+    assert sunk[0]["unordered_lds"] == 1
+    generic = audit.hot_loops(_promotion_listing([release, "LD.E R2, desc[UR6][R14.64+0x100]", *ffma]))
+    assert generic[0]["unordered_lds"] == 1
+    assert any("1 shared-memory loads outside" in f for f in audit.promotion_failures(sunk))
+    (loop,) = audit.hot_loops(_promotion_listing([release, *ffma], head=["LDS R2, [R14+0x100]"]))
+    assert loop["start"] == 0 and loop["unordered_lds"] == 1
+    # Loops without mbarrier waits (Triton's cp.async pipelines) are not judged by this rule.
+    assert audit.unordered_shared_loads(["LDS", "FFMA", "BAR.SYNC"]) == 0
+
+
 def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
     """The built extension: one FFMA per accumulator element per 128-K step in every k-loop instance of
     every tile shape, no FSEL, at most 4 FMUL (static SASS figures)."""
@@ -1019,6 +1040,22 @@ def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
         for loop in r.hot_loops:
             assert loop["qgmma_n"] == block_n and loop["FFMA"] == block_n // 2 * loop["k_steps"]
             assert loop["FSEL"] == 0 and loop["FMUL"] <= 4 * loop["k_steps"]
+            assert loop["unordered_lds"] == 0, name
+
+
+def test_setmaxnreg_fits_every_gemm_instantiations_register_allocation():
+    """The producer warpgroup drops to 40 registers and each math warpgroup rises to 232 (setmaxnreg).
+    The rise only completes if the block's launch allocation (ptxas's register count times the threads)
+    covers both, and both must fit the 64K-register file: otherwise the math warps wait forever."""
+    producer, math = 40, 232  # kProducerRegisters, kMathRegisters in csrc/fp8_gemm/fp8_gemm.cuh
+    reports = audit._reports_from_binary(_extension().__file__, "cuda")
+    gemm = [r for r in reports if "fp8_gemm_kernel<" in r.name]
+    assert gemm
+    for r in gemm:
+        math_warpgroups = int(r.name.split("fp8_gemm_kernel<", 1)[1].split(",")[0])
+        assert r.threads_per_block == 128 * (1 + math_warpgroups), r.name
+        needed = 128 * producer + 128 * math * math_warpgroups
+        assert needed <= r.registers * r.threads_per_block <= 65536, (r.name, r.registers)
 
 
 def _blocky_problem(m, n, k, device="cuda"):

@@ -93,6 +93,12 @@ struct TileShape {
   static_assert(kStages * (kABytes + kBBytes + kSaBytes) + 2 * kStages * 8 + 1023 <= kSmemBytes, "shared memory plan");
   static_assert(kSaBytes % 128 == 0, "TMA writes the scale boxes to 128-byte aligned shared memory");
   static_assert(2 * kFrag + 40 <= kMathRegisters, "fragment and accumulator must stay in registers");
+  static_assert(kSmemBytes <= kSmemLimit, "dynamic shared memory above the 227 KB opt-in less static");
+  // setmaxnreg moves registers within the block's allocation: what the warpgroups hold after it must fit
+  // in the 64K-register file (ptxas sizes the allocation from __launch_bounds__, 65536 / threads).
+  static_assert(kProducerRegisters * 128 + kMathRegisters * 128 * kMathWG <= 65536,
+                "producer and math register counts exceed the register file");
+  static_assert(kProducerRegisters % 8 == 0 && kMathRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
 };
 
 // K-major operand tile in shared memory, 128-byte rows swizzled by TMA (SWIZZLE_128B): 8-row core groups
@@ -108,6 +114,22 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem) {
   desc.bitfield.base_offset_ = 0;
   desc.bitfield.layout_type_ = static_cast<uint8_t>(cute::SM90::GMMA::LayoutType::B128);
   return desc.desc_;
+}
+
+// The A scales cross shared memory between the scale warp and the math warps, ordered only by the stage's
+// mbarriers. CUTLASS's mbarrier wait and arrive are volatile asm without a memory clobber, so the compiler
+// may move a plain C++ shared-memory access across them: a read hoisted above the "full" wait sees the
+// previous stage's scales, a write sunk below the "full" arrive (or hoisted above the "empty" wait) races
+// with the readers. Volatile asm keeps its order relative to other volatile asm, so these accesses stay
+// between the barriers; the arrive's release and the wait's acquire then make the writes visible.
+__device__ __forceinline__ float ld_shared(const float* ptr) {
+  float value;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(cute::cast_smem_ptr_to_uint(ptr)));
+  return value;
+}
+
+__device__ __forceinline__ void st_shared(float* ptr, float value) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(cute::cast_smem_ptr_to_uint(ptr)), "f"(value));
 }
 
 template <class Op, int... I>
@@ -157,12 +179,13 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
   // audit reads exactly one step's instruction mix per loop.
 #pragma unroll 1
   for (int kb = 0; kb < k_blocks; ++kb) {
-    // B's scale loads are issued before the wait so their latency hides behind it.
+    // B's scales do not live in the stage: the compiler may issue their loads before the wait or among the
+    // wgmmas, and either way their latency hides behind the tensor-core work.
     const float b0 = __ldg(sb0 + kb);
     const float b1 = kTwoBlocks ? __ldg(sb1 + kb) : b0;
     full[ring.stage].wait(ring.phase);
-    const float a0 = smem_sa[ring.stage * Shape::kBlockM + row_in_tile];
-    const float a1 = smem_sa[ring.stage * Shape::kBlockM + row_in_tile + 8];
+    const float a0 = ld_shared(smem_sa + ring.stage * Shape::kBlockM + row_in_tile);
+    const float a1 = ld_shared(smem_sa + ring.stage * Shape::kBlockM + row_in_tile + 8);
     float frag[kFrag];
 #pragma unroll
     for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
@@ -178,6 +201,9 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
 #pragma unroll
     for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
     cute::warpgroup_wait<0>();
+    // The fragment is defined only once the wait returns: the fence ties every read of it below the wait.
+#pragma unroll
+    for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
     __syncwarp();
     if (lane == 0) empty[ring.stage].arrive();
     if (++ring.stage == Shape::kStages) {
@@ -261,10 +287,10 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
           empty[stage].wait(phase ^ 1);
           for (int i = lane; i < kBlockM; i += 32) {
             const int row = tile.m_block * kBlockM + i;
-            smem_sa[stage * kBlockM + i] =
-                row < valid_rows ? __ldg(p.sa + scale_a_offset(ScaleALayout::RowMajor, a_group, row, kb, p.m_rows,
-                                                                k_blocks))
-                                 : 0.0f;
+            st_shared(smem_sa + stage * kBlockM + i,
+                      row < valid_rows ? __ldg(p.sa + scale_a_offset(ScaleALayout::RowMajor, a_group, row, kb,
+                                                                     p.m_rows, k_blocks))
+                                       : 0.0f);
           }
           full[stage].arrive();
           if (++stage == kStages) {
