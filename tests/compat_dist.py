@@ -151,12 +151,15 @@ def program_deep_ep_low_latency(rank, world, backend, seed, token_counts, hidden
         all_x = gather(current_x, 0.0)
         for use_fp8 in (False, True):
             stats = torch.zeros(num_local, dtype=torch.int32)
+            counter = moe_dist.CountHostReads()
             for _ in range(2):  # the statistics accumulate over calls
-                recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
-                    current_x, topk_idx, max_tokens, experts, cumulative_local_expert_recv_stats=stats,
-                    use_fp8=use_fp8, async_finish=True)
+                with counter:
+                    recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+                        current_x, topk_idx, max_tokens, experts, cumulative_local_expert_recv_stats=stats,
+                        use_fp8=use_fp8, async_finish=True)
                 event.current_stream_wait()
                 assert hook is None
+            assert counter.reads == 0, f"{counter.reads} host reads in low_latency_dispatch"
             assert recv_count.dtype == torch.int32 and recv_count.tolist() == [len(s) for s in sources]
             assert torch.equal(stats, 2 * recv_count)
             src_info, layout_range, m, h, e_total = handle
@@ -201,8 +204,9 @@ def program_deep_ep_low_latency(rank, world, backend, seed, token_counts, hidden
                 mine = factors[rank * num_local:(rank + 1) * num_local].float().view(-1, 1, 1)
                 y = (simulated_gemm_x * mine).bfloat16().contiguous()
                 out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16)
-                combined, event, hook = buffer.low_latency_combine(y, topk_idx, topk_weights, handle, out=out)
-                assert combined is out and hook is None
+                with counter:
+                    combined, event, hook = buffer.low_latency_combine(y, topk_idx, topk_weights, handle, out=out)
+                assert combined is out and hook is None and counter.reads == 0
                 valid = topk_idx >= 0
                 token_factor = torch.where(valid, topk_weights.double() * factors[topk_idx.clamp(min=0)], 0.0).sum(1)
                 want = current_x.double() * token_factor.view(-1, 1)
