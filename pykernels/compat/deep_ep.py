@@ -126,7 +126,8 @@ def _payload(x):
 
 
 class Buffer:
-    """DeepEP's intranode Buffer over a torch.distributed group (pykernels.moe.Buffer underneath)."""
+    """DeepEP's V1 Buffer, normal (intranode) and low-latency modes, over a torch.distributed group
+    (pykernels.moe.Buffer underneath)."""
 
     num_sms: int = 20
 
