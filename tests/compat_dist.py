@@ -100,3 +100,150 @@ def program_deep_ep_intranode(rank, world, backend, seed, token_counts, hidden, 
                 assert torch.equal(with_bias, want)
             checks += 1
     return checks
+
+
+def _per_token_cast_back(q, scales):
+    """DeepEP's per_token_cast_back: FP8 rows times their 1x128 scales, in float32."""
+    return q.float() * scales.float().repeat_interleave(128, dim=-1)
+
+
+def program_deep_ep_low_latency(rank, world, backend, seed, token_counts, hidden, topk, experts):
+    """A port of DeepEP's tests/legacy/test_low_latency.py checks: rows per expert, counts, src_info and
+    layout_range against a reference from the all-gathered inputs; FP8 rows dequantized within e4m3's error;
+    combine against x times the summed weights at DeepEP's tolerances (calc_diff < 1e-5 for a bf16 dispatch,
+    9e-4 for FP8, here without DeepEP's +1 shift, so stricter); then num_worst_tokens through dispatch."""
+    import torch.distributed as dist
+
+    os.environ["PYKERNELS_BACKEND"] = backend
+    from pykernels.compat import deep_ep
+
+    gen = torch.Generator().manual_seed(seed + rank)
+    tokens, num_local = token_counts[rank], experts // world
+    max_tokens = max(token_counts) + 1  # every rank's M; an odd W * M exercises the scales' TMA padding
+    rows = world * max_tokens
+    # As upstream: x holds (rank - 128) in every column but the last 128, which hold the token index.
+    x_struct = torch.full((tokens, hidden), float(rank - 128), dtype=torch.bfloat16)
+    x_struct[:, -128:] = torch.arange(tokens, dtype=torch.bfloat16).view(-1, 1)
+    x_rand = (torch.randn((tokens, hidden), generator=gen) * torch.exp(torch.randn((tokens, 1), generator=gen))).bfloat16()
+    scores = torch.rand((tokens, experts), generator=gen) + 1
+    topk_idx = scores.topk(topk, dim=1).indices.contiguous()
+    topk_idx[torch.rand((tokens, topk), generator=gen) < 0.25] = -1
+    topk_weights = torch.rand((tokens, topk), generator=gen) + 0.05
+
+    def gather(t, fill):
+        padded = torch.full((max_tokens,) + tuple(t.shape[1:]), fill, dtype=t.dtype)
+        padded[:t.shape[0]] = t
+        out = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(out, padded)
+        return out
+
+    all_idx = gather(topk_idx, -1)
+    stats_size = deep_ep.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, world, experts)
+    assert stats_size == experts * max_tokens * hidden * 2
+    buffer = deep_ep.Buffer(None, num_rdma_bytes=stats_size, low_latency_mode=True, num_qps_per_rank=num_local)
+    buffer.clean_low_latency_buffer(max_tokens, hidden, experts)
+
+    # Where each local expert's rows must come from: (source rank, token), by source rank then token.
+    sources = [[(src, t) for src in range(world) for t in range(token_counts[src])
+                if rank * num_local + e in all_idx[src][t].tolist()] for e in range(num_local)]
+    checks = 0
+    for current_x in (x_struct, x_rand):
+        all_x = gather(current_x, 0.0)
+        for use_fp8 in (False, True):
+            stats = torch.zeros(num_local, dtype=torch.int32)
+            counter = moe_dist.CountHostReads()
+            for _ in range(2):  # the statistics accumulate over calls
+                with counter:
+                    recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+                        current_x, topk_idx, max_tokens, experts, cumulative_local_expert_recv_stats=stats,
+                        use_fp8=use_fp8, async_finish=True)
+                event.current_stream_wait()
+                assert hook is None
+            assert counter.reads == 0, f"{counter.reads} host reads in low_latency_dispatch"
+            assert recv_count.dtype == torch.int32 and recv_count.tolist() == [len(s) for s in sources]
+            assert torch.equal(stats, 2 * recv_count)
+            src_info, layout_range, m, h, e_total = handle
+            assert (m, h, e_total) == (max_tokens, hidden, experts)
+            assert src_info.shape == (num_local, rows) and layout_range.shape == (num_local, world)
+            if use_fp8:
+                q, scales = recv_x
+                assert q.dtype == torch.float8_e4m3fn and q.shape == (num_local, rows, hidden)
+                m_pad = -(-rows // 4) * 4
+                assert scales.shape == (num_local, rows, hidden // 128)
+                assert scales.stride() == (m_pad * hidden // 128, 1, m_pad)
+                received = _per_token_cast_back(q, scales)
+            else:
+                assert recv_x.dtype == torch.bfloat16 and recv_x.shape == (num_local, rows, hidden)
+                received = recv_x.float()
+            simulated_gemm_x = received.clone()
+            for e in range(num_local):
+                count = len(sources[e])
+                want = torch.stack([all_x[s][t].float() for s, t in sources[e]]) if count else None
+                got = received[e, :count]
+                if count and use_fp8:
+                    # e4m3 keeps 3 mantissa bits (half an ulp: 2^-4 relative); the subnormal step of a scaled
+                    # group is scale * 2^-9.
+                    bound = want.abs() * 2 ** -4 + scales[e, :count].repeat_interleave(128, dim=-1) * 2 ** -9
+                    assert bool(((got - want).abs() <= bound * 1.01).all())
+                elif count:
+                    assert torch.equal(got, want)
+                assert src_info[e, :count].tolist() == [t for _, t in sources[e]]
+                begin = 0
+                for src in range(world):
+                    n = sum(1 for s, _ in sources[e] if s == src)
+                    assert int(layout_range[e, src]) == (begin << 32 | n)
+                    if current_x is x_struct and n and not use_fp8:
+                        assert bool((got[begin:begin + n, :-128] == src - 128).all())
+                    begin += n
+                simulated_gemm_x[e, count:] = float("nan")  # rows past recv_count are never read
+            for expert_scaled in (False, True):
+                # Identity experts (upstream's check), then experts scaling by 2^(e - 4) (exact in bf16), which
+                # a mix-up of two experts' rows would change.
+                factors = 2.0 ** (torch.arange(experts, dtype=torch.float64) - 4) if expert_scaled \
+                    else torch.ones(experts, dtype=torch.float64)
+                mine = factors[rank * num_local:(rank + 1) * num_local].float().view(-1, 1, 1)
+                y = (simulated_gemm_x * mine).bfloat16().contiguous()
+                out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16)
+                with counter:
+                    combined, event, hook = buffer.low_latency_combine(y, topk_idx, topk_weights, handle, out=out)
+                assert combined is out and hook is None and counter.reads == 0
+                valid = topk_idx >= 0
+                token_factor = torch.where(valid, topk_weights.double() * factors[topk_idx.clamp(min=0)], 0.0).sum(1)
+                want = current_x.double() * token_factor.view(-1, 1)
+                assert not bool(combined.isnan().any())
+                diff = moe_dist.calc_diff(combined, want)
+                assert diff < (9e-4 if use_fp8 else 1e-5), diff
+                if not use_fp8:
+                    # bf16 rows: weighted products and their sum in float32, rounded once to bf16.
+                    assert bool(((combined.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-30).all())
+                checks += 1
+    checks += _check_num_worst_tokens(buffer, x_rand, topk_idx, topk_weights, experts, sum(token_counts) + 3)
+    return checks
+
+
+def _check_num_worst_tokens(buffer, x, topk_idx, topk_weights, experts, worst):
+    """dispatch(num_worst_tokens=N) against the plain dispatch: the same rows first, then padding (ids -1,
+    weights 0, zero payload), an empty per-expert list, no host reads; its handle's cached dispatch and
+    combine give the plain ones' results. worst: the same on every rank, at least the rows any receives."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, **args)
+    r = recv_x.shape[0]
+    counter = moe_dist.CountHostReads()
+    with counter:
+        wx, widx, ww, wcounts, whandle, _ = buffer.dispatch(x, num_worst_tokens=worst, **args)
+    assert counter.reads == 0, counter.reads
+    assert wcounts == [] and wx.shape == (worst, x.shape[1])
+    assert torch.equal(wx[:r], recv_x) and torch.equal(widx[:r], recv_idx) and torch.equal(ww[:r], recv_w)
+    assert bool((widx[r:] == -1).all()) and not bool(ww[r:].any()) and not bool(wx[r:].float().any())
+    assert torch.equal(whandle[0], handle[0])
+    assert torch.equal(whandle.inner.num_recv_tokens_per_expert, torch.tensor(counts, dtype=torch.int32))
+    cached, *rest = buffer.dispatch(2 * x, handle=whandle)
+    assert torch.equal(cached[:r], 2 * recv_x) and not bool(cached[r:].float().any())
+    y = wx.clone()
+    y[r:] = float("nan")  # padding rows are never read
+    want, want_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+    got, got_w, _ = buffer.combine(y, whandle, topk_weights=ww)
+    assert torch.equal(got, want) and torch.equal(got_w, want_w)
+    return 1

@@ -6,7 +6,7 @@ the anchors' own tests and their tolerances:
 - FlashMLA (tests/test_flash_mla_dense_decoding.py): out within cosine difference 5e-6 and, element-wise,
   |d| < 8e-4 or |d| < 2.01/128 |ref|; lse within 1e-6 or 8.01/65536 relative; NaN in unused cache slots,
   shuffled block tables, zero-length requests.
-- DeepEP (tests/legacy/test_intranode.py): see tests/compat_dist.py.
+- DeepEP (tests/legacy/test_intranode.py, tests/legacy/test_low_latency.py): see tests/compat_dist.py.
 """
 
 import math
@@ -267,13 +267,52 @@ def test_deep_ep_intranode(world, counts, backend_name):
     assert checks == [6] * world
 
 
+@pytest.mark.parametrize("counts,backend_name", [([5, 8], "torch"), ([7, 0], "triton")])
+def test_deep_ep_low_latency_and_num_worst_tokens(counts, backend_name):
+    # 2 x forms x (bf16, FP8) x (identity, scaled experts) combines, then the num_worst_tokens check.
+    checks = moe_dist.run_ranks(2, compat_dist.program_deep_ep_low_latency, backend_name, 23, counts, 256, 3, 8)
+    assert checks == [9, 9]
+
+
 def test_deep_ep_missing_features_say_what():
-    with pytest.raises(NotImplementedError, match="DeepEP: low-latency mode"):
-        deep_ep.Buffer(None, low_latency_mode=True)
-    with pytest.raises(NotImplementedError, match="DeepEP: RDMA buffers"):
-        deep_ep.Buffer(None, num_rdma_bytes=1 << 20)
-    with pytest.raises(NotImplementedError, match="DeepEP: low-latency mode"):
-        deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    with pytest.raises(NotImplementedError, match="DeepEP: mpi4py communicators"):
+        deep_ep.Buffer(None, comm=object())
+    with pytest.raises(NotImplementedError, match="DeepEP: shrink mode"):
+        deep_ep.Buffer(None, enable_shrink=True)
+    assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) == 256 * 128 * 7168 * 2
+    with pytest.raises(ValueError, match="num_experts: expected a multiple of num_ranks = 8, got 250"):
+        deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 250)
+    # The remaining checks run before any collective, so a Buffer over no group serves them.
+    buffer = deep_ep.Buffer.__new__(deep_ep.Buffer)
+    buffer.low_latency_mode, buffer.group_size = True, 2
+    x, idx = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.int64)
+    dispatch = buffer.low_latency_dispatch
+    cases = [
+        (lambda: dispatch(x, idx, 8, 8, round_scale=True), "power-of-two .round_scale."),
+        (lambda: dispatch(x, idx, 8, 8, round_scale=True, use_ue8m0=True), "UE8M0"),
+        (lambda: dispatch(x, idx, 8, 8, return_recv_hook=True), "return_recv_hook=True"),
+        (lambda: dispatch(x, idx, 8, 8, dispatch_wait_recv_cost_stats=torch.zeros(2, dtype=torch.int64)),
+         "dispatch_wait_recv_cost_stats"),
+        (lambda: buffer.low_latency_combine(x, idx, idx.float(), None, use_logfmt=True), "LogFMT"),
+        (lambda: buffer.low_latency_combine(x, idx, idx.float(), None, zero_copy=True), "zero-copy"),
+        (lambda: buffer.low_latency_combine(x, idx, idx.float(), None, return_recv_hook=True), "return_recv_hook"),
+        (lambda: buffer.get_next_low_latency_combine_buffer(None), "zero-copy"),
+        (lambda: buffer.internode_dispatch(), "internode dispatch"),
+    ]
+    for call, what in cases:
+        with pytest.raises(NotImplementedError, match=f"DeepEP: .*{what}"):
+            call()
+    with pytest.raises(TypeError, match="cumulative_local_expert_recv_stats: expected dtype int32"):
+        dispatch(x, idx, 8, 8, cumulative_local_expert_recv_stats=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cumulative_local_expert_recv_stats: expected shape"):
+        dispatch(x, idx, 8, 8, cumulative_local_expert_recv_stats=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="handle: expected the handle low_latency_dispatch returned"):
+        buffer.low_latency_combine(x, idx, idx.float(), (None,) * 5)
+    buffer.low_latency_mode = False
+    with pytest.raises(ValueError, match="low_latency_mode: expected True for low_latency_dispatch"):
+        dispatch(x, idx, 8, 8)
+    with pytest.raises(ValueError, match="low_latency_mode: expected True for clean_low_latency_buffer"):
+        buffer.clean_low_latency_buffer(8, 256, 8)
 
 
 def test_backend_variable_is_checked(monkeypatch):
