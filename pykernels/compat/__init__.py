@@ -2,7 +2,7 @@
 
     pykernels.compat.deep_gemm   DeepGEMM's FP8 GEMMs (writing into d) and scale-layout helpers
     pykernels.compat.flash_mla   FlashMLA's get_mla_metadata / flash_mla_with_kvcache
-    pykernels.compat.deep_ep     DeepEP's V1 Buffer (intranode dispatch / combine)
+    pykernels.compat.deep_ep     DeepEP's V1 Buffer (intranode dispatch / combine, low-latency mode)
 
 `import pykernels.compat.deep_gemm as deep_gemm` lets code written for the anchor run unchanged where their
 features overlap; an anchor feature pykernels lacks raises NotImplementedError naming it. The backend comes
