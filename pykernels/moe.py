@@ -452,7 +452,8 @@ class Buffer:
         handle: an earlier dispatch's handle: x (T rows, any hidden size and form) is sent with that call's
         routing, without layout or counts exchange; topk_idx, topk_weights, num_experts and layout are then
         not given.
-        quantize_fp8: quantize a bf16 x to FP8 (groups of 128) while packing, halving the bytes sent.
+        quantize_fp8: quantize a bf16 x to FP8 (groups of 128) while packing, halving the bytes sent; the
+        result is per_token_group_quant_fp8's, NaN and infinite groups included.
         check_ids: read the range of topk_idx (one host sync on a GPU) to refuse bad ids before any
         communication; False skips that read, and ids outside [0, num_experts) then count as -1.
         num_worst_tokens: a bound on the rows any rank receives, the same on every rank. The call then reads
@@ -717,8 +718,9 @@ class Buffer:
         group must pass the same max_tokens_per_rank, num_experts, H, k and use_fp8.
 
         Returns (recv_x [L, W * M, H], recv_scales [L, W * M, H / 128] float32 or None, recv_count int32 [L]
-        on the device, handle). recv_x is FP8 e4m3 (quantized in the pack, 1x128 scales) when use_fp8, else
-        bf16; recv_x[e, :recv_count[e]] are the tokens routed to local expert e, ordered by source rank then
+        on the device, handle). recv_x is FP8 e4m3 (quantized in the pack, 1x128 scales, as
+        per_token_group_quant_fp8 quantizes, NaN and infinite groups included) when use_fp8, else bf16;
+        recv_x[e, :recv_count[e]] are the tokens routed to local expert e, ordered by source rank then
         source token; later rows are unspecified. (recv_x, recv_scales) is the A operand of
         m_grouped_fp8_gemm_nt_masked with masked_m = recv_count. No tensor value is read on the host and
         every buffer's size is fixed by (W, M, H, k), so the call can be captured in a CUDA graph.

@@ -633,6 +633,89 @@ def test_low_latency_pack_matches_reference_words():
             assert torch.equal(payload(got), payload(want))
 
 
+# ---- non-finite input on the quantizing packs ----------------------------------------------------------------
+
+NONFINITE_TOKENS = (1, 3, 6)
+
+
+def nonfinite_tokens(tokens, hidden):
+    """bf16 tokens over several binades with, in tokens 1, 3 and 6: a NaN in one group, +inf in another, -inf
+    and a NaN sharing a third (NaN wins), and -inf as the row's very last element; every other group finite."""
+    x = (torch.randn(tokens, hidden) * torch.logspace(-3, 3, tokens).unsqueeze(1)).bfloat16()
+    x[1, 128 + 17] = float("nan")
+    x[3, 5] = float("inf")
+    x[3, 256 + 44], x[3, 256 + 45] = float("-inf"), float("nan")
+    x[6, hidden - 1] = float("-inf")
+    return x
+
+
+def quantize_checked(x, backend, device):
+    """The quantizer of `backend` on x, after checking its non-finite rule independently: scale NaN for a
+    group holding a NaN, +inf for one holding an infinity and no NaN, every code of both the NaN code 0x7F;
+    the other groups finite, within one e4m3 step of the reference quantizer and with its scales."""
+    q, s = pykernels.fp8_quant.per_token_group_quant_fp8(x.to(device), backend=backend)
+    q, s = q.cpu(), s.cpu()
+    groups = x.float().view(x.shape[0], -1, 128)
+    has_nan = groups.isnan().any(-1)
+    has_inf = groups.isinf().any(-1) & ~has_nan
+    assert int(has_nan.sum()) == 2 and int(has_inf.sum()) == 2
+    assert torch.equal(s.isnan(), has_nan) and torch.equal(s == float("inf"), has_inf)
+    bad = has_nan | has_inf
+    codes = q.view(torch.uint8).view(x.shape[0], -1, 128)
+    assert bool((codes[bad] == 0x7F).all())
+    want_q, want_s = fq.per_token_group_quant_fp8(torch.where(bad.repeat_interleave(128, 1), 0.0, x.float()))
+    assert torch.equal(s[~bad], want_s[~bad])
+    assert moe_dist.fp8_steps(q.view(x.shape[0], -1, 128)[~bad], want_q.view(x.shape[0], -1, 128)[~bad]) <= 1
+    return q, s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantizing_pack_follows_the_quantizers_nonfinite_rule(backend, device):
+    """quantize_fp8=True's pack: payload bytes and scale words bit-exact with the same backend's quantizer,
+    the NaN and infinite groups included."""
+    if backend == "cuda":
+        _extension()
+    tokens, hidden, topk, experts, world = 7, 384, 3, 12, 3
+    idx, w = routing(tokens, topk, experts, seed=11)
+    for t in NONFINITE_TOKENS:  # each to every rank, so each reaches several send rows
+        idx[t] = torch.tensor([t % 4, 4 + (t + 1) % 4, 8 + (t + 2) % 4])
+        w[t] = torch.rand(topk) + 0.05
+    x = nonfinite_tokens(tokens, hidden)
+    q, s = quantize_checked(x, backend, device)
+    _, _, slots = ref.dispatch_layout(idx, experts, world)
+    per_rank = (slots >= 0).sum(0)
+    args = (idx, w, slots, ref.exclusive_cumsum(per_rank), int(per_rank.sum()), experts // world)
+    on = [t.to(device) for t in args[:4]] + list(args[4:])
+    send_q, meta_q = moe._stages(backend).pack(x.to(device), None, *on, quantize=True)
+    want_q, want_meta_q = ref.pack(q, s, *args)
+    assert torch.equal(send_q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(meta_q.cpu(), want_meta_q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_latency_fp8_pack_follows_the_quantizers_nonfinite_rule(backend, device):
+    """The low-latency FP8 pack: every sent row's payload bytes and scale words bit-exact with the same
+    backend's quantizer, the NaN and infinite groups included."""
+    if backend == "cuda":
+        _extension()
+    tokens, hidden, topk, experts, world, max_tokens = 7, 384, 3, 12, 3, 9
+    idx, _ = ll_routing(tokens, topk, experts, seed=5)
+    idx[6] = torch.tensor([2, 7, 11])
+    x = nonfinite_tokens(tokens, hidden)
+    q, s = quantize_checked(x, backend, device)
+    row = ref.LowLatencyRow(hidden, topk, True)
+    got = moe._stages(backend).ll_pack(x.to(device), idx.to(device), experts, world, max_tokens, row).cpu()
+    got = got.view(world, max_tokens, row.words)
+    want = ref.ll_pack(x, idx, experts, world, max_tokens, row).view(world, max_tokens, row.words)
+    ids = slice(row.id_word, row.id_word + topk)
+    assert torch.equal(got[:, :, ids], want[:, :, ids])
+    sent = (got[:, :tokens, ids] >= 0).any(-1)
+    assert bool(sent[:, list(NONFINITE_TOKENS)].any(0).all()), "every non-finite token must be sent somewhere"
+    for r, t in sent.nonzero().tolist():
+        assert torch.equal(got[r, t].view(torch.uint8)[:hidden], q[t].view(torch.uint8)), (r, t)
+        assert torch.equal(got[r, t, row.scale_word:row.id_word], s[t].view(torch.int32)), (r, t)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_low_latency_reads_nothing_on_the_host(backend, device):
     buffer = moe.Buffer(transport=Loopback(), backend=backend)

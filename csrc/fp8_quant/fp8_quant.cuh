@@ -75,6 +75,16 @@ __device__ inline float abs_max(const float (&vals)[VEC]) {
   return m;
 }
 
+// The amax of a group spread over `lanes` adjacent lanes (a power of two <= 32, aligned to it), NaN when
+// any lane's is: the butterfly leaves the group's value in each of its lanes. Every lane of the warp must
+// make the call.
+__device__ inline float lanes_amax(float amax, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
+    amax = fmax_propagate_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  }
+  return amax;
+}
+
 // One group of `group_size` consecutive elements of a row is owned by `lanes_per_group` adjacent lanes
 // (a power of two <= 32, so a group never straddles warps); each lane handles chunks of VEC elements
 // strided by lanes_per_group. With SINGLE_CHUNK every lane owns exactly one chunk and keeps it in
@@ -120,9 +130,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_fp8_kernel(
         amax = fmax_propagate_nan(amax, abs_max(vals));
       }
     }
-    for (int offset = lanes_per_group / 2; offset > 0; offset /= 2) {
-      amax = fmax_propagate_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    }
+    amax = lanes_amax(amax, lanes_per_group);
     const float scale = fp8_scale_from_amax(amax, ue8m0);
     if (!valid) continue;
     if (lane_in_group == 0) scales[scale_layout.offset(row, group - row * groups_per_row)] = scale;
@@ -167,9 +175,7 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_fp8_kernel(
     load_as_float<T, VEC>(src + static_cast<int64_t>(r) * k + cc, vals);
     amax = fmax_propagate_nan(amax, abs_max(vals));
   }
-  for (int offset = 16; offset > 0; offset /= 2) {
-    amax = fmax_propagate_nan(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  }
+  amax = lanes_amax(amax, 32);
   if (threadIdx.x % 32 == 0) warp_amax[threadIdx.x / 32] = amax;
   __syncthreads();
   if (threadIdx.x == 0) {

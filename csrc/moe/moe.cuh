@@ -292,7 +292,8 @@ __global__ void __launch_bounds__(kRowThreads) pack_kernel(
 }
 
 // One CTA per token, bf16 in, FP8 out: 16 lanes per 128-element group, 8 elements (16 bytes) per lane,
-// the scale reduced across the 16 lanes; the quantized bytes and the scale go to every destination.
+// the scale reduced across the 16 lanes as the quantizer reduces it (a group holding a NaN or an infinity
+// gets a NaN or infinite scale and NaN codes); the quantized bytes and the scale go to every destination.
 __global__ void __launch_bounds__(kRowThreads) pack_quantize_kernel(
     const __nv_bfloat16* __restrict__ x, const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
     const int32_t* __restrict__ slots, const int64_t* __restrict__ send_offsets, uint8_t* __restrict__ send_x,
@@ -318,9 +319,7 @@ __global__ void __launch_bounds__(kRowThreads) pack_quantize_kernel(
       fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
       amax = fp8_quant::abs_max(vals);
     }
-    for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    }
+    amax = fp8_quant::lanes_amax(amax, kLanesPerGroup);
     if (!valid) continue;
     const float scale = fp8_scale_from_amax(amax, false);
     for (int d = 0; d < count; ++d) {
@@ -499,9 +498,7 @@ __global__ void __launch_bounds__(kRowThreads) ll_pack_kernel(
         fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
         amax = fp8_quant::abs_max(vals);
       }
-      for (int offset = kLanesPerGroup / 2; offset > 0; offset /= 2) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-      }
+      amax = fp8_quant::lanes_amax(amax, kLanesPerGroup);
       if (!valid) continue;
       const float scale = fp8_scale_from_amax(amax, false);
       for (int r = 0; r < world; ++r) {

@@ -11,7 +11,9 @@ Stages (each a kernel on the CUDA and Triton backends, with these exact results)
                     send_offsets[r] + token_slots[t, r] (send_offsets = exclusive prefix sum of the per-rank
                     counts), with a metadata row: the local expert ids (-1 for experts of other ranks), the
                     weights (0 where the id is -1) and, for FP8 payloads, the token's scales. With quantize=True
-                    a bf16 payload is quantized to FP8 (per_token_group_quant_fp8, groups of 128) on the way.
+                    a bf16 payload is quantized to FP8 (per_token_group_quant_fp8, groups of 128) on the way,
+                    by the quantizer's rules to the bit: a group holding a NaN gets scale NaN, one holding an
+                    infinity +inf, and all codes of such a group are NaN.
   combine_reduce    out[t] = sum over r in ascending order of buf[send_offsets[r] + token_slots[t, r]] in
                     float32 (zero for a token sent nowhere), cast to buf's dtype.
   expert_ranks      recv_topk_idx [R, k] -> rows per local expert [L], and each (token, slot) pair's rank
@@ -163,7 +165,8 @@ def unpermute(y_sorted: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) 
 # is read back to the host and the whole exchange can be captured in a CUDA graph.
 #
 #   ll_pack           x [T, H], topk_idx [T, k] -> send [W * M, row words] int32: block r (M rows) is what
-#                     rank r receives; row t of it carries token t's payload (FP8 with its scales, or bf16)
+#                     rank r receives; row t of it carries token t's payload (FP8 with its scales, quantized
+#                     as pack's quantize=True, non-finite groups included; or bf16)
 #                     and its k expert ids local to r (-1 for other ranks' experts, for -1 slots, for ids
 #                     outside [0, E), and on the rows t >= T). A row whose ids are all -1 has an
 #                     unspecified payload.

@@ -27,13 +27,18 @@ def finite_scale(amax, UE8M0: tl.constexpr):
 
 
 @triton.jit
+def e4m3_codes(x, scale):
+    """quantize_e4m3(x, scale) as float8_e4m3fn code bytes (uint8), every code of a group whose scale is not
+    finite being NaN (0x7F), the reference's rule. The NaN code is set as bits: the interpreter's float ->
+    e4m3 cast does not keep NaN, while the GPU's satfinite conversion does."""
+    codes = quantize_e4m3(x, scale).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return tl.where(tl.abs(scale) < float("inf"), codes, 0x7F).to(tl.uint8)
+
+
+@triton.jit
 def store_codes(q_ptr, offs, x, scale, mask):
-    """Stores quantize_e4m3(x, scale) as float8_e4m3fn codes, every code of a group whose scale is not finite
-    being NaN (0x7F), the reference's rule. The NaN code is stored as bits: the interpreter's float -> e4m3
-    cast does not keep NaN, while the GPU's satfinite conversion does."""
-    codes = quantize_e4m3(x, scale).to(q_ptr.dtype.element_ty).to(tl.uint8, bitcast=True)
-    codes = tl.where(tl.abs(scale) < float("inf"), codes, 0x7F)
-    tl.store(q_ptr.to(tl.pointer_type(tl.uint8)) + offs, codes, mask=mask)
+    """Stores e4m3_codes(x, scale) through a float8_e4m3fn pointer."""
+    tl.store(q_ptr.to(tl.pointer_type(tl.uint8)) + offs, e4m3_codes(x, scale), mask=mask)
 
 
 @triton.jit

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from pykernels.reference import moe as reference
 from pykernels.triton.aot import AotKernel
-from pykernels.triton.common import fp8_scale_from_amax, quantize_e4m3, round_to_bf16
+from pykernels.triton.common import round_to_bf16
+from pykernels.triton.fp8_quant import e4m3_codes, finite_scale, group_amax
 
 NUM_WARPS = 4
 SCALE_GROUP = reference.SCALE_GROUP
@@ -101,11 +102,11 @@ def pack_kernel(
     groups = hb * NG + tl.arange(0, NG)
     g_mask = groups < hidden // 128
     if QUANTIZE:
-        # per_token_group_quant_fp8 with groups of 128, exactly as the reference computes it.
+        # per_token_group_quant_fp8 with groups of 128, exactly as the quantizer computes it, non-finite groups
+        # included.
         xg = tl.reshape(row.to(tl.float32), [NG, 128])
-        scale = fp8_scale_from_amax(tl.max(tl.abs(xg), axis=1), False)
-        q = quantize_e4m3(xg, scale[:, None])
-        payload = tl.reshape(q, [BLOCK_H]).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        scale = finite_scale(group_amax(xg, 1), False)
+        payload = tl.reshape(e4m3_codes(xg, scale[:, None]), [BLOCK_H])
         scale_bits = scale.to(tl.int32, bitcast=True)
     else:
         payload = row
@@ -286,9 +287,8 @@ def ll_pack_kernel(
         g_mask = groups < hidden // 128
         if QUANTIZE:
             xg = tl.reshape(row.to(tl.float32), [NG, 128])
-            scale = fp8_scale_from_amax(tl.max(tl.abs(xg), axis=1), False)
-            payload = tl.reshape(quantize_e4m3(xg, scale[:, None]), [BLOCK_H]).to(tl.float8e4nv).to(
-                tl.uint8, bitcast=True)
+            scale = finite_scale(group_amax(xg, 1), False)
+            payload = tl.reshape(e4m3_codes(xg, scale[:, None]), [BLOCK_H])
             scale_bits = scale.to(tl.int32, bitcast=True)
         e = tl.load(idx_ptr + t64 * TOPK + offs_k, mask=k_mask, other=-1)
         valid = (e >= 0) & (e < num_experts)
