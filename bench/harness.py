@@ -169,7 +169,7 @@ def run(args) -> dict:
             bar.set_description(f"{case.op} [{case.label}] {backend}")
             try:
                 fn = prep.make(backend)
-                timed = timer(fn, **runs, not_capturable=C.NOT_CAPTURABLE.get(backend))
+                timed = timer(fn, **runs, not_capturable=C.capture_blocker(case.op, backend))
                 doc["records"].append(measured_record(case, backend, prep, timed, measured_on, gpu,
                                                       device_name))
             except C.Skip as exc:
