@@ -621,6 +621,10 @@ def test_main_job_smoke_on_cpu(tmp_path):
                    "vs torch", "H800 SXM5", "H20"):
         assert header in proc.stdout
     assert "never comparable with GPU figures" in proc.stdout
+    # the printed projection holds DeepEP's low-latency figures beside the EP8 roofline of the same cases
+    printed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("moe_ll_", "moe_decode_layer"))]
+    assert any("77 us = " in ln for ln in printed) and any("114 us = " in ln for ln in printed)
+    assert any(ln.startswith("moe_decode_layer") and "EP8" in ln for ln in printed)
     assert (tmp_path / "cross-gpu.png").exists() and (tmp_path / "cpu-smoke-projection.txt").exists()
     again = run_cli("-m", "bench", "--ops", "per_token", "--quick", "--interpret", "--out", str(tmp_path),
                     "--name", "again", "--compare", str(tmp_path / "cpu-smoke.json"), "--no-plots")
