@@ -935,6 +935,27 @@ def test_gpu_timer_on_a_gpu():
     assert 0 < statistics.median(synced["kernel_samples"]) <= statistics.median(synced["samples"])
 
 
+@pytest.mark.gpu
+def test_low_latency_cases_are_graph_replayed_on_a_gpu(tmp_path):
+    """On a GPU (one-rank NCCL group made by the harness) every own backend of the low-latency cases is timed
+    from graph replay, with no host syncs; the decode layer too, except on the torch backend, whose masked
+    GEMM reads the per-group counts on the host."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--shapes", "smoke", "--ops", "moe_ll,moe_decode",
+                           "--quick", "--no-plots", "--out", str(tmp_path), "--name", "ll"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [r for r in results.load(tmp_path / "ll.json")["records"]
+            if r["measured_on"] == "gpu" and r["backend"] in C.OWN_BACKENDS]
+    assert len(recs) == 3 * len(LL_SMOKE)
+    for r in recs:
+        assert r["status"] == "ok", (r["op"], r["backend"], r["reason"])
+        if r["op"] == "moe_decode_layer" and r["backend"] == "torch":
+            continue
+        assert r["kernel_method"] == "cuda-graph" and r["syncs_per_call"] == 0, (r["op"], r["backend"], r["note"])
+        assert r["launches_per_call"] >= 1 and 0 < r["kernel_s"]["median"] <= r["call_s"]["median"] * 1.05
+
+
 def test_projection_table_sets_each_anchor_against_the_h800_roofline():
     text = harness.projection_table({"records": projection.projection_records([])})
 
