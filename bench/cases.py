@@ -28,6 +28,9 @@ NOT_IN_BUILD = "op not in this build"
 # DeepEP's low-latency kernels read nothing on the host and are captured like ours.
 NOT_CAPTURABLE = {(op, "deep_ep"): "DeepEP's normal-mode dispatch and combine wait on the host for the receive counts"
                   for op in ("moe_dispatch", "moe_combine")}
+# Inside a torch.library op the reads are out of the sync counter's sight; a capture attempt would fail on them
+# after the layer's collective was already recorded.
+NOT_CAPTURABLE[("moe_decode_layer", "torch")] = "the torch masked GEMM reads each group's row count on the host"
 
 
 def capture_blocker(op: str, backend: str) -> str | None:
