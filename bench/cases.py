@@ -605,7 +605,7 @@ def _prepare_moe_low_latency(case, device, group):
     tokens, hidden, e, max_tokens = s["tokens"], s["hidden"], s["num_experts"], _max_tokens(s)
     x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
     topk_idx, weights = _routing(tokens, s["topk"], e, device)
-    sent, received, remote, per_local = _low_latency_pairs(topk_idx, e, group)
+    sent, received, remote, _ = _low_latency_pairs(topk_idx, e, group)
     fp8 = s.get("dtype", "fp8") == "fp8"
     dispatch_cost = hardware.low_latency_cost(sent, received, remote, hidden, "fp8" if fp8 else "bf16")
     # combine returns the pairs dispatch delivered and gets back this rank's own
