@@ -111,9 +111,21 @@ def lookup(op: str, shape: dict) -> Anchor | None:
             link = "NVLink" if world <= 8 else "RDMA"
             return Anchor(DEEPEP_NORMAL[world][which], "GB/s", DEEPEP, f"DeepEP normal kernels, {link} bottleneck, "
                                                                       f"logical bytes")
-        if shape["tokens"] == 128 and world in DEEPEP_LOW_LATENCY:
-            return Anchor(DEEPEP_LOW_LATENCY[world][which], "us", DEEPEP, "DeepEP low-latency kernels over RDMA")
         return None
+    if op in ("moe_ll_dispatch", "moe_ll_combine"):
+        # DeepEP's low-latency figures belong to its low-latency kernels: 128 tokens in buffers for 128, at the
+        # same EP size (its EP8 figure crosses RDMA between 8 GPUs, which a one-GPU run has no counterpart of)
+        if any(shape.get(k) != v for k, v in DSV3_ROUTING.items()):
+            return None
+        want = "fp8" if op == "moe_ll_dispatch" else "bf16"
+        tokens, world = shape["tokens"], shape.get("world")
+        if shape.get("dtype", want) != want or tokens != 128 or shape.get("max_tokens", tokens) != tokens:
+            return None
+        if world not in DEEPEP_LOW_LATENCY:
+            return None
+        which = 0 if op == "moe_ll_dispatch" else 1
+        return Anchor(DEEPEP_LOW_LATENCY[world][which], "us", DEEPEP, "DeepEP low-latency kernels over RDMA")
+    return None
     return None
 
 

@@ -23,9 +23,19 @@ OWN_BACKENDS = ("torch", "triton", "cuda")
 NOT_IN_BUILD = "op not in this build"
 
 
-# Backends whose calls block the host on device data out of the torch dispatcher's sight: never captured into a
-# CUDA graph (capture would wait on kernels that do not run); the profiler times their kernels.
-NOT_CAPTURABLE = {"deep_ep": "DeepEP's normal-mode dispatch and combine wait on the host for the receive counts"}
+# (op, backend) pairs whose calls block the host on device data out of the torch dispatcher's sight: never
+# captured into a CUDA graph (capture would wait on kernels that do not run); the profiler times their kernels.
+# DeepEP's low-latency kernels read nothing on the host and are captured like ours.
+NOT_CAPTURABLE = {(op, "deep_ep"): "DeepEP's normal-mode dispatch and combine wait on the host for the receive counts"
+                  for op in ("moe_dispatch", "moe_combine")}
+# Inside a torch.library op the reads are out of the sync counter's sight; a capture attempt would fail on them
+# after the layer's collective was already recorded.
+NOT_CAPTURABLE[("moe_decode_layer", "torch")] = "the torch masked GEMM reads each group's row count on the host"
+
+
+def capture_blocker(op: str, backend: str) -> str | None:
+    """Why (op, backend) must not be captured into a CUDA graph, or None when the timer may try."""
+    return NOT_CAPTURABLE.get((op, backend))
 
 
 class Skip(Exception):
@@ -42,6 +52,9 @@ OPS = {
     "mla_decode": ("bf16", "mla_decode", ("torch-sdpa", "flash_mla", "flashinfer")),
     "moe_dispatch": ("bf16", "moe.Buffer", ("deep_ep",)),
     "moe_combine": ("bf16", "moe.Buffer", ("deep_ep",)),
+    "moe_ll_dispatch": ("bf16", "moe.Buffer.low_latency_dispatch", ("deep_ep",)),
+    "moe_ll_combine": ("bf16", "moe.Buffer.low_latency_combine", ("deep_ep",)),
+    "moe_decode_layer": ("fp8", "moe.Buffer.low_latency_dispatch", ()),
     "moe_permute": ("bf16", "moe.permute_to_experts", ()),
     "moe_unpermute": ("bf16", "moe.unpermute_from_experts", ()),
 }
@@ -86,6 +99,8 @@ class Case:
             return f"{self.shape['kv_dtype']} cache"
         if self.op.startswith("per_"):
             return "bf16->fp8"
+        if self.op == "moe_decode_layer":
+            return "fp8"
         return self.shape.get("dtype", "bf16")
 
     @property
@@ -111,6 +126,11 @@ class Case:
             return f"b={s['batch']} {sk} h_q={s['h_q']} s_q={s['s_q']}"
         if self.op in ("moe_dispatch", "moe_combine"):
             return f"T={s['tokens']} H={s['hidden']} top{s['topk']}/{s['num_experts']} EP{s.get('world', '?')}"
+        if self.op in LOW_LATENCY_OPS:
+            cap = f"/{s['max_tokens']}" if s.get("max_tokens", s["tokens"]) != s["tokens"] else ""
+            inter = f" I={s['intermediate']}" if "intermediate" in s else ""
+            return (f"T={s['tokens']}{cap} H={s['hidden']}{inter} top{s['topk']}/{s['num_experts']} "
+                    f"EP{s.get('world', '?')}")
         return f"T={s['tokens']} H={s['hidden']} top{s['topk']}/{s['num_experts']} local={s['local_experts']}"
 
     @property
@@ -132,6 +152,8 @@ class Case:
         if self.op in ("moe_dispatch", "moe_combine"):
             return hardware.cost(self.op, tokens=s["tokens"], hidden=s["hidden"], topk=s["topk"],
                                  num_experts=s["num_experts"], world=s["world"], dtype=s["dtype"])
+        if self.op in LOW_LATENCY_OPS:
+            return expected_low_latency_cost(self.op, s)
         if self.op in ("moe_permute", "moe_unpermute"):
             e, k, local = s["num_experts"], s["topk"], s["local_experts"]
             rows = s["tokens"] * (1 - math.comb(e - local, k) / math.comb(e, k))
@@ -144,7 +166,9 @@ class Case:
 @dataclass
 class Prepared:
     """Inputs built once per case. `make(backend)` returns the timed callable or raises Skip; `cost` is
-    the actual cost of these inputs (MoE: counted from the drawn routing, not the expectation)."""
+    the actual cost of these inputs (MoE: counted from the drawn routing, not the expectation); `extra` holds
+    figures beside the cost (DeepEP's logical bytes, row and pair counts) and, for the low-latency cases, the
+    inputs, so that their results can be checked against an independent computation."""
     case: Case
     cost: hardware.Cost
     makers: dict
@@ -484,6 +508,218 @@ def _prepare_moe_comm(case, device, group):
     return Prepared(case, cost, makers, extra=extra)
 
 
+# Low-latency (decode) mode: fixed-size buffers, no host reads, so every own backend is timed from graph replay.
+LOW_LATENCY_OPS = ("moe_ll_dispatch", "moe_ll_combine", "moe_decode_layer")
+
+
+def _max_tokens(shape) -> int:
+    """The receive buffers' rows per source rank: the shape's max_tokens, else its token count (DeepEP's
+    benchmark sizes them to the tokens it sends)."""
+    return shape.get("max_tokens", shape["tokens"])
+
+
+def decode_layer_cost(dispatch: hardware.Cost, combine: hardware.Cost, masked_m, hidden: int,
+                      intermediate: int) -> hardware.Cost:
+    """One decode MoE layer on one rank: low-latency dispatch (FP8), the masked gate/up GEMM (N = 2·I, K = H),
+    SiLU(gate)·up quantized to FP8 over the received pairs, the masked down GEMM (N = H, K = I), combine.
+    masked_m: rows per local expert (its sum = pairs received); every local expert's weights are read."""
+    from bench.model import silu_mul_quant_cost
+
+    parts = [dispatch, hardware.cost("fp8_gemm_masked", masked_m=masked_m, n=2 * intermediate, k=hidden),
+             silu_mul_quant_cost(sum(masked_m), intermediate),
+             hardware.cost("fp8_gemm_masked", masked_m=masked_m, n=hidden, k=intermediate), combine]
+    return hardware.Cost(*(float(sum(c[i] for c in parts)) for i in range(3)))
+
+
+def expected_low_latency_cost(op: str, s: dict) -> hardware.Cost:
+    """Cost under uniform routing with every rank holding `tokens` tokens: each sends tokens·k pairs and, by
+    symmetry, receives as many; (W - 1)/W of them cross to other ranks."""
+    world = s["world"]
+    pairs = s["tokens"] * s["topk"]
+    remote = pairs * (world - 1) / world
+    dispatch = hardware.low_latency_cost(pairs, pairs, remote, s["hidden"], s.get("dtype", "fp8"))
+    combine = hardware.low_latency_cost(pairs, pairs, remote, s["hidden"], "bf16", combine=True)
+    if op == "moe_ll_dispatch":
+        return dispatch
+    if op == "moe_ll_combine":
+        return combine
+    local = s["num_experts"] // world
+    return decode_layer_cost(dispatch, combine, [pairs / local] * local, s["hidden"], s["intermediate"])
+
+
+def _low_latency_pairs(topk_idx, num_experts, group):
+    """Counted from the drawn routing: (pairs this rank sends, pairs it receives, pairs it sends to other
+    ranks, rows per local expert [L] summed over every rank's routing)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = num_experts // world
+    valid = topk_idx[(topk_idx >= 0) & (topk_idx < num_experts)]
+    per_expert = torch.bincount(valid, minlength=num_experts).to(torch.int64)
+    dist.all_reduce(per_expert, group=group)
+    sent = int(valid.numel())
+    to_self = int(((valid // local) == rank).sum())
+    mine = per_expert[rank * local:(rank + 1) * local]
+    return sent, int(mine.sum()), sent - to_self, mine.tolist()
+
+
+def dequantized_rows(recv_x, recv_scales) -> torch.Tensor:
+    """[L, S, H] receive rows in float64, FP8 rows times their 1x128 scales."""
+    x = recv_x.double()
+    if recv_scales is None:
+        return x
+    return x * recv_scales.double().repeat_interleave(hardware.SCALE_BLOCK, dim=-1)[..., :x.shape[-1]]
+
+
+def low_latency_dispatch_summary(recv_x, recv_scales, recv_count) -> tuple:
+    """(rows per local expert, the sum of each expert's valid rows in float64 [L, H]): what a dispatch delivered,
+    independent of the order rows land in within an expert's block (DeepEP orders them by arrival)."""
+    counts = recv_count.to(torch.int64).cpu()
+    rows = dequantized_rows(recv_x, recv_scales)
+    valid = (torch.arange(rows.shape[1])[None, :] < counts[:, None]).to(rows.device)
+    # rows past the count are unspecified (NaN bit patterns included): selected away, never multiplied by 0
+    return counts, torch.where(valid.unsqueeze(-1), rows, 0.0).sum(dim=1)
+
+
+def _compare_dispatch(got, want) -> float:
+    (c1, s1), (c2, s2) = got, want
+    return calc_diff(s1.cpu(), s2.cpu()) if torch.equal(c1, c2) else 1.0
+
+
+def _random_fp8_weights(groups: int, n: int, k: int, device) -> tuple:
+    """Expert weights [G, N, K] as FP8 codes of unit-variance values with 128x128 block scales near 1/sqrt(K),
+    so every GEMM output stays near unit size. Drawn a few experts at a time: at DeepSeek-V3 sizes with every
+    expert on one GPU the bf16 draw of all of them at once would need twice the FP8 weights' 11 GB."""
+    w = torch.empty((groups, n, k), dtype=FP8, device=device)
+    for g in range(0, groups, 8):
+        w[g:g + 8] = torch.randn((min(8, groups - g), n, k), dtype=torch.bfloat16, device=device).to(FP8)
+    scales = (torch.rand((groups, _cdiv(n, 128), _cdiv(k, 128)), device=device) + 0.5) * k ** -0.5
+    return w, scales
+
+
+def _prepare_moe_low_latency(case, device, group):
+    import torch.distributed as dist
+
+    s = case.shape
+    world = dist.get_world_size(group)
+    tokens, hidden, e, max_tokens = s["tokens"], s["hidden"], s["num_experts"], _max_tokens(s)
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    topk_idx, weights = _routing(tokens, s["topk"], e, device)
+    sent, received, remote, _ = _low_latency_pairs(topk_idx, e, group)
+    fp8 = s.get("dtype", "fp8") == "fp8"
+    dispatch_cost = hardware.low_latency_cost(sent, received, remote, hidden, "fp8" if fp8 else "bf16")
+    # combine returns the pairs dispatch delivered and gets back this rank's own
+    combine_cost = hardware.low_latency_cost(received, sent, received - (sent - remote), hidden, "bf16",
+                                             combine=True)
+    buffer_cls = op_function("moe_dispatch")
+    # DeepEP's figures: this rank's (token, expert) pairs x their message bytes, dispatch and combine alike
+    message = hardware.low_latency_message_bytes(hidden, "fp8" if fp8 else "bf16",
+                                                 combine=case.op != "moe_ll_dispatch")
+    extra = {"pairs_sent": sent, "pairs_received": received, "logical_bytes": sent * message,
+             "inputs": {"x": x, "topk_idx": topk_idx, "topk_weights": weights}}
+
+    def dispatch_with(buf, use_fp8):
+        return buf.low_latency_dispatch(x, topk_idx, max_tokens, e, use_fp8=use_fp8)
+
+    def own(backend):
+        def make():
+            try:
+                _backend.resolve(backend, device, case.op)
+            except RuntimeError as exc:
+                raise Skip(str(exc).split(": ", 1)[-1]) from None
+            buf = buffer_cls(group, backend=backend)
+            if case.op == "moe_ll_dispatch":
+                return lambda: dispatch_with(buf, fp8)
+            # the experts' output: the dispatched rows themselves, so a combine returns x times its weights' sum
+            recv_x, _, _, handle = dispatch_with(buf, False)
+            return lambda: buf.low_latency_combine(recv_x, topk_idx, weights, handle)
+        return make
+
+    def deep_ep():
+        if device.type != "cuda":
+            raise Skip("deep_ep needs CUDA GPUs and an NCCL process group")
+        de = _import("deep_ep")
+        rdma_bytes = de.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, world, e)
+        buf = de.Buffer(group, 0, rdma_bytes, low_latency_mode=True, num_qps_per_rank=max(1, e // world))
+        if case.op == "moe_ll_dispatch":
+            return lambda: buf.low_latency_dispatch(x, topk_idx, max_tokens, e, use_fp8=fp8)
+        recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, max_tokens, e, use_fp8=False)
+        return lambda: buf.low_latency_combine(recv_x, topk_idx, weights, handle)
+
+    def reference():
+        buf = buffer_cls(group, backend="torch")
+        recv_x, recv_s, count, handle = dispatch_with(buf, fp8 if case.op == "moe_ll_dispatch" else False)
+        if case.op == "moe_ll_dispatch":
+            return low_latency_dispatch_summary(recv_x, recv_s, count)
+        return buf.low_latency_combine(recv_x, topk_idx, weights, handle)
+
+    def compare(got, want):
+        if case.op == "moe_ll_dispatch":
+            if len(got) == 5:  # DeepEP: (recv_x or (recv_x, scales), recv_count, handle, event, hook)
+                data, count = got[0], got[1]
+                recv_x, recv_s = data if isinstance(data, tuple) else (data, None)
+            else:  # ours: (recv_x, recv_scales, recv_count, handle)
+                recv_x, recv_s, count = got[:3]
+            return _compare_dispatch(low_latency_dispatch_summary(recv_x, recv_s, count), want)
+        return calc_diff(got[0] if isinstance(got, tuple) else got, want)
+
+    makers = {b: own(b) for b in OWN_BACKENDS}
+    makers["deep_ep"] = deep_ep
+    cost = dispatch_cost if case.op == "moe_ll_dispatch" else combine_cost
+    return Prepared(case, cost, makers, reference, compare, extra=extra)
+
+
+def _prepare_decode_layer(case, device, group):
+    """low_latency_dispatch (FP8) -> masked gate/up GEMM -> SiLU(gate)·up -> FP8 quantization -> masked down
+    GEMM -> low_latency_combine, every stage on the backend under test."""
+    import torch.distributed as dist
+
+    s = case.shape
+    world = dist.get_world_size(group)
+    tokens, hidden, e, inter, max_tokens = s["tokens"], s["hidden"], s["num_experts"], s["intermediate"], \
+        _max_tokens(s)
+    local = e // world
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    topk_idx, weights = _routing(tokens, s["topk"], e, device)
+    sent, received, remote, per_local = _low_latency_pairs(topk_idx, e, group)
+    w13 = _random_fp8_weights(local, 2 * inter, hidden, device)
+    w2 = _random_fp8_weights(local, hidden, inter, device)
+    # the masked GEMM's tile hint: rows an expert receives on average
+    expected_m = max(1, round(tokens * world * s["topk"] / e))
+    buffer_cls = op_function("moe_dispatch")
+    masked = op_function("m_grouped_fp8_gemm_nt_masked")
+    quant = op_function("per_token_group_quant_fp8")
+
+    def layer_on(backend):
+        buf = buffer_cls(group, backend=backend)
+
+        def layer():
+            recv_x, recv_s, count, handle = buf.low_latency_dispatch(x, topk_idx, max_tokens, e, use_fp8=True)
+            h = masked((recv_x, recv_s), w13, count, expected_m, backend=backend)
+            act = torch.nn.functional.silu(h[..., :inter].float()) * h[..., inter:].float()
+            y = masked(quant(act.to(torch.bfloat16), backend=backend), w2, count, expected_m, backend=backend)
+            return buf.low_latency_combine(y, topk_idx, weights, handle)
+        return layer
+
+    def own(backend):
+        def make():
+            try:
+                _backend.resolve(backend, device, case.op)
+            except RuntimeError as exc:
+                raise Skip(str(exc).split(": ", 1)[-1]) from None
+            return layer_on(backend)
+        return make
+
+    cost = decode_layer_cost(
+        hardware.low_latency_cost(sent, received, remote, hidden, "fp8"),
+        hardware.low_latency_cost(received, sent, received - (sent - remote), hidden, "bf16", combine=True),
+        per_local, hidden, inter)
+    # the inputs, for a check of the layer's result against an independent computation
+    extra = {"pairs_sent": sent, "pairs_received": received,
+             "inputs": {"x": x, "topk_idx": topk_idx, "topk_weights": weights, "w13": w13, "w2": w2}}
+    return Prepared(case, cost, {b: own(b) for b in OWN_BACKENDS}, extra=extra)
+
+
 def _prepare_moe_permute(case, device):
     s = case.shape
     tokens, hidden, e, local = s["tokens"], s["hidden"], s["num_experts"], s["local_experts"]
@@ -516,9 +752,15 @@ def prepare(case: Case, device: torch.device, group=None) -> Prepared:
         return _prepare_gemm(case, device)
     if case.op == "mla_decode":
         return _prepare_mla(case, device)
-    if case.op in ("moe_dispatch", "moe_combine"):
+    if case.op in ("moe_dispatch", "moe_combine") or case.op in LOW_LATENCY_OPS:
         if group is None:
             raise Skip("no torch.distributed process group could be made")
+        if case.op == "moe_decode_layer":
+            if op_function("m_grouped_fp8_gemm_nt_masked") is None:
+                raise Skip(NOT_IN_BUILD)
+            return _prepare_decode_layer(case, device, group)
+        if case.op in LOW_LATENCY_OPS:
+            return _prepare_moe_low_latency(case, device, group)
         return _prepare_moe_comm(case, device, group)
     return _prepare_moe_permute(case, device)
 
@@ -528,7 +770,7 @@ def cases_for(shape_set: list, world: int) -> list:
     out = []
     for op, shape in shape_set:
         shape = dict(shape)
-        if op in ("moe_dispatch", "moe_combine"):
+        if op in ("moe_dispatch", "moe_combine") or op in LOW_LATENCY_OPS:
             shape.setdefault("world", world)
         out.append(Case(op, shape))
     return out

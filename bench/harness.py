@@ -169,7 +169,7 @@ def run(args) -> dict:
             bar.set_description(f"{case.op} [{case.label}] {backend}")
             try:
                 fn = prep.make(backend)
-                timed = timer(fn, **runs, not_capturable=C.NOT_CAPTURABLE.get(backend))
+                timed = timer(fn, **runs, not_capturable=C.capture_blocker(case.op, backend))
                 doc["records"].append(measured_record(case, backend, prep, timed, measured_on, gpu,
                                                       device_name))
             except C.Skip as exc:
@@ -297,6 +297,13 @@ def projection_table(doc: dict, only=None) -> str:
             + _table(["op", "shape", "dtype", *hardware.COMPARISON, "H800 anchor"], rows) + note)
 
 
+def printed_projection_cases() -> set:
+    """The projection rows printed after a run: the chart's cases, and the low-latency ones, whose DeepEP
+    figures (per EP size) a one-GPU run can show nowhere else."""
+    low_latency = {c.key for c in projection.projection_cases() if c.op in C.LOW_LATENCY_OPS}
+    return set(roofline.CHART_CASES) | low_latency
+
+
 def compare_table(doc: dict, old: dict) -> str:
     before = {(r["op"], r["label"], r["dtype"], r["backend"]): r for r in old["records"]
               if r["status"] == "ok" and r["measured_on"] != "projection"}
@@ -329,7 +336,7 @@ def main(argv=None) -> int:
     full.write_text(projection_table(doc) + "\n")
     print(measured_table(doc))
     print()
-    print(projection_table(doc, only=roofline.CHART_CASES))
+    print(projection_table(doc, only=printed_projection_cases()))
     print(f"(every DeepSeek-V3 case: {full})")
     if args.compare:
         print()

@@ -9,6 +9,7 @@ DSV3_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168
 
 # MoE routing of DeepSeek-V3: 256 routed experts, top-8, hidden 7168; EP8 is the intranode deployment.
 DSV3_MOE = {"hidden": 7168, "topk": 8, "num_experts": 256}
+DSV3_EXPERT_INTERMEDIATE = 2048  # each routed expert: gate/up 7168 -> 2 x 2048, down 2048 -> 7168
 
 
 def _deepseek_v3():
@@ -38,6 +39,12 @@ def _deepseek_v3():
         cases.append(("moe_dispatch", {"tokens": tokens, **DSV3_MOE, "dtype": "fp8"}))
         cases.append(("moe_dispatch", {"tokens": tokens, **DSV3_MOE, "dtype": "bf16"}))
         cases.append(("moe_combine", {"tokens": tokens, **DSV3_MOE, "dtype": "bf16"}))
+    # Decode (low-latency mode) at DeepEP's low-latency benchmark shape, 128 tokens per rank; and the whole
+    # decode MoE layer around it (with every expert on one GPU at world 1: 11 GB of FP8 expert weights)
+    cases.append(("moe_ll_dispatch", {"tokens": 128, **DSV3_MOE, "dtype": "fp8"}))
+    cases.append(("moe_ll_dispatch", {"tokens": 128, **DSV3_MOE, "dtype": "bf16"}))
+    cases.append(("moe_ll_combine", {"tokens": 128, **DSV3_MOE, "dtype": "bf16"}))
+    cases.append(("moe_decode_layer", {"tokens": 128, **DSV3_MOE, "intermediate": DSV3_EXPERT_INTERMEDIATE}))
     # One EP8 rank's share after dispatch: its 32 local experts out of 256
     cases.append(("moe_permute", {"tokens": 4096, **DSV3_MOE, "local_experts": 32}))
     cases.append(("moe_unpermute", {"tokens": 4096, **DSV3_MOE, "local_experts": 32}))
@@ -56,6 +63,15 @@ def _smoke():
         ("moe_dispatch", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "dtype": "fp8"}),
         ("moe_dispatch", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "dtype": "bf16"}),
         ("moe_combine", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "dtype": "bf16"}),
+        # 13 tokens in buffers sized for 16: the receive blocks' unused tail rows
+        ("moe_ll_dispatch", {"tokens": 13, "max_tokens": 16, "hidden": 256, "topk": 4, "num_experts": 16,
+                             "dtype": "fp8"}),
+        ("moe_ll_dispatch", {"tokens": 13, "max_tokens": 16, "hidden": 256, "topk": 4, "num_experts": 16,
+                             "dtype": "bf16"}),
+        ("moe_ll_combine", {"tokens": 13, "max_tokens": 16, "hidden": 256, "topk": 4, "num_experts": 16,
+                            "dtype": "bf16"}),
+        ("moe_decode_layer", {"tokens": 13, "max_tokens": 16, "hidden": 256, "topk": 4, "num_experts": 16,
+                              "intermediate": 128}),
         ("moe_permute", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "local_experts": 16}),
         ("moe_unpermute", {"tokens": 40, "hidden": 256, "topk": 4, "num_experts": 16, "local_experts": 16}),
     ]

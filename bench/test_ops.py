@@ -62,7 +62,8 @@ def test_op(benchmark, bench_case, request, gpu_timer):
     det = hardware.detect(override=request.config.getoption("--gpu")) if HAS_GPU else None
     # pytest-benchmark's wall clock includes a device sync per round; the record takes the kernel and call
     # times the way `python -m bench` does
-    timed = (gpu_timer(fn, warmup=0, rep=rounds, not_capturable=cases.NOT_CAPTURABLE.get(backend)) if HAS_GPU
+    blocker = cases.capture_blocker(case.op, backend)
+    timed = (gpu_timer(fn, warmup=0, rep=rounds, not_capturable=blocker) if HAS_GPU
              else {"samples": list(benchmark.stats.stats.data)})
     record = harness.measured_record(case, backend, prep, timed,
                                      "gpu" if HAS_GPU else "cpu", det.gpu if det else None,

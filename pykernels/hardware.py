@@ -326,3 +326,38 @@ def expected_grouped_gemm_cost(rows: float, groups: float, n: int, k: int) -> Co
     layer under random routing): `rows` activation rows in all, spread over `groups` weight matrices that
     receive at least one row (both may be fractional). The same counts as cost("fp8_gemm_contiguous")."""
     return _gemm_cost([rows], n, k, groups)
+
+
+# ---- low-latency (decode) MoE dispatch and combine ----
+
+# Bytes DeepEP's low-latency test counts per (token, expert) message beside the row (its tests/test_low_latency.py:
+# the source-token and layout fields that travel with each dispatched row).
+LOW_LATENCY_MESSAGE_HEADER = 16
+
+
+def low_latency_message_bytes(hidden: int, dtype: str, combine: bool = False) -> int:
+    """Bytes of one (token, expert) message of low-latency dispatch or combine, as DeepEP counts them:
+    dispatch FP8 hidden + 4·hidden/128 (scales) + 16, dispatch BF16 2·hidden + 16, combine 2·hidden (a bf16
+    expert output row, nothing beside it)."""
+    _check_sizes("hidden", hidden, low=1)
+    if combine:
+        if dtype != "bf16":
+            raise ValueError(f"dtype: expected 'bf16' for combine, got {dtype!r}")
+        return 2 * hidden
+    return dispatch_row_bytes(hidden, dtype) + LOW_LATENCY_MESSAGE_HEADER
+
+
+def low_latency_cost(pairs_sent: float, pairs_received: float, pairs_remote: float, hidden: int, dtype: str,
+                     combine: bool = False) -> Cost:
+    """One rank's low-latency dispatch or combine, counted per (token, expert) pair as DeepEP does (one message
+    per pair, even where two of a token's experts share a rank): every message is written once where it is
+    sent and once where it is received, so HBM bytes = (pairs sent + pairs received) x message bytes; NVLink
+    bytes = pairs sent to other ranks x message bytes. In combine the pairs sent are the expert outputs this
+    rank returns (the pairs it received in dispatch) and the pairs received are its own tokens' pairs."""
+    for name, value in (("pairs_sent", pairs_sent), ("pairs_received", pairs_received),
+                        ("pairs_remote", pairs_remote)):
+        _check_sizes(name, value, low=0)
+    if pairs_remote > pairs_sent:
+        raise ValueError(f"pairs_remote: expected at most pairs_sent = {pairs_sent}, got {pairs_remote}")
+    message = low_latency_message_bytes(hidden, dtype, combine)
+    return Cost(0.0, float((pairs_sent + pairs_received) * message), float(pairs_remote * message))
