@@ -10,6 +10,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pykernels import torch_ops
+
 L2_FLUSH_BYTES = 256 << 20  # larger than any Hopper L2 (50-60 MB): zeroing it evicts the previous run's data
 THROTTLE_FRACTION = 0.75    # nvbench's rule: a sample whose SM clock is below 75% of the maximum is discarded
 CALL_RANGE = "pykernels.bench.call"  # profiler range around one call: its kernels are the call's kernels
@@ -56,8 +58,8 @@ def _is_device_to_host(func, args, kwargs) -> bool:
 
 class HostSyncCounter(TorchDispatchMode):
     """Counts, at the torch dispatcher, the ops that make the host wait for the device: scalar reads, ops
-    with data-dependent output sizes, copies from device to host memory. Work a C++ extension does without
-    torch ops is invisible here."""
+    with data-dependent output sizes, copies from device to host memory, inside pykernels' torch.library
+    ops too. Work a C++ extension does without torch ops is invisible here."""
 
     def __init__(self):
         super().__init__()
@@ -66,6 +68,11 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        implementation = torch_ops.IMPLEMENTATIONS.get(func)
+        if implementation is not None:
+            # A pykernels op is one node to the dispatcher: count what its implementation does, inside it.
+            with self:
+                return implementation(*args, **kwargs)
         name = func.overloadpacket.__name__
         if name in _SYNCING_OPS or _is_device_to_host(func, args, kwargs):
             self.count += 1

@@ -44,6 +44,9 @@ NAMESPACE = "pykernels"
 # torch.library.custom_op: the latter wraps every call in a Python autograd layer that costs tens of
 # microseconds, as much as a decode-sized kernel. None of the ops has a gradient.
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+# Each op's Python implementation, by op: a TorchDispatchMode sees an op as one node, and counters of host
+# syncs (bench/timing.py, the tests) run the implementation under themselves to see inside it.
+IMPLEMENTATIONS: dict = {}
 
 
 def _define_op(schema: str):
@@ -53,7 +56,9 @@ def _define_op(schema: str):
         name = schema.split("(", 1)[0]
         _LIBRARY.define(schema)
         _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
-        return getattr(getattr(torch.ops, NAMESPACE), name).default
+        op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        IMPLEMENTATIONS[op] = impl
+        return op
 
     return define
 

@@ -61,6 +61,22 @@ def test_host_sync_counter():
     assert counter.count == 5 and counter.ops == {"_local_scalar_dense": 3, "index": 1, "nonzero": 1}
 
 
+def test_host_sync_counter_sees_inside_pykernels_ops():
+    """The exported ops are torch.library ops, one node to a dispatch mode: the counter runs their
+    implementation under itself, so a read inside one counts. MLA decode without a schedule reads the
+    lengths and page ids back to check them; with one (Triton path) it reads nothing."""
+    lengths = torch.tensor([70, 5], dtype=torch.int32)
+    q = torch.randn(2, 1, 4, 576).to(torch.bfloat16)
+    kv = torch.randn(3, 64, 1, 576).to(torch.bfloat16)
+    table = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
+    unplanned = timing.count_host_syncs(lambda: pykernels.mla_decode(q, kv, table, lengths, backend="triton"))
+    assert unplanned.count > 0, unplanned.ops
+    schedule = pykernels.get_mla_metadata(lengths, 4, 1)
+    planned = timing.count_host_syncs(lambda: pykernels.mla_decode(q, kv, table, lengths, metadata=schedule,
+                                                                   backend="triton"))
+    assert planned.count == 0, planned.ops
+
+
 def _fake_kernel(name, us):
     return types.SimpleNamespace(name=name, duration=us)
 
