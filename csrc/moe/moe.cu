@@ -473,7 +473,7 @@ void moe_ll_unpack(const TensorView& recv, const TensorView& pos, const TensorVi
   moe::ll_unpack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
       recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), out_x.ptr<uint4>(), fp8 ? out_s->ptr<float>() : nullptr,
       rows, payload_bytes / 16, static_cast<int>(row_words), scale_word, id_word, static_cast<int>(topk),
-      static_cast<int>(num_scales));
+      static_cast<int>(num_scales), static_cast<int>(num_local));
   PK_CHECK_LAUNCH("moe::ll_unpack_kernel");
 }
 
@@ -500,7 +500,7 @@ void moe_ll_combine_pack(const TensorView& y, const TensorView& recv, const Tens
   if (rows == 0) return;
   moe::ll_combine_pack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
       y.ptr<const uint4>(), recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), ret.ptr<uint4>(), rows, hidden / 8,
-      static_cast<int>(row_words), id_word, static_cast<int>(topk));
+      static_cast<int>(row_words), id_word, static_cast<int>(topk), static_cast<int>(num_local));
   PK_CHECK_LAUNCH("moe::ll_combine_pack_kernel");
 }
 
@@ -536,7 +536,9 @@ void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_id
 }
 
 int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens) { return moe::ll_send_row(rank, token, max_tokens); }
-int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows) { return moe::ll_expert_row(expert, pos, rows); }
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int num_local, int64_t rows) {
+  return moe::ll_expert_row(expert, pos, num_local, rows);
+}
 int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk) {
   return moe::ll_return_row(rank, token, slot, max_tokens, topk);
 }
