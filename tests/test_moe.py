@@ -980,6 +980,10 @@ def test_cuda_expert_ranks_split_over_the_gpu():
     ext = _extension()
     assert ext.moe_expert_rank_chunks(4096 * 8 * 8) == 256
     assert [ext.moe_expert_rank_chunks(n) for n in (0, 1, 1024, 1025)] == [0, 1, 1, 2]
+    # Ranks and chunk offsets are int32, and one expert may take every pair.
+    assert ext.moe_expert_rank_chunks(2 ** 31 - 1) == 2 ** 21
+    with pytest.raises(ValueError, match="num_pairs: expected a value in \\[0, 2147483647\\], got 2147483648"):
+        ext.moe_expert_rank_chunks(2 ** 31)
     gen = torch.Generator().manual_seed(17)
     local = torch.randint(-1, 7, (700, 5), generator=gen)
     local[:300] = torch.where(local[:300] >= 0, 2, -1)  # the first chunk mostly one expert

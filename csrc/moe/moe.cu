@@ -296,9 +296,8 @@ void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, cons
   const int num_local = static_cast<int>(counts.size(0));
   require_vector(counts, DType::Int64, num_local, &topk_idx, "num_local");
   require_matrix(rank, DType::Int32, topk_idx.size(0), topk_idx.size(1), &topk_idx, "same as topk_idx");
+  const int64_t chunks = moe_expert_rank_chunks(topk_idx.numel());
   const int64_t num_pairs = topk_idx.numel();
-  const int64_t chunks = moe::rank_chunks(num_pairs);
-  require_range("expert rank chunks", chunks, 0, std::numeric_limits<int32_t>::max());
   require_matrix(chunk_counts, DType::Int32, chunks, num_local, &topk_idx, "[ceil(pairs / 1024), num_local]");
   if (chunks > 0) {
     moe::expert_chunk_counts_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream>>>(
@@ -317,7 +316,8 @@ void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, cons
 }
 
 int64_t moe_expert_rank_chunks(int64_t num_pairs) {
-  require_range("num_pairs", num_pairs, 0, std::numeric_limits<int64_t>::max());
+  // Ranks and per-chunk offsets are int32: one expert could take every pair.
+  require_range("num_pairs", num_pairs, 0, std::numeric_limits<int32_t>::max());
   return moe::rank_chunks(num_pairs);
 }
 
@@ -590,7 +590,7 @@ void moe_plan_expert_ranks(const TensorView& topk_idx, const TensorView& counts,
   // then each pair's rank from its chunk's offset.
   const int num_local = static_cast<int>(counts.size(0));
   const int64_t num_pairs = topk_idx.numel();
-  const int64_t chunks = moe::rank_chunks(num_pairs);
+  const int64_t chunks = moe_expert_rank_chunks(num_pairs);
   const int64_t* idx = topk_idx.ptr<const int64_t>();
   std::vector<int64_t> offsets(static_cast<size_t>(chunks * num_local), 0);
   for (int64_t p = 0; p < num_pairs; ++p) {
