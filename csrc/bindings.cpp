@@ -375,7 +375,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("returned"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("out"), py::arg("num_experts"),
       py::arg("stream"));
   m.def("moe_ll_send_row", &pykernels::moe_ll_send_row, py::arg("rank"), py::arg("token"), py::arg("max_tokens"));
-  m.def("moe_ll_expert_row", &pykernels::moe_ll_expert_row, py::arg("expert"), py::arg("pos"), py::arg("rows"));
+  m.def("moe_ll_expert_row", &pykernels::moe_ll_expert_row, py::arg("expert"), py::arg("pos"),
+        py::arg("num_local"), py::arg("rows"));
   m.def("moe_ll_return_row", &pykernels::moe_ll_return_row, py::arg("rank"), py::arg("token"), py::arg("slot"),
         py::arg("max_tokens"), py::arg("topk"));
   m.def(

@@ -980,6 +980,10 @@ def test_cuda_expert_ranks_split_over_the_gpu():
     ext = _extension()
     assert ext.moe_expert_rank_chunks(4096 * 8 * 8) == 256
     assert [ext.moe_expert_rank_chunks(n) for n in (0, 1, 1024, 1025)] == [0, 1, 1, 2]
+    # Ranks and chunk offsets are int32, and one expert may take every pair.
+    assert ext.moe_expert_rank_chunks(2 ** 31 - 1) == 2 ** 21
+    with pytest.raises(ValueError, match="num_pairs: expected a value in \\[0, 2147483647\\], got 2147483648"):
+        ext.moe_expert_rank_chunks(2 ** 31)
     gen = torch.Generator().manual_seed(17)
     local = torch.randint(-1, 7, (700, 5), generator=gen)
     local[:300] = torch.where(local[:300] >= 0, 2, -1)  # the first chunk mostly one expert
@@ -1013,7 +1017,16 @@ def test_cuda_low_latency_launchers_validate_and_index_like_the_reference():
     reference's (send block r row t; expert e's block of S rows; returned [W, M, k] rows)."""
     ext = _extension()
     assert [ext.moe_ll_send_row(r, t, 7) for r, t in ((0, 0), (2, 5), (3, 6))] == [0, 19, 27]
-    assert ext.moe_ll_expert_row(3, 4, 16) == 52 and ext.moe_ll_return_row(2, 5, 1, 6, 3) == (2 * 6 + 5) * 3 + 1
+    assert ext.moe_ll_expert_row(3, 4, 5, 16) == 52 and ext.moe_ll_return_row(2, 5, 1, 6, 3) == (2 * 6 + 5) * 3 + 1
+    # Rows past 2^31 (EP64 x 256 local experts x 256 tokens x H) index in 64 bits.
+    assert ext.moe_ll_send_row(63, 5, 2 ** 30) == 63 * 2 ** 30 + 5
+    assert ext.moe_ll_expert_row(255, 2 ** 31, 256, 2 ** 32) == 255 * 2 ** 32 + 2 ** 31
+    assert ext.moe_ll_return_row(63, 2 ** 30, 7, 2 ** 31, 8) == (63 * 2 ** 31 + 2 ** 30) * 8 + 7
+    # A received id that is not local, or a position outside its block, takes no row (unpack writes
+    # nothing, combine-pack reads nothing) whatever the caller's pos says.
+    for expert, pos in ((5, 4), (-1, 4), (-7, 4), (2 ** 40, 0), (3, -1), (3, 16), (0, 2 ** 40)):
+        assert ext.moe_ll_expert_row(expert, pos, 5, 16) == -1, (expert, pos)
+    assert ext.moe_ll_expert_row(4, 15, 5, 16) == 4 * 16 + 15 and ext.moe_ll_expert_row(0, 0, 5, 16) == 0
     row = ref.LowLatencyRow(256, 3, True)
     assert (row.scale_word, row.id_word, row.words) == (64, 66, 72)
     x = torch.randn(4, 256).bfloat16()

@@ -296,9 +296,8 @@ void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, cons
   const int num_local = static_cast<int>(counts.size(0));
   require_vector(counts, DType::Int64, num_local, &topk_idx, "num_local");
   require_matrix(rank, DType::Int32, topk_idx.size(0), topk_idx.size(1), &topk_idx, "same as topk_idx");
+  const int64_t chunks = moe_expert_rank_chunks(topk_idx.numel());
   const int64_t num_pairs = topk_idx.numel();
-  const int64_t chunks = moe::rank_chunks(num_pairs);
-  require_range("expert rank chunks", chunks, 0, std::numeric_limits<int32_t>::max());
   require_matrix(chunk_counts, DType::Int32, chunks, num_local, &topk_idx, "[ceil(pairs / 1024), num_local]");
   if (chunks > 0) {
     moe::expert_chunk_counts_kernel<<<static_cast<unsigned>(chunks), kScanThreads, 0, stream>>>(
@@ -317,7 +316,8 @@ void moe_expert_ranks(const TensorView& topk_idx, const TensorView& counts, cons
 }
 
 int64_t moe_expert_rank_chunks(int64_t num_pairs) {
-  require_range("num_pairs", num_pairs, 0, std::numeric_limits<int64_t>::max());
+  // Ranks and per-chunk offsets are int32: one expert could take every pair.
+  require_range("num_pairs", num_pairs, 0, std::numeric_limits<int32_t>::max());
   return moe::rank_chunks(num_pairs);
 }
 
@@ -473,7 +473,7 @@ void moe_ll_unpack(const TensorView& recv, const TensorView& pos, const TensorVi
   moe::ll_unpack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
       recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), out_x.ptr<uint4>(), fp8 ? out_s->ptr<float>() : nullptr,
       rows, payload_bytes / 16, static_cast<int>(row_words), scale_word, id_word, static_cast<int>(topk),
-      static_cast<int>(num_scales));
+      static_cast<int>(num_scales), static_cast<int>(num_local));
   PK_CHECK_LAUNCH("moe::ll_unpack_kernel");
 }
 
@@ -500,7 +500,7 @@ void moe_ll_combine_pack(const TensorView& y, const TensorView& recv, const Tens
   if (rows == 0) return;
   moe::ll_combine_pack_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
       y.ptr<const uint4>(), recv.ptr<const int32_t>(), pos.ptr<const int32_t>(), ret.ptr<uint4>(), rows, hidden / 8,
-      static_cast<int>(row_words), id_word, static_cast<int>(topk));
+      static_cast<int>(row_words), id_word, static_cast<int>(topk), static_cast<int>(num_local));
   PK_CHECK_LAUNCH("moe::ll_combine_pack_kernel");
 }
 
@@ -536,7 +536,9 @@ void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_id
 }
 
 int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens) { return moe::ll_send_row(rank, token, max_tokens); }
-int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows) { return moe::ll_expert_row(expert, pos, rows); }
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int num_local, int64_t rows) {
+  return moe::ll_expert_row(expert, pos, num_local, rows);
+}
 int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk) {
   return moe::ll_return_row(rank, token, slot, max_tokens, topk);
 }
@@ -588,7 +590,7 @@ void moe_plan_expert_ranks(const TensorView& topk_idx, const TensorView& counts,
   // then each pair's rank from its chunk's offset.
   const int num_local = static_cast<int>(counts.size(0));
   const int64_t num_pairs = topk_idx.numel();
-  const int64_t chunks = moe::rank_chunks(num_pairs);
+  const int64_t chunks = moe_expert_rank_chunks(num_pairs);
   const int64_t* idx = topk_idx.ptr<const int64_t>();
   std::vector<int64_t> offsets(static_cast<size_t>(chunks * num_local), 0);
   for (int64_t p = 0; p < num_pairs; ++p) {

@@ -447,8 +447,13 @@ __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(
 // Send-buffer row that carries token t to rank r: block r holds max_tokens rows.
 __host__ __device__ inline int64_t ll_send_row(int r, int64_t t, int64_t max_tokens) { return r * max_tokens + t; }
 
-// Row of the flattened [L * S] receive layout that holds expert e's pos-th received row.
-__host__ __device__ inline int64_t ll_expert_row(int64_t e, int64_t pos, int64_t rows) { return e * rows + pos; }
+// Row of the flattened [L * S] receive layout that holds expert e's pos-th received row, or -1 when e is
+// not a local id or pos not a row of its block: received ids come off the wire and pos from the caller,
+// so a slot that disagrees with them reads or writes nothing rather than another expert's block or past
+// the buffer.
+__host__ __device__ inline int64_t ll_expert_row(int64_t e, int64_t pos, int num_local, int64_t rows) {
+  return is_expert(e, num_local) && pos >= 0 && pos < rows ? e * rows + pos : -1;
+}
 
 // Row of the returned [W, M, k] buffer that holds rank q's output for (token t, slot j).
 __host__ __device__ inline int64_t ll_return_row(int q, int64_t t, int j, int64_t max_tokens, int topk) {
@@ -513,13 +518,13 @@ __global__ void __launch_bounds__(kRowThreads) ll_pack_kernel(
 
 // The distinct receive rows a received row s goes to (one per local expert it names), in dst_rows.
 __device__ inline int ll_destinations(const int32_t* recv_row, const int32_t* pos_row, int id_word, int topk,
-                                      int64_t rows, int64_t* dst_rows) {
+                                      int num_local, int64_t rows, int64_t* dst_rows) {
   __shared__ int count;
   if (threadIdx.x == 0) {
     int n = 0;
     for (int j = 0; j < topk; ++j) {
-      if (pos_row[j] < 0) continue;
-      const int64_t dst = ll_expert_row(recv_row[id_word + j], pos_row[j], rows);
+      const int64_t dst = ll_expert_row(recv_row[id_word + j], pos_row[j], num_local, rows);
+      if (dst < 0) continue;
       bool seen = false;
       for (int d = 0; d < n; ++d) seen = seen || dst_rows[d] == dst;
       if (!seen) dst_rows[n++] = dst;
@@ -534,11 +539,11 @@ __device__ inline int ll_destinations(const int32_t* recv_row, const int32_t* po
 __global__ void __launch_bounds__(kRowThreads) ll_unpack_kernel(
     const int32_t* __restrict__ recv, const int32_t* __restrict__ pos, uint4* __restrict__ out_x,
     float* __restrict__ out_s, int64_t rows, int64_t payload_units, int row_words, int scale_word, int id_word,
-    int topk, int num_scales) {
+    int topk, int num_scales, int num_local) {
   __shared__ int64_t dst_rows[kMaxTopk];
   const int64_t s = blockIdx.x;
   const int32_t* row = recv + s * row_words;
-  const int count = ll_destinations(row, pos + s * topk, id_word, topk, rows, dst_rows);
+  const int count = ll_destinations(row, pos + s * topk, id_word, topk, num_local, rows, dst_rows);
   const uint4* src = reinterpret_cast<const uint4*>(row);
   for (int64_t i = threadIdx.x; i < payload_units; i += blockDim.x) {
     const uint4 v = src[i];
@@ -555,13 +560,12 @@ __global__ void __launch_bounds__(kRowThreads) ll_unpack_kernel(
 // One CTA per received row: each slot's expert output (bf16, 16-byte units) to the row going back.
 __global__ void __launch_bounds__(kRowThreads) ll_combine_pack_kernel(
     const uint4* __restrict__ y, const int32_t* __restrict__ recv, const int32_t* __restrict__ pos,
-    uint4* __restrict__ ret, int64_t rows, int64_t units, int row_words, int id_word, int topk) {
+    uint4* __restrict__ ret, int64_t rows, int64_t units, int row_words, int id_word, int topk, int num_local) {
   __shared__ int64_t src_rows[kMaxTopk];
   const int64_t s = blockIdx.x;
   if (threadIdx.x < topk) {
     const int j = threadIdx.x;
-    const int32_t p = pos[s * topk + j];
-    src_rows[j] = p >= 0 ? ll_expert_row(recv[s * row_words + id_word + j], p, rows) : -1;
+    src_rows[j] = ll_expert_row(recv[s * row_words + id_word + j], pos[s * topk + j], num_local, rows);
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < units; i += blockDim.x) {

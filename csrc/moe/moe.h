@@ -58,7 +58,7 @@ void moe_ll_combine_reduce(const TensorView& returned, const TensorView& topk_id
                            const TensorView& out, int num_experts, cudaStream_t stream);
 // The low-latency kernels' row indexing, for host tests.
 int64_t moe_ll_send_row(int rank, int64_t token, int64_t max_tokens);
-int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int64_t rows);
+int64_t moe_ll_expert_row(int64_t expert, int64_t pos, int num_local, int64_t rows);
 int64_t moe_ll_return_row(int rank, int64_t token, int slot, int64_t max_tokens, int topk);
 
 // Host planners (CPU tensors, same outputs as the kernels above).
