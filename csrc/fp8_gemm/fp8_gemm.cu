@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 
+#include "common/tensor_map.h"
 #include "fp8_gemm/fp8_gemm_launch.h"
 
 namespace pykernels {
@@ -15,23 +16,6 @@ namespace {
 using fp8_gemm::Config;
 using fp8_gemm::kBlockK;
 using fp8_gemm::Layout;
-
-// cuTensorMapEncodeTiled is a driver API: fetched through the runtime so that the module imports (and
-// its host-side functions run) on machines without a driver.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  if (fn == nullptr) {
-    void* symbol = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    PK_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &symbol, 12000, cudaEnableDefault,
-                                                   &found));
-    if (found != cudaDriverEntryPointSuccess || symbol == nullptr) {
-      throw std::runtime_error("pykernels: the CUDA driver does not provide cuTensorMapEncodeTiled (needs >= 12.0)");
-    }
-    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(symbol);
-  }
-  return fn;
-}
 
 // A 3-D map over an e4m3 operand [groups, rows, K] (K innermost), loading 128 x box_rows boxes with the
 // 128-byte swizzle wgmma reads. Boxes past `rows` are zero-filled, so tails need no masking and nothing
@@ -42,7 +26,7 @@ CUtensorMap make_operand_map(const void* base, int64_t groups, int64_t rows, int
   const cuuint64_t strides[2] = {cuuint64_t(k), cuuint64_t(k * rows)};  // bytes, dims 1 and 2
   const cuuint32_t box[3] = {cuuint32_t(kBlockK), cuuint32_t(box_rows), 1};
   const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult status = tensor_map_encoder()(
+  const CUresult status = tensor_map_encode_tiled()(
       &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box, element_strides,
       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -63,7 +47,7 @@ CUtensorMap make_scale_map(const void* base, int64_t groups, int64_t rows, int64
   const cuuint64_t strides[2] = {cuuint64_t(pad * 4), cuuint64_t(pad * k_blocks * 4)};  // bytes, dims 1 and 2
   const cuuint32_t box[3] = {cuuint32_t(box_rows), 1, 1};
   const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult status = tensor_map_encoder()(
+  const CUresult status = tensor_map_encode_tiled()(
       &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<void*>(base), dims, strides, box, element_strides,
       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
