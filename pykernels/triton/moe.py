@@ -26,6 +26,15 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 @triton.jit
+def quantized_block(row, BLOCK_H: tl.constexpr, NG: tl.constexpr):
+    """A row block's e4m3 codes and the bits of its per-128-group scales, exactly as per_token_group_quant_fp8
+    computes them, non-finite groups included."""
+    xg = tl.reshape(row.to(tl.float32), [NG, 128])
+    scale = finite_scale(group_amax(xg, 1), False)
+    return tl.reshape(e4m3_codes(xg, scale[:, None]), [BLOCK_H]), scale.to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _to_output(acc, out_ptr):
     """float32 sums to the output's dtype, bf16 rounded to nearest even on every target."""
     if out_ptr.dtype.element_ty == tl.bfloat16:
@@ -102,12 +111,7 @@ def pack_kernel(
     groups = hb * NG + tl.arange(0, NG)
     g_mask = groups < hidden // 128
     if QUANTIZE:
-        # per_token_group_quant_fp8 with groups of 128, exactly as the quantizer computes it, non-finite groups
-        # included.
-        xg = tl.reshape(row.to(tl.float32), [NG, 128])
-        scale = finite_scale(group_amax(xg, 1), False)
-        payload = tl.reshape(e4m3_codes(xg, scale[:, None]), [BLOCK_H])
-        scale_bits = scale.to(tl.int32, bitcast=True)
+        payload, scale_bits = quantized_block(row, BLOCK_H, NG)
     else:
         payload = row
         if HAS_SCALES:
@@ -286,10 +290,7 @@ def ll_pack_kernel(
         groups = hb * NG + tl.arange(0, NG)
         g_mask = groups < hidden // 128
         if QUANTIZE:
-            xg = tl.reshape(row.to(tl.float32), [NG, 128])
-            scale = finite_scale(group_amax(xg, 1), False)
-            payload = tl.reshape(e4m3_codes(xg, scale[:, None]), [BLOCK_H])
-            scale_bits = scale.to(tl.int32, bitcast=True)
+            payload, scale_bits = quantized_block(row, BLOCK_H, NG)
         e = tl.load(idx_ptr + t64 * TOPK + offs_k, mask=k_mask, other=-1)
         valid = (e >= 0) & (e < num_experts)
         r = 0
