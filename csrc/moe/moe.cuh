@@ -291,6 +291,36 @@ __global__ void __launch_bounds__(kRowThreads) pack_kernel(
              dst_ranks, dst_rows, count, meta, meta_width);
 }
 
+constexpr int kQuantVec = 8;  // bf16 values a lane quantizes: 16 bytes
+
+// Quantizes one bf16 row of `hidden` values (a multiple of 128) by 128-element groups across the CTA, as the
+// quantizer does: 16 lanes per group, kQuantVec values a lane, the group's amax reduced across its lanes (a
+// NaN or an infinity gives a NaN or infinite scale and NaN codes). write(vals, scale, g, col, first_lane)
+// stores a lane's values at column col of group g; first_lane marks the lane that writes the scale.
+template <typename Write>
+__device__ inline void quantize_row_groups(const __nv_bfloat16* __restrict__ row, int hidden, Write write) {
+  constexpr int kLanesPerGroup = kScaleGroup / kQuantVec;
+  static_assert(kLanesPerGroup == 16 && kRowThreads % kLanesPerGroup == 0, "two groups per warp");
+  constexpr int kGroupsPerPass = kRowThreads / kLanesPerGroup;
+  const int groups = hidden / kScaleGroup;
+  const int lane_in_group = threadIdx.x % kLanesPerGroup;
+  // The loop bound is uniform across the CTA, so every shuffle sees all 32 lanes.
+  for (int g0 = 0; g0 < groups; g0 += kGroupsPerPass) {
+    const int g = g0 + static_cast<int>(threadIdx.x) / kLanesPerGroup;
+    const bool valid = g < groups;
+    const int64_t col = static_cast<int64_t>(g) * kScaleGroup + lane_in_group * kQuantVec;
+    float vals[kQuantVec];
+    float amax = 0.0f;
+    if (valid) {
+      fp8_quant::load_as_float<__nv_bfloat16, kQuantVec>(row + col, vals);
+      amax = fp8_quant::abs_max(vals);
+    }
+    amax = fp8_quant::lanes_amax(amax, kLanesPerGroup);
+    if (!valid) continue;
+    write(vals, fp8_scale_from_amax(amax, false), g, col, lane_in_group == 0);
+  }
+}
+
 // One CTA per token, bf16 in, FP8 out: 16 lanes per 128-element group, 8 elements (16 bytes) per lane,
 // the scale reduced across the 16 lanes as the quantizer reduces it (a group holding a NaN or an infinity
 // gets a NaN or infinite scale and NaN codes); the quantized bytes and the scale go to every destination.
@@ -298,35 +328,18 @@ __global__ void __launch_bounds__(kRowThreads) pack_quantize_kernel(
     const __nv_bfloat16* __restrict__ x, const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
     const int32_t* __restrict__ slots, const int64_t* __restrict__ send_offsets, uint8_t* __restrict__ send_x,
     int32_t* __restrict__ meta, int hidden, int topk, int num_local, int world, int meta_width) {
-  constexpr int kVec = 8, kLanesPerGroup = kScaleGroup / kVec;
-  static_assert(kLanesPerGroup == 16, "two groups per warp");
   __shared__ int dst_ranks[kMaxWorld];
   __shared__ int64_t dst_rows[kMaxWorld];
   const int64_t t = blockIdx.x;
   const int count = load_destinations(slots + t * world, send_offsets, world, dst_ranks, dst_rows);
   if (count == 0) return;
-  const int groups = hidden / kScaleGroup;
-  const int lane_in_group = threadIdx.x % kLanesPerGroup;
-  const int groups_per_pass = kRowThreads / kLanesPerGroup;
-  // The loop bound is uniform across the CTA, so every shuffle sees all 32 lanes.
-  for (int g0 = 0; g0 < groups; g0 += groups_per_pass) {
-    const int g = g0 + static_cast<int>(threadIdx.x) / kLanesPerGroup;
-    const bool valid = g < groups;
-    const int64_t col = static_cast<int64_t>(g) * kScaleGroup + lane_in_group * kVec;
-    float vals[kVec];
-    float amax = 0.0f;
-    if (valid) {
-      fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
-      amax = fp8_quant::abs_max(vals);
-    }
-    amax = fp8_quant::lanes_amax(amax, kLanesPerGroup);
-    if (!valid) continue;
-    const float scale = fp8_scale_from_amax(amax, false);
+  quantize_row_groups(x + t * hidden, hidden, [&](const float (&vals)[kQuantVec], float scale, int g, int64_t col,
+                                                  bool first_lane) {
     for (int d = 0; d < count; ++d) {
-      fp8_quant::quantize_store<kVec>(vals, scale, send_x + dst_rows[d] * hidden + col);
-      if (lane_in_group == 0) meta[dst_rows[d] * meta_width + 2 * topk + g] = __float_as_int(scale);
+      fp8_quant::quantize_store<kQuantVec>(vals, scale, send_x + dst_rows[d] * hidden + col);
+      if (first_lane) meta[dst_rows[d] * meta_width + 2 * topk + g] = __float_as_int(scale);
     }
-  }
+  });
   write_meta(topk_idx + t * topk, topk_weights + t * topk, nullptr, topk, 0, num_local, dst_ranks, dst_rows, count,
              meta, meta_width);
 }
@@ -487,32 +500,15 @@ __global__ void __launch_bounds__(kRowThreads) ll_pack_kernel(
       }
     }
   } else {
-    constexpr int kVec = 8, kLanesPerGroup = kScaleGroup / kVec;
-    static_assert(kLanesPerGroup == 16 && kRowThreads % kLanesPerGroup == 0, "two groups per warp");
-    const int groups = hidden / kScaleGroup;
-    const int lane_in_group = threadIdx.x % kLanesPerGroup;
-    constexpr int kGroupsPerPass = kRowThreads / kLanesPerGroup;
-    // The loop bound is uniform across the CTA, so every shuffle sees all 32 lanes.
-    for (int g0 = 0; g0 < groups; g0 += kGroupsPerPass) {
-      const int g = g0 + static_cast<int>(threadIdx.x) / kLanesPerGroup;
-      const bool valid = g < groups;
-      const int64_t col = static_cast<int64_t>(g) * kScaleGroup + lane_in_group * kVec;
-      float vals[kVec];
-      float amax = 0.0f;
-      if (valid) {
-        fp8_quant::load_as_float<__nv_bfloat16, kVec>(x + t * hidden + col, vals);
-        amax = fp8_quant::abs_max(vals);
-      }
-      amax = fp8_quant::lanes_amax(amax, kLanesPerGroup);
-      if (!valid) continue;
-      const float scale = fp8_scale_from_amax(amax, false);
+    quantize_row_groups(x + t * hidden, hidden, [&](const float (&vals)[kQuantVec], float scale, int g,
+                                                    int64_t col, bool first_lane) {
       for (int r = 0; r < world; ++r) {
         if (!((mask >> r) & 1)) continue;
         int32_t* row = send + ll_send_row(r, t, max_tokens) * row_words;
-        fp8_quant::quantize_store<kVec>(vals, scale, reinterpret_cast<uint8_t*>(row) + col);
-        if (lane_in_group == 0) row[scale_word + g] = __float_as_int(scale);
+        fp8_quant::quantize_store<kQuantVec>(vals, scale, reinterpret_cast<uint8_t*>(row) + col);
+        if (first_lane) row[scale_word + g] = __float_as_int(scale);
       }
-    }
+    });
   }
 }
 
