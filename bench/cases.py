@@ -42,6 +42,14 @@ class Skip(Exception):
     """This (case, backend) cannot run here; the message says why."""
 
 
+def _require_backend(backend: str, device, op: str) -> None:
+    """Raises Skip, with the reason, when `backend` cannot run `op` on `device`."""
+    try:
+        _backend.resolve(backend, device, op)
+    except RuntimeError as exc:
+        raise Skip(str(exc).split(": ", 1)[-1]) from None
+
+
 # op -> (kind of math for the roofline, the pykernels attribute path it needs, extra backends)
 OPS = {
     "per_token_group_quant_fp8": ("bf16", "per_token_group_quant_fp8", ()),
@@ -202,10 +210,7 @@ def _own(op_fn, *args, **kwargs):
 
     def maker(backend):
         def make():
-            try:
-                _backend.resolve(backend, device, name)
-            except RuntimeError as exc:
-                raise Skip(str(exc).split(": ", 1)[-1]) from None
+            _require_backend(backend, device, name)
             return lambda: op_fn(*args, backend=backend, **kwargs)
         return make
     return {b: maker(b) for b in OWN_BACKENDS}
@@ -477,10 +482,7 @@ def _prepare_moe_comm(case, device, group):
 
     def own(backend):
         def make():
-            try:
-                _backend.resolve(backend, device, case.op)
-            except RuntimeError as exc:
-                raise Skip(str(exc).split(": ", 1)[-1]) from None
+            _require_backend(backend, device, case.op)
             buf = buffer_cls(group, backend=backend)
             layout = buf.get_dispatch_layout(topk_idx, e)
             if case.op == "moe_dispatch":
@@ -623,10 +625,7 @@ def _prepare_moe_low_latency(case, device, group):
 
     def own(backend):
         def make():
-            try:
-                _backend.resolve(backend, device, case.op)
-            except RuntimeError as exc:
-                raise Skip(str(exc).split(": ", 1)[-1]) from None
+            _require_backend(backend, device, case.op)
             buf = buffer_cls(group, backend=backend)
             if case.op == "moe_ll_dispatch":
                 return lambda: dispatch_with(buf, fp8)
@@ -703,10 +702,7 @@ def _prepare_decode_layer(case, device, group):
 
     def own(backend):
         def make():
-            try:
-                _backend.resolve(backend, device, case.op)
-            except RuntimeError as exc:
-                raise Skip(str(exc).split(": ", 1)[-1]) from None
+            _require_backend(backend, device, case.op)
             return layer_on(backend)
         return make
 
