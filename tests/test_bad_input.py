@@ -211,9 +211,10 @@ def cases():
                                            id=f"{entry.name}-{name}-{label}" + (f"-{backend}" if backend else ""))
 
 
-# Known defects of other modules, fixed in parallel: these cases flip to passing (and must then lose their
-# mark, strict=True) when the fixes land.
+# Case id -> the known defect it exposes, for a case that cannot pass yet: marked xfail(strict=True), so the
+# mark must go when the defect is fixed. Empty: every case holds.
 KNOWN_DEFECTS = {}
+
 FORM = re.compile(r"^(?P<name>[\w.\[\]'(), ]+): expected .+, got ", re.S)
 
 

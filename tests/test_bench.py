@@ -335,7 +335,7 @@ def fake_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v=512, sof
 
 
 class FakeBuffer:
-    """One-rank stand-in for pykernels.moe.Buffer: the API of issue 5, every token delivered to rank 0."""
+    """One-rank stand-in for pykernels.moe.Buffer's normal mode: every token delivered to rank 0."""
 
     def __init__(self, group, backend="auto"):
         import torch.distributed as dist
