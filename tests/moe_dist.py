@@ -347,7 +347,7 @@ def program_low_latency_layer(rank, world, backends, seed, token_counts, hidden,
         x, idx, w = inputs[rank]
         recv_x, recv_s, recv_count, handle = buffer.low_latency_dispatch(x.to(DEVICE), idx.to(DEVICE), max_tokens,
                                                                          experts)
-        want_count = [len(b) for b in _ll_blocks([i for _, i, _ in inputs], rank, world, experts)]
+        want_count = [len(b) for b in expected_blocks([i for _, i, _ in inputs], rank, world, experts)]
         assert recv_count.tolist() == want_count, (recv_count, want_count)
         gate_up = pykernels.m_grouped_fp8_gemm_nt_masked((recv_x, recv_s), local_w13, recv_count, max_tokens,
                                                          backend=gemm_backend)
@@ -381,7 +381,9 @@ def program_low_latency_layer(rank, world, backends, seed, token_counts, hidden,
     return max(diffs)
 
 
-def _ll_blocks(idxs, rank, world, experts):
+def expected_blocks(idxs, rank, world, experts):
+    """Independent loops: for each local expert of `rank`, the (source rank, token) pairs routed to it, in
+    the order the receive block holds them."""
     num_local = experts // world
     blocks = [[] for _ in range(num_local)]
     for src, idx in enumerate(idxs):

@@ -527,18 +527,6 @@ def ll_routing(tokens, topk, experts, seed):
     return idx, w
 
 
-def expected_blocks(idxs, rank, world, experts):
-    """Independent loops: for each local expert of `rank`, the (source rank, token) pairs routed to it, in
-    the order the receive block holds them."""
-    num_local = experts // world
-    blocks = [[] for _ in range(num_local)]
-    for src, idx in enumerate(idxs):
-        for t, ids in enumerate(idx.tolist()):
-            for e in dict.fromkeys(e for e in ids if 0 <= e < experts and e // num_local == rank):
-                blocks[e - rank * num_local].append((src, t))
-    return blocks
-
-
 def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hidden, gen, device="cpu"):
     """Runs every rank's low-latency stages in one process, with the all-to-all done by hand, checks the
     receive side against expected_blocks and returns (combined outputs, float64 expectations)."""
@@ -554,7 +542,7 @@ def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hid
         recv_x, recv_s = stages.ll_unpack(recv, pos, num_local, row)
         count, recv_x = count.cpu(), recv_x.cpu()
         recv_s = None if recv_s is None else recv_s.cpu()
-        blocks = expected_blocks(idxs, q, world, experts)
+        blocks = moe_dist.expected_blocks(idxs, q, world, experts)
         assert count.dtype == torch.int32 and count.tolist() == [len(b) for b in blocks]
         assert recv_x.shape == (num_local, rows, row.hidden) and recv_x.is_contiguous()
         for e, block in enumerate(blocks):
@@ -584,7 +572,7 @@ def simulate_low_latency(stages, xs, idxs, ws, experts, max_tokens, fp8, out_hid
             for j, e in enumerate(ids):
                 if 0 <= e < experts:
                     q = e // num_local
-                    i = expected_blocks(idxs, q, world, experts)[e - q * num_local].index((src, t))
+                    i = moe_dist.expected_blocks(idxs, q, world, experts)[e - q * num_local].index((src, t))
                     term = float(ws[src][t, j]) * ys[q][e - q * num_local, i].double()
                     want[t] += term
                     mag[t] += term.abs()
@@ -731,7 +719,7 @@ def test_low_latency_reads_nothing_on_the_host(backend, device):
     valid = (idx >= 0) & (idx < 5)
     want = torch.where(valid, w, 0.0).sum(1, keepdim=True).expand(6, 64)
     torch.testing.assert_close(out.float().cpu(), want.cpu(), rtol=2 ** -8, atol=0)
-    assert count.tolist() == [len(b) for b in expected_blocks([idx.cpu()], 0, 1, 5)]
+    assert count.tolist() == [len(b) for b in moe_dist.expected_blocks([idx.cpu()], 0, 1, 5)]
 
 
 def test_low_latency_bad_inputs_raise_before_communication():
