@@ -412,6 +412,28 @@ __global__ void __launch_bounds__(kRowThreads) permute_kernel(
   }
 }
 
+// out_row = sum over d < count of row_weights[d] * src[rows[d]], VEC values a thread per pass, in float32 with
+// a rounded product then a rounded sum (the reference's two float32 operations, never fused), rounded once to T.
+template <typename T, int VEC>
+__device__ inline void weighted_row_sum(const T* __restrict__ src, const int64_t* rows, const float* row_weights,
+                                        int count, int64_t hidden, T* __restrict__ out_row) {
+  using Chunk = fp8_quant::Vec<T, VEC>;
+  for (int64_t c = threadIdx.x; c * VEC < hidden; c += blockDim.x) {
+    float acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
+    for (int d = 0; d < count; ++d) {
+      const Chunk v = *reinterpret_cast<const Chunk*>(src + rows[d] * hidden + c * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] = __fadd_rn(acc[k], __fmul_rn(row_weights[d], as_float(v.v[k])));
+    }
+    Chunk o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(acc[k]);
+    *reinterpret_cast<Chunk*>(out_row + c * VEC) = o;
+  }
+}
+
 // One CTA per token: out[i] = sum over its pairs, in slot order, of weight * expert row, in float32.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(
@@ -433,22 +455,7 @@ __global__ void __launch_bounds__(kRowThreads) unpermute_kernel(
     count = n;
   }
   __syncthreads();
-  using Chunk = fp8_quant::Vec<T, VEC>;
-  for (int64_t c = threadIdx.x; c * VEC < hidden; c += blockDim.x) {
-    float acc[VEC];
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[k] = 0.0f;
-    for (int d = 0; d < count; ++d) {
-      const Chunk v = *reinterpret_cast<const Chunk*>(y_sorted + rows[d] * hidden + c * VEC);
-      // Rounded product, then rounded sum: the reference's two float32 operations, never fused.
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] = __fadd_rn(acc[k], __fmul_rn(row_weights[d], as_float(v.v[k])));
-    }
-    Chunk o;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(acc[k]);
-    *reinterpret_cast<Chunk*>(out + i * hidden + c * VEC) = o;
-  }
+  weighted_row_sum<T, VEC>(y_sorted, rows, row_weights, count, hidden, out + i * hidden);
 }
 
 // ---- low-latency mode (definitions in pykernels/reference/moe.py) ----------------------------------
@@ -591,21 +598,7 @@ __global__ void __launch_bounds__(kRowThreads) ll_combine_reduce_kernel(
     count = n;
   }
   __syncthreads();
-  using Chunk = fp8_quant::Vec<__nv_bfloat16, 8>;
-  for (int64_t c = threadIdx.x; c * 8 < hidden; c += blockDim.x) {
-    float acc[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-    for (int d = 0; d < count; ++d) {
-      const Chunk v = *reinterpret_cast<const Chunk*>(ret + rows[d] * hidden + c * 8);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] = __fadd_rn(acc[k], __fmul_rn(row_weights[d], __bfloat162float(v.v[k])));
-    }
-    Chunk o;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) o.v[k] = __float2bfloat16_rn(acc[k]);
-    *reinterpret_cast<Chunk*>(out + t * hidden + c * 8) = o;
-  }
+  weighted_row_sum<__nv_bfloat16, 8>(ret, rows, row_weights, count, hidden, out + t * hidden);
 }
 
 }  // namespace moe
