@@ -7,13 +7,11 @@ rows, not once per head.
 
 Each page is loaded once, as two [64, 256] halves of its 512 latent columns and a [64, 64] RoPE tile; the
 halves are both K for the scores and V for P V, so nothing is read twice. The output accumulates in two
-[BLOCK_M, 256] halves, one per V half. The page loop is a two-stage tl.range loop: for a bfloat16 cache
-Triton's pipeliner turns the page's loads into cp.async copies into a second shared-memory stage, issued
-for page i + 1 once page i's MMAs are done and waited for once at the top of the next iteration (one wait
-per page, none per chunk). Keeping page i + 1 in flight during page i's MMAs takes a third stage, and
-3 x 72 KB plus Q is more than the 227 KB of shared memory. A float8_e4m3fn page is widened to bfloat16 in
-registers, so the pipeliner leaves its two halves as plain loads at the top of the iteration (its RoPE
-tile still goes through cp.async).
+[BLOCK_M, 256] halves, one per V half. The page loop is a three-stage tl.range loop: for a bfloat16 cache
+Triton's pipeliner turns the page's loads into cp.async copies into two shared-memory stages, so page
+i + 1's copies are in flight while page i's MMAs run, with one wait per page (for the older stage) and
+none per chunk. A float8_e4m3fn page is widened to bfloat16 in registers, so the pipeliner leaves its two
+halves as plain loads at the top of the iteration (its RoPE tile still goes through cp.async).
 
 Registers decide the shape. With 64 rows per program (one wgmma M) every form tried spills on sm_90:
 the [64, 512] float32 accumulator is 128 registers per thread over 8 warps, and Triton hoists the wgmma
@@ -100,10 +98,17 @@ def mla_decode_split_kernel(
         q_hi = tl.load(q_rows + HALF + offs_h[None, :], mask=row_ok[:, None], other=0.0)
         q_rope = tl.load(q_rows + DV + offs_r[None, :], mask=row_ok[:, None], other=0.0)
         table_row = block_table_ptr + request.to(tl.int64) * max_blocks
+        # A page without tokens (a length-0 request's only page) has no block_table entry to trust, and with a
+        # schedule nothing checked the lengths against the table's width: read neither.
+        block_id = tl.load(table_row + page_begin, mask=(page_begin * PAGE < seqlen) & (page_begin < max_blocks),
+                           other=0)
         for page in tl.range(page_begin, page_end, num_stages=NUM_STAGES):
-            # A page without tokens (a length-0 request's only page) has no block_table entry to trust, and
-            # with a schedule nothing checked the lengths against the table's width: read neither.
-            block_id = tl.load(table_row + page, mask=(page * PAGE < seqlen) & (page < max_blocks), other=0)
+            # Each page's id is read an iteration ahead: the tile copies then depend on a loop-carried value,
+            # not on a load of their own iteration, and the pipeliner keeps the next page's copies in flight
+            # during this page's MMAs (with the id loaded in the same iteration it gave the tiles one buffer).
+            next_page = page + 1
+            next_id = tl.load(table_row + next_page, other=0,
+                              mask=(next_page < page_end) & (next_page * PAGE < seqlen) & (next_page < max_blocks))
             tokens = page * PAGE + offs_n
             # Rows past the sequence's end may hold anything (NaN): never load them, so that 0 * NaN
             # cannot reach the accumulator.
@@ -131,6 +136,7 @@ def mla_decode_split_kernel(
             acc_lo = tl.dot(p, tl.trans(kt_lo), acc_lo * alpha[:, None])
             acc_hi = tl.dot(p, tl.trans(kt_hi), acc_hi * alpha[:, None])
             m_i = m_new
+            block_id = next_id
         # l_i is exactly 0 only for a row that saw no key (its largest term is exp2(0) = 1); a NaN score
         # makes it NaN, which then reaches out and lse.
         no_keys = l_i == 0.0
@@ -214,14 +220,14 @@ COMBINE_WARPS = 4
 class SplitConfig:
     block_m: int  # query rows per program
     num_warps: int
-    num_stages: int  # page tiles in flight
+    num_stages: int  # pipeline stages of the page loop: 3 keeps the next page in flight during this one
 
 
 # Per cache dtype, the largest row tile that compiles for sm_90 without spilling (Triton 3.6 and 3.9): 32 rows
 # for bfloat16; 16 for float8_e4m3fn, whose widening to bfloat16 in registers takes the room of 16 rows.
 SPLIT_CONFIGS = {
-    torch.bfloat16: SplitConfig(block_m=32, num_warps=8, num_stages=2),
-    torch.float8_e4m3fn: SplitConfig(block_m=16, num_warps=8, num_stages=2),
+    torch.bfloat16: SplitConfig(block_m=32, num_warps=8, num_stages=3),
+    torch.float8_e4m3fn: SplitConfig(block_m=16, num_warps=8, num_stages=3),
 }
 
 
