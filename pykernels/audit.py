@@ -14,9 +14,11 @@ them against what each kernel is meant to be:
     A select or an extra multiply per element there means the scale split was left to run time. Their
     shared-memory loads (the A scales) lie between the stage's mbarrier wait and its release;
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
-    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling, and the bytes the loop
+    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling, the bytes the loop
     around its MMAs loads from global memory per iteration (mma_loop_load_bytes: the MLA page loop must
-    fetch one page, K's 576 columns once, with V taken from them rather than loaded again).
+    fetch one page, K's 576 columns once, with V taken from them rather than loaded again), and that this
+    loop keeps cp.async copies in flight across iterations (mma_loop_pipelined: one wait per iteration,
+    never for all copies).
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
 """
 
@@ -74,7 +76,7 @@ class KernelReport:
     occupancy: float | None = None  # resident warps / 64, estimated
     instructions: dict = field(default_factory=dict)  # class -> count
     hot_loops: list = field(default_factory=list)  # hot_loops() entries, in address order
-    mma_loop: dict | None = None  # mma_loop_loads(), for the kernels whose op audits it (mma_loop_load_bytes)
+    mma_loop: dict | None = None  # mma_loop_loads(), for the kernels whose op audits it (mma_loop_* rules)
     failures: list = field(default_factory=list)
 
     @property
@@ -283,10 +285,11 @@ def global_load_bytes(mnemonic: str) -> int:
 
 def mma_loop_loads(instructions: list) -> dict | None:
     """The shortest loop holding every MMA (HMMA, HGMMA, QGMMA) of a kernel and the global loads in it:
-    {"start", "end", "vector_bytes", "loads", "nested_loads"}: "vector_bytes" sums, per thread and per
-    iteration, the loads wider than 4 bytes (tiles; a 4-byte load is a scalar such as a page id),
+    {"start", "end", "vector_bytes", "loads", "nested_loads", "copy_waits"}: "vector_bytes" sums, per thread
+    and per iteration, the loads wider than 4 bytes (tiles; a 4-byte load is a scalar such as a page id),
     "nested_loads" counts loads inside a loop within it, where one static instruction runs many times per
-    iteration. None when no loop holds the MMAs."""
+    iteration, and "copy_waits" lists the cp.async waits in it (DEPBAR.LE SB0, N: wait until at most N
+    copy groups are pending). None when no loop holds the MMAs."""
     mmas = [a for a, m, _ in instructions if m.split(".")[0] in MMA_OPCODES]
     around = [(e - s, s, e) for s, e in _loops(instructions) if mmas and s <= min(mmas) and max(mmas) <= e]
     if not around:
@@ -295,8 +298,10 @@ def mma_loop_loads(instructions: list) -> dict | None:
     inner = [(s, e) for s, e in _loops(instructions) if start <= s and e <= end and (s, e) != (start, end)]
     loads = [(a, global_load_bytes(m)) for a, m, _ in instructions if start <= a <= end and global_load_bytes(m)]
     nested = [a for a, _ in loads if any(s <= a <= e for s, e in inner)]
+    waits = [int(w.group(1), 16) for a, m, ops in instructions
+             if start <= a <= end and m.startswith("DEPBAR.LE") and (w := re.match(r"SB0,\s*0x([0-9a-f]+)", ops))]
     return {"start": start, "end": end, "vector_bytes": sum(b for _, b in loads if b > 4), "loads": len(loads),
-            "nested_loads": len(nested)}
+            "nested_loads": len(nested), "copy_waits": waits}
 
 
 def mma_loop_load_failures(loop: dict | None, threads: int, expected_bytes: int) -> list:
@@ -313,6 +318,21 @@ def mma_loop_load_failures(loop: dict | None, threads: int, expected_bytes: int)
     if got != expected_bytes:
         return [f"{where}: loads {got} B per iteration ({loop['vector_bytes']} B per thread), expected "
                 f"{expected_bytes} B"]
+    return []
+
+
+def mma_loop_pipeline_failures(loop: dict | None) -> list:
+    """Why the MMA loop does not keep copies in flight across its iterations: it must wait for its cp.async
+    copies exactly once per iteration and leave at least one group pending (DEPBAR.LE SB0, N with N >= 1).
+    A wait for all copies (N = 0) means each iteration's tiles arrive while nothing else runs."""
+    if loop is None:
+        return ["no loop holds the MMAs, expected one that keeps its copies in flight"]
+    where = f"MMA loop at {loop['start']:#x}-{loop['end']:#x}"
+    if len(loop["copy_waits"]) != 1:
+        return [f"{where}: {len(loop['copy_waits'])} cp.async waits per iteration, expected 1"]
+    if loop["copy_waits"][0] == 0:
+        return [f"{where}: waits for all its cp.async copies (DEPBAR.LE SB0, 0x0), expected the next tile's to "
+                "stay in flight"]
     return []
 
 
@@ -362,8 +382,10 @@ def check_expectations(report: KernelReport, expect: dict) -> None:
     if "mma_loop_load_bytes" in expect:
         report.failures += mma_loop_load_failures(report.mma_loop, report.threads_per_block or 0,
                                                   expect["mma_loop_load_bytes"])
-    else:  # reported where an op audits it: elsewhere (TMA, wait loops) the figure means nothing
-        report.mma_loop = None
+    if expect.get("mma_loop_pipelined"):
+        report.failures += mma_loop_pipeline_failures(report.mma_loop)
+    if "mma_loop_load_bytes" not in expect and not expect.get("mma_loop_pipelined"):
+        report.mma_loop = None  # reported where an op audits it: elsewhere (TMA, wait loops) it means nothing
     limit = expect.get("max_shared_bytes", SM90_MAX_SHARED_PER_BLOCK)
     if report.shared_bytes > limit:
         report.failures.append(f"shared memory {report.shared_bytes} B exceeds {limit} B")

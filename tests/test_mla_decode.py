@@ -702,9 +702,26 @@ def test_audit_page_loop_rule_rejects_a_second_read_of_the_page():
     assert "no loop holds the MMAs" in audit.mma_loop_load_failures(None, 256, 73728)[0]
 
 
+def test_audit_page_loop_rule_wants_the_next_page_in_flight():
+    """One cp.async wait per iteration that leaves a group pending (DEPBAR.LE SB0, N >= 1) passes; a wait
+    for all copies, a wait per chunk, or none fails."""
+    tile = ["LDGSTS.E.BYPASS.128 [R137], desc[UR20][R36.64], P2"] * 18
+    pending = audit.mma_loop_loads(_page_loop_listing(tile, loop_head=("DEPBAR.LE SB0, 0x3",)))
+    assert pending["copy_waits"] == [3] and audit.mma_loop_pipeline_failures(pending) == []
+    drained = audit.mma_loop_loads(_page_loop_listing(tile, loop_head=("DEPBAR.LE SB0, 0x0",)))
+    assert "waits for all its cp.async copies" in audit.mma_loop_pipeline_failures(drained)[0]
+    per_chunk = audit.mma_loop_loads(_page_loop_listing([*tile, "DEPBAR.LE SB0, 0x1"],
+                                                        loop_head=("DEPBAR.LE SB0, 0x1",)))
+    assert "2 cp.async waits per iteration, expected 1" in audit.mma_loop_pipeline_failures(per_chunk)[0]
+    unwaited = audit.mma_loop_loads(_page_loop_listing(tile, loop_head=()))
+    assert "0 cp.async waits" in audit.mma_loop_pipeline_failures(unwaited)[0]
+    assert audit.mma_loop_pipeline_failures(None)
+
+
 def test_compiled_triton_kernels_load_each_page_once():
     """The split kernels as the audit compiles them for sm_90 (in a process without the interpreter): no
-    local memory, and the page loop fetches exactly one page per iteration (K once, V from it)."""
+    local memory, the page loop fetches exactly one page per iteration (K once, V from it) and waits once per
+    page with copies left in flight."""
     import json
     import os
     import subprocess
@@ -722,6 +739,7 @@ def test_compiled_triton_kernels_load_each_page_once():
             k = kernels[aot.name]
             assert k["stack_bytes"] == k["local_bytes"] == 0
             assert k["mma_loop"]["vector_bytes"] * k["threads_per_block"] == aot.expect["mma_loop_load_bytes"]
+            assert len(k["mma_loop"]["copy_waits"]) == 1 and k["mma_loop"]["copy_waits"][0] >= 1
 
 
 # ---- GPU: CUDA and compiled Triton on FlashMLA's sweep ---------------------------------------------------

@@ -261,8 +261,9 @@ def _page_bytes(kv: str) -> int:
 
 
 # The configs the wrapper launches (both caches, causal on, as MTP decode runs them); the audit compiles them
-# for sm_90 and requires mma.sync, no spills, and the page loop's global loads to be one page: K's 576
-# columns once, V taken from them (a separate V load would add 64 x 512 elements).
+# for sm_90 and requires mma.sync, no spills, the page loop's global loads to be one page (K's 576 columns
+# once, V taken from them: a separate V load would add 64 x 512 elements), and its one cp.async wait per
+# page to leave the next page's copies in flight.
 AOT_KERNELS = [
     AotKernel(
         name=f"mla_decode_split_kernel[{kv},causal,m{cfg.block_m}]",
@@ -273,7 +274,7 @@ AOT_KERNELS = [
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         expect={"no_local_memory": True, "min_instructions": {"HMMA": 1},
-                "mma_loop_load_bytes": _page_bytes(kv)},
+                "mma_loop_load_bytes": _page_bytes(kv), "mma_loop_pipelined": True},
     )
     for kv, ty, cfg in (("bf16", "*bf16", SPLIT_CONFIGS[torch.bfloat16]),
                         ("fp8", "*fp8e4nv", SPLIT_CONFIGS[torch.float8_e4m3fn]))
