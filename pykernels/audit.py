@@ -1,6 +1,6 @@
 """Static SASS and resource audit of every kernel, for sm_90a, with no GPU needed.
 
-    python -m pykernels.audit [--json] [--cuda-only | --triton-only]
+    python -m pykernels.audit [--json] [--cuda-only | --triton-only] [--match TEXT]
 
 For each kernel in the built extension (pykernels._C) and each Triton config listed in the ops'
 AOT_KERNELS (compiled ahead of time for sm_90), it reports registers, stack and local memory, static shared
@@ -14,7 +14,11 @@ them against what each kernel is meant to be:
     A select or an extra multiply per element there means the scale split was left to run time. Their
     shared-memory loads (the A scales) lie between the stage's mbarrier wait and its release;
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
-    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling.
+    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling, the bytes the loop
+    around its MMAs loads from global memory per iteration (mma_loop_load_bytes: the MLA page loop must
+    fetch one page, K's 576 columns once, with V taken from them rather than loaded again), and that this
+    loop keeps cp.async copies in flight across iterations (mma_loop_pipelined: one wait per iteration,
+    never for all copies).
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
 """
 
@@ -72,6 +76,7 @@ class KernelReport:
     occupancy: float | None = None  # resident warps / 64, estimated
     instructions: dict = field(default_factory=dict)  # class -> count
     hot_loops: list = field(default_factory=list)  # hot_loops() entries, in address order
+    mma_loop: dict | None = None  # mma_loop_loads(), for the kernels whose op audits it (mma_loop_* rules)
     failures: list = field(default_factory=list)
 
     @property
@@ -187,11 +192,7 @@ def hot_loops(instructions: list) -> list:
     Addresses are byte offsets in the function; "instructions" counts the loop body once (per warp) less
     the hot loops it encloses ("encloses" of them), "k_steps" the 128-K steps it holds (QGMMA /
     QGMMA_PER_K_STEP: the compiler may unroll a k-loop, or peel an iteration into the tile loop)."""
-    loops = []
-    for address, mnemonic, operands in instructions:
-        target = re.match(r"(?:P\w+,\s*)?0x([0-9a-f]+)", operands) if mnemonic.split(".")[0] == "BRA" else None
-        if target and int(target.group(1), 16) <= address:
-            loops.append((int(target.group(1), 16), address))
+    loops = _loops(instructions)
     # Each QGMMA's hot loop is the shortest loop around it. Shortest, not innermost: a wait retried in
     # out-of-line code branches back into the loop from past its end, forming a longer overlapping "loop".
     chosen = set()
@@ -258,6 +259,83 @@ def promotion_failures(loops: list) -> list:
     return failures
 
 
+MMA_OPCODES = ("HMMA", "HGMMA", "QGMMA")
+
+
+def _loops(instructions: list) -> list:
+    """(start, end) of every backward branch in a listing from parse_listing."""
+    loops = []
+    for address, mnemonic, operands in instructions:
+        target = re.match(r"(?:P\w+,\s*)?0x([0-9a-f]+)", operands) if mnemonic.split(".")[0] == "BRA" else None
+        if target and int(target.group(1), 16) <= address:
+            loops.append((int(target.group(1), 16), address))
+    return loops
+
+
+def global_load_bytes(mnemonic: str) -> int:
+    """Bytes one thread fetches with a global load (LDG, or LDGSTS: cp.async to shared memory); 0 for others."""
+    parts = mnemonic.split(".")
+    if parts[0] not in ("LDG", "LDGSTS"):
+        return 0
+    for suffix, size in (("128", 16), ("64", 8), ("U8", 1), ("S8", 1), ("U16", 2), ("S16", 2)):
+        if suffix in parts[1:]:
+            return size
+    return 4
+
+
+def mma_loop_loads(instructions: list) -> dict | None:
+    """The shortest loop holding every MMA (HMMA, HGMMA, QGMMA) of a kernel and the global loads in it:
+    {"start", "end", "vector_bytes", "loads", "nested_loads", "copy_waits"}: "vector_bytes" sums, per thread
+    and per iteration, the loads wider than 4 bytes (tiles; a 4-byte load is a scalar such as a page id),
+    "nested_loads" counts loads inside a loop within it, where one static instruction runs many times per
+    iteration, and "copy_waits" lists the cp.async waits in it (DEPBAR.LE SB0, N: wait until at most N
+    copy groups are pending). None when no loop holds the MMAs."""
+    mmas = [a for a, m, _ in instructions if m.split(".")[0] in MMA_OPCODES]
+    around = [(e - s, s, e) for s, e in _loops(instructions) if mmas and s <= min(mmas) and max(mmas) <= e]
+    if not around:
+        return None
+    _, start, end = min(around)
+    inner = [(s, e) for s, e in _loops(instructions) if start <= s and e <= end and (s, e) != (start, end)]
+    loads = [(a, global_load_bytes(m)) for a, m, _ in instructions if start <= a <= end and global_load_bytes(m)]
+    nested = [a for a, _ in loads if any(s <= a <= e for s, e in inner)]
+    waits = [int(w.group(1), 16) for a, m, ops in instructions
+             if start <= a <= end and m.startswith("DEPBAR.LE") and (w := re.match(r"SB0,\s*0x([0-9a-f]+)", ops))]
+    return {"start": start, "end": end, "vector_bytes": sum(b for _, b in loads if b > 4), "loads": len(loads),
+            "nested_loads": len(nested), "copy_waits": waits}
+
+
+def mma_loop_load_failures(loop: dict | None, threads: int, expected_bytes: int) -> list:
+    """Why the MMA loop does not load exactly `expected_bytes` per iteration (all threads together), e.g.
+    one KV page: more means a tile read twice (V loaded apart from K), less or nested loads mean the page
+    is not fetched whole once per iteration."""
+    if loop is None:
+        return [f"no loop holds the MMAs, expected one loading {expected_bytes} B per iteration"]
+    where = f"MMA loop at {loop['start']:#x}-{loop['end']:#x}"
+    if loop["nested_loads"]:
+        return [f"{where}: {loop['nested_loads']} global loads in an inner loop, expected {expected_bytes} B loaded "
+                "once per iteration"]
+    got = loop["vector_bytes"] * threads
+    if got != expected_bytes:
+        return [f"{where}: loads {got} B per iteration ({loop['vector_bytes']} B per thread), expected "
+                f"{expected_bytes} B"]
+    return []
+
+
+def mma_loop_pipeline_failures(loop: dict | None) -> list:
+    """Why the MMA loop does not keep copies in flight across its iterations: it must wait for its cp.async
+    copies exactly once per iteration and leave at least one group pending (DEPBAR.LE SB0, N with N >= 1).
+    A wait for all copies (N = 0) means each iteration's tiles arrive while nothing else runs."""
+    if loop is None:
+        return ["no loop holds the MMAs, expected one that keeps its copies in flight"]
+    where = f"MMA loop at {loop['start']:#x}-{loop['end']:#x}"
+    if len(loop["copy_waits"]) != 1:
+        return [f"{where}: {len(loop['copy_waits'])} cp.async waits per iteration, expected 1"]
+    if loop["copy_waits"][0] == 0:
+        return [f"{where}: waits for all its cp.async copies (DEPBAR.LE SB0, 0x0), expected the next tile's to "
+                "stay in flight"]
+    return []
+
+
 def parse_threads(elf_text: str) -> dict:
     """cuobjdump -elf -> {mangled name: threads per block} from __launch_bounds__ / .reqntid attributes."""
     threads, current, pending = {}, None, False
@@ -301,6 +379,13 @@ def check_expectations(report: KernelReport, expect: dict) -> None:
         have = report.instructions.get(cls, 0)
         if have > maximum:
             report.failures.append(f"expected at most {maximum} {cls}, found {have}")
+    if "mma_loop_load_bytes" in expect:
+        report.failures += mma_loop_load_failures(report.mma_loop, report.threads_per_block or 0,
+                                                  expect["mma_loop_load_bytes"])
+    if expect.get("mma_loop_pipelined"):
+        report.failures += mma_loop_pipeline_failures(report.mma_loop)
+    if "mma_loop_load_bytes" not in expect and not expect.get("mma_loop_pipelined"):
+        report.mma_loop = None  # reported where an op audits it: elsewhere (TMA, wait loops) it means nothing
     limit = expect.get("max_shared_bytes", SM90_MAX_SHARED_PER_BLOCK)
     if report.shared_bytes > limit:
         report.failures.append(f"shared memory {report.shared_bytes} B exceeds {limit} B")
@@ -321,7 +406,8 @@ def _reports_from_binary(path: str, source: str, names: dict | None = None) -> l
                          stack_bytes=res.get("STACK", 0), local_bytes=res.get("LOCAL", 0),
                          shared_bytes=res.get("SHARED", 0), threads_per_block=threads.get(mangled),
                          instructions=dict(sorted(sass.get(mangled, {}).items())),
-                         hot_loops=hot_loops(listing.get(mangled, [])))
+                         hot_loops=hot_loops(listing.get(mangled, [])),
+                         mma_loop=mma_loop_loads(listing.get(mangled, [])))
         r.occupancy = occupancy(r.registers, r.shared_bytes, r.threads_per_block)
         reports.append(r)
     return reports
@@ -373,7 +459,8 @@ def audit_cuda() -> tuple:
     return reports, problems
 
 
-def audit_triton() -> list:
+def audit_triton(match: str = "") -> list:
+    """Reports for the Triton AOT configs whose names contain `match` (all by default)."""
     from pykernels import triton as triton_ops
     from pykernels.triton.aot import compile_sm90
 
@@ -381,7 +468,7 @@ def audit_triton() -> list:
     with tempfile.TemporaryDirectory() as tmp:
         for op in triton_ops.OPS:
             module = importlib.import_module(f"pykernels.triton.{op}")
-            for kernel in module.AOT_KERNELS:
+            for kernel in [k for k in module.AOT_KERNELS if match in k.name]:
                 cubin, metadata = compile_sm90(kernel)
                 path = os.path.join(tmp, f"{len(reports)}.cubin")
                 Path(path).write_bytes(cubin)
@@ -396,14 +483,15 @@ def audit_triton() -> list:
     return reports
 
 
-def run(cuda: bool = True, triton: bool = True) -> dict:
+def run(cuda: bool = True, triton: bool = True, match: str = "") -> dict:
     reports, problems = [], []
     if cuda:
         cuda_reports, cuda_problems = audit_cuda()
+        cuda_reports = [r for r in cuda_reports if match in r.name]
         reports += cuda_reports
         problems += cuda_problems
     if triton:
-        reports += audit_triton()
+        reports += audit_triton(match)
     failed = [r for r in reports if not r.ok] or bool([p for p in problems if p.startswith("ptxas")])
     return {"kernels": [asdict(r) for r in reports], "problems": problems, "ok": not failed,
             "note": "static figures read from sm_90a binaries, not measurements"}
@@ -421,20 +509,29 @@ def hot_loop_summary(loops: list) -> str:
     return f"{len(innermost)}x {per_step}"
 
 
+def mma_loop_summary(kernel: dict) -> str:
+    loop, threads = kernel["mma_loop"], kernel["threads_per_block"]
+    if loop is None or not threads:
+        return "-"
+    return str(loop["vector_bytes"] * threads) + ("+n" if loop["nested_loads"] else "")
+
+
 def format_table(result: dict) -> str:
     cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UBLKCP", "LDGSTS", "LDG.128"]
     header = f"{'kernel':70} {'src':6} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>7} {'thr':>4} {'occ':>5} " + \
-        " ".join(f"{c:>7}" for c in cols) + f" {'hot loops':>20}  status"
+        " ".join(f"{c:>7}" for c in cols) + f" {'hot loops':>20} {'loop ld B':>9}  status"
     lines = [header, "-" * len(header)]
     for k in result["kernels"]:
         name = k["name"] if len(k["name"]) <= 70 else k["name"][:67] + "..."
         occ = "-" if k["occupancy"] is None else f"{k['occupancy']:.2f}"
         thr = "-" if k["threads_per_block"] is None else str(k["threads_per_block"])
         counts = " ".join(f"{k['instructions'].get(c, 0):>7}" for c in cols)
-        counts += f" {hot_loop_summary(k['hot_loops']):>20}"
+        counts += f" {hot_loop_summary(k['hot_loops']):>20} {mma_loop_summary(k):>9}"
         status = "ok" if not k["failures"] else "FAIL: " + "; ".join(k["failures"])
         lines.append(f"{name:70} {k['source']:6} {k['registers']:>4} {k['stack_bytes']:>5} {k['local_bytes']:>5} "
                      f"{k['shared_bytes']:>7} {thr:>4} {occ:>5} {counts}  {status}")
+    lines.append("loop ld B: bytes the loop around the MMAs loads from global memory per iteration, all threads, "
+                 "in loads wider than 4 bytes")
     lines.append("hot loops: FP8 wgmma loops, 'count x instructions/FFMA/FMUL/FSEL' per 128-K step per warp (the "
                  "loop with the most instructions per step)")
     lines += [f"problem: {p}" for p in result["problems"]]
@@ -449,10 +546,11 @@ def main(argv=None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cuda-only", action="store_true", help="audit only the built CUDA extension")
     group.add_argument("--triton-only", action="store_true", help="audit only the Triton AOT configs")
+    parser.add_argument("--match", default="", help="audit only the kernels whose names contain this text")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("note: TRITON_INTERPRET is set; Triton kernels are still compiled for sm_90", file=sys.stderr)
-    result = run(cuda=not args.triton_only, triton=not args.cuda_only)
+    result = run(cuda=not args.triton_only, triton=not args.cuda_only, match=args.match)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0 if result["ok"] else 1
 

@@ -18,7 +18,8 @@ from pykernels.reference import mla_decode as reference
 PAGE_SIZE = 64
 HEAD_DIM_K = 576
 HEAD_DIM_V = 512
-ROWS_PER_TILE = 64  # query rows (heads x s_q tokens) per CTA / program: the M of every MMA
+ROWS_PER_TILE = 64  # query rows (heads x s_q tokens) per CUDA CTA, the M of its MMAs; the Triton kernel runs a
+# tile as 2 (bfloat16 cache) or 4 (float8_e4m3fn) programs of 32 or 16 rows
 FIXED_OVERHEAD = 5  # cost of one split, in pages: loading Q, the epilogue and the combine it causes
 DEFAULT_SM_COUNT = 132  # H100/H800 SXM5, for schedules planned for CPU tensors
 MAX_S_Q = 4

@@ -21,10 +21,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pykernels
-from pykernels import _backend
+from pykernels import _backend, audit
 from pykernels.mla_decode import FIXED_OVERHEAD, PAGE_SIZE, num_sm_parts_for, plan_splits
 from pykernels.mla_decode import mla_decode as mla_decode_implementation
 from pykernels.reference import mla_decode as ref
+from pykernels.triton import mla_decode as triton_mla
 
 FP8 = torch.float8_e4m3fn
 COS_DIFF = 5e-6  # FlashMLA's tests
@@ -642,6 +643,103 @@ def test_triton_runs_a_replanned_schedule(device):
     out, lse = pykernels.mla_decode(q, cache, table, lens, softmax_scale=V3_SCALE, causal=True, metadata=sched,
                                     backend="triton")
     assert_close(out, lse, *float64_attention(q, dense, 2, True, V3_SCALE))
+
+
+# ---- Triton: the configs the host picks and the audit's page-loop rule ---------------------------------
+
+
+def test_triton_split_configs_are_audited():
+    """Every split config the host launches is compiled for sm_90 by the audit, with the page-loop rule at
+    one page of that cache's dtype."""
+    audited = {(k.constexprs["FP8"], k.constexprs["BLOCK_M"], k.num_warps, k.num_stages,
+                k.expect.get("mma_loop_load_bytes")) for k in triton_mla.AOT_KERNELS if "split" in k.name}
+    for dtype, cfg in triton_mla.SPLIT_CONFIGS.items():
+        page = PAGE_SIZE * 576 * dtype.itemsize
+        assert (dtype == FP8, cfg.block_m, cfg.num_warps, cfg.num_stages, page) in audited
+
+
+def _page_loop_listing(body, loop_head=("DEPBAR.LE SB0, 0x0",)):
+    """parse_listing's instructions for a function whose page loop holds `body`: set-up loads, the loop
+    (an HMMA, `body`, the back-edge), then a store and EXIT."""
+    lines = ["LDG.E R4, desc[UR20][R2.64]", "LDG.E.128 R8, desc[UR20][R6.64]"]
+    start = len(lines)
+    lines += [*loop_head, "HMMA.16816.F32.BF16 R40, R40, R76, RZ", *body]
+    lines += [f"@P0 BRA {16 * start:#x}", "STG.E.128 desc[UR20][R2.64], R40", "EXIT"]
+    text = "\t\tFunction : _Zfake\n" + "\n".join(f"        /*{16 * i:04x}*/                   {line} ;   /* 0x0 */"
+                                                for i, line in enumerate(lines))
+    return audit.parse_listing(text)["_Zfake"]
+
+
+def test_audit_page_loop_loads_one_page():
+    """The rule the MLA kernels are audited with: per iteration of the loop around the MMAs, 16-byte tile
+    loads times threads make one page; a 4-byte page-id load does not count."""
+    tile = ["LDGSTS.E.BYPASS.128 [R137+0x1000], desc[UR20][R38.64], P0"] * 18  # 18 x 16 B x 256 = a bf16 page
+    once = audit.mma_loop_loads(_page_loop_listing([*tile, "@P1 LDG.E R5, desc[UR20][R9.64]"]))
+    assert (once["start"], once["loads"], once["vector_bytes"], once["nested_loads"]) == (32, 19, 288, 0)
+    assert audit.mma_loop_load_failures(once, 256, 73728) == []
+    fp8 = audit.mma_loop_loads(_page_loop_listing(["@!P2 LDG.E.128 R48, desc[UR22][R64.64+0x200]"] * 8 +
+                                                  ["LDGSTS.E.BYPASS.128 [R7], desc[UR20][R36.64], P2"]))
+    assert audit.mma_loop_load_failures(fp8, 256, 36864) == []
+
+
+def test_audit_page_loop_rule_rejects_a_second_read_of_the_page():
+    """V loaded apart from K (16 more 16-byte loads per thread: 64 x 512 bfloat16), K fetched in chunks by
+    an inner loop (one static load, many iterations), a narrower load, and no MMA loop at all: each fails."""
+    tile = ["LDGSTS.E.BYPASS.128 [R137], desc[UR20][R36.64], P2"] * 18
+    twice = audit.mma_loop_loads(_page_loop_listing([*tile, *["LDG.E.128 R48, desc[UR22][R64.64]"] * 16]))
+    (why,) = audit.mma_loop_load_failures(twice, 256, 73728)
+    assert "loads 139264 B per iteration (544 B per thread), expected 73728 B" in why
+    chunk_loop = ["LDGSTS.E.BYPASS.128 [R137], desc[UR20][R36.64], P2", "HMMA.16816.F32.BF16 R8, R8, R76, RZ",
+                  "@P3 BRA 0x40"]  # back to the chunk load: an inner loop
+    nested = audit.mma_loop_loads(_page_loop_listing([*chunk_loop, *tile[:16]]))
+    (why,) = audit.mma_loop_load_failures(nested, 256, 73728)
+    assert "1 global loads in an inner loop" in why
+    narrow = audit.mma_loop_loads(_page_loop_listing([*tile[:17], "LDG.E.64 R48, desc[UR22][R64.64]"]))
+    assert audit.mma_loop_load_failures(narrow, 256, 73728)
+    assert audit.global_load_bytes("LDG.E.U8") == 1 and audit.global_load_bytes("STG.E.128") == 0
+    no_loop = [(0, "HMMA.16816.F32.BF16", "R40, R40, R76, RZ"), (16, "EXIT", "")]
+    assert audit.mma_loop_loads(no_loop) is None
+    assert "no loop holds the MMAs" in audit.mma_loop_load_failures(None, 256, 73728)[0]
+
+
+def test_audit_page_loop_rule_wants_the_next_page_in_flight():
+    """One cp.async wait per iteration that leaves a group pending (DEPBAR.LE SB0, N >= 1) passes; a wait
+    for all copies, a wait per chunk, or none fails."""
+    tile = ["LDGSTS.E.BYPASS.128 [R137], desc[UR20][R36.64], P2"] * 18
+    pending = audit.mma_loop_loads(_page_loop_listing(tile, loop_head=("DEPBAR.LE SB0, 0x3",)))
+    assert pending["copy_waits"] == [3] and audit.mma_loop_pipeline_failures(pending) == []
+    drained = audit.mma_loop_loads(_page_loop_listing(tile, loop_head=("DEPBAR.LE SB0, 0x0",)))
+    assert "waits for all its cp.async copies" in audit.mma_loop_pipeline_failures(drained)[0]
+    per_chunk = audit.mma_loop_loads(_page_loop_listing([*tile, "DEPBAR.LE SB0, 0x1"],
+                                                        loop_head=("DEPBAR.LE SB0, 0x1",)))
+    assert "2 cp.async waits per iteration, expected 1" in audit.mma_loop_pipeline_failures(per_chunk)[0]
+    unwaited = audit.mma_loop_loads(_page_loop_listing(tile, loop_head=()))
+    assert "0 cp.async waits" in audit.mma_loop_pipeline_failures(unwaited)[0]
+    assert audit.mma_loop_pipeline_failures(None)
+
+
+def test_compiled_triton_kernels_load_each_page_once():
+    """The split kernels as the audit compiles them for sm_90 (in a process without the interpreter): no
+    local memory, the page loop fetches exactly one page per iteration (K once, V from it) and waits once per
+    page with copies left in flight."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pykernels.audit", "--triton-only", "--json", "--match",
+                           "mla_decode_split_kernel"], capture_output=True, text=True, env=env, timeout=600)
+    result = json.loads(proc.stdout)
+    kernels = {k["name"]: k for k in result["kernels"]}
+    assert set(kernels) == {k.name for k in triton_mla.AOT_KERNELS if "split" in k.name}
+    assert proc.returncode == 0 and result["ok"], [(k["name"], k["failures"]) for k in result["kernels"]]
+    for aot in triton_mla.AOT_KERNELS:
+        if aot.name in kernels:
+            k = kernels[aot.name]
+            assert k["stack_bytes"] == k["local_bytes"] == 0
+            assert k["mma_loop"]["vector_bytes"] * k["threads_per_block"] == aot.expect["mma_loop_load_bytes"]
+            assert len(k["mma_loop"]["copy_waits"]) == 1 and k["mma_loop"]["copy_waits"][0] >= 1
 
 
 # ---- GPU: CUDA and compiled Triton on FlashMLA's sweep ---------------------------------------------------

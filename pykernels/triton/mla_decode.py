@@ -1,27 +1,30 @@
-"""MLA decode in Triton: stage 1 runs the split-KV schedule (one persistent program per 64-row query tile and
-SM part), stage 2 merges the splits of each request by their lse.
+"""MLA decode in Triton: stage 1 runs the split-KV schedule (one persistent program per query tile of
+BLOCK_M rows and SM part), stage 2 merges the splits of each request by their lse.
 
-The M dimension of every tl.dot is 64 query rows: all s_q x h_q rows of a request packed together (row
-r = t * h_q + h, the order of q's memory), so each 64-token KV page is read from HBM once per split for all
-heads, not once per small group of heads.
+The M dimension of every tl.dot is a tile of the s_q x h_q rows of a request packed together (row
+r = t * h_q + h, the order of q's memory), so each 64-token KV page is read once per split for BLOCK_M
+rows, not once per head.
 
-Registers decide the shape of the page loop. The 64 x 512 float32 accumulator takes 128 registers per
-thread over 8 warps; a single 64 x 576 x 64 score product beside it spilled (Triton hoists the wgmma
-descriptors of the loop-invariant Q tile and of both K stages out of the loop: 0.5-1 KB of stack per
-thread). So the scores are accumulated over nine 64-column chunks in a runtime loop, each chunk of Q and K
-loaded where it is used (cp.async-pipelined), and V, the page's first 512 columns, is loaded again for
-P V. The second read of the page and the per-page Q chunks come from L1/L2, not HBM; the CUDA kernel keeps
-Q and the page resident in shared memory instead. The alternatives compiled for sm_90 all spill: each page
-loaded once as [64, 512] + [64, 64] with the 512 part reused as V (470-800 B of stack per thread: with Q and
-the page in fixed shared buffers, the descriptors of every wgmma k-step are hoisted into registers), and a
-third cp.async stage so that a chunk stays in flight rather than waiting for all copies per chunk (72 B
-for the bf16 cache, 40 B with V in two halves).
+Each page is loaded once, as two [64, 256] halves of its 512 latent columns and a [64, 64] RoPE tile; the
+halves are both K for the scores and V for P V, so nothing is read twice. The output accumulates in two
+[BLOCK_M, 256] halves, one per V half. The page loop is a three-stage tl.range loop: for a bfloat16 cache
+Triton's pipeliner turns the page's loads into cp.async copies into two shared-memory stages, so page
+i + 1's copies are in flight while page i's MMAs run, with one wait per page (for the older stage) and
+none per chunk. A float8_e4m3fn page is widened to bfloat16 in registers, so the pipeliner leaves its two
+halves as plain loads at the top of the iteration (its RoPE tile still goes through cp.async).
 
-The split and page loops are while loops: their bounds come from the schedule in memory, which Triton
-3.6's interpreter cannot take as range() bounds. Only the constant-bound chunk loop is software-pipelined.
+Registers decide the shape. With 64 rows per program (one wgmma M) every form tried spills on sm_90:
+the [64, 512] float32 accumulator is 128 registers per thread over 8 warps, and Triton hoists the wgmma
+descriptors of the loop-invariant Q tile beside it (16-600 B of stack per thread with Triton 3.6 and 3.9,
+in one or two loads per page, V whole or in halves or quarters, 8 or 16 warps). Tiles of 16 or 32 rows use
+mma.sync (HMMA) instead and fit. A float8_e4m3fn page is widened to bfloat16 after its transpose, so that the
+score's K^T and P V's V come from one conversion (converting first and transposing for the scores kept a
+second, shuffled copy of the page in registers and spilled).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -57,6 +60,7 @@ def mla_decode_split_kernel(
     PAGE: tl.constexpr,  # tokens per page and per KV tile (64)
     DV: tl.constexpr,  # 512 latent columns (K and V)
     DR: tl.constexpr,  # 64 RoPE columns (K only)
+    NUM_STAGES: tl.constexpr,  # page tiles in flight in the page loop
 ):
     m_block = tl.program_id(0)
     part = tl.program_id(1)
@@ -64,7 +68,8 @@ def mla_decode_split_kernel(
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < rows
     offs_n = tl.arange(0, PAGE)
-    offs_v = tl.arange(0, DV)
+    HALF: tl.constexpr = DV // 2
+    offs_h = tl.arange(0, HALF)
     offs_r = tl.arange(0, DR)
     if FP8:
         # The e4m3 -> bf16 conversion is exact; the per-tensor scale multiplies scores and outputs instead.
@@ -87,14 +92,20 @@ def mla_decode_split_kernel(
             key_limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+        acc_lo = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+        q_lo = tl.load(q_rows + offs_h[None, :], mask=row_ok[:, None], other=0.0)
+        q_hi = tl.load(q_rows + HALF + offs_h[None, :], mask=row_ok[:, None], other=0.0)
+        q_rope = tl.load(q_rows + DV + offs_r[None, :], mask=row_ok[:, None], other=0.0)
         table_row = block_table_ptr + request.to(tl.int64) * max_blocks
         # A page without tokens (a length-0 request's only page) has no block_table entry to trust, and with a
         # schedule nothing checked the lengths against the table's width: read neither.
-        page = page_begin
-        block_id = tl.load(table_row + page, mask=(page * PAGE < seqlen) & (page < max_blocks), other=0)
-        while page < page_end:
-            # The next page's id is read a page ahead, so the tile addresses never wait on the block table.
+        block_id = tl.load(table_row + page_begin, mask=(page_begin * PAGE < seqlen) & (page_begin < max_blocks),
+                           other=0)
+        for page in tl.range(page_begin, page_end, num_stages=NUM_STAGES):
+            # Each page's id is read an iteration ahead: the tile copies then depend on a loop-carried value,
+            # not on a load of their own iteration, and the pipeliner keeps the next page's copies in flight
+            # during this page's MMAs (with the id loaded in the same iteration it gave the tiles one buffer).
             next_page = page + 1
             next_id = tl.load(table_row + next_page, other=0,
                               mask=(next_page < page_end) & (next_page * PAGE < seqlen) & (next_page < max_blocks))
@@ -103,16 +114,15 @@ def mla_decode_split_kernel(
             # cannot reach the accumulator.
             token_ok = tokens < seqlen
             kv_rows = kv_ptr + (block_id.to(tl.int64) * PAGE + offs_n[:, None]) * (DV + DR)
-            s = tl.zeros([BLOCK_M, PAGE], dtype=tl.float32)
-            for c in range(0, DV + DR, DR):
-                q_c = tl.load(q_rows + c + offs_r[None, :], mask=row_ok[:, None], other=0.0)
-                k_c = tl.load(kv_rows + c + offs_r[None, :], mask=token_ok[:, None], other=0.0)
-                if FP8:
-                    k_c = k_c.to(tl.bfloat16)
-                s = tl.dot(q_c, tl.trans(k_c), s)
-            k_nope = tl.load(kv_rows + offs_v[None, :], mask=token_ok[:, None], other=0.0)
-            if FP8:
-                k_nope = k_nope.to(tl.bfloat16)
+            # K^T in halves; transposed back, the same tensors are V's halves.
+            kt_lo = tl.trans(tl.load(kv_rows + offs_h[None, :], mask=token_ok[:, None], other=0.0)).to(tl.bfloat16)
+            kt_hi = tl.trans(tl.load(kv_rows + HALF + offs_h[None, :], mask=token_ok[:, None],
+                                     other=0.0)).to(tl.bfloat16)
+            kt_rope = tl.trans(tl.load(kv_rows + DV + offs_r[None, :], mask=token_ok[:, None],
+                                       other=0.0)).to(tl.bfloat16)
+            s = tl.dot(q_lo, kt_lo)
+            s = tl.dot(q_hi, kt_hi, s)
+            s = tl.dot(q_rope, kt_rope, s)
             s = s * score_scale
             visible = tokens[None, :] < key_limit[:, None]
             s = tl.where(visible, s, float("-inf"))
@@ -122,27 +132,32 @@ def mla_decode_split_kernel(
             p = tl.math.exp2(s - m_ref[:, None])
             alpha = tl.math.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(round_to_bf16(p).to(tl.bfloat16), k_nope)
+            p = round_to_bf16(p).to(tl.bfloat16)
+            acc_lo = tl.dot(p, tl.trans(kt_lo), acc_lo * alpha[:, None])
+            acc_hi = tl.dot(p, tl.trans(kt_hi), acc_hi * alpha[:, None])
             m_i = m_new
             block_id = next_id
-            page = next_page
         # l_i is exactly 0 only for a row that saw no key (its largest term is exp2(0) = 1); a NaN score
         # makes it NaN, which then reaches out and lse.
         no_keys = l_i == 0.0
         inv_l = tl.where(no_keys, 0.0, kv_scale / l_i)
-        o = acc * inv_l[:, None]
+        o_lo = acc_lo * inv_l[:, None]
+        o_hi = acc_hi * inv_l[:, None]
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         if n_splits == 1:
-            out_rows = out_ptr + (request.to(tl.int64) * rows + offs_m[:, None]) * DV
-            tl.store(out_rows + offs_v[None, :], round_to_bf16(o).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            out_rows = out_ptr + (request.to(tl.int64) * rows + offs_m[:, None]) * DV + offs_h[None, :]
+            tl.store(out_rows, round_to_bf16(o_lo).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_rows + HALF, round_to_bf16(o_hi).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
             t = offs_m // h_q
             h = offs_m - t * h_q
             tl.store(lse_ptr + request.to(tl.int64) * rows + h * s_q + t, tl.where(no_keys, float("inf"), lse),
                      mask=row_ok)
         else:
             # A split whose keys a row cannot see weighs 0 in the combine: lse -inf.
-            part_rows = out_part_ptr + (g * rows + offs_m[:, None]).to(tl.int64) * DV  # capacity * rows < 2^31
-            tl.store(part_rows + offs_v[None, :], o, mask=row_ok[:, None])
+            # capacity * rows < 2^31
+            part_rows = out_part_ptr + (g * rows + offs_m[:, None]).to(tl.int64) * DV + offs_h[None, :]
+            tl.store(part_rows, o_lo, mask=row_ok[:, None])
+            tl.store(part_rows + HALF, o_hi, mask=row_ok[:, None])
             tl.store(lse_part_ptr + g * rows + offs_m, tl.where(no_keys, float("-inf"), lse), mask=row_ok)
         g += 1
 
@@ -196,12 +211,24 @@ def mla_combine_kernel(
         tl.store(lse_ptr + request.to(tl.int64) * rows + h * s_q + t, lse, mask=row_ok)
 
 
-BLOCK_M = 64
 PAGE = 64
 COMBINE_ROWS = 16
-SPLIT_WARPS = 8
-SPLIT_STAGES = 2
 COMBINE_WARPS = 4
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    block_m: int  # query rows per program
+    num_warps: int
+    num_stages: int  # pipeline stages of the page loop: 3 keeps the next page in flight during this one
+
+
+# Per cache dtype, the largest row tile that compiles for sm_90 without spilling (Triton 3.6 and 3.9): 32 rows
+# for bfloat16; 16 for float8_e4m3fn, whose widening to bfloat16 in registers takes the room of 16 rows.
+SPLIT_CONFIGS = {
+    torch.bfloat16: SplitConfig(block_m=32, num_warps=8, num_stages=3),
+    torch.float8_e4m3fn: SplitConfig(block_m=16, num_warps=8, num_stages=3),
+}
 
 
 def mla_decode(q, kv_cache, block_table, cache_seqlens, kv_scale, schedule, out, lse, out_partial, lse_partial,
@@ -209,13 +236,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, kv_scale, schedule, out,
     b, s_q, h_q, _ = q.shape
     rows = s_q * h_q
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    config = SPLIT_CONFIGS[kv_cache.dtype]
     scale_arg = kv_scale if fp8 else lse  # any float32 pointer; never read without FP8
-    grid = (triton.cdiv(rows, BLOCK_M), schedule.num_parts)
+    grid = (triton.cdiv(rows, config.block_m), schedule.num_parts)
     mla_decode_split_kernel[grid](
         q, kv_cache, block_table, cache_seqlens, scale_arg, schedule.part_splits, schedule.splits,
         schedule.split_offsets, out, lse, out_partial, lse_partial, s_q, h_q, block_table.shape[1],
-        softmax_scale * LOG2E, FP8=fp8, CAUSAL=causal, BLOCK_M=BLOCK_M, PAGE=PAGE, DV=512, DR=64,
-        num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
+        softmax_scale * LOG2E, FP8=fp8, CAUSAL=causal, BLOCK_M=config.block_m, PAGE=PAGE, DV=512, DR=64,
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
     mla_combine_kernel[(b, triton.cdiv(rows, COMBINE_ROWS))](
         schedule.split_offsets, out_partial, lse_partial, out, lse, s_q, h_q, BLOCK_R=COMBINE_ROWS, DV=512,
         num_warps=COMBINE_WARPS)
@@ -228,19 +256,28 @@ def _split_signature(kv_type: str) -> dict:
             "s_q": "i32", "h_q": "i32", "max_blocks": "i32", "scale_log2": "fp32"}
 
 
-# The configs the wrappers launch (both caches, causal on, as MTP decode runs them); the audit compiles them
-# for sm_90 and requires wgmma (HGMMA) and no spills.
+def _page_bytes(kv: str) -> int:
+    return PAGE * (512 + 64) * (1 if kv == "fp8" else 2)
+
+
+# The configs the wrapper launches (both caches, causal on, as MTP decode runs them); the audit compiles them
+# for sm_90 and requires mma.sync, no spills, the page loop's global loads to be one page (K's 576 columns
+# once, V taken from them: a separate V load would add 64 x 512 elements), and its one cp.async wait per
+# page to leave the next page's copies in flight.
 AOT_KERNELS = [
     AotKernel(
-        name=f"mla_decode_split_kernel[{kv},causal]",
+        name=f"mla_decode_split_kernel[{kv},causal,m{cfg.block_m}]",
         fn=mla_decode_split_kernel,
         signature=_split_signature(ty),
-        constexprs={"FP8": kv == "fp8", "CAUSAL": True, "BLOCK_M": BLOCK_M, "PAGE": PAGE, "DV": 512, "DR": 64},
-        num_warps=SPLIT_WARPS,
-        num_stages=SPLIT_STAGES,
-        expect={"no_local_memory": True, "min_instructions": {"HGMMA": 1}},
+        constexprs={"FP8": kv == "fp8", "CAUSAL": True, "BLOCK_M": cfg.block_m, "PAGE": PAGE, "DV": 512, "DR": 64,
+                    "NUM_STAGES": cfg.num_stages},
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        expect={"no_local_memory": True, "min_instructions": {"HMMA": 1},
+                "mma_loop_load_bytes": _page_bytes(kv), "mma_loop_pipelined": True},
     )
-    for kv, ty in (("bf16", "*bf16"), ("fp8", "*fp8e4nv"))
+    for kv, ty, cfg in (("bf16", "*bf16", SPLIT_CONFIGS[torch.bfloat16]),
+                        ("fp8", "*fp8e4nv", SPLIT_CONFIGS[torch.float8_e4m3fn]))
 ] + [
     AotKernel(
         name="mla_combine_kernel",
