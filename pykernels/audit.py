@@ -5,7 +5,7 @@
 For each kernel in the built extension (pykernels._C) and each Triton config listed in the ops'
 AOT_KERNELS (compiled ahead of time for sm_90), it reports registers, stack and local memory, static shared
 memory, tensor-core instructions (QGMMA = FP8 wgmma, HGMMA = 16-bit wgmma, HMMA = mma.sync), bulk-copy and
-TMA instructions (UTMALDG, UTMASTG, UBLKCP, ...), 16-byte vector loads and an occupancy estimate, and checks
+TMA instructions (UTMALDG, UTMASTG, UBLKCP, ...), stmatrix (STSM), 16-byte vector loads and an occupancy estimate, and checks
 them against what each kernel is meant to be:
   - every kernel: no local memory, no stack, no ptxas performance warning (C7510: wgmma serialized;
     C7508: setmaxnreg ignored) in the build log;
@@ -49,6 +49,7 @@ INSTRUCTION_CLASSES = {
     "UTMALDG": "TMA load",
     "UTMASTG": "TMA store",
     "UBLKCP": "bulk copy",
+    "STSM": "stmatrix",
     "LDGSTS": "cp.async",
     "SYNCS": "mbarrier",
     "LDG.128": "16-byte global load",
@@ -134,8 +135,8 @@ def classify(mnemonic: str) -> list:
     """The instruction classes a SASS mnemonic (opcode with modifiers) belongs to."""
     parts = mnemonic.split(".")
     base = parts[0]
-    classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "SYNCS", "LDL", "STL")
-               if base == c]
+    classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "STSM", "LDGSTS", "SYNCS", "LDL",
+                           "STL") if base == c]
     if base == "LDG" and "128" in parts:
         classes.append("LDG.128")
     if base == "STG" and "128" in parts:
@@ -422,7 +423,7 @@ def hot_loop_summary(loops: list) -> str:
 
 
 def format_table(result: dict) -> str:
-    cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UBLKCP", "LDGSTS", "LDG.128"]
+    cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "STSM", "UBLKCP", "LDGSTS", "LDG.128"]
     header = f"{'kernel':70} {'src':6} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>7} {'thr':>4} {'occ':>5} " + \
         " ".join(f"{c:>7}" for c in cols) + f" {'hot loops':>20}  status"
     lines = [header, "-" * len(header)]

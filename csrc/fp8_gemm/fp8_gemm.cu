@@ -59,6 +59,21 @@ CUtensorMap make_scale_map(const void* base, int64_t groups, int64_t rows, int64
   return map;
 }
 
+// A 3-D map over the bf16 output [groups, rows, N] (N innermost) that the epilogue's TMA stores write
+// through: boxes of output_box_cols(block_n) columns x 64 rows, in the tile's swizzle. Rows past `rows`
+// and columns past N are clipped, so the stores need no bounds checks and cannot reach the next group.
+CUtensorMap make_output_map(void* base, int64_t groups, int64_t rows, int64_t n, int block_n) {
+  const cuuint64_t dims[3] = {cuuint64_t(n), cuuint64_t(rows), cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {cuuint64_t(n * 2), cuuint64_t(n * 2 * rows)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {cuuint32_t(fp8_gemm::output_box_cols(block_n)), cuuint32_t(fp8_gemm::kOutputRows), 1};
+  const int swizzle_bytes = fp8_gemm::output_swizzle_bytes(block_n);
+  const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                     : swizzle_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                           : CU_TENSOR_MAP_SWIZZLE_NONE;
+  return encode_tensor_map("the output", CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, base, dims, strides, box, swizzle);
+}
+
 int sm_count(int device) {
   int sms = 0;
   PK_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -106,6 +121,10 @@ void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t str
   }
   args.params.sb = pr.sb->ptr<const float>();
   args.params.out = pr.out->ptr<__nv_bfloat16>();
+  args.params.tma_store = fp8_gemm::output_tma_storable(pr.n, reinterpret_cast<uintptr_t>(pr.out->data));
+  args.map_out = args.params.tma_store
+                     ? make_output_map(pr.out->data, pr.a_groups, pr.m_rows, pr.n, cfg.block_n)
+                     : CUtensorMap{};
   args.params.group_info = pr.group_info;
   args.num_ctas = num_ctas;
   const auto widths = std::make_index_sequence<fp8_gemm::kNumBlockNChoices>{};
