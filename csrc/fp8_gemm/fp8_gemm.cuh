@@ -40,6 +40,7 @@
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cute/arch/mma_sm90_gmma_ext.hpp>
+#include <cute/swizzle.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
@@ -81,6 +82,24 @@ struct GmmaOp<144> { using type = cute::SM90::GMMA::MMA_64x144x32_F32E4M3E4M3_SS
 template <>
 struct GmmaOp<160> { using type = cute::SM90::GMMA::MMA_64x160x32_F32E4M3E4M3_SS_TN<>; };
 
+// Whether the output tile's layout (output_tile_offset) is, box by box, CuTe's description of the TMA
+// swizzle mode the launcher encodes: Swizzle<B, 4, 3> over the box's bytes, B = log2(span / 16) (the form
+// get_tma_swizzle_bits maps to SWIZZLE_32B/64B/128B), checked at each 16-byte unit stmatrix writes.
+template <int kBlockN>
+constexpr bool output_tile_is_cute_tma_swizzle() {
+  constexpr int kSpan = output_swizzle_bytes(kBlockN);
+  using Swizzle = cute::Swizzle<kSpan == 128 ? 3 : kSpan == 64 ? 2 : kSpan == 32 ? 1 : 0, 4, 3>;
+  constexpr int kBoxCols = output_box_cols(kBlockN);
+  for (int row = 0; row < kOutputRows; ++row) {
+    for (int col = 0; col < kBlockN; col += 8) {
+      const int box_base = col / kBoxCols * kOutputRows * kBoxCols * kOutputElementBytes;
+      const int in_box = row * kBoxCols * kOutputElementBytes + col % kBoxCols * kOutputElementBytes;
+      if (box_base + Swizzle::apply(in_box) != output_tile_offset(kBlockN, row, col)) return false;
+    }
+  }
+  return true;
+}
+
 // The compile-time facts of one instantiation.
 template <int kMathWG, int kBlockN>
 struct TileShape {
@@ -112,6 +131,7 @@ struct TileShape {
                 "a TMA box row is a multiple of 16 bytes and at most 256 elements");
   static_assert(output_swizzle_bytes(kBlockN) != 0 || output_box_cols(kBlockN) * kOutputElementBytes / 16 % 2 == 1,
                 "an unswizzled tile needs an odd number of 16-byte units per row to keep stmatrix conflict-free");
+  static_assert(output_tile_is_cute_tma_swizzle<kBlockN>(), "stmatrix addresses must follow the TMA store's swizzle");
   static_assert(kSaBytes % 128 == 0, "TMA writes the scale boxes to 128-byte aligned shared memory");
   static_assert(2 * kFrag + 40 <= kMathRegisters, "fragment and accumulator must stay in registers");
   static_assert(kSmemBytes <= kSmemLimit, "dynamic shared memory above the 227 KB opt-in less static");
