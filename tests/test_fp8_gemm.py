@@ -1353,8 +1353,9 @@ def test_output_tile_boxes_fit_tma_and_prefer_the_widest_swizzle(block_n):
     assert box_cols * boxes == block_n and box_cols * 2 % 16 == 0 and box_cols <= 256
     if swizzle:
         assert box_cols * 2 == swizzle  # a box row is exactly the span
-        # Each box starts on its swizzle pattern's period (8 lines of the span).
-        assert all(b * 64 * box_cols * 2 % (8 * swizzle) == 0 for b in range(boxes))
+        # Each box starts 1024-byte aligned (the tile is), so on its swizzle pattern's period (8 lines of
+        # the span): TMA swizzles by shared-memory address bits.
+        assert all(b * 64 * box_cols * 2 % 1024 == 0 for b in range(boxes))
         # No wider span divides the row.
         assert all(block_n * 2 % wider for wider in (32, 64, 128) if wider > swizzle)
     else:
