@@ -14,7 +14,9 @@ them against what each kernel is meant to be:
     A select or an extra multiply per element there means the scale split was left to run time. Their
     shared-memory loads (the A scales) lie between the stage's mbarrier wait and its release;
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
-    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling.
+    AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling, and for an epilogue that
+    stages its output with stmatrix and stores it by TMA, the order of fences, barriers and waits around the
+    store (tma_store_protocol_failures).
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
 """
 
@@ -73,6 +75,7 @@ class KernelReport:
     occupancy: float | None = None  # resident warps / 64, estimated
     instructions: dict = field(default_factory=dict)  # class -> count
     hot_loops: list = field(default_factory=list)  # hot_loops() entries, in address order
+    tma_store_order: list = field(default_factory=list)  # tma_store_protocol_failures() of the SASS
     failures: list = field(default_factory=list)
 
     @property
@@ -289,6 +292,62 @@ def occupancy(registers: int, shared_bytes: int, threads: int | None) -> float |
     return round(blocks * warps / 64, 3)
 
 
+def tma_store_protocol_failures(instructions: list) -> list:
+    """Why a kernel's stmatrix -> shared memory -> TMA store epilogue is not ordered as the async proxy needs
+    (empty when it is, or when the kernel has no TMA store), from parse_listing's instructions in address
+    order (a tile loop's epilogue lies in address order within its body):
+      - each UTMASTG: after the last STSM before it, a proxy fence (FENCE.VIEW.ASYNC.S) and then a barrier
+        (BAR.SYNC), so every thread's stmatrix writes are visible to the async proxy before one thread
+        issues the store;
+      - each run of STSM: a barrier before it, and before that barrier (back to the previous STSM, UTMASTG
+        or the function's start) a wait for all bulk groups (DEPBAR.LE SB0, 0x0), so no store still reads
+        the tile being rewritten;
+      - an EXIT right after such a wait, so the block's shared memory outlives its last stores.
+    A missing fence, barrier or wait compiles and passes every CPU test; on a GPU it is a rare race."""
+    def kind(mnemonic, operands):
+        base = mnemonic.split(".")[0]
+        if base in ("STSM", "UTMASTG", "EXIT"):
+            return base
+        if mnemonic.startswith("FENCE.VIEW.ASYNC.S"):
+            return "FENCE"
+        if base == "BAR" and ".SYNC" in mnemonic:
+            return "BAR"
+        if mnemonic.startswith("DEPBAR.LE") and re.fullmatch(r"SB0\s*,\s*0x0", operands):
+            return "WAIT"
+        return None
+
+    seq = [(address, k) for address, mnemonic, operands in instructions if (k := kind(mnemonic, operands))]
+    if not any(k == "UTMASTG" for _, k in seq):
+        return []
+    failures = []
+    for i, (address, k) in enumerate(seq):
+        if k == "UTMASTG":
+            last_stsm = next((j for j in range(i - 1, -1, -1) if seq[j][1] == "STSM"), None)
+            if last_stsm is None:
+                failures.append(f"UTMASTG at {address:#x}: no stmatrix (STSM) before it")
+                continue
+            between = [kk for _, kk in seq[last_stsm + 1:i]]
+            fence = between.index("FENCE") if "FENCE" in between else None
+            if fence is None or "BAR" not in between[fence + 1:]:
+                failures.append(f"UTMASTG at {address:#x}: expected FENCE.VIEW.ASYNC.S then BAR.SYNC after the "
+                                f"stmatrix at {seq[last_stsm][0]:#x}")
+        elif k == "STSM":
+            before = next((j for j in range(i - 1, -1, -1) if seq[j][1] in ("STSM", "BAR", "UTMASTG", "FENCE")), None)
+            if before is not None and seq[before][1] == "STSM":
+                continue  # the same run of stmatrix
+            if before is None or seq[before][1] != "BAR":
+                failures.append(f"STSM at {address:#x}: no barrier before it")
+                continue
+            wait = next((seq[j][1] for j in range(before - 1, -1, -1) if seq[j][1] in ("WAIT", "STSM", "UTMASTG")),
+                        None)
+            if wait != "WAIT":
+                failures.append(f"STSM at {address:#x}: the barrier at {seq[before][0]:#x} before it follows no wait "
+                                "for the TMA stores' reads (DEPBAR.LE SB0, 0x0)")
+    if not any(k == "EXIT" and i > 0 and seq[i - 1][1] == "WAIT" for i, (_, k) in enumerate(seq)):
+        failures.append("no EXIT right after a wait for the TMA stores (DEPBAR.LE SB0, 0x0)")
+    return failures
+
+
 def check_expectations(report: KernelReport, expect: dict) -> None:
     if expect.get("no_local_memory", True) and (report.local_bytes or report.stack_bytes or
                                                 report.instructions.get("LDL") or report.instructions.get("STL")):
@@ -305,6 +364,8 @@ def check_expectations(report: KernelReport, expect: dict) -> None:
     limit = expect.get("max_shared_bytes", SM90_MAX_SHARED_PER_BLOCK)
     if report.shared_bytes > limit:
         report.failures.append(f"shared memory {report.shared_bytes} B exceeds {limit} B")
+    if expect.get("tma_store_protocol"):
+        report.failures += [f"TMA store order: {f}" for f in report.tma_store_order]
 
 
 def _reports_from_binary(path: str, source: str, names: dict | None = None) -> list:
@@ -322,7 +383,8 @@ def _reports_from_binary(path: str, source: str, names: dict | None = None) -> l
                          stack_bytes=res.get("STACK", 0), local_bytes=res.get("LOCAL", 0),
                          shared_bytes=res.get("SHARED", 0), threads_per_block=threads.get(mangled),
                          instructions=dict(sorted(sass.get(mangled, {}).items())),
-                         hot_loops=hot_loops(listing.get(mangled, [])))
+                         hot_loops=hot_loops(listing.get(mangled, [])),
+                         tma_store_order=tma_store_protocol_failures(listing.get(mangled, [])))
         r.occupancy = occupancy(r.registers, r.shared_bytes, r.threads_per_block)
         reports.append(r)
     return reports

@@ -1452,6 +1452,55 @@ def test_audit_requires_stmatrix_and_tma_stores_in_the_gemm():
     assert report.failures == []
 
 
+# The epilogue as ptxas lays it out (fp8_gemm_kernel<2, 56>): the leader's wait for the previous stores'
+# reads, barrier, stmatrix, proxy fence, barrier, the store loop, and after the tile loop the final wait.
+TMA_STORE_EPILOGUE = [
+    "BSSY B2, 0x5d10", "@P0 BRA 0x5d00", "DEPBAR.LE SB0, 0x0", "BSYNC B2", "WARPSYNC.ALL",
+    "BAR.SYNC.DEFER_BLOCKING R12, 0x80", "F2FP.BF16.F32.PACK_AB R2, R80, R83", "STSM.16.M88.4 [R6], R80",
+    "STSM.16.M88.4 [R6+0x20], R76", "STSM.16.M88.2 [R55], R2", "MEMBAR.ALL.CTA", "FENCE.VIEW.ASYNC.S",
+    "BAR.SYNC.DEFER_BLOCKING R12, 0x80", "@P0 BRA 0x200", "UTMASTG.3D [UR20], [UR16]", "@P1 BRA.U.ANY 0xe0",
+    "UTMACMDFLUSH", "BRA 0x0", "@P0 EXIT", "DEPBAR.LE SB0, 0x0", "CCTL.IVALL", "EXIT",
+]
+
+
+def _store_order_failures(body):
+    listing = _sass("\n".join(f"{16 * i:x}: {line}" for i, line in enumerate(body)))
+    return audit.tma_store_protocol_failures(audit.parse_listing(listing)["_Zfake"])
+
+
+def test_audit_tma_store_protocol_rejects_each_missing_fence_barrier_and_wait():
+    """Each ordering step the epilogue needs, removed from the compiled epilogue's shape, is reported; the
+    intact epilogue and a kernel without TMA stores pass."""
+    assert _store_order_failures(TMA_STORE_EPILOGUE) == []
+    assert _store_order_failures([line for line in TMA_STORE_EPILOGUE if "UTMASTG" not in line]) == []
+
+    def without(index):
+        return TMA_STORE_EPILOGUE[:index] + TMA_STORE_EPILOGUE[index + 1:]
+
+    fence, barrier_after, wait_before, barrier_before, final_wait = 11, 12, 2, 5, 19
+    assert "FENCE.VIEW.ASYNC.S then BAR.SYNC" in " ".join(_store_order_failures(without(fence)))
+    assert "FENCE.VIEW.ASYNC.S then BAR.SYNC" in " ".join(_store_order_failures(without(barrier_after)))
+    # The barrier ahead of the fence orders nothing the store reads.
+    swapped = TMA_STORE_EPILOGUE[:fence] + [TMA_STORE_EPILOGUE[barrier_after], TMA_STORE_EPILOGUE[fence]] + \
+        TMA_STORE_EPILOGUE[barrier_after + 1:]
+    assert "FENCE.VIEW.ASYNC.S then BAR.SYNC" in " ".join(_store_order_failures(swapped))
+    assert "follows no wait" in " ".join(_store_order_failures(without(wait_before)))
+    # A wait for all but the newest group does not cover the single output tile.
+    partial = TMA_STORE_EPILOGUE[:wait_before] + ["DEPBAR.LE SB0, 0x1"] + TMA_STORE_EPILOGUE[wait_before + 1:]
+    assert "follows no wait" in " ".join(_store_order_failures(partial))
+    assert "no barrier before it" in " ".join(_store_order_failures(without(barrier_before)))
+    assert _store_order_failures(without(final_wait)) == [
+        "no EXIT right after a wait for the TMA stores (DEPBAR.LE SB0, 0x0)"]
+    # The op declares the protocol, so check_expectations reports it.
+    report = audit.KernelReport(name="fp8_gemm_kernel<1, 56>", source="cuda",
+                                instructions={"QGMMA": 1, "UTMALDG": 1, "UTMASTG": 1, "STSM": 3},
+                                tma_store_order=_store_order_failures(without(fence)))
+    from pykernels import fp8_gemm as op
+
+    audit.check_expectations(report, op.CUDA_AUDIT["fp8_gemm_kernel"])
+    assert len(report.failures) == 1 and report.failures[0].startswith("TMA store order: UTMASTG at 0xd0")
+
+
 def test_audit_every_gemm_instantiation_stages_its_output_with_stmatrix_and_tma():
     """The built extension (static SASS counts): one STSM per two 8-column chunks (x4, an x2 for an odd
     last chunk) and one UTMASTG per store box, in every tile shape."""
@@ -1462,6 +1511,7 @@ def test_audit_every_gemm_instantiation_stages_its_output_with_stmatrix_and_tma(
         block_n = int(r.name.split("fp8_gemm_kernel<", 1)[1].split(",")[1].split(">")[0])
         assert r.instructions.get("STSM") == -(-block_n // 16), r.name
         assert r.instructions.get("UTMASTG") == ext.fp8_gemm_output_tile(block_n)["boxes"], r.name
+        assert r.tma_store_order == [], r.name
 
 
 @pytest.mark.gpu
