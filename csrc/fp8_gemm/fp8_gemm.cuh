@@ -54,9 +54,13 @@ namespace pykernels::fp8_gemm {
 
 constexpr int kProducerRegisters = 40;
 constexpr int kMathRegisters = 232;
-// Named barrier ids of the math warpgroups' epilogues (one each, 128 threads; CUTLASS offsets the ids past
-// its reserved ones).
+// Named barrier ids of the math warpgroups' epilogues (one each, 128 threads). NamedBarrier::sync adds
+// CUTLASS's reserved count, so the hardware ids are 8 and 9, never barrier 0 that __syncthreads uses.
 constexpr int kEpilogueBarrier = 0;
+static_assert(cutlass::arch::NamedBarrier::ReservedNamedBarrierCount + kEpilogueBarrier > 0 &&
+                  cutlass::arch::NamedBarrier::ReservedNamedBarrierCount + kEpilogueBarrier + 2 <=
+                      cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers,
+              "the epilogue barriers must stay off barrier 0 (__syncthreads) and within the 16 hardware ids");
 
 // The e4m3 x e4m3 -> f32 wgmma of each instantiated BLOCK_N (block_n_choice).
 template <int kBlockN>
