@@ -11,6 +11,7 @@
 #include "common/check.h"
 #include "common/py_tensor.h"
 #include "fp8_gemm/fp8_gemm.h"
+#include "fp8_gemm/fp8_gemm_epilogue.h"
 #include "fp8_gemm/fp8_gemm_schedule.h"
 #include "fp8_quant/fp8_quant.h"
 #include "moe/moe.h"
@@ -284,6 +285,77 @@ PYBIND11_MODULE(_C, m) {
         return widths;
       },
       "Every BLOCK_N the extension instantiates (each for BLOCK_M 64 and 128)");
+  // The epilogue's output tile: stmatrix addresses and the TMA box layout they must match.
+  const auto require_output_width = [](int block_n) {
+    for (int i = 0; i < pykernels::fp8_gemm::kNumBlockNChoices; ++i) {
+      if (pykernels::fp8_gemm::block_n_choice(i) == block_n) return;
+    }
+    pykernels::throw_value_error("block_n", "an instantiated BLOCK_N (fp8_gemm_block_n_choices)",
+                                 std::to_string(block_n));
+  };
+  m.def(
+      "fp8_gemm_output_tile",
+      [require_output_width](int block_n) {
+        using namespace pykernels::fp8_gemm;
+        require_output_width(block_n);
+        py::dict d;
+        d["rows"] = kOutputRows;
+        d["swizzle_bytes"] = output_swizzle_bytes(block_n);
+        d["box_cols"] = output_box_cols(block_n);
+        d["boxes"] = output_boxes(block_n);
+        d["tile_bytes"] = output_tile_bytes(block_n);
+        return d;
+      },
+      py::arg("block_n"),
+      "One math warpgroup's output tile for a width: rows, the tensor map's swizzle span (0: none), box "
+      "columns, boxes per tile and bytes");
+  m.def(
+      "fp8_gemm_output_tile_offset",
+      [require_output_width](int block_n, int row, int col) {
+        require_output_width(block_n);
+        if (row < 0 || row >= pykernels::fp8_gemm::kOutputRows || col < 0 || col >= block_n) {
+          pykernels::throw_value_error("row, col", "a row in [0, 64) and a column in [0, block_n)",
+                                       std::to_string(row) + ", " + std::to_string(col));
+        }
+        return pykernels::fp8_gemm::output_tile_offset(block_n, row, col);
+      },
+      py::arg("block_n"), py::arg("row"), py::arg("col"),
+      "Byte offset of element (row, col) in a warpgroup's output tile, as the kernel places it");
+  m.def(
+      "fp8_gemm_stsm_lane_offset",
+      [require_output_width](int block_n, int warp, int lane, int chunk) {
+        require_output_width(block_n);
+        if (warp < 0 || warp >= 4 || lane < 0 || lane >= 32 || chunk < 0 || chunk >= block_n / 8) {
+          pykernels::throw_value_error("warp, lane, chunk", "a warp in [0, 4), a lane in [0, 32) and a chunk in "
+                                       "[0, block_n / 8)", std::to_string(warp) + ", " + std::to_string(lane) +
+                                       ", " + std::to_string(chunk));
+        }
+        return pykernels::fp8_gemm::stsm_lane_offset(block_n, warp, lane, chunk);
+      },
+      py::arg("block_n"), py::arg("warp"), py::arg("lane"), py::arg("chunk"),
+      "The byte offset in the output tile that a lane addresses in the epilogue's stmatrix of 8-column "
+      "chunk `chunk` (and chunk + 1 for an x4)");
+  m.def(
+      "fp8_gemm_tma_box_offset",
+      [](int swizzle_bytes, int row_bytes, int row, int byte) {
+        if ((swizzle_bytes != 0 && swizzle_bytes != 32 && swizzle_bytes != 64 && swizzle_bytes != 128) ||
+            row_bytes <= 0 || row_bytes % 16 != 0 || (swizzle_bytes != 0 && row_bytes > swizzle_bytes) || row < 0 ||
+            byte < 0 || byte >= row_bytes) {
+          pykernels::throw_value_error("swizzle_bytes, row_bytes, row, byte",
+                                       "a span of 0, 32, 64 or 128, rows a multiple of 16 bytes up to the span, a "
+                                       "row >= 0 and a byte within the row",
+                                       std::to_string(swizzle_bytes) + ", " + std::to_string(row_bytes) + ", " +
+                                           std::to_string(row) + ", " + std::to_string(byte));
+        }
+        return pykernels::fp8_gemm::tma_box_offset(swizzle_bytes, row_bytes, row, byte);
+      },
+      py::arg("swizzle_bytes"), py::arg("row_bytes"), py::arg("row"), py::arg("byte"),
+      "Where TMA places byte `byte` of box row `row` in shared memory under a swizzle span");
+  m.def(
+      "fp8_gemm_output_tma_storable",
+      [](int64_t n, uint64_t address) { return pykernels::fp8_gemm::output_tma_storable(n, uintptr_t(address)); },
+      py::arg("n"), py::arg("address"),
+      "Whether the launcher stores an output of N columns at this address with TMA (else from registers)");
   m.def("fp8_gemm_force_tile", &pykernels::fp8_gemm_force_tile, py::arg("block_m"), py::arg("block_n"),
         "Test hook: later launches use this tile shape; (0, 0) restores the heuristic");
 

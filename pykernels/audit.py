@@ -5,7 +5,7 @@
 For each kernel in the built extension (pykernels._C) and each Triton config listed in the ops'
 AOT_KERNELS (compiled ahead of time for sm_90), it reports registers, stack and local memory, static shared
 memory, tensor-core instructions (QGMMA = FP8 wgmma, HGMMA = 16-bit wgmma, HMMA = mma.sync), bulk-copy and
-TMA instructions (UTMALDG, UTMASTG, UBLKCP, ...), 16-byte vector loads and an occupancy estimate, and checks
+TMA instructions (UTMALDG, UTMASTG, UBLKCP, ...), stmatrix (STSM), 16-byte vector loads and an occupancy estimate, and checks
 them against what each kernel is meant to be:
   - every kernel: no local memory, no stack, no ptxas performance warning (C7510: wgmma serialized;
     C7508: setmaxnreg ignored) in the build log;
@@ -16,9 +16,10 @@ them against what each kernel is meant to be:
   - per kernel, the expectations its op declares (CUDA_AUDIT in pykernels/<op>.py, `expect` in the Triton
     AOT_KERNELS): minimum and maximum instruction counts, a shared-memory ceiling, the bytes the loop
     around its MMAs loads from global memory per iteration (mma_loop_load_bytes: the MLA page loop must
-    fetch one page, K's 576 columns once, with V taken from them rather than loaded again), and that this
+    fetch one page, K's 576 columns once, with V taken from them rather than loaded again), that this
     loop keeps cp.async copies in flight across iterations (mma_loop_pipelined: one wait per iteration,
-    never for all copies).
+    never for all copies), and for an epilogue that stages its output with stmatrix and stores it by TMA,
+    the order of fences, barriers and waits around the store (tma_store_protocol_failures).
 The exit status is 1 when any check fails. All figures are static: read from the binary, not measured.
 """
 
@@ -53,6 +54,7 @@ INSTRUCTION_CLASSES = {
     "UTMALDG": "TMA load",
     "UTMASTG": "TMA store",
     "UBLKCP": "bulk copy",
+    "STSM": "stmatrix",
     "LDGSTS": "cp.async",
     "SYNCS": "mbarrier",
     "LDG.128": "16-byte global load",
@@ -77,6 +79,7 @@ class KernelReport:
     instructions: dict = field(default_factory=dict)  # class -> count
     hot_loops: list = field(default_factory=list)  # hot_loops() entries, in address order
     mma_loop: dict | None = None  # mma_loop_loads(), for the kernels whose op audits it (mma_loop_* rules)
+    tma_store_order: list = field(default_factory=list)  # tma_store_protocol_failures() of the SASS
     failures: list = field(default_factory=list)
 
     @property
@@ -139,8 +142,8 @@ def classify(mnemonic: str) -> list:
     """The instruction classes a SASS mnemonic (opcode with modifiers) belongs to."""
     parts = mnemonic.split(".")
     base = parts[0]
-    classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "SYNCS", "LDL", "STL")
-               if base == c]
+    classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "STSM", "LDGSTS", "SYNCS", "LDL",
+                           "STL") if base == c]
     if base == "LDG" and "128" in parts:
         classes.append("LDG.128")
     if base == "STG" and "128" in parts:
@@ -366,6 +369,62 @@ def occupancy(registers: int, shared_bytes: int, threads: int | None) -> float |
     return round(blocks * warps / 64, 3)
 
 
+def tma_store_protocol_failures(instructions: list) -> list:
+    """Why a kernel's stmatrix -> shared memory -> TMA store epilogue is not ordered as the async proxy needs
+    (empty when it is, or when the kernel has no TMA store), from parse_listing's instructions in address
+    order (a tile loop's epilogue lies in address order within its body):
+      - each UTMASTG: after the last STSM before it, a proxy fence (FENCE.VIEW.ASYNC.S) and then a barrier
+        (BAR.SYNC), so every thread's stmatrix writes are visible to the async proxy before one thread
+        issues the store;
+      - each run of STSM: a barrier before it, and before that barrier (back to the previous STSM, UTMASTG
+        or the function's start) a wait for all bulk groups (DEPBAR.LE SB0, 0x0), so no store still reads
+        the tile being rewritten;
+      - an EXIT right after such a wait, so the block's shared memory outlives its last stores.
+    A missing fence, barrier or wait compiles and passes every CPU test; on a GPU it is a rare race."""
+    def kind(mnemonic, operands):
+        base = mnemonic.split(".")[0]
+        if base in ("STSM", "UTMASTG", "EXIT"):
+            return base
+        if mnemonic.startswith("FENCE.VIEW.ASYNC.S"):
+            return "FENCE"
+        if base == "BAR" and ".SYNC" in mnemonic:
+            return "BAR"
+        if mnemonic.startswith("DEPBAR.LE") and re.fullmatch(r"SB0\s*,\s*0x0", operands):
+            return "WAIT"
+        return None
+
+    seq = [(address, k) for address, mnemonic, operands in instructions if (k := kind(mnemonic, operands))]
+    if not any(k == "UTMASTG" for _, k in seq):
+        return []
+    failures = []
+    for i, (address, k) in enumerate(seq):
+        if k == "UTMASTG":
+            last_stsm = next((j for j in range(i - 1, -1, -1) if seq[j][1] == "STSM"), None)
+            if last_stsm is None:
+                failures.append(f"UTMASTG at {address:#x}: no stmatrix (STSM) before it")
+                continue
+            between = [kk for _, kk in seq[last_stsm + 1:i]]
+            fence = between.index("FENCE") if "FENCE" in between else None
+            if fence is None or "BAR" not in between[fence + 1:]:
+                failures.append(f"UTMASTG at {address:#x}: expected FENCE.VIEW.ASYNC.S then BAR.SYNC after the "
+                                f"stmatrix at {seq[last_stsm][0]:#x}")
+        elif k == "STSM":
+            before = next((j for j in range(i - 1, -1, -1) if seq[j][1] in ("STSM", "BAR", "UTMASTG", "FENCE")), None)
+            if before is not None and seq[before][1] == "STSM":
+                continue  # the same run of stmatrix
+            if before is None or seq[before][1] != "BAR":
+                failures.append(f"STSM at {address:#x}: no barrier before it")
+                continue
+            wait = next((seq[j][1] for j in range(before - 1, -1, -1) if seq[j][1] in ("WAIT", "STSM", "UTMASTG")),
+                        None)
+            if wait != "WAIT":
+                failures.append(f"STSM at {address:#x}: the barrier at {seq[before][0]:#x} before it follows no wait "
+                                "for the TMA stores' reads (DEPBAR.LE SB0, 0x0)")
+    if not any(k == "EXIT" and i > 0 and seq[i - 1][1] == "WAIT" for i, (_, k) in enumerate(seq)):
+        failures.append("no EXIT right after a wait for the TMA stores (DEPBAR.LE SB0, 0x0)")
+    return failures
+
+
 def check_expectations(report: KernelReport, expect: dict) -> None:
     if expect.get("no_local_memory", True) and (report.local_bytes or report.stack_bytes or
                                                 report.instructions.get("LDL") or report.instructions.get("STL")):
@@ -389,6 +448,8 @@ def check_expectations(report: KernelReport, expect: dict) -> None:
     limit = expect.get("max_shared_bytes", SM90_MAX_SHARED_PER_BLOCK)
     if report.shared_bytes > limit:
         report.failures.append(f"shared memory {report.shared_bytes} B exceeds {limit} B")
+    if expect.get("tma_store_protocol"):
+        report.failures += [f"TMA store order: {f}" for f in report.tma_store_order]
 
 
 def _reports_from_binary(path: str, source: str, names: dict | None = None) -> list:
@@ -407,7 +468,8 @@ def _reports_from_binary(path: str, source: str, names: dict | None = None) -> l
                          shared_bytes=res.get("SHARED", 0), threads_per_block=threads.get(mangled),
                          instructions=dict(sorted(sass.get(mangled, {}).items())),
                          hot_loops=hot_loops(listing.get(mangled, [])),
-                         mma_loop=mma_loop_loads(listing.get(mangled, [])))
+                         mma_loop=mma_loop_loads(listing.get(mangled, [])),
+                         tma_store_order=tma_store_protocol_failures(listing.get(mangled, [])))
         r.occupancy = occupancy(r.registers, r.shared_bytes, r.threads_per_block)
         reports.append(r)
     return reports
@@ -517,7 +579,7 @@ def mma_loop_summary(kernel: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UBLKCP", "LDGSTS", "LDG.128"]
+    cols = ["QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "STSM", "UBLKCP", "LDGSTS", "LDG.128"]
     header = f"{'kernel':70} {'src':6} {'regs':>4} {'stack':>5} {'local':>5} {'smem':>7} {'thr':>4} {'occ':>5} " + \
         " ".join(f"{c:>7}" for c in cols) + f" {'hot loops':>20} {'loop ld B':>9}  status"
     lines = [header, "-" * len(header)]

@@ -261,6 +261,10 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
 
 
 # What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name).
+# The epilogue stages each tile through shared memory with stmatrix and stores it with TMA, fenced, behind
+# barriers and waits (audit.tma_store_protocol_failures).
 CUDA_AUDIT = {
-    "fp8_gemm_kernel": {"no_local_memory": True, "min_instructions": {"QGMMA": 1, "UTMALDG": 1}},
+    "fp8_gemm_kernel": {"no_local_memory": True,
+                        "min_instructions": {"QGMMA": 1, "UTMALDG": 1, "UTMASTG": 1, "STSM": 1},
+                        "tma_store_protocol": True},
 }

@@ -17,6 +17,8 @@ Outputs are poisoned with NaN before each call; rows a grouped layout does not c
 (torch, Triton).
 """
 
+import math
+
 import pytest
 import torch
 import triton
@@ -889,10 +891,12 @@ def test_config_picks_only_instantiated_tiles(m, n, groups, sms):
     ext = _extension()
     cfg = pykernels.fp8_gemm_config(m, n, 512, num_groups=groups, num_sms=sms)
     assert cfg["block_m"] in (64, 128) and cfg["block_n"] in ext.fp8_gemm_block_n_choices()
-    # Stages and shared memory are the instantiation's compile-time plan: A and B tiles plus A scales.
+    # Stages and shared memory are the instantiation's compile-time plan: per stage A and B tiles plus A
+    # scales, beside the epilogue's bf16 output tile (block_m x block_n) outside the ring.
     per_stage = (cfg["block_m"] + cfg["block_n"]) * 128 + cfg["block_m"] * 4
-    assert cfg["num_stages"] == min(8, (232448 - 1024 - 2048) // per_stage)
-    assert cfg["smem_bytes"] == cfg["num_stages"] * per_stage + 2048 <= 232448 - 1024
+    output = cfg["block_m"] * cfg["block_n"] * 2
+    assert cfg["num_stages"] == min(8, (232448 - 1024 - 2048 - output) // per_stage) >= 5
+    assert cfg["smem_bytes"] == cfg["num_stages"] * per_stage + output + 2048 <= 232448 - 1024
 
 
 def test_block_n_choices_span_at_most_two_scale_blocks():
@@ -1086,16 +1090,19 @@ def assert_close_to_dequantized(got, a, sa, b, sb):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("store,n_tail", [("tma", 40), ("registers", 41)])
 @pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160])
-def test_gpu_every_instantiation_against_float64(block_m, block_n):
+def test_gpu_every_instantiation_against_float64(block_m, block_n, store, n_tail):
     """Each tile shape, forced, on a shape whose tiles start at every offset within a scale block (every
-    k-loop instance runs), with row and column tails and an odd N (the unpaired-store path)."""
+    k-loop instance runs), with row and column tails; N % 8 == 0 takes the TMA-store epilogue (the last
+    box clipped), an odd N the register stores (and their unpaired-store path)."""
     ext = _extension()
     lcm = block_n * 128 // _gcd(block_n, 128)
-    m, n, k = 2 * block_m - 37, lcm + 41, 640
+    m, n, k = 2 * block_m - 37, lcm + n_tail, 640
     (a, sa), (b, sb) = _blocky_problem(m, n, k)
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert ext.fp8_gemm_output_tma_storable(n, out.data_ptr()) == (store == "tma")
     ext.fp8_gemm_force_tile(block_m, block_n)
     try:
         pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="cuda")
@@ -1262,12 +1269,13 @@ def test_scheduler_zero_tiles_cover_every_row_without_data(layout, m_rows, n, gr
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [712, 713])  # TMA-store and register-store epilogues
 @pytest.mark.parametrize("block_m", [64, 128])
-def test_gpu_contiguous_padding_rows_are_zero(block_m):
+def test_gpu_contiguous_padding_rows_are_zero(block_m, n):
     """The whole output is compared: padding rows (m_indices -1, inside a group's last block and whole
     padding blocks) come back as zeros over a NaN-poisoned buffer."""
     ext = _extension()
-    groups, n, k = 3, 712, 512
+    groups, k = 3, 512
     idx = contiguous_indices([77, 0, 130], trailing_padding_blocks=1).cuda()
     m_total = idx.numel()
     (a, sa), _ = _blocky_problem(m_total, 128, k)
@@ -1287,9 +1295,10 @@ def test_gpu_contiguous_padding_rows_are_zero(block_m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [1000, 1001])  # TMA-store and register-store epilogues
 @pytest.mark.parametrize("expected_m", [16, 100])
-def test_gpu_masked_rows_past_masked_m_are_zero(expected_m):
-    groups, m_max, n, k = 4, 200, 1000, 384
+def test_gpu_masked_rows_past_masked_m_are_zero(expected_m, n):
+    groups, m_max, k = 4, 200, 384
     pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
     a, sa = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
@@ -1302,3 +1311,264 @@ def test_gpu_masked_rows_past_masked_m_are_zero(expected_m):
         assert bool((out[g, rows:].float() == 0).all())
         if rows:
             assert_close_to_dequantized(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])
+
+
+# ---- CUDA kernel: the epilogue's stmatrix -> shared-memory tile -> TMA store --------------------------------
+
+GEMM_WIDTHS = [16, 32, 48, 56, 64, 96, 112, 128, 144, 160]
+
+
+def tma_swizzled_byte(swizzle_bytes, row_bytes, row, byte):
+    """Where TMA puts byte `byte` of box row `row` in shared memory, as the CUDA programming guide's swizzle
+    patterns describe it: the box is a stream of swizzle-span-long lines; within a line the 16-byte units
+    are permuted by XOR with the line index (128 B: line % 8), every second line (64 B: line // 2 % 4) or
+    every fourth (32 B: line // 4 % 2), the pattern repeating every 1024, 512 or 256 bytes. No swizzle:
+    rows back to back."""
+    linear = row * row_bytes + byte
+    if swizzle_bytes == 0:
+        return linear
+    line, unit, within = linear // swizzle_bytes, linear % swizzle_bytes // 16, linear % 16
+    pattern = {128: line % 8, 64: line // 2 % 4, 32: line // 4 % 2}[swizzle_bytes]
+    return line * swizzle_bytes + (unit ^ pattern) * 16 + within
+
+
+def test_tma_box_offset_is_the_documented_swizzle():
+    ext = _extension()
+    for swizzle, row_bytes in ((128, 128), (64, 64), (32, 32), (0, 112), (0, 32)):
+        got = [ext.fp8_gemm_tma_box_offset(swizzle, row_bytes, r, b) for r in range(64) for b in range(row_bytes)]
+        assert got == [tma_swizzled_byte(swizzle, row_bytes, r, b) for r in range(64) for b in range(row_bytes)]
+        assert sorted(got) == list(range(64 * row_bytes))  # a permutation of the box
+    with pytest.raises(ValueError, match="swizzle_bytes, row_bytes, row, byte: expected a span of 0, 32, 64 or 128"):
+        ext.fp8_gemm_tma_box_offset(128, 256, 0, 0)
+    with pytest.raises(ValueError, match="swizzle_bytes, row_bytes, row, byte: expected"):
+        ext.fp8_gemm_tma_box_offset(16, 16, 0, 0)
+
+
+@pytest.mark.parametrize("block_n", GEMM_WIDTHS)
+def test_output_tile_boxes_fit_tma_and_prefer_the_widest_swizzle(block_n):
+    ext = _extension()
+    tile = ext.fp8_gemm_output_tile(block_n)
+    swizzle, box_cols, boxes = tile["swizzle_bytes"], tile["box_cols"], tile["boxes"]
+    assert tile["rows"] == 64 and tile["tile_bytes"] == 64 * block_n * 2 and tile["tile_bytes"] % 1024 == 0
+    assert box_cols * boxes == block_n and box_cols * 2 % 16 == 0 and box_cols <= 256
+    if swizzle:
+        assert box_cols * 2 == swizzle  # a box row is exactly the span
+        # Each box starts 1024-byte aligned (the tile is), so on its swizzle pattern's period (8 lines of
+        # the span): TMA swizzles by shared-memory address bits.
+        assert all(b * 64 * box_cols * 2 % 1024 == 0 for b in range(boxes))
+        # No wider span divides the row.
+        assert all(block_n * 2 % wider for wider in (32, 64, 128) if wider > swizzle)
+    else:
+        assert block_n * 2 % 32 and boxes == 1
+    if block_n % 64 == 0:
+        assert swizzle == 128
+    with pytest.raises(ValueError, match="block_n: expected an instantiated BLOCK_N"):
+        ext.fp8_gemm_output_tile(block_n + 1)
+
+
+@pytest.mark.parametrize("block_n", GEMM_WIDTHS)
+def test_epilogue_stmatrix_lands_where_the_tma_store_reads(block_n):
+    """The epilogue's stmatrix against the TMA store, per width: every accumulator element of every thread
+    of the warpgroup is written at exactly the byte the output tensor map's box and swizzle read for its
+    (row, column), each byte once, and each stmatrix phase (8 row addresses of one 8x8 matrix) covers 8
+    distinct 16-byte bank groups. Ownership is modeled from the PTX ISA: the wgmma m64nN f32 fragment (warp
+    w, lane t, register 4j+{0,1}: row 16w + t/4, columns 8j + 2(t%4) + {0,1}; 4j+{2,3}: row + 8), and
+    stmatrix (lane i gives row i % 8 of matrix i / 8; thread t's register q lands in matrix q, row t / 4,
+    bytes 4(t%4)..+3). The kernel (stage_output) passes registers 4j..4j+7 as an x4's matrices 0..3, and an
+    odd last chunk's 4j..4j+3 as an x2's."""
+    ext = _extension()
+    tile = ext.fp8_gemm_output_tile(block_n)
+    swizzle, box_cols = tile["swizzle_bytes"], tile["box_cols"]
+
+    def tma_byte(row, col):
+        return col // box_cols * 64 * box_cols * 2 + tma_swizzled_byte(swizzle, box_cols * 2, row, col % box_cols * 2)
+
+    written = {}
+    chunks = block_n // 8
+    for warp in range(4):
+        for j in range(0, chunks, 2):
+            matrices = 4 if j + 1 < chunks else 2
+            lanes = [ext.fp8_gemm_stsm_lane_offset(block_n, warp, i, j) for i in range(8 * matrices)]
+            for q in range(matrices):
+                phase = lanes[8 * q:8 * q + 8]
+                assert all(a % 16 == 0 for a in phase), (warp, j, q)  # stmatrix rows are 16-byte aligned
+                assert len({a // 16 % 8 for a in phase}) == 8, f"bank conflict: warp {warp} chunk {j} matrix {q}"
+            for t in range(32):
+                for q in range(matrices):
+                    for e in range(2):
+                        register = 4 * j + 2 * q + e
+                        row = 16 * warp + t // 4 + 8 * (register % 4 // 2)
+                        col = 8 * (register // 4) + 2 * (t % 4) + register % 2
+                        byte = lanes[8 * q + t // 4] + 4 * (t % 4) + 2 * e
+                        assert byte == tma_byte(row, col), (warp, t, register)
+                        assert byte not in written, f"byte {byte} written twice"
+                        written[byte] = (row, col)
+    assert sorted(written) == list(range(0, tile["tile_bytes"], 2))  # every element of the tile once
+    assert all(ext.fp8_gemm_output_tile_offset(block_n, r, c) == tma_byte(r, c)
+               for r in range(64) for c in range(block_n))
+
+
+def test_output_tile_bindings_reject_out_of_range_arguments():
+    ext = _extension()
+    for args in ((64, 64, 0), (64, 0, 64), (64, -1, 0)):
+        with pytest.raises(ValueError, match="row, col: expected a row in"):
+            ext.fp8_gemm_output_tile_offset(*args)
+    for args in ((64, 4, 0, 0), (64, 0, 32, 0), (64, 0, 0, 8), (56, 0, 0, 7)):
+        with pytest.raises(ValueError, match="warp, lane, chunk: expected"):
+            ext.fp8_gemm_stsm_lane_offset(*args)
+
+
+def test_tma_store_is_chosen_only_for_outputs_a_tensor_map_can_take():
+    """N bf16 a multiple of 16 bytes and a 16-byte aligned base; anything else takes the register stores."""
+    ext = _extension()
+    for n in (8, 16, 56, 712, 1000, 7168):
+        assert ext.fp8_gemm_output_tma_storable(n, 1 << 20)
+        assert not ext.fp8_gemm_output_tma_storable(n, (1 << 20) + 4)
+        assert not ext.fp8_gemm_output_tma_storable(n, (1 << 20) + 8)
+    for n in (1, 2, 4, 41, 713, 1001, 7170):
+        assert not ext.fp8_gemm_output_tma_storable(n, 1 << 20)
+
+
+def test_audit_requires_stmatrix_and_tma_stores_in_the_gemm():
+    """The op's audit expectation rejects a GEMM kernel whose epilogue lost its stmatrix or its TMA store."""
+    from pykernels import fp8_gemm as op
+
+    expect = op.CUDA_AUDIT["fp8_gemm_kernel"]
+    body = ["QGMMA.64x16x32.F32.E4M3.E4M3 R24, gdesc[UR8], RZ, !UPT", "UTMALDG.3D [UR8], [UR4]",
+            "STG.E desc[UR4][R2.64], R5", "EXIT"]
+    listing = _sass("\n".join(f"{16 * i:x}: {line}" for i, line in enumerate(body)))
+    report = audit.KernelReport(name="fp8_gemm_kernel<1, 16>", source="cuda",
+                                instructions=dict(audit.parse_sass(listing)["_Zfake"]))
+    audit.check_expectations(report, expect)
+    assert "expected at least 1 UTMASTG, found 0" in report.failures
+    assert "expected at least 1 STSM, found 0" in report.failures
+    body[2:3] = ["STSM.16.M88.4 [R8], R80", "STSM.16.M88.2 [R55], R2", "FENCE.VIEW.ASYNC.S",
+                 "UTMASTG.3D [UR20], [UR16]", "UTMACMDFLUSH"]
+    listing = _sass("\n".join(f"{16 * i:x}: {line}" for i, line in enumerate(body)))
+    report.instructions = dict(audit.parse_sass(listing)["_Zfake"])
+    report.failures = []
+    assert report.instructions["STSM"] == 2 and report.instructions["UTMASTG"] == 1
+    audit.check_expectations(report, expect)
+    assert report.failures == []
+
+
+# The epilogue as ptxas lays it out (fp8_gemm_kernel<2, 56>): the leader's wait for the previous stores'
+# reads, barrier, stmatrix, proxy fence, barrier, the store loop, and after the tile loop the final wait.
+TMA_STORE_EPILOGUE = [
+    "BSSY B2, 0x5d10", "@P0 BRA 0x5d00", "DEPBAR.LE SB0, 0x0", "BSYNC B2", "WARPSYNC.ALL",
+    "BAR.SYNC.DEFER_BLOCKING R12, 0x80", "F2FP.BF16.F32.PACK_AB R2, R80, R83", "STSM.16.M88.4 [R6], R80",
+    "STSM.16.M88.4 [R6+0x20], R76", "STSM.16.M88.2 [R55], R2", "MEMBAR.ALL.CTA", "FENCE.VIEW.ASYNC.S",
+    "BAR.SYNC.DEFER_BLOCKING R12, 0x80", "@P0 BRA 0x200", "UTMASTG.3D [UR20], [UR16]", "@P1 BRA.U.ANY 0xe0",
+    "UTMACMDFLUSH", "BRA 0x0", "@P0 EXIT", "DEPBAR.LE SB0, 0x0", "CCTL.IVALL", "EXIT",
+]
+
+
+def _store_order_failures(body):
+    listing = _sass("\n".join(f"{16 * i:x}: {line}" for i, line in enumerate(body)))
+    return audit.tma_store_protocol_failures(audit.parse_listing(listing)["_Zfake"])
+
+
+def test_audit_tma_store_protocol_rejects_each_missing_fence_barrier_and_wait():
+    """Each ordering step the epilogue needs, removed from the compiled epilogue's shape, is reported; the
+    intact epilogue and a kernel without TMA stores pass."""
+    assert _store_order_failures(TMA_STORE_EPILOGUE) == []
+    assert _store_order_failures([line for line in TMA_STORE_EPILOGUE if "UTMASTG" not in line]) == []
+
+    def without(index):
+        return TMA_STORE_EPILOGUE[:index] + TMA_STORE_EPILOGUE[index + 1:]
+
+    fence, barrier_after, wait_before, barrier_before, final_wait = 11, 12, 2, 5, 19
+    assert "FENCE.VIEW.ASYNC.S then BAR.SYNC" in " ".join(_store_order_failures(without(fence)))
+    assert "FENCE.VIEW.ASYNC.S then BAR.SYNC" in " ".join(_store_order_failures(without(barrier_after)))
+    # The barrier ahead of the fence orders nothing the store reads.
+    swapped = TMA_STORE_EPILOGUE[:fence] + [TMA_STORE_EPILOGUE[barrier_after], TMA_STORE_EPILOGUE[fence]] + \
+        TMA_STORE_EPILOGUE[barrier_after + 1:]
+    assert "FENCE.VIEW.ASYNC.S then BAR.SYNC" in " ".join(_store_order_failures(swapped))
+    assert "follows no wait" in " ".join(_store_order_failures(without(wait_before)))
+    # A wait for all but the newest group does not cover the single output tile.
+    partial = TMA_STORE_EPILOGUE[:wait_before] + ["DEPBAR.LE SB0, 0x1"] + TMA_STORE_EPILOGUE[wait_before + 1:]
+    assert "follows no wait" in " ".join(_store_order_failures(partial))
+    assert "no barrier before it" in " ".join(_store_order_failures(without(barrier_before)))
+    assert _store_order_failures(without(final_wait)) == [
+        "no EXIT right after a wait for the TMA stores (DEPBAR.LE SB0, 0x0)"]
+    # The op declares the protocol, so check_expectations reports it.
+    report = audit.KernelReport(name="fp8_gemm_kernel<1, 56>", source="cuda",
+                                instructions={"QGMMA": 1, "UTMALDG": 1, "UTMASTG": 1, "STSM": 3},
+                                tma_store_order=_store_order_failures(without(fence)))
+    from pykernels import fp8_gemm as op
+
+    audit.check_expectations(report, op.CUDA_AUDIT["fp8_gemm_kernel"])
+    assert len(report.failures) == 1 and report.failures[0].startswith("TMA store order: UTMASTG at 0xd0")
+
+
+def test_audit_every_gemm_instantiation_stages_its_output_with_stmatrix_and_tma():
+    """The built extension (static SASS counts): one STSM per two 8-column chunks (x4, an x2 for an odd
+    last chunk) and one UTMASTG per store box, in every tile shape."""
+    ext = _extension()
+    gemm = [r for r in audit._reports_from_binary(ext.__file__, "cuda") if "fp8_gemm_kernel<" in r.name]
+    assert len(gemm) == 2 * len(ext.fp8_gemm_block_n_choices())
+    for r in gemm:
+        block_n = int(r.name.split("fp8_gemm_kernel<", 1)[1].split(",")[1].split(">")[0])
+        assert r.instructions.get("STSM") == -(-block_n // 16), r.name
+        assert r.instructions.get("UTMASTG") == ext.fp8_gemm_output_tile(block_n)["boxes"], r.name
+        assert r.tma_store_order == [], r.name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store", ["tma", "odd_n", "misaligned"])
+@pytest.mark.parametrize("layout", ["plain", "contiguous", "masked"])
+@pytest.mark.parametrize("block_m,block_n", [(64, 16), (128, 56), (128, 160)])
+def test_gpu_epilogue_paths_on_every_layout(layout, store, block_m, block_n):
+    """Both epilogues on each layout, with several tiles per CTA (a TMA store still in flight while the next
+    tile's result is staged into the same shared-memory tile): the TMA store for N % 8 == 0 and a 16-byte
+    aligned output, the register stores for an odd N or an output 4 bytes off 16-byte alignment. The whole
+    NaN-poisoned buffer is checked: computed rows against float64, the rest zeros, and nothing written
+    outside the output (masked groups end at M_max: TMA clips each group's rows)."""
+    ext = _extension()
+    n, k = (1001 if store == "odd_n" else 1000), 256
+    if layout == "plain":
+        (a, sa), (b, sb) = _blocky_problem(300, n, k)
+        shape = (300, n)
+    elif layout == "contiguous":
+        idx = contiguous_indices([200, 0, 77], trailing_padding_blocks=1).cuda()
+        (a, sa), _ = _blocky_problem(idx.numel(), 128, k)
+        ws = [_blocky_problem(1, n, k)[1] for _ in range(3)]
+        b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+        shape = (idx.numel(), n)
+    else:
+        groups, m_max = 3, 200
+        pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+        a, sa = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+        b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+        masked = torch.tensor([200, 0, 131], dtype=torch.int32, device="cuda")
+        shape = (groups, m_max, n)
+    numel = math.prod(shape)
+    offset = 2 if store == "misaligned" else 0  # 2 bf16: 4-byte aligned, not 16
+    buffer = torch.full((numel + 16,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = buffer[offset:offset + numel].view(shape)
+    assert ext.fp8_gemm_output_tma_storable(n, out.data_ptr()) == (store == "tma")
+    ext.fp8_gemm_force_tile(block_m, block_n)
+    try:
+        if layout == "plain":
+            pykernels.fp8_gemm_nt((a, sa), (b, sb), out=out, backend="cuda")
+        elif layout == "contiguous":
+            pykernels.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b, sb), idx, out=out, backend="cuda")
+        else:
+            pykernels.m_grouped_fp8_gemm_nt_masked((a, sa), (b, sb), masked, 100, out=out, backend="cuda")
+        torch.cuda.synchronize()
+    finally:
+        ext.fp8_gemm_force_tile(0, 0)
+    assert bool(buffer[:offset].isnan().all()) and bool(buffer[offset + numel:].isnan().all())
+    if layout == "plain":
+        assert_close_to_dequantized(out, a, sa, b, sb)
+    elif layout == "contiguous":
+        assert bool((out[idx == -1].float() == 0).all())
+        for g in (0, 2):
+            rows = idx == g
+            assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
+    else:
+        for g, rows in enumerate(masked.tolist()):
+            assert bool((out[g, rows:].float() == 0).all())
+            if rows:
+                assert_close_to_dequantized(out[g, :rows], a[g, :rows], sa[g, :rows], b[g], sb[g])

@@ -1,9 +1,6 @@
 #include "fp8_gemm/fp8_gemm.h"
 
-#include <cudaTypedefs.h>
-
 #include <algorithm>
-#include <stdexcept>
 #include <string>
 #include <utility>
 
@@ -21,42 +18,37 @@ using fp8_gemm::Layout;
 // 128-byte swizzle wgmma reads. Boxes past `rows` are zero-filled, so tails need no masking and nothing
 // leaks in from the next group.
 CUtensorMap make_operand_map(const void* base, int64_t groups, int64_t rows, int64_t k, int box_rows) {
-  CUtensorMap map;
   const cuuint64_t dims[3] = {cuuint64_t(k), cuuint64_t(rows), cuuint64_t(groups)};
   const cuuint64_t strides[2] = {cuuint64_t(k), cuuint64_t(k * rows)};  // bytes, dims 1 and 2
   const cuuint32_t box[3] = {cuuint32_t(kBlockK), cuuint32_t(box_rows), 1};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult status = tensor_map_encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS) {
-    throw std::runtime_error("pykernels: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(int(status)) +
-                             " (dims " + std::to_string(k) + " x " + std::to_string(rows) + " x " +
-                             std::to_string(groups) + ", box rows " + std::to_string(box_rows) + ")");
-  }
-  return map;
+  return encode_tensor_map("an e4m3 operand", CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, base, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 // A 3-D map over MN-major A scales [groups, K/128, rows] (rows innermost, scale_a_pad(rows) apart),
 // loading box_rows scales of one 128-K block at a time; rows past `rows` are zero-filled.
 CUtensorMap make_scale_map(const void* base, int64_t groups, int64_t rows, int64_t k_blocks, int box_rows) {
-  CUtensorMap map;
   const int64_t pad = fp8_gemm::scale_a_pad(rows);
   const cuuint64_t dims[3] = {cuuint64_t(rows), cuuint64_t(k_blocks), cuuint64_t(groups)};
   const cuuint64_t strides[2] = {cuuint64_t(pad * 4), cuuint64_t(pad * k_blocks * 4)};  // bytes, dims 1 and 2
   const cuuint32_t box[3] = {cuuint32_t(box_rows), 1, 1};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  const CUresult status = tensor_map_encode_tiled()(
-      &map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<void*>(base), dims, strides, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS) {
-    throw std::runtime_error("pykernels: cuTensorMapEncodeTiled failed for the A scales with CUresult " +
-                             std::to_string(int(status)) + " (rows " + std::to_string(rows) + ", K/128 " +
-                             std::to_string(k_blocks) + ", groups " + std::to_string(groups) + ")");
-  }
-  return map;
+  return encode_tensor_map("the A scales", CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, base, dims, strides, box,
+                           CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE);
+}
+
+// A 3-D map over the bf16 output [groups, rows, N] (N innermost) that the epilogue's TMA stores write
+// through: boxes of output_box_cols(block_n) columns x 64 rows, in the tile's swizzle. Rows past `rows`
+// and columns past N are clipped, so the stores need no bounds checks and cannot reach the next group.
+CUtensorMap make_output_map(void* base, int64_t groups, int64_t rows, int64_t n, int block_n) {
+  const cuuint64_t dims[3] = {cuuint64_t(n), cuuint64_t(rows), cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {cuuint64_t(n * 2), cuuint64_t(n * 2 * rows)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {cuuint32_t(fp8_gemm::output_box_cols(block_n)), cuuint32_t(fp8_gemm::kOutputRows), 1};
+  const int swizzle_bytes = fp8_gemm::output_swizzle_bytes(block_n);
+  const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                     : swizzle_bytes == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                           : CU_TENSOR_MAP_SWIZZLE_NONE;
+  return encode_tensor_map("the output", CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, base, dims, strides, box, swizzle);
 }
 
 int sm_count(int device) {
@@ -106,6 +98,10 @@ void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t str
   }
   args.params.sb = pr.sb->ptr<const float>();
   args.params.out = pr.out->ptr<__nv_bfloat16>();
+  args.params.tma_store = fp8_gemm::output_tma_storable(pr.n, reinterpret_cast<uintptr_t>(pr.out->data));
+  args.map_out = args.params.tma_store
+                     ? make_output_map(pr.out->data, pr.a_groups, pr.m_rows, pr.n, cfg.block_n)
+                     : CUtensorMap{};
   args.params.group_info = pr.group_info;
   args.num_ctas = num_ctas;
   const auto widths = std::make_index_sequence<fp8_gemm::kNumBlockNChoices>{};

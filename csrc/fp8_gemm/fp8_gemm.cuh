@@ -15,24 +15,32 @@
 //     element: the column where a tile crosses into the next 128-wide scale block of B is a template
 //     argument of the k-loop, which is compiled once per possible crossing and chosen once per tile. The
 //     tensor core never accumulates more than one 128-K block (its FP8 accumulation keeps too few bits).
-//   Epilogue: each math thread converts its rows to bf16 and stores them with bounds checks, zeros for
-//   rows without data, while the producer already fills stages for the next tile.
+//   Epilogue: each math warpgroup converts its 64 x BLOCK_N accumulator to bf16 (zeros for rows without
+//   data), writes it with stmatrix into its shared-memory output tile, laid out and swizzled as the output
+//   tensor map's boxes (fp8_gemm_epilogue.h), and one of its threads stores the boxes with TMA (rows and
+//   columns outside the output clipped by TMA). Nobody waits for the store: it runs under the next tile's
+//   main loop, and only the next epilogue, before it rewrites the tile, waits for the store to have read
+//   it. The producer meanwhile already fills stages for the next tile. Outputs that cannot take a tensor
+//   map (N % 8 != 0, a base not 16-byte aligned) are stored from registers with bounds checks instead.
 //
 // Why CuTe's atoms and not hand-written PTX: the wgmma (SM90::GMMA::MMA_64xNx32_F32E4M3E4M3_SS_TN), TMA
-// (SM90_TMA_LOAD_3D), mbarrier (ClusterTransactionBarrier) and setmaxnreg wrappers are the tested ones
-// CUTLASS's own kernels run, and the shared-memory descriptor is filled through CuTe's named GmmaDescriptor
-// fields rather than packed bits. Only these thin arch-level headers are used, not CuTe's layout algebra
-// or CUTLASS's collectives: each instantiation then costs seconds of compile time, not a minute.
+// (SM90_TMA_LOAD_3D, SM90_TMA_STORE_3D), stmatrix (SM90_U32x4_STSM_N), mbarrier (ClusterTransactionBarrier),
+// named barrier and setmaxnreg wrappers are the tested ones CUTLASS's own kernels run, and the
+// shared-memory descriptor is filled through CuTe's named GmmaDescriptor fields rather than packed bits.
+// Only these thin arch-level headers are used, not CuTe's layout algebra or CUTLASS's collectives: each
+// instantiation then costs seconds of compile time, not a minute.
 #pragma once
 
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+#include <cute/arch/copy_sm90.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cute/arch/mma_sm90_gmma_ext.hpp>
+#include <cute/swizzle.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
@@ -46,6 +54,13 @@ namespace pykernels::fp8_gemm {
 
 constexpr int kProducerRegisters = 40;
 constexpr int kMathRegisters = 232;
+// Named barrier ids of the math warpgroups' epilogues (one each, 128 threads). NamedBarrier::sync adds
+// CUTLASS's reserved count, so the hardware ids are 8 and 9, never barrier 0 that __syncthreads uses.
+constexpr int kEpilogueBarrier = 0;
+static_assert(cutlass::arch::NamedBarrier::ReservedNamedBarrierCount + kEpilogueBarrier > 0 &&
+                  cutlass::arch::NamedBarrier::ReservedNamedBarrierCount + kEpilogueBarrier + 2 <=
+                      cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers,
+              "the epilogue barriers must stay off barrier 0 (__syncthreads) and within the 16 hardware ids");
 
 // The e4m3 x e4m3 -> f32 wgmma of each instantiated BLOCK_N (block_n_choice).
 template <int kBlockN>
@@ -71,6 +86,24 @@ struct GmmaOp<144> { using type = cute::SM90::GMMA::MMA_64x144x32_F32E4M3E4M3_SS
 template <>
 struct GmmaOp<160> { using type = cute::SM90::GMMA::MMA_64x160x32_F32E4M3E4M3_SS_TN<>; };
 
+// Whether the output tile's layout (output_tile_offset) is, box by box, CuTe's description of the TMA
+// swizzle mode the launcher encodes: Swizzle<B, 4, 3> over the box's bytes, B = log2(span / 16) (the form
+// get_tma_swizzle_bits maps to SWIZZLE_32B/64B/128B), checked at each 16-byte unit stmatrix writes.
+template <int kBlockN>
+constexpr bool output_tile_is_cute_tma_swizzle() {
+  constexpr int kSpan = output_swizzle_bytes(kBlockN);
+  using Swizzle = cute::Swizzle<kSpan == 128 ? 3 : kSpan == 64 ? 2 : kSpan == 32 ? 1 : 0, 4, 3>;
+  constexpr int kBoxCols = output_box_cols(kBlockN);
+  for (int row = 0; row < kOutputRows; ++row) {
+    for (int col = 0; col < kBlockN; col += 8) {
+      const int box_base = col / kBoxCols * kOutputRows * kBoxCols * kOutputElementBytes;
+      const int in_box = row * kBoxCols * kOutputElementBytes + col % kBoxCols * kOutputElementBytes;
+      if (box_base + Swizzle::apply(in_box) != output_tile_offset(kBlockN, row, col)) return false;
+    }
+  }
+  return true;
+}
+
 // The compile-time facts of one instantiation.
 template <int kMathWG, int kBlockN>
 struct TileShape {
@@ -81,6 +114,7 @@ struct TileShape {
   static constexpr int kABytes = kBlockM * kBlockK;  // one stage's A tile
   static constexpr int kBBytes = kBlockN * kBlockK;
   static constexpr int kSaBytes = kBlockM * 4;  // one stage's A scales
+  static constexpr int kOutBytes = output_tile_bytes(kBlockN);  // one math warpgroup's output tile
   // split_columns of any tile is a multiple of this; it is also the number of distinct k-loop instances.
   static constexpr int kSplitStep = gcd(kBlockN, kBlockK);
 
@@ -90,7 +124,18 @@ struct TileShape {
   static_assert(kMathWG == 1 || kMathWG == 2, "one or two math warpgroups");
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "swizzled stage tiles must stay 1024-byte aligned");
   static_assert(kStages >= 2 && kStages <= kMaxStages, "a pipeline needs two stages and fits in shared memory");
-  static_assert(kStages * (kABytes + kBBytes + kSaBytes) + 2 * kStages * 8 + 1023 <= kSmemBytes, "shared memory plan");
+  static_assert(kStages * (kABytes + kBBytes + kSaBytes) + kMathWG * kOutBytes + 2 * kStages * 8 + 1023 <= kSmemBytes,
+                "shared memory plan");
+  static_assert(kMathWG * kOutBytes == output_bytes(kBlockM, kBlockN), "one output tile per math warpgroup");
+  // The output tiles follow the B stages: 1024-byte aligned, as the 128-byte swizzle's 8-row pattern and
+  // TMA's shared-memory operand need, and their swizzle patterns then start at each box's base.
+  static_assert(kOutBytes % 1024 == 0, "output tiles must stay 1024-byte aligned");
+  static_assert(output_boxes(kBlockN) * output_box_cols(kBlockN) == kBlockN, "store boxes cover the tile's columns");
+  static_assert(output_box_cols(kBlockN) * kOutputElementBytes % 16 == 0 && output_box_cols(kBlockN) <= 256,
+                "a TMA box row is a multiple of 16 bytes and at most 256 elements");
+  static_assert(output_swizzle_bytes(kBlockN) != 0 || output_box_cols(kBlockN) * kOutputElementBytes / 16 % 2 == 1,
+                "an unswizzled tile needs an odd number of 16-byte units per row to keep stmatrix conflict-free");
+  static_assert(output_tile_is_cute_tma_swizzle<kBlockN>(), "stmatrix addresses must follow the TMA store's swizzle");
   static_assert(kSaBytes % 128 == 0, "TMA writes the scale boxes to 128-byte aligned shared memory");
   static_assert(2 * kFrag + 40 <= kMathRegisters, "fragment and accumulator must stay in registers");
   static_assert(kSmemBytes <= kSmemLimit, "dynamic shared memory above the 227 KB opt-in less static");
@@ -154,6 +199,37 @@ __device__ __forceinline__ void with_split(int split, Body&& body) {
     }
   }
 }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// Writes one warp's 16 rows of the accumulator as bf16 into the warpgroup's output tile: one stmatrix x4
+// per two 8-column chunks (registers 4j..4j+7: chunk j rows r and r + 8, then chunk j + 1), an x2 for an
+// odd last chunk. stsm_lane_offset gives each lane's row address.
+template <int kBlockN>
+__device__ __forceinline__ void stage_output(const float (&acc)[kBlockN / 2], uint8_t* tile, int warp_in_wg,
+                                             int lane) {
+  constexpr int kChunks = kBlockN / 8;
+#pragma unroll
+  for (int j = 0; j + 1 < kChunks; j += 2) {
+    auto* row = reinterpret_cast<cute::uint128_t*>(tile + stsm_lane_offset(kBlockN, warp_in_wg, lane, j));
+    cute::SM90_U32x4_STSM_N::copy(
+        pack_bf16x2(acc[4 * j], acc[4 * j + 1]), pack_bf16x2(acc[4 * j + 2], acc[4 * j + 3]),
+        pack_bf16x2(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16x2(acc[4 * j + 6], acc[4 * j + 7]), *row);
+  }
+  if constexpr (kChunks % 2 == 1) {
+    constexpr int j = kChunks - 1;
+    auto* row = reinterpret_cast<cute::uint128_t*>(tile + stsm_lane_offset(kBlockN, warp_in_wg, lane, j));
+    cute::SM90_U32x2_STSM_N::copy(pack_bf16x2(acc[4 * j], acc[4 * j + 1]),
+                                  pack_bf16x2(acc[4 * j + 2], acc[4 * j + 3]), *row);
+  }
+}
+
+// Waits until every TMA store this thread committed has completed its global writes, not only its reads
+// of shared memory (CuTe's tma_store_wait waits for the reads): before the block exits.
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
 // The math warpgroups' ring position, shared by all tiles of the persistent loop.
 struct Ring {
@@ -229,7 +305,8 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
 template <int kMathWG, int kBlockN>
 __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                    const __grid_constant__ CUtensorMap tma_sa, const Params p) {
+                    const __grid_constant__ CUtensorMap tma_sa, const __grid_constant__ CUtensorMap tma_out,
+                    const Params p) {
   using Shape = TileShape<kMathWG, kBlockN>;
   constexpr int kBlockM = Shape::kBlockM;
   constexpr int kFrag = Shape::kFrag;
@@ -240,8 +317,9 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* smem_a = smem;
   uint8_t* smem_b = smem_a + kStages * Shape::kABytes;
-  float* smem_sa = reinterpret_cast<float*>(smem_b + kStages * Shape::kBBytes);
-  Barrier* full = reinterpret_cast<Barrier*>(smem_b + kStages * (Shape::kBBytes + Shape::kSaBytes));
+  uint8_t* smem_out = smem_b + kStages * Shape::kBBytes;
+  float* smem_sa = reinterpret_cast<float*>(smem_out + kMathWG * Shape::kOutBytes);
+  Barrier* full = reinterpret_cast<Barrier*>(smem_out + kMathWG * Shape::kOutBytes + kStages * Shape::kSaBytes);
   Barrier* empty = full + kStages;
 
   const int warpgroup = threadIdx.x / 128;
@@ -250,6 +328,7 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     cute::prefetch_tma_descriptor(&tma_a);
     cute::prefetch_tma_descriptor(&tma_b);
     if (sa_by_tma) cute::prefetch_tma_descriptor(&tma_sa);
+    if (p.tma_store) cute::prefetch_tma_descriptor(&tma_out);
     for (int s = 0; s < kStages; ++s) {
       // The producer's arrive_and_expect_tx, plus one arrive per lane of the scale warp (RowMajor scales).
       full[s].init(sa_by_tma ? 1 : 1 + 32);
@@ -344,6 +423,10 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   const uint64_t desc_a = smem_descriptor(smem_a + math_wg * 64 * kBlockK);
   const uint64_t desc_b = smem_descriptor(smem_b);
   Ring ring;
+  uint8_t* out_tile = smem_out + math_wg * Shape::kOutBytes;
+  // The one thread of the warpgroup that issues, commits and waits for its TMA stores (bulk async-groups
+  // belong to the thread that commits them).
+  const bool store_leader = threadIdx.x % 128 == 0;
 
   while (scheduler.next(tile)) {
     const int valid_rows = scheduler.valid_rows(tile);
@@ -382,6 +465,28 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
         for (int j = 0; j < kBlockN / 8; ++j) acc[4 * j + 2 * half] = acc[4 * j + 2 * half + 1] = 0.0f;
       }
     }
+    if (p.tma_store) {
+      // The previous tile's store may still be reading the tile: its leader waits for the reads, then the
+      // warpgroup may overwrite it.
+      if (store_leader) cute::tma_store_wait<0>();
+      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + math_wg);
+      stage_output<kBlockN>(acc, out_tile, warp_in_wg, lane);
+      // stmatrix writes through the generic proxy, the TMA store reads through the async proxy.
+      cute::tma_store_fence();
+      cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + math_wg);
+      const int wg_row = tile.m_block * kBlockM + math_wg * kOutputRows;
+      if (store_leader && wg_row < p.m_rows) {
+        constexpr int kBoxCols = output_box_cols(kBlockN);
+        const int out_group = p.layout == Layout::Masked ? tile.group : 0;
+#pragma unroll
+        for (int box = 0; box < output_boxes(kBlockN); ++box) {
+          cute::SM90_TMA_STORE_3D::copy(&tma_out, out_tile + box * kOutputRows * kBoxCols * kOutputElementBytes,
+                                        n0 + box * kBoxCols, wg_row, out_group);
+        }
+        cute::tma_store_arrive();
+      }
+      continue;
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + 8 * half;
@@ -400,6 +505,8 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
       }
     }
   }
+  // Shared memory must outlive the stores' reads of it, and the kernel's completion their writes.
+  if (p.tma_store && store_leader) tma_store_wait_all();
 }
 
 }  // namespace pykernels::fp8_gemm

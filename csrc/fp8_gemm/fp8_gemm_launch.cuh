@@ -13,7 +13,7 @@ void launch_tile(const LaunchArgs& args, cudaStream_t stream) {
   auto kernel = fp8_gemm_kernel<kMathWG, kBlockN>;
   PK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   kernel<<<args.num_ctas, (kMathWG + 1) * 128, kSmemBytes, stream>>>(args.map_a, args.map_b, args.map_sa,
-                                                                   args.params);
+                                                                   args.map_out, args.params);
   PK_CHECK_LAUNCH("fp8_gemm_kernel");
 }
 

@@ -21,6 +21,10 @@ struct Params {
   ScaleALayout sa_layout;
   const float* sb;  // [G, ceil(N / 128), K / 128]
   __nv_bfloat16* out;  // [G_a * m_rows, N]
+  // The epilogue stores through TMA (map_out) when the output allows a tensor map: rows of N bf16 a
+  // multiple of 16 bytes apart (N % 8 == 0) and a 16-byte aligned base. Otherwise, chosen here once per
+  // launch, each math thread stores its registers to `out` with bounds checks.
+  bool tma_store;
   const int* group_info;  // m_indices or masked_m (device memory)
 };
 
@@ -28,6 +32,7 @@ struct LaunchArgs {
   CUtensorMap map_a;  // A [G_a, m_rows, K] e4m3, box 128 x BLOCK_M
   CUtensorMap map_b;  // B [G, N, K] e4m3, box 128 x BLOCK_N
   CUtensorMap map_sa;  // MnMajor A scales [G_a, K/128, m_rows (M_pad apart)] f32, box BLOCK_M; unused for RowMajor
+  CUtensorMap map_out;  // out [G_a, m_rows, N] bf16, box output_box_cols x 64, swizzled; unused without tma_store
   Params params;
   int num_ctas;
 };

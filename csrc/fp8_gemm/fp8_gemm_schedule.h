@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "fp8_gemm/fp8_gemm_epilogue.h"
+
 namespace pykernels::fp8_gemm {
 
 constexpr int kBlockK = 128;           // one scale block of K: the unit of promotion
@@ -59,16 +61,24 @@ __host__ __device__ constexpr int stage_bytes(int block_m, int block_n) {
   return (block_m + block_n) * kBlockK + block_m * 4;
 }
 
-// Pipeline stages of a tile shape: as many as fit in shared memory, at most kMaxStages. A compile-time
-// fact of each instantiation (the kernel's ring size) that the host reproduces for the launch.
+// The epilogue's bf16 output tiles, one 64-row tile per math warpgroup: outside the ring, since the TMA
+// store of one tile reads them while the next tile's stages fill.
+__host__ __device__ constexpr int output_bytes(int block_m, int block_n) {
+  return block_m / kOutputRows * output_tile_bytes(block_n);
+}
+
+// Pipeline stages of a tile shape: as many as fit in shared memory beside the output tiles, at most
+// kMaxStages. A compile-time fact of each instantiation (the kernel's ring size) that the host reproduces
+// for the launch.
 __host__ __device__ constexpr int num_stages(int block_m, int block_n) {
-  return (kSmemLimit - kSmemReserve) / stage_bytes(block_m, block_n) < kMaxStages
-             ? (kSmemLimit - kSmemReserve) / stage_bytes(block_m, block_n)
+  return (kSmemLimit - kSmemReserve - output_bytes(block_m, block_n)) / stage_bytes(block_m, block_n) < kMaxStages
+             ? (kSmemLimit - kSmemReserve - output_bytes(block_m, block_n)) / stage_bytes(block_m, block_n)
              : kMaxStages;
 }
 
 __host__ __device__ constexpr int smem_bytes(int block_m, int block_n) {
-  return num_stages(block_m, block_n) * stage_bytes(block_m, block_n) + kSmemReserve;
+  return num_stages(block_m, block_n) * stage_bytes(block_m, block_n) + output_bytes(block_m, block_n) +
+         kSmemReserve;
 }
 
 // A tile of width block_n starting at column n0 spans at most two 128-column scale blocks of B: its first
