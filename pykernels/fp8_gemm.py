@@ -229,14 +229,23 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: torch.Tensor, expecte
     return out
 
 
-def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | None = None) -> dict:
+_LAYOUTS = {"plain": 0, "contiguous": 1, "masked": 2}
+_MULTICAST = {0: "none", 1: "a", 2: "b"}
+
+
+def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | None = None,
+                    layout: str = "plain") -> dict:
     """The tile configuration the CUDA kernel uses for `num_groups` GEMMs of M x N x K (grouped layouts: M
-    rows per group), on `num_sms` SMs (default: the current GPU's count, else 132 as on H800/H100 SXM).
+    rows per group), on `num_sms` SMs (default: the current GPU's count, else 132 as on H800/H100 SXM), in
+    `layout`: "plain" (fp8_gemm_nt), "contiguous" (M = M_total, num_groups 1, as the launcher plans it) or
+    "masked" (M = expected_m, num_groups = G).
 
     Returns block_m, block_n, block_k, num_math_warpgroups, num_stages, raster_group (M tiles per raster
     group), num_tiles, num_waves, wave_utilization (the share of the SMs busy in the last wave: tiles left
-    for it / SMs) and smem_bytes. Deterministic: no autotuning, the same answer for the same arguments.
-    M, N, K and num_groups must be below 2^30: the kernel indexes rows, columns and K in int32.
+    for it / SMs), smem_bytes, multicast ("none", or "a" / "b": the operand each 2-CTA cluster shares, one
+    TMA load multicast to both CTAs; on only with more than one wave and a shape whose tiles all pair up)
+    and cluster_size (2 with multicast, else 1). Deterministic: no autotuning, the same answer for the same
+    arguments. M, N, K and num_groups must be below 2^30: the kernel indexes rows, columns and K in int32.
     """
     max_dim = 2 ** 30 - 1
     for value, name in ((M, "M"), (N, "N"), (K, "K"), (num_groups, "num_groups")):
@@ -254,10 +263,15 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0:
         raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
     _validate.integer(num_sms, "num_sms", 1, 2 ** 16)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout: expected one of {sorted(_LAYOUTS)}, got {layout!r}")
     ext, why = _backend.extension()
     if ext is None:
         raise RuntimeError(f"fp8_gemm_config describes the CUDA kernel's choice and needs pykernels._C: {why}")
-    return ext.fp8_gemm_config(M, N, K, num_groups, num_sms)
+    cfg = ext.fp8_gemm_config(M, N, K, num_groups, num_sms, _LAYOUTS[layout])
+    cfg["multicast"] = _MULTICAST[cfg["multicast"]]
+    cfg["cluster_size"] = 1 if cfg["multicast"] == "none" else 2
+    return cfg
 
 
 # What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name).

@@ -709,6 +709,159 @@ def test_scheduler_visits_every_tile_once(layout, m_rows, n, groups, info, bm, b
         assert max(counts) - min(counts) <= 1
 
 
+# ---- 2-CTA clusters with TMA multicast of the shared operand --------------------------------------------
+
+MULTICAST_WIDTHS = (112, 128, 144, 160)  # the widths compiled with the cluster launch
+
+
+def _multicast_allowed(mode, layout, m_blocks, n_blocks, bn):
+    if mode == 1:
+        return n_blocks % 2 == 0
+    return layout == 0 and m_blocks % 2 == 0 and bn % 16 == 0
+
+
+def _contiguous_with_foreign_groups():
+    """m_indices with a padding-only block and a block of group 6 (>= G = 4, skipped by the kernel)."""
+    idx = contiguous_indices([130, 0, 5, 128], trailing_padding_blocks=1)
+    return torch.cat([idx[:384], torch.full((128,), 6, dtype=torch.int32), idx[384:]]).tolist()
+
+
+# (layout, m_rows, n, groups, group_info, block_m, block_n): DeepSeek-V3 shapes, odd M and N, contiguous
+# padding (-1) and foreign groups, masked groups with masked_m 0, 1, partial and full.
+CLUSTER_SHAPES = [
+    (0, 4096, 7168, 1, [], 128, 112),
+    (0, 4096, 2112, 1, [], 128, 160),
+    (0, 1000, 3000, 1, [], 128, 144),   # 8 row blocks, 21 column blocks: only B pairs
+    (0, 300, 2112, 1, [], 128, 160),    # 3 row blocks, 14 column blocks: only A pairs
+    (0, 77, 24576, 1, [], 64, 128),
+    (1, 768, 320, 4, _contiguous_with_foreign_groups(), 128, 160),
+    (1, 896, 4096, 3, contiguous_indices([0, 260, 500]).tolist(), 128, 128),
+    (1, 384, 7168, 2, contiguous_indices([1, 200]).tolist(), 64, 112),
+    (2, 256, 7168, 3, [0, 200, 256], 128, 112),
+    (2, 512, 2112, 5, [512, 3, 0, 129, 64], 128, 96),
+    (2, 70, 4096, 4, [0, 70, 1, 33], 64, 128),
+    (2, 64, 7168, 8, [0, 0, 0, 0, 0, 0, 0, 0], 64, 144),
+]
+
+
+def _delivered(loads_of_ctas, cta, operand):
+    """Shared-memory rows of `operand` that the loads of every CTA of a cluster write into CTA `cta`, as
+    (smem_row, global row, group) per row, and the bytes they complete on its barrier."""
+    rows, total = [], 0
+    for loads in loads_of_ctas:
+        for name, group, row, smem_row, count, mask, nbytes in loads:
+            if mask >> cta & 1:
+                total += nbytes
+                if name == operand:
+                    rows += [(smem_row + i, row + i, group) for i in range(count)]
+    return sorted(rows), total
+
+
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES, ids=lambda s: f"L{s[0]}-{s[1]}x{s[2]}-{s[5]}x{s[6]}")
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("num_ctas", [2, 14, 132])
+def test_cluster_pairs_stay_in_lockstep(shape, mode, num_ctas):
+    """Both CTAs of every cluster, step by step: the same number of tiles, each step's tiles agree on zero
+    or not, on the k-block count and on the shared operand's group and block (the other operand's block
+    differs by the CTA's rank); the two halves of the shared tile, one load from each CTA, together with each
+    CTA's own loads fill every row of each CTA's A and B tiles once, from the tile's rows, and the bytes
+    they deliver to each CTA are its barrier's expected transaction count. Every tile is produced once."""
+    ext = _extension()
+    layout, m_rows, n, groups, info, bm, bn = shape
+    k = 7168 if layout == 0 else 512
+    m_blocks, n_blocks = -(-m_rows // bm), -(-n // bn)
+    if mode and not _multicast_allowed(mode, layout, m_blocks, n_blocks, bn):
+        with pytest.raises(ValueError, match="multicast: expected a mode this shape allows"):
+            ext.fp8_gemm_cluster_steps(layout, m_rows, n, k, groups, bm, bn, num_ctas, info, mode, False)
+        return
+    size = 2 if mode else 1
+    for sa_by_tma in (False, True):
+        per_cta = ext.fp8_gemm_cluster_steps(layout, m_rows, n, k, groups, bm, bn, num_ctas, info, mode, sa_by_tma)
+        produced = []
+        for first in range(0, num_ctas, size):
+            walks = per_cta[first:first + size]
+            assert len({len(w) for w in walks}) == 1, "the CTAs of a cluster walk different numbers of tiles"
+            for steps in zip(*walks):
+                produced += [(g, mb, nb) for g, mb, nb, *_ in steps]
+                assert len({(zero, kb) for _, _, _, zero, kb, _, _ in steps}) == 1
+                for rank, (g, mb, nb, zero, kb, _, loads) in enumerate(steps):
+                    assert kb == (0 if zero else k // 128) and bool(loads) == (kb > 0)
+                    if mode == 1:
+                        assert (g, mb, nb // 2, nb % 2) == (steps[0][0], steps[0][1], steps[0][2] // 2, rank)
+                    if mode == 2:
+                        assert (g, nb, mb // 2, mb % 2) == (steps[0][0], steps[0][2], steps[0][1] // 2, rank)
+                if not steps[0][4]:
+                    continue
+                all_loads = [step[6] for step in steps]
+                shared = "a" if mode == 1 else "b" if mode == 2 else None
+                for loads in all_loads:
+                    for name, _, _, _, count, mask, _ in loads:
+                        assert mask == (3 if name == shared else 1 << all_loads.index(loads)), (name, mask)
+                        if name == shared:
+                            assert count == (bm if name == "a" else bn) // 2
+                for cta, (g, mb, nb, _, _, tx_bytes, _) in enumerate(steps):
+                    a_group = g if layout == 2 else 0
+                    a_rows, delivered = _delivered(all_loads, cta, "a")
+                    b_rows, _ = _delivered(all_loads, cta, "b")
+                    assert a_rows == [(i, mb * bm + i, a_group) for i in range(bm)]
+                    assert b_rows == [(i, nb * bn + i, g) for i in range(bn)]
+                    assert delivered == tx_bytes == (bm + bn) * 128 + (bm * 4 if sa_by_tma else 0)
+        assert len(produced) == len(set(produced)), "a tile was produced twice"
+        per_cta_off = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, 1, info, include_zero_tiles=True)
+        assert set(produced) == {tuple(t[:3]) for t in per_cta_off[0]}
+
+
+def test_cluster_steps_reject_what_the_kernel_cannot_run():
+    ext = _extension()
+    with pytest.raises(ValueError, match="num_ctas: expected positive tile sizes, non-negative counts and a "
+                                         "positive num_ctas, even with multicast"):
+        ext.fp8_gemm_cluster_steps(0, 256, 256, 128, 1, 128, 128, 3, [], 1, False)
+    with pytest.raises(ValueError, match="multicast: expected a mode this shape allows"):
+        ext.fp8_gemm_cluster_steps(1, 256, 256, 128, 1, 128, 128, 2, [0] * 256, 2, False)
+    with pytest.raises(ValueError, match=r"multicast: expected 0 \(off\), 1 \(A shared\) or 2"):
+        ext.fp8_gemm_cluster_steps(0, 256, 256, 128, 1, 128, 128, 2, [], 3, False)
+
+
+@pytest.mark.parametrize("layout", ["plain", "contiguous", "masked"])
+@pytest.mark.parametrize("m,n,groups,sms", [(4096, 7168, 1, 132), (4096, 2112, 1, 132), (1000, 3000, 1, 132),
+                                            (300, 2112, 1, 132), (256, 7168, 1, 132), (128, 24576, 1, 78),
+                                            (32, 7168, 64, 132), (100, 4096, 8, 114), (4096, 7168, 1, 131),
+                                            (64, 2112, 1, 132), (512, 32768, 4, 132)])
+def test_config_multicast_choice(layout, m, n, groups, sms):
+    """Multicast on exactly when the tiles make more than one wave on an even SM count, the width is one
+    compiled with the cluster launch and the shape pairs every tile; the larger tile is the shared one (B on
+    a tie), else the other when only it pairs up; B never in a grouped layout."""
+    _extension()
+    if layout != "masked":
+        groups = 1
+    cfg = pykernels.fp8_gemm_config(m, n, 7168, num_groups=groups, num_sms=sms, layout=layout)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    m_blocks, n_blocks = -(-m // bm), -(-n // bn)
+    code = {"plain": 0, "contiguous": 1, "masked": 2}[layout]
+    expected = "none"
+    if cfg["num_waves"] > 1 and sms % 2 == 0 and bn in MULTICAST_WIDTHS:
+        order = ("a", "b") if bm > bn else ("b", "a")
+        expected = next((x for x in order if _multicast_allowed(1 if x == "a" else 2, code, m_blocks, n_blocks, bn)),
+                        "none")
+    assert cfg["multicast"] == expected
+    assert cfg["cluster_size"] == (1 if expected == "none" else 2)
+    if layout != "plain":
+        assert cfg["multicast"] != "b"
+
+
+def test_config_multicast_on_deepseek_prefill_shapes():
+    _extension()
+    # 32 x 45 tiles of 128 x 160 on 132 SMs: 11 waves, B (160 rows) is the larger tile.
+    assert pykernels.fp8_gemm_config(4096, 7168, 7168, num_sms=132)["multicast"] == "b"
+    # 128 x 128 tiles in the grouped layouts: B would be preferred on the tie, but only A pairs up there.
+    assert pykernels.fp8_gemm_config(4096, 4096, 7168, num_sms=132, layout="contiguous")["multicast"] == "a"
+    assert pykernels.fp8_gemm_config(256, 4096, 7168, 8, num_sms=132, layout="masked")["multicast"] == "a"
+    # One wave (M=256, N=7168: 128 tiles): no cluster.
+    assert pykernels.fp8_gemm_config(256, 7168, 7168, num_sms=132)["multicast"] == "none"
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        pykernels.fp8_gemm_config(256, 7168, 7168, num_sms=132, layout="grouped")
+
+
 @triton.jit
 def raster_probe(out_ptr, m_blocks, n_blocks, GROUP_M: tl.constexpr):
     """Writes the Triton kernel's (m block, n block) for each program id."""

@@ -195,7 +195,7 @@ void run(const Problem& pr, cudaStream_t stream) {
   }
   const int sms = sm_count(device);
   const int plan_groups = pr.layout == Layout::Masked ? int(pr.num_groups) : 1;
-  Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms, pr.layout);
   if (forced_tile.block_m != 0) cfg = forced_tile;
   // Upper bound of the tiles the scheduler can hand out; masked counts are only known on the device.
   const int64_t max_tiles = pr.a_groups * ((pr.m_rows + cfg.block_m - 1) / cfg.block_m) *
