@@ -353,6 +353,8 @@ PYBIND11_MODULE(_C, m) {
       "Every BLOCK_N the extension instantiates (each for BLOCK_M 64 and 128)");
   m.def("fp8_gemm_force_tile", &pykernels::fp8_gemm_force_tile, py::arg("block_m"), py::arg("block_n"),
         "Test hook: later launches use this tile shape; (0, 0) restores the heuristic");
+  m.def("fp8_gemm_force_multicast", &pykernels::fp8_gemm_force_multicast, py::arg("mode"),
+        "Test hook: later launches use this multicast mode (0 off, 1 A, 2 B shared); -1 restores the heuristic");
 
   // ---- moe -------------------------------------------------------------------------------------------
   // An optional tensor argument (scales): None, or a view that lives in `slot`.

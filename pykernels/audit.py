@@ -47,6 +47,7 @@ INSTRUCTION_CLASSES = {
     "HGMMA": "16-bit wgmma",
     "HMMA": "mma.sync",
     "UTMALDG": "TMA load",
+    "UTMALDG.MULTICAST": "TMA load multicast to the CTAs of a cluster",
     "UTMASTG": "TMA store",
     "UBLKCP": "bulk copy",
     "LDGSTS": "cp.async",
@@ -136,6 +137,8 @@ def classify(mnemonic: str) -> list:
     base = parts[0]
     classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "SYNCS", "LDL", "STL")
                if base == c]
+    if base == "UTMALDG" and "MULTICAST" in parts:
+        classes.append("UTMALDG.MULTICAST")
     if base == "LDG" and "128" in parts:
         classes.append("LDG.128")
     if base == "STG" and "128" in parts:

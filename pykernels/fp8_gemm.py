@@ -274,7 +274,22 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
     return cfg
 
 
-# What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name).
+# The (math warpgroups, BLOCK_N) of the kernels compiled per multicast mode (multicast_instantiated in
+# csrc/fp8_gemm/fp8_gemm_schedule.h), as they appear in the demangled kernel names.
+_BLOCK_N_CHOICES = (16, 32, 48, 56, 64, 96, 112, 128, 144, 160)
+_MULTICAST_BLOCK_N = (112, 128, 144, 160)
+GEMM_INSTANTIATIONS = {
+    "(pykernels::fp8_gemm::Multicast)0": [(wg, bn) for wg in (1, 2) for bn in _BLOCK_N_CHOICES],
+    "(pykernels::fp8_gemm::Multicast)1": [(wg, bn) for wg in (1, 2) for bn in _MULTICAST_BLOCK_N],
+    "(pykernels::fp8_gemm::Multicast)2": [(2, bn) for bn in _MULTICAST_BLOCK_N],
+}
+
+# What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name):
+# every instantiation exists; the cluster kernels load the shared operand with a multicast TMA load, the
+# others never do.
 CUDA_AUDIT = {
     "fp8_gemm_kernel": {"no_local_memory": True, "min_instructions": {"QGMMA": 1, "UTMALDG": 1}},
+    **{f"fp8_gemm_kernel<{wg}, {bn}, {mode}>": ({"max_instructions": {"UTMALDG.MULTICAST": 0}} if mode.endswith("0")
+                                                else {"min_instructions": {"UTMALDG.MULTICAST": 1}})
+       for mode, shapes in GEMM_INSTANTIATIONS.items() for wg, bn in shapes},
 }

@@ -711,7 +711,9 @@ def test_scheduler_visits_every_tile_once(layout, m_rows, n, groups, info, bm, b
 
 # ---- 2-CTA clusters with TMA multicast of the shared operand --------------------------------------------
 
-MULTICAST_WIDTHS = (112, 128, 144, 160)  # the widths compiled with the cluster launch
+def _multicast_compiled(mode, bm, bn):
+    """Whether the extension has the kernel of this multicast mode (1: A, 2: B) for the tile."""
+    return (bm // 64, bn) in pykernels.fp8_gemm.GEMM_INSTANTIATIONS[f"(pykernels::fp8_gemm::Multicast){mode}"]
 
 
 def _multicast_allowed(mode, layout, m_blocks, n_blocks, bn):
@@ -839,10 +841,11 @@ def test_config_multicast_choice(layout, m, n, groups, sms):
     m_blocks, n_blocks = -(-m // bm), -(-n // bn)
     code = {"plain": 0, "contiguous": 1, "masked": 2}[layout]
     expected = "none"
-    if cfg["num_waves"] > 1 and sms % 2 == 0 and bn in MULTICAST_WIDTHS:
-        order = ("a", "b") if bm > bn else ("b", "a")
-        expected = next((x for x in order if _multicast_allowed(1 if x == "a" else 2, code, m_blocks, n_blocks, bn)),
-                        "none")
+    if cfg["num_waves"] > 1 and sms % 2 == 0:
+        order = (1, 2) if bm > bn else (2, 1)
+        mode = next((x for x in order if _multicast_compiled(x, bm, bn)
+                     and _multicast_allowed(x, code, m_blocks, n_blocks, bn)), 0)
+        expected = {0: "none", 1: "a", 2: "b"}[mode]
     assert cfg["multicast"] == expected
     assert cfg["cluster_size"] == (1 if expected == "none" else 2)
     if layout != "plain":
@@ -1176,6 +1179,43 @@ def test_audit_fails_scale_loads_outside_the_stage():
     assert audit.unordered_shared_loads(["LDS", "FFMA", "BAR.SYNC"]) == 0
 
 
+def test_audit_counts_multicast_tma_loads_and_requires_them_of_cluster_kernels():
+    """A listing's UTMALDG.3D.MULTICAST counts as a TMA load and as a multicast one; the cluster kernels'
+    expectation fails without one, the unicast kernels' with one."""
+    listing = _sass("""
+        0000: UTMALDG.3D [UR8], [UR20], desc[UR18]
+        0010: UTMALDG.3D.MULTICAST [UR8], [UR22], UR18, desc[UR20]
+        0020: @!P0 UTMALDG.3D.MULTICAST [UR8], [UR22], UR18, desc[UR20]
+    """)
+    counts = audit.parse_sass(listing)["_Zfake"]
+    assert counts["UTMALDG"] == 3 and counts["UTMALDG.MULTICAST"] == 2
+    unicast_only = audit.parse_sass(_sass("0000: UTMALDG.3D [UR8], [UR20], desc[UR18]"))["_Zfake"]
+    assert unicast_only["UTMALDG.MULTICAST"] == 0
+    expectations = pykernels.fp8_gemm.CUDA_AUDIT
+    cluster = expectations["fp8_gemm_kernel<2, 160, (pykernels::fp8_gemm::Multicast)2>"]
+    plain = expectations["fp8_gemm_kernel<2, 160, (pykernels::fp8_gemm::Multicast)0>"]
+    for expect, instructions, failing in ((cluster, unicast_only, True), (cluster, counts, False),
+                                          (plain, counts, True), (plain, unicast_only, False)):
+        report = audit.KernelReport(name="fake", source="cuda", instructions=dict(instructions))
+        audit.check_expectations(report, expect)
+        assert bool(report.failures) == failing, (expect, report.failures)
+        if failing:
+            assert "UTMALDG.MULTICAST" in report.failures[0]
+
+
+def test_audit_finds_the_multicast_load_in_every_cluster_kernel():
+    """The built extension (static SASS): every cluster kernel multicasts its shared operand's half, the
+    unicast kernels never multicast; all keep their registers without local memory."""
+    reports = audit._reports_from_binary(_extension().__file__, "cuda")
+    gemm = {r.name.split("fp8_gemm_kernel<", 1)[1].split(">(", 1)[0]: r for r in reports if "fp8_gemm_kernel<" in r.name}
+    for mode, shapes in pykernels.fp8_gemm.GEMM_INSTANTIATIONS.items():
+        for wg, bn in shapes:
+            r = gemm[f"{wg}, {bn}, {mode}"]
+            multicast = r.instructions.get("UTMALDG.MULTICAST", 0)
+            assert (multicast > 0) == (not mode.endswith("0")), (r.name, multicast)
+            assert r.local_bytes == 0 and r.stack_bytes == 0 and not r.instructions.get("STL"), r.name
+
+
 def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
     """The built extension: one FFMA per accumulator element per 128-K step in every k-loop instance of
     every tile shape, no FSEL, at most 4 FMUL (static SASS figures)."""
@@ -1183,7 +1223,9 @@ def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
     reports = audit._reports_from_binary(ext.__file__, "cuda")
     gemm = {r.name: r for r in reports if "fp8_gemm_kernel<" in r.name}
     widths = ext.fp8_gemm_block_n_choices()
-    assert len(gemm) == 2 * len(widths)
+    instantiations = pykernels.fp8_gemm.GEMM_INSTANTIATIONS
+    assert instantiations["(pykernels::fp8_gemm::Multicast)0"] == [(wg, bn) for wg in (1, 2) for bn in widths]
+    assert len(gemm) == sum(len(shapes) for shapes in instantiations.values())
     for name, r in gemm.items():
         block_n = int(name.split("fp8_gemm_kernel<", 1)[1].split(",")[1].split(">")[0])
         assert r.hot_loops, name
@@ -1270,6 +1312,89 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
 
 
 # ---- CUDA kernel: A scales row-major or MN-major (DeepGEMM's TMA-aligned layout) -------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,block_m,block_n", [(0, 128, 128), (1, 128, 128), (2, 128, 128), (1, 128, 160),
+                                                  (2, 128, 160), (2, 128, 112), (0, 64, 112), (1, 64, 112),
+                                                  (1, 64, 144)])
+def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
+    """Forced multicast off, A shared and B shared, on shapes of several waves whose row and column tails
+    are partial (A pairs: an even number of column blocks; B pairs: an even number of row blocks), with
+    row-major and MN-major A scales (the scale warp and the scale TMA load)."""
+    ext = _extension()
+    m, n, k = 12 * block_m - 37, 22 * block_n - 9, 1152
+    (a, sa), (b, sb) = _blocky_problem(m, n, k)
+    ext.fp8_gemm_force_tile(block_m, block_n)
+    ext.fp8_gemm_force_multicast(mode)
+    try:
+        for scales in (sa, mn_major_scales(sa)):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _launch("fp8_gemm_nt", a, scales, b, sb, out)
+            assert_close_to_dequantized(out, a, sa, b, sb)
+    finally:
+        ext.fp8_gemm_force_multicast(-1)
+        ext.fp8_gemm_force_tile(0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_gpu_multicast_grouped_against_float64(mode, block_m):
+    """Forced multicast off and A shared in the grouped layouts: contiguous groups with padding rows and
+    padding-only blocks, masked groups with masked_m 0, 1, partial and full (zero tiles pair up)."""
+    ext = _extension()
+    groups, n, k = 3, 1000, 640  # 8 column blocks of 128
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    idx = contiguous_indices([300, 0, 77], trailing_padding_blocks=1).cuda()
+    (a, sa), _ = _blocky_problem(idx.numel(), 128, k)
+    m_max = 200
+    masked = torch.tensor([0, 1, 200], dtype=torch.int32, device="cuda")
+    pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+    a3, sa3 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    ext.fp8_gemm_force_tile(block_m, 128)
+    ext.fp8_gemm_force_multicast(mode)
+    try:
+        for scales, scales3 in ((sa, sa3), (mn_major_scales(sa), mn_major_scales(sa3))):
+            out = torch.full((idx.numel(), n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _launch("m_grouped_fp8_gemm_nt_contiguous", a, scales, b, sb, idx, out)
+            assert bool((out[idx == -1].float() == 0).all())
+            for g in (0, 2):
+                rows = idx == g
+                assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
+            out3 = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _launch("m_grouped_fp8_gemm_nt_masked", a3, scales3, b, sb, masked, 64, out3)
+            for g, rows in enumerate(masked.tolist()):
+                assert bool((out3[g, rows:].float() == 0).all())
+                if rows:
+                    assert_close_to_dequantized(out3[g, :rows], a3[g, :rows], sa3[g, :rows], b[g], sb[g])
+    finally:
+        ext.fp8_gemm_force_multicast(-1)
+        ext.fp8_gemm_force_tile(0, 0)
+
+
+def test_force_multicast_rejects_unknown_modes():
+    ext = _extension()
+    with pytest.raises(ValueError, match=r"mode: expected -1 \(select_config's\), 0 \(off\)"):
+        ext.fp8_gemm_force_multicast(3)
+    ext.fp8_gemm_force_multicast(-1)
+
+
+@pytest.mark.gpu
+def test_gpu_force_multicast_refuses_unpaired_shapes():
+    ext = _extension()
+    (a, sa), (b, sb) = _blocky_problem(3 * 128, 17 * 128, 256)  # 3 row blocks, 17 column blocks of 128
+    out = torch.empty(3 * 128, 17 * 128, dtype=torch.bfloat16, device="cuda")
+    ext.fp8_gemm_force_tile(128, 128)
+    try:
+        for mode in (1, 2):
+            ext.fp8_gemm_force_multicast(mode)
+            with pytest.raises(ValueError, match="multicast: expected a mode this shape and tile allow"):
+                _launch("fp8_gemm_nt", a, sa, b, sb, out)
+    finally:
+        ext.fp8_gemm_force_multicast(-1)
+        ext.fp8_gemm_force_tile(0, 0)
+
 
 def mn_major_scales(sa):
     """sa [.., M, K/128] re-laid MN-major and TMA-aligned: stride(-2) 1, stride(-1) M rounded up to 4, the

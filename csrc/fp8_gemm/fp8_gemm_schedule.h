@@ -142,28 +142,32 @@ __host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layo
                                       : true;
 }
 
-// The tile shapes compiled with the cluster launch (the kernels select_config can pick with multicast on:
-// more than one wave of tiles makes the cost model choose wide tiles; the extension instantiates no
-// other, so select_config never turns multicast on for a width outside this list).
-__host__ __device__ constexpr bool multicast_instantiated(int block_m, int block_n) {
-  return (block_m == 64 || block_m == 128) && (block_n == 112 || block_n == 128 || block_n == 144 || block_n == 160);
+// The tile shapes compiled with each multicast mode, and so the only ones select_config turns it on for.
+// More than one wave of tiles makes the cost model choose wide tiles: these widths cover over 95% of the
+// multi-wave shapes (each mode's kernels cost build time). B pairs need two row blocks, so BLOCK_M = 64
+// (at most 64 rows per group) never pairs B in the plain layout.
+__host__ __device__ constexpr bool multicast_instantiated(Multicast mode, int block_m, int block_n) {
+  return mode == Multicast::Off ||
+         ((mode == Multicast::SharedA ? block_m == 64 || block_m == 128 : block_m == 128) &&
+          (block_n == 112 || block_n == 128 || block_n == 144 || block_n == 160));
 }
 
 // Which operand a cluster shares for this tile shape, or Off. Multicast halves the L2-to-SM traffic of the
 // shared tile and pays with lockstep between the two CTAs (each waits for the slower one's release of a
 // stage), so it is used only with more than one wave of tiles, where the SMs stream operands tile after
-// tile, and with an even SM count (every SM in a cluster). The larger of the two tiles is shared, it saves more bytes; B
-// on a tie (BLOCK_M = BLOCK_N = 128), as DeepGEMM prefers. When the preferred operand cannot pair up
-// (multicast_allowed) the other is tried.
+// tile, and with an even SM count (every SM in a cluster). The larger of the two tiles is shared, as it
+// saves more bytes; B on a tie (BLOCK_M = BLOCK_N = 128), as DeepGEMM prefers. When the preferred operand
+// cannot pair up (multicast_allowed) the other is tried.
 __host__ __device__ inline Multicast select_multicast(Layout layout, int block_m, int block_n, int m_blocks,
                                                       int n_blocks, int64_t num_waves, int num_sms) {
-  if (num_waves <= 1 || num_sms % kClusterSize != 0 || !multicast_instantiated(block_m, block_n)) {
-    return Multicast::Off;
-  }
+  if (num_waves <= 1 || num_sms % kClusterSize != 0) return Multicast::Off;
   const Multicast preferred = block_m > block_n ? Multicast::SharedA : Multicast::SharedB;
   const Multicast other = block_m > block_n ? Multicast::SharedB : Multicast::SharedA;
-  if (multicast_allowed(preferred, layout, m_blocks, n_blocks, block_n)) return preferred;
-  if (multicast_allowed(other, layout, m_blocks, n_blocks, block_n)) return other;
+  for (const Multicast mode : {preferred, other}) {
+    if (multicast_instantiated(mode, block_m, block_n) && multicast_allowed(mode, layout, m_blocks, n_blocks, block_n)) {
+      return mode;
+    }
+  }
   return Multicast::Off;
 }
 
@@ -361,19 +365,18 @@ struct TileLoads {
 // loads the other half), and the rest into itself: the A scales stay per CTA, 512 bytes at most.
 __host__ __device__ inline TileLoads tile_loads(Layout layout, Multicast multicast, const Tile& tile, int block_m,
                                                 int block_n, int rank) {
-  const uint16_t own = uint16_t(1u << rank);
+  // Selects by value, not through a reference to the shared member: a run-time choice of member would put
+  // the struct in local memory.
+  const uint16_t own = uint16_t(1u << rank), both = uint16_t((1u << kClusterSize) - 1);
+  const bool share_a = multicast == Multicast::SharedA, share_b = multicast == Multicast::SharedB;
+  const int a_rows = share_a ? block_m / kClusterSize : block_m;
+  const int b_rows = share_b ? block_n / kClusterSize : block_n;
+  const int a_smem_row = share_a ? rank * a_rows : 0;
+  const int b_smem_row = share_b ? rank * b_rows : 0;
   const int a_group = layout == Layout::Masked ? tile.group : 0;
-  TileLoads loads{{a_group, tile.m_block * block_m, 0, block_m, own},
-                  {tile.group, tile.n_block * block_n, 0, block_n, own},
-                  {a_group, tile.m_block * block_m, 0, block_m, own}};
-  if (multicast != Multicast::Off) {
-    OperandLoad& shared = multicast == Multicast::SharedA ? loads.a : loads.b;
-    shared.rows /= kClusterSize;
-    shared.smem_row = rank * shared.rows;
-    shared.row += shared.smem_row;
-    shared.cta_mask = uint16_t((1u << kClusterSize) - 1);
-  }
-  return loads;
+  return TileLoads{{a_group, tile.m_block * block_m + a_smem_row, a_smem_row, a_rows, share_a ? both : own},
+                   {tile.group, tile.n_block * block_n + b_smem_row, b_smem_row, b_rows, share_b ? both : own},
+                   {a_group, tile.m_block * block_m, 0, block_m, own}};
 }
 
 // The transaction bytes a stage's "full" barrier expects in each CTA: the whole A and B tiles (with
