@@ -269,6 +269,7 @@ PYBIND11_MODULE(_C, m) {
                                            std::to_string(k) + ", " + std::to_string(num_groups) + ", " +
                                            std::to_string(num_ctas));
         }
+        if (k % kBlockK != 0) pykernels::throw_value_error("k", "a multiple of 128", std::to_string(k));
         const auto layout_kind = static_cast<Layout>(layout);
         if (!multicast_allowed(mode, layout_kind, ceil_div(m_rows, block_m), ceil_div(n, block_n), block_n)) {
           pykernels::throw_value_error("multicast", "a mode this shape allows (multicast_allowed)",

@@ -822,6 +822,8 @@ def test_cluster_steps_reject_what_the_kernel_cannot_run():
         ext.fp8_gemm_cluster_steps(1, 256, 256, 128, 1, 128, 128, 2, [0] * 256, 2, False)
     with pytest.raises(ValueError, match=r"multicast: expected 0 \(off\), 1 \(A shared\) or 2"):
         ext.fp8_gemm_cluster_steps(0, 256, 256, 128, 1, 128, 128, 2, [], 3, False)
+    with pytest.raises(ValueError, match="k: expected a multiple of 128, got 100"):
+        ext.fp8_gemm_cluster_steps(0, 256, 256, 100, 1, 128, 128, 2, [], 1, False)
 
 
 @pytest.mark.parametrize("layout", ["plain", "contiguous", "masked"])
