@@ -295,11 +295,12 @@ PYBIND11_MODULE(_C, m) {
             if (tile_k_blocks(t, k_blocks) > 0) {
               const TileLoads l = tile_loads(layout_kind, mode, t, block_m, block_n, s.rank);
               loads.append(load("a", l.a, kBlockK));
-              loads.append(load("b", l.b, kBlockK));
+              if (!t.load_only) loads.append(load("b", l.b, kBlockK));
               if (sa_by_tma) loads.append(load("sa", l.sa, 4));
             }
-            steps.append(py::make_tuple(t.group, t.m_block, t.n_block, t.zero, tile_k_blocks(t, k_blocks),
-                                        stage_tx_bytes(block_m, block_n, sa_by_tma), loads));
+            steps.append(py::make_tuple(t.group, t.m_block, t.n_block, t.zero, t.load_only,
+                                        tile_k_blocks(t, k_blocks),
+                                        stage_tx_bytes(block_m, block_n, sa_by_tma, t.load_only), loads));
           }
           per_cta.append(steps);
         }
@@ -307,8 +308,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("k"), py::arg("num_groups"), py::arg("block_m"),
       py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"), py::arg("multicast"), py::arg("sa_by_tma"),
-      "Every CTA's walk as the kernel's producer sees it: per tile (group, m_block, n_block, zero, k_blocks, "
-      "stage transaction bytes, [(operand, group, row, smem_row, rows, cta_mask, bytes) per stage load])");
+      "Every CTA's walk as the kernel's producer sees it: per tile (group, m_block, n_block, zero, load_only, "
+      "k_blocks, stage transaction bytes, [(operand, group, row, smem_row, rows, cta_mask, bytes) per stage load])");
   m.def(
       "fp8_gemm_split_columns",
       [](int n0, int block_n) {

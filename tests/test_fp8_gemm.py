@@ -717,9 +717,8 @@ def _multicast_compiled(mode, bm, bn):
 
 
 def _multicast_allowed(mode, layout, m_blocks, n_blocks, bn):
-    if mode == 1:
-        return n_blocks % 2 == 0
-    return layout == 0 and m_blocks % 2 == 0 and bn % 16 == 0
+    """A pairs in every layout (an odd last column block with a load_only partner); B needs row pairs."""
+    return mode == 1 or (layout == 0 and m_blocks % 2 == 0 and bn % 16 == 0)
 
 
 def _contiguous_with_foreign_groups():
@@ -733,13 +732,17 @@ def _contiguous_with_foreign_groups():
 CLUSTER_SHAPES = [
     (0, 4096, 7168, 1, [], 128, 112),
     (0, 4096, 2112, 1, [], 128, 160),
-    (0, 1000, 3000, 1, [], 128, 144),   # 8 row blocks, 21 column blocks: only B pairs
-    (0, 300, 2112, 1, [], 128, 160),    # 3 row blocks, 14 column blocks: only A pairs
+    (0, 1000, 3000, 1, [], 128, 144),   # 8 row blocks, 21 column blocks
+    (0, 300, 2112, 1, [], 128, 160),    # 3 row blocks (no B pairs), 14 column blocks
+    (0, 300, 2000, 1, [], 128, 128),    # 3 row blocks, 16 column blocks
     (0, 77, 24576, 1, [], 64, 128),
     (1, 768, 320, 4, _contiguous_with_foreign_groups(), 128, 160),
     (1, 896, 4096, 3, contiguous_indices([0, 260, 500]).tolist(), 128, 128),
     (1, 384, 7168, 2, contiguous_indices([1, 200]).tolist(), 64, 112),
+    (1, 384, 7168, 2, contiguous_indices([1, 200]).tolist(), 128, 160),   # 45 column blocks
+    (1, 768, 1100, 4, _contiguous_with_foreign_groups(), 64, 128),        # 9 column blocks
     (2, 256, 7168, 3, [0, 200, 256], 128, 112),
+    (2, 256, 7168, 3, [0, 200, 256], 128, 160),                           # 45 column blocks
     (2, 512, 2112, 5, [512, 3, 0, 129, 64], 128, 96),
     (2, 70, 4096, 4, [0, 70, 1, 33], 64, 128),
     (2, 64, 7168, 8, [0, 0, 0, 0, 0, 0, 0, 0], 64, 144),
@@ -767,7 +770,9 @@ def test_cluster_pairs_stay_in_lockstep(shape, mode, num_ctas):
     or not, on the k-block count and on the shared operand's group and block (the other operand's block
     differs by the CTA's rank); the two halves of the shared tile, one load from each CTA, together with each
     CTA's own loads fill every row of each CTA's A and B tiles once, from the tile's rows, and the bytes
-    they deliver to each CTA are its barrier's expected transaction count. Every tile is produced once."""
+    they deliver to each CTA are its barrier's expected transaction count. With A shared and an odd number
+    of column blocks, the rank-1 CTA of each row's last pair is load_only: its half of A, its scales, no B,
+    no output. Every tile is produced once."""
     ext = _extension()
     layout, m_rows, n, groups, info, bm, bn = shape
     k = 7168 if layout == 0 else 512
@@ -777,6 +782,8 @@ def test_cluster_pairs_stay_in_lockstep(shape, mode, num_ctas):
             ext.fp8_gemm_cluster_steps(layout, m_rows, n, k, groups, bm, bn, num_ctas, info, mode, False)
         return
     size = 2 if mode else 1
+    shared = {0: None, 1: "a", 2: "b"}[mode]
+    load_only_steps = 0
     for sa_by_tma in (False, True):
         per_cta = ext.fp8_gemm_cluster_steps(layout, m_rows, n, k, groups, bm, bn, num_ctas, info, mode, sa_by_tma)
         produced = []
@@ -784,33 +791,38 @@ def test_cluster_pairs_stay_in_lockstep(shape, mode, num_ctas):
             walks = per_cta[first:first + size]
             assert len({len(w) for w in walks}) == 1, "the CTAs of a cluster walk different numbers of tiles"
             for steps in zip(*walks):
-                produced += [(g, mb, nb) for g, mb, nb, *_ in steps]
-                assert len({(zero, kb) for _, _, _, zero, kb, _, _ in steps}) == 1
-                for rank, (g, mb, nb, zero, kb, _, loads) in enumerate(steps):
+                assert len({(zero, kb) for _, _, _, zero, _, kb, _, _ in steps}) == 1
+                for rank, (g, mb, nb, zero, load_only, kb, _, loads) in enumerate(steps):
                     assert kb == (0 if zero else k // 128) and bool(loads) == (kb > 0)
+                    assert load_only == (mode == 1 and n_blocks % 2 == 1 and nb == n_blocks)
+                    if not load_only:
+                        produced.append((g, mb, nb))
                     if mode == 1:
                         assert (g, mb, nb // 2, nb % 2) == (steps[0][0], steps[0][1], steps[0][2] // 2, rank)
                     if mode == 2:
                         assert (g, nb, mb // 2, mb % 2) == (steps[0][0], steps[0][2], steps[0][1] // 2, rank)
-                if not steps[0][4]:
+                load_only_steps += steps[-1][4]
+                if not steps[0][5]:
                     continue
-                all_loads = [step[6] for step in steps]
-                shared = "a" if mode == 1 else "b" if mode == 2 else None
-                for loads in all_loads:
+                all_loads = [step[7] for step in steps]
+                for rank, loads in enumerate(all_loads):
                     for name, _, _, _, count, mask, _ in loads:
-                        assert mask == (3 if name == shared else 1 << all_loads.index(loads)), (name, mask)
+                        assert mask == (3 if name == shared else 1 << rank), (name, mask)
                         if name == shared:
                             assert count == (bm if name == "a" else bn) // 2
-                for cta, (g, mb, nb, _, _, tx_bytes, _) in enumerate(steps):
+                for cta, (g, mb, nb, _, load_only, _, tx_bytes, _) in enumerate(steps):
                     a_group = g if layout == 2 else 0
                     a_rows, delivered = _delivered(all_loads, cta, "a")
                     b_rows, _ = _delivered(all_loads, cta, "b")
                     assert a_rows == [(i, mb * bm + i, a_group) for i in range(bm)]
-                    assert b_rows == [(i, nb * bn + i, g) for i in range(bn)]
-                    assert delivered == tx_bytes == (bm + bn) * 128 + (bm * 4 if sa_by_tma else 0)
+                    assert b_rows == ([] if load_only else [(i, nb * bn + i, g) for i in range(bn)])
+                    b_bytes = 0 if load_only else bn * 128
+                    assert delivered == tx_bytes == bm * 128 + b_bytes + (bm * 4 if sa_by_tma else 0)
         assert len(produced) == len(set(produced)), "a tile was produced twice"
         per_cta_off = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, 1, info, include_zero_tiles=True)
         assert set(produced) == {tuple(t[:3]) for t in per_cta_off[0]}
+    if mode == 1 and n_blocks % 2:
+        assert load_only_steps > 0
 
 
 def test_cluster_steps_reject_what_the_kernel_cannot_run():
@@ -1321,10 +1333,11 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
                                                   (1, 64, 144)])
 def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
     """Forced multicast off, A shared and B shared, on shapes of several waves whose row and column tails
-    are partial (A pairs: an even number of column blocks; B pairs: an even number of row blocks), with
-    row-major and MN-major A scales (the scale warp and the scale TMA load)."""
+    are partial (B pairs: an even number of row blocks; A: an odd number of column blocks), with row-major
+    and MN-major A scales (the scale warp and the scale TMA load)."""
     ext = _extension()
-    m, n, k = 12 * block_m - 37, 22 * block_n - 9, 1152
+    # A shared: 21 column blocks, so each row's last pair has a load_only CTA.
+    m, n, k = 12 * block_m - 37, (21 if mode == 1 else 22) * block_n - 9, 1152
     (a, sa), (b, sb) = _blocky_problem(m, n, k)
     ext.fp8_gemm_force_tile(block_m, block_n)
     ext.fp8_gemm_force_multicast(mode)
@@ -1341,11 +1354,13 @@ def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("block_m", [64, 128])
-def test_gpu_multicast_grouped_against_float64(mode, block_m):
+@pytest.mark.parametrize("n", [1000, 1100])  # 8 and 9 column blocks of 128
+def test_gpu_multicast_grouped_against_float64(mode, block_m, n):
     """Forced multicast off and A shared in the grouped layouts: contiguous groups with padding rows and
-    padding-only blocks, masked groups with masked_m 0, 1, partial and full (zero tiles pair up)."""
+    padding-only blocks, masked groups with masked_m 0, 1, partial and full (zero tiles pair up), an even
+    and an odd number of column blocks."""
     ext = _extension()
-    groups, n, k = 3, 1000, 640  # 8 column blocks of 128
+    groups, k = 3, 640
     ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
     b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
     idx = contiguous_indices([300, 0, 77], trailing_padding_blocks=1).cuda()
@@ -1385,12 +1400,12 @@ def test_force_multicast_rejects_unknown_modes():
 @pytest.mark.gpu
 def test_gpu_force_multicast_refuses_unpaired_shapes():
     ext = _extension()
-    (a, sa), (b, sb) = _blocky_problem(3 * 128, 17 * 128, 256)  # 3 row blocks, 17 column blocks of 128
+    (a, sa), (b, sb) = _blocky_problem(3 * 128, 17 * 128, 256)  # 3 row blocks of 128: no B pairs
     out = torch.empty(3 * 128, 17 * 128, dtype=torch.bfloat16, device="cuda")
-    ext.fp8_gemm_force_tile(128, 128)
     try:
-        for mode in (1, 2):
-            ext.fp8_gemm_force_multicast(mode)
+        for block_m, block_n in ((128, 128), (128, 96)):  # no cluster kernel for width 96
+            ext.fp8_gemm_force_tile(block_m, block_n)
+            ext.fp8_gemm_force_multicast(2 if block_n == 128 else 1)
             with pytest.raises(ValueError, match="multicast: expected a mode this shape and tile allow"):
                 _launch("fp8_gemm_nt", a, sa, b, sb, out)
     finally:

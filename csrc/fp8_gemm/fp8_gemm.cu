@@ -233,9 +233,8 @@ void run(const Problem& pr, cudaStream_t stream) {
                           (fp8_gemm::multicast_instantiated(cfg.multicast, cfg.block_m, cfg.block_n) &&
                            fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, column_tiles, cfg.block_n));
     if (!runnable) {
-      throw_value_error("multicast", "a mode this shape and tile allow (BLOCK_N one of 112, 128, 144, 160; A: an "
-                        "even number of column blocks; B: BLOCK_M 128, the plain layout and an even number of row "
-                        "blocks)",
+      throw_value_error("multicast", "a mode this shape and tile allow (BLOCK_N one of 112, 128, 144, 160; B: "
+                        "BLOCK_M 128, the plain layout and an even number of row blocks)",
                         std::to_string(forced_multicast) + " for " + std::to_string(row_tiles) + " x " +
                             std::to_string(column_tiles) + " tiles of " + std::to_string(cfg.block_m) + " x " +
                             std::to_string(cfg.block_n));
@@ -249,8 +248,11 @@ void run(const Problem& pr, cudaStream_t stream) {
   const int64_t max_tiles = pr.a_groups * row_tiles * int64_t(column_tiles);
   int num_ctas = int(std::max<int64_t>(1, std::min<int64_t>(max_tiles, sms)));
   if (cfg.multicast != fp8_gemm::Multicast::Off) {
-    // Whole clusters, one per tile pair at most (max_tiles is even: every tile has its partner).
-    const int64_t clusters = std::min<int64_t>(max_tiles, sms) / fp8_gemm::kClusterSize;
+    // Whole clusters, one per tile pair at most (A shared: an odd last column block is a pair of its own).
+    const int64_t pairs = cfg.multicast == fp8_gemm::Multicast::SharedA
+                              ? pr.a_groups * row_tiles * int64_t((column_tiles + 1) / fp8_gemm::kClusterSize)
+                              : max_tiles / fp8_gemm::kClusterSize;
+    const int64_t clusters = std::min<int64_t>(pairs, sms / fp8_gemm::kClusterSize);
     num_ctas = fp8_gemm::kClusterSize * int(std::max<int64_t>(1, clusters));
   }
   launch(pr, cfg, num_ctas, stream);

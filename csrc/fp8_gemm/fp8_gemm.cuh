@@ -22,11 +22,13 @@
 // operand, a compile-time fact so that the producer's load coordinates fold), the two CTAs of a
 // cluster work on two tiles sharing A's or B's block (Scheduler's pair walk keeps them in lockstep). Each
 // producer loads half of the shared tile into both CTAs' stages with one multicast TMA load (tile_loads),
-// and its other operand into its own: every "full" barrier still expects the whole stage. A stage is then
-// written by both producers, so it is free only when the math warps of both CTAs released it: each math
-// warp arrives on the "empty" barrier of both CTAs (the peer's through its cluster address), whose count
-// is doubled. Barrier init is made visible cluster-wide before any load, and no CTA exits before its peer
-// is done with its shared memory and barriers.
+// and its other operand into its own: every "full" barrier still expects the whole stage. With an odd
+// number of column blocks and A shared, the last pair of a row has one tile: the other CTA only loads its
+// half of A for it (Tile::load_only) and releases the stages in step. A stage is then written by both
+// producers, so it is free only when the math warps of both CTAs released it: each math warp arrives on
+// the "empty" barrier of both CTAs (the peer's through its cluster address), whose count is doubled.
+// Barrier init is made visible cluster-wide before any load, and no CTA exits before its peer is done with
+// its shared memory and barriers.
 //
 // Why CuTe's atoms and not hand-written PTX: the wgmma (SM90::GMMA::MMA_64xNx32_F32E4M3E4M3_SS_TN), TMA
 // (SM90_TMA_LOAD_3D), mbarrier (ClusterTransactionBarrier) and setmaxnreg wrappers are the tested ones
@@ -242,6 +244,24 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
   }
 }
 
+// A load_only tile's stages (Tile): the producers of both CTAs fill them like any other, so the math warps
+// wait for each and release it in both CTAs in step with the peer, computing nothing.
+template <int kStages>
+__device__ __forceinline__ void release_stages(cutlass::arch::ClusterTransactionBarrier* full,
+                                               cutlass::arch::ClusterTransactionBarrier* empty, int k_blocks,
+                                               Ring& ring, int lane) {
+#pragma unroll 1
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    full[ring.stage].wait(ring.phase);
+    __syncwarp();
+    if (lane < kClusterSize) empty[ring.stage].arrive(lane);
+    if (++ring.stage == kStages) {
+      ring.stage = 0;
+      ring.phase ^= 1;
+    }
+  }
+}
+
 // One stage's TMA load of an operand tile (kShared: this CTA's half of the shared tile, multicast to
 // load.cta_mask), box rows load.rows (the host builds the tensor map with that box), at 128-K block kb.
 template <bool kShared>
@@ -361,16 +381,18 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
       wait_for_cluster_peer<kCluster>();
       return;
     }
-    const uint32_t stage_bytes = stage_tx_bytes(kBlockM, kBlockN, sa_by_tma);
     const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
     while (scheduler.next(tile)) {
       const TileLoads loads = tile_loads(p.layout, kMulticast, tile, kBlockM, kBlockN, scheduler.rank);
+      const uint32_t stage_bytes = stage_tx_bytes(kBlockM, kBlockN, sa_by_tma, tile.load_only);
       for (int kb = 0; kb < tile_k_blocks(tile, k_blocks); ++kb) {
         empty[stage].wait(phase ^ 1);
         full[stage].arrive_and_expect_tx(stage_bytes);
         uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
         load_operand<kMulticast == Multicast::SharedA>(&tma_a, bar, loads.a, smem_a + stage * Shape::kABytes, kb);
-        load_operand<kMulticast == Multicast::SharedB>(&tma_b, bar, loads.b, smem_b + stage * Shape::kBBytes, kb);
+        if (!tile.load_only) {
+          load_operand<kMulticast == Multicast::SharedB>(&tma_b, bar, loads.b, smem_b + stage * Shape::kBBytes, kb);
+        }
         if (sa_by_tma) {
           cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, loads.sa.row, kb,
                                        loads.sa.group);
@@ -402,6 +424,10 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   Ring ring;
 
   while (scheduler.next(tile)) {
+    if (tile.load_only) {
+      release_stages<kStages>(full, empty, tile_k_blocks(tile, k_blocks), ring, lane);
+      continue;
+    }
     const int valid_rows = scheduler.valid_rows(tile);
     const int64_t group_row0 = p.layout == Layout::Masked ? int64_t(tile.group) * p.m_rows : 0;
     // Rows without data still run (past M their A rows and scales arrive as zeros); the epilogue replaces

@@ -126,20 +126,19 @@ __host__ __device__ inline ScaleALayout scale_a_layout(int ndim, const int64_t* 
   return ndim <= 3 && rows_ok && blocks_ok && groups_ok ? ScaleALayout::MnMajor : ScaleALayout::Invalid;
 }
 
-// Whether every tile of a shape has a partner for `mode`, so that the two CTAs of each cluster always
-// work on tiles sharing that operand and running the same k-blocks (zero tiles: none):
-//   SharedA pairs n-blocks 2j and 2j + 1 of one row block: n_blocks must be even. Both tiles lie in the
-//     same group and row block, so the grouped layouts' padding (-1) blocks, skipped blocks and blocks
-//     past masked_m come in pairs too, and the pair agrees on them without looking at the peer.
+// Whether a shape's tiles pair up for `mode`, so that the two CTAs of each cluster always work on tiles
+// sharing that operand and running the same k-blocks (zero tiles: none):
+//   SharedA pairs n-blocks 2j and 2j + 1 of one row block, in every layout. Both tiles lie in the same
+//     group and row block, so the grouped layouts' padding (-1) blocks, skipped blocks and blocks past
+//     masked_m come in pairs too, and the pair agrees on them without looking at the peer. With an odd
+//     n_blocks the last pair of each row has no second tile: its rank-1 CTA is load_only (see Tile).
 //   SharedB pairs m-blocks 2i and 2i + 1 of one column block: the plain layout only (in the grouped ones
 //     the two row blocks can fall in different groups, or one past masked_m), m_blocks even, and each
 //     CTA's half of the B tile whole 8-row swizzle atoms (1024 bytes) so both halves land where a single
 //     box would put them.
 __host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layout, int m_blocks, int n_blocks,
                                                      int block_n) {
-  return mode == Multicast::SharedA   ? n_blocks % 2 == 0
-         : mode == Multicast::SharedB ? layout == Layout::Plain && m_blocks % 2 == 0 && block_n % 16 == 0
-                                      : true;
+  return mode == Multicast::SharedB ? layout == Layout::Plain && m_blocks % 2 == 0 && block_n % 16 == 0 : true;
 }
 
 // The tile shapes compiled with each multicast mode, and so the only ones select_config turns it on for.
@@ -164,9 +163,8 @@ __host__ __device__ inline Multicast select_multicast(Layout layout, int block_m
   const Multicast preferred = block_m > block_n ? Multicast::SharedA : Multicast::SharedB;
   const Multicast other = block_m > block_n ? Multicast::SharedB : Multicast::SharedA;
   for (const Multicast mode : {preferred, other}) {
-    if (multicast_instantiated(mode, block_m, block_n) && multicast_allowed(mode, layout, m_blocks, n_blocks, block_n)) {
-      return mode;
-    }
+    const bool compiled = multicast_instantiated(mode, block_m, block_n);
+    if (compiled && multicast_allowed(mode, layout, m_blocks, n_blocks, block_n)) return mode;
   }
   return Multicast::Off;
 }
@@ -227,6 +225,10 @@ struct Tile {
   int m_block;  // within the group's rows
   int n_block;
   bool zero;    // no rows to compute: the tile's output rows are written as zeros, nothing is loaded
+  // SharedA with an odd number of column blocks, rank 1 in the last column pair: n_block is past the last
+  // block, and the CTA only loads its half of A for its peer (and A's scales, for its own stage ring),
+  // releasing each stage in step with the peer; it computes and stores nothing.
+  bool load_only;
 };
 
 // The persistent scheduler: CTA `cta` of `num_ctas` visits tiles cta, cta + num_ctas, ... of the layout's
@@ -250,6 +252,7 @@ struct Scheduler {
   int m_rows;  // M, M_total or M_max
   int m_blocks;  // of the walk: row pairs with SharedB
   int n_blocks;  // of the walk: column pairs with SharedA
+  int column_blocks;  // of the output
   int num_groups;
   int block_m;
   int raster_group;
@@ -270,7 +273,9 @@ struct Scheduler {
                                 Multicast multicast_ = Multicast::Off)
       : layout(layout_), m_rows(m_rows_),
         m_blocks(ceil_div(m_rows_, block_m_) / (multicast_ == Multicast::SharedB ? kClusterSize : 1)),
-        n_blocks(ceil_div(n, block_n) / (multicast_ == Multicast::SharedA ? kClusterSize : 1)),
+        n_blocks(multicast_ == Multicast::SharedA ? ceil_div(ceil_div(n, block_n), kClusterSize)
+                                                  : ceil_div(n, block_n)),
+        column_blocks(ceil_div(n, block_n)),
         num_groups(num_groups_), block_m(block_m_),
         // Row pairs: half as many per raster group keeps the rows a wave touches, and so its L2 footprint.
         raster_group(multicast_ == Multicast::SharedB ? raster_group_ / kClusterSize : raster_group_),
@@ -283,6 +288,7 @@ struct Scheduler {
   __host__ __device__ void take_own_block(Tile& tile) const {
     if (multicast == Multicast::SharedA) tile.n_block = kClusterSize * tile.n_block + rank;
     if (multicast == Multicast::SharedB) tile.m_block = kClusterSize * tile.m_block + rank;
+    tile.load_only = multicast == Multicast::SharedA && tile.n_block >= column_blocks;
   }
 
   __host__ __device__ int masked_rows(int g) const {
@@ -362,7 +368,8 @@ struct TileLoads {
 
 // The loads one CTA issues per stage of a computed tile. Without multicast: whole tiles into itself. With
 // it, the CTA of rank r loads rows [r * half, (r + 1) * half) of the shared tile into both CTAs (the peer
-// loads the other half), and the rest into itself: the A scales stay per CTA, 512 bytes at most.
+// loads the other half), and the rest into itself: the A scales stay per CTA, 512 bytes at most. A
+// load_only tile loads no B (b.rows 0).
 __host__ __device__ inline TileLoads tile_loads(Layout layout, Multicast multicast, const Tile& tile, int block_m,
                                                 int block_n, int rank) {
   // Selects by value, not through a reference to the shared member: a run-time choice of member would put
@@ -370,7 +377,7 @@ __host__ __device__ inline TileLoads tile_loads(Layout layout, Multicast multica
   const uint16_t own = uint16_t(1u << rank), both = uint16_t((1u << kClusterSize) - 1);
   const bool share_a = multicast == Multicast::SharedA, share_b = multicast == Multicast::SharedB;
   const int a_rows = share_a ? block_m / kClusterSize : block_m;
-  const int b_rows = share_b ? block_n / kClusterSize : block_n;
+  const int b_rows = tile.load_only ? 0 : share_b ? block_n / kClusterSize : block_n;
   const int a_smem_row = share_a ? rank * a_rows : 0;
   const int b_smem_row = share_b ? rank * b_rows : 0;
   const int a_group = layout == Layout::Masked ? tile.group : 0;
@@ -380,9 +387,10 @@ __host__ __device__ inline TileLoads tile_loads(Layout layout, Multicast multica
 }
 
 // The transaction bytes a stage's "full" barrier expects in each CTA: the whole A and B tiles (with
-// multicast half of the shared one comes from the peer's load) and the A scales when TMA loads them.
-__host__ __device__ constexpr int stage_tx_bytes(int block_m, int block_n, bool sa_by_tma) {
-  return (block_m + block_n) * kBlockK + (sa_by_tma ? block_m * 4 : 0);
+// multicast half of the shared one comes from the peer's load; no B for a load_only tile) and the A scales
+// when TMA loads them.
+__host__ __device__ constexpr int stage_tx_bytes(int block_m, int block_n, bool sa_by_tma, bool load_only) {
+  return (block_m + (load_only ? 0 : block_n)) * kBlockK + (sa_by_tma ? block_m * 4 : 0);
 }
 
 }  // namespace pykernels::fp8_gemm
