@@ -243,7 +243,8 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
     Returns block_m, block_n, block_k, num_math_warpgroups, num_stages, raster_group (M tiles per raster
     group), num_tiles, num_waves, wave_utilization (the share of the SMs busy in the last wave: tiles left
     for it / SMs), smem_bytes, multicast ("none", or "a" / "b": the operand each 2-CTA cluster shares, one
-    TMA load multicast to both CTAs; on only with more than one wave and a shape whose tiles all pair up)
+    TMA load multicast to both CTAs; on only with more than one wave, an even SM count and a tile compiled
+    for it; "b" only in the plain layout with an even number of row blocks)
     and cluster_size (2 with multicast, else 1). Deterministic: no autotuning, the same answer for the same
     arguments. M, N, K and num_groups must be below 2^30: the kernel indexes rows, columns and K in int32.
     """

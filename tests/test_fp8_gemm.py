@@ -845,7 +845,7 @@ def test_cluster_steps_reject_what_the_kernel_cannot_run():
                                             (64, 2112, 1, 132), (512, 32768, 4, 132)])
 def test_config_multicast_choice(layout, m, n, groups, sms):
     """Multicast on exactly when the tiles make more than one wave on an even SM count, the width is one
-    compiled with the cluster launch and the shape pairs every tile; the larger tile is the shared one (B on
+    compiled with the cluster launch and the shape pairs the tiles; the larger tile is the shared one (B on
     a tie), else the other when only it pairs up; B never in a grouped layout."""
     _extension()
     if layout != "masked":

@@ -246,7 +246,8 @@ struct Tile {
 // c, c + num_ctas / 2, ... of the layout's space with two-block-wide (SharedA) or two-block-high (SharedB)
 // tiles, and the CTA of rank r takes block 2j + r of the pair. Both CTAs of a cluster therefore walk the
 // same pairs in the same order, skip the same ones and see the same zero tiles: they stay in lockstep on
-// the shared stage ring without exchanging anything (multicast_allowed makes every pair whole).
+// the shared stage ring without exchanging anything (multicast_allowed: each pair has two tiles, or one
+// and a load_only partner).
 struct Scheduler {
   Layout layout;
   int m_rows;  // M, M_total or M_max
