@@ -142,8 +142,9 @@ __host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layo
 }
 
 // The tile shapes compiled with each multicast mode, and so the only ones select_config turns it on for.
-// More than one wave of tiles makes the cost model choose wide tiles: these widths cover over 95% of the
-// multi-wave shapes (each mode's kernels cost build time). B pairs need two row blocks, so BLOCK_M = 64
+// More than one wave of tiles makes the cost model choose wide tiles: these widths are its choice for over
+// 95% of the multi-wave shapes of a sweep over M, N, groups and SM counts (each mode's kernels cost build
+// time). B pairs need two row blocks, so BLOCK_M = 64
 // (at most 64 rows per group) never pairs B in the plain layout.
 __host__ __device__ constexpr bool multicast_instantiated(Multicast mode, int block_m, int block_n) {
   return mode == Multicast::Off ||
