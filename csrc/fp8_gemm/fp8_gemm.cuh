@@ -277,8 +277,10 @@ __device__ __forceinline__ void load_operand(const CUtensorMap* map, uint64_t* b
 }
 
 // Every thread of a multicast CTA ends here: the CTA's shared memory and barriers must outlive the peer's
-// last multicast into them and its math warps' last remote release. Not .aligned: the producer
-// warpgroup's threads come from different branches.
+// last multicast into them and its math warps' last remote release. Each warp arrives converged, at one
+// site per role. Not .aligned all the same: that would be a promise the compiler cannot check, and a
+// converged warp takes the same single arrival either way (ptxas branches to its divergent lowering,
+// WARPSYNC.COLLECTIVE around UCGABAR_ARV, only when the warp is found divergent at run time).
 template <bool kCluster>
 __device__ __forceinline__ void wait_for_cluster_peer() {
   if constexpr (kCluster) {
@@ -377,32 +379,32 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
       wait_for_cluster_peer<kCluster>();
       return;
     }
-    if (threadIdx.x != 0) {
-      wait_for_cluster_peer<kCluster>();
-      return;
-    }
-    const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-    while (scheduler.next(tile)) {
-      const TileLoads loads = tile_loads(p.layout, kMulticast, tile, kBlockM, kBlockN, scheduler.rank);
-      const uint32_t stage_bytes = stage_tx_bytes(kBlockM, kBlockN, sa_by_tma, tile.load_only);
-      for (int kb = 0; kb < tile_k_blocks(tile, k_blocks); ++kb) {
-        empty[stage].wait(phase ^ 1);
-        full[stage].arrive_and_expect_tx(stage_bytes);
-        uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
-        load_operand<kMulticast == Multicast::SharedA>(&tma_a, bar, loads.a, smem_a + stage * Shape::kABytes, kb);
-        if (!tile.load_only) {
-          load_operand<kMulticast == Multicast::SharedB>(&tma_b, bar, loads.b, smem_b + stage * Shape::kBBytes, kb);
-        }
-        if (sa_by_tma) {
-          cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, loads.sa.row, kb,
-                                       loads.sa.group);
-        }
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
+    if (threadIdx.x == 0) {
+      const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+      while (scheduler.next(tile)) {
+        const TileLoads loads = tile_loads(p.layout, kMulticast, tile, kBlockM, kBlockN, scheduler.rank);
+        const uint32_t stage_bytes = stage_tx_bytes(kBlockM, kBlockN, sa_by_tma, tile.load_only);
+        for (int kb = 0; kb < tile_k_blocks(tile, k_blocks); ++kb) {
+          empty[stage].wait(phase ^ 1);
+          full[stage].arrive_and_expect_tx(stage_bytes);
+          uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
+          load_operand<kMulticast == Multicast::SharedA>(&tma_a, bar, loads.a, smem_a + stage * Shape::kABytes, kb);
+          if (!tile.load_only) {
+            load_operand<kMulticast == Multicast::SharedB>(&tma_b, bar, loads.b, smem_b + stage * Shape::kBBytes, kb);
+          }
+          if (sa_by_tma) {
+            cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, loads.sa.row, kb,
+                                         loads.sa.group);
+          }
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
         }
       }
     }
+    // Lanes 1-31 of warp 0 wait for the producer thread at the end of the branch above, so every warp
+    // reaches the cluster barrier converged and at a single site.
     wait_for_cluster_peer<kCluster>();
     return;
   }
