@@ -29,7 +29,7 @@ struct LaunchArgs {
   CUtensorMap map_b;  // B [G, N, K] e4m3, box 128 x BLOCK_N (BLOCK_N / 2 when B is shared)
   CUtensorMap map_sa;  // MnMajor A scales [G_a, K/128, m_rows (M_pad apart)] f32, box BLOCK_M; unused for RowMajor
   Params params;
-  int num_ctas;  // even for the cluster kernels
+  int num_ctas;  // even for the cluster kernels, which launch at most as many clusters as the GPU holds at once
 };
 
 // Sets the kernel's shared-memory limit and enqueues it on `stream` (with multicast: as 2-CTA clusters);
