@@ -48,6 +48,9 @@ INSTRUCTION_CLASSES = {
     "HMMA": "mma.sync",
     "UTMALDG": "TMA load",
     "UTMALDG.MULTICAST": "TMA load multicast to the CTAs of a cluster",
+    "SYNCS.ARRIVE.LOCAL": "mbarrier arrive on the CTA's own barrier",
+    "SYNCS.ARRIVE.REMOTE": "mbarrier arrive through a cluster address (mapa), on any CTA of the cluster",
+    "UCGABAR_WAIT": "cluster barrier wait",
     "UTMASTG": "TMA store",
     "UBLKCP": "bulk copy",
     "LDGSTS": "cp.async",
@@ -139,6 +142,11 @@ def classify(mnemonic: str) -> list:
                if base == c]
     if base == "UTMALDG" and "MULTICAST" in parts:
         classes.append("UTMALDG.MULTICAST")
+    # A plain arrive (A1T0: count 1, no transaction bytes); RED marks the shared::cluster form.
+    if base == "SYNCS" and "ARRIVE" in parts and "A1T0" in parts:
+        classes.append("SYNCS.ARRIVE.REMOTE" if "RED" in parts else "SYNCS.ARRIVE.LOCAL")
+    if base == "UCGABAR_WAIT":
+        classes.append("UCGABAR_WAIT")
     if base == "LDG" and "128" in parts:
         classes.append("LDG.128")
     if base == "STG" and "128" in parts:

@@ -285,12 +285,18 @@ GEMM_INSTANTIATIONS = {
     "(pykernels::fp8_gemm::Multicast)2": [(2, bn) for bn in _MULTICAST_BLOCK_N],
 }
 
+# The cluster kernels (static SASS): the shared operand arrives by a multicast TMA load; the math warps
+# release every stage through cluster addresses (the only arrive on a CTA's own barrier is the A-scale
+# warp's on "full"), so the peer's producer waits for both CTAs' releases; the cluster barrier runs twice,
+# after barrier init and before exit. The unicast kernels do none of these.
+_CLUSTER_AUDIT = {"min_instructions": {"UTMALDG.MULTICAST": 1, "SYNCS.ARRIVE.REMOTE": 1, "UCGABAR_WAIT": 2},
+                  "max_instructions": {"SYNCS.ARRIVE.LOCAL": 1}}
+_UNICAST_AUDIT = {"max_instructions": {"UTMALDG.MULTICAST": 0, "SYNCS.ARRIVE.REMOTE": 0, "UCGABAR_WAIT": 0}}
+
 # What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name):
-# every instantiation exists; the cluster kernels load the shared operand with a multicast TMA load, the
-# others never do.
+# every instantiation exists, with the cluster or unicast expectations above.
 CUDA_AUDIT = {
     "fp8_gemm_kernel": {"no_local_memory": True, "min_instructions": {"QGMMA": 1, "UTMALDG": 1}},
-    **{f"fp8_gemm_kernel<{wg}, {bn}, {mode}>": ({"max_instructions": {"UTMALDG.MULTICAST": 0}} if mode.endswith("0")
-                                                else {"min_instructions": {"UTMALDG.MULTICAST": 1}})
+    **{f"fp8_gemm_kernel<{wg}, {bn}, {mode}>": _UNICAST_AUDIT if mode.endswith("0") else _CLUSTER_AUDIT
        for mode, shapes in GEMM_INSTANTIATIONS.items() for wg, bn in shapes},
 }

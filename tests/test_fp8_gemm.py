@@ -1208,7 +1208,9 @@ def test_audit_counts_multicast_tma_loads_and_requires_them_of_cluster_kernels()
     expectations = pykernels.fp8_gemm.CUDA_AUDIT
     cluster = expectations["fp8_gemm_kernel<2, 160, (pykernels::fp8_gemm::Multicast)2>"]
     plain = expectations["fp8_gemm_kernel<2, 160, (pykernels::fp8_gemm::Multicast)0>"]
-    for expect, instructions, failing in ((cluster, unicast_only, True), (cluster, counts, False),
+    synchronized = {"SYNCS.ARRIVE.REMOTE": 4, "SYNCS.ARRIVE.LOCAL": 1, "UCGABAR_WAIT": 2}
+    for expect, instructions, failing in ((cluster, {**unicast_only, **synchronized}, True),
+                                          (cluster, {**counts, **synchronized}, False),
                                           (plain, counts, True), (plain, unicast_only, False)):
         report = audit.KernelReport(name="fake", source="cuda", instructions=dict(instructions))
         audit.check_expectations(report, expect)
@@ -1217,9 +1219,40 @@ def test_audit_counts_multicast_tma_loads_and_requires_them_of_cluster_kernels()
             assert "UTMALDG.MULTICAST" in report.failures[0]
 
 
+def test_audit_requires_cluster_releases_and_barriers_of_cluster_kernels():
+    """The stage release of a cluster kernel's math warps is an arrive through a cluster address (RED); an
+    arrive on the CTA's own barrier (the A-scale warp's on "full") may appear once. A cluster kernel that
+    releases a stage locally (the peer's producer would overwrite it unreleased), lacks the exit cluster
+    barrier or releases nothing remotely fails; a unicast kernel with a cluster arrive or barrier fails."""
+    counts = audit.parse_sass(_sass("""
+        0000: SYNCS.ARRIVE.TRANS64 RZ, [UR4+0x33c00], RZ
+        0010: @!P1 SYNCS.ARRIVE.TRANS64.A1T0 RZ, [R8+URZ], RZ
+        0020: @!P2 SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ, [R24+URZ], RZ
+        0030: UCGABAR_ARV
+        0040: UCGABAR_WAIT
+        0050: SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R189+URZ+0x33c00], R24
+    """))["_Zfake"]
+    assert counts["SYNCS.ARRIVE.LOCAL"] == 1 and counts["SYNCS.ARRIVE.REMOTE"] == 1
+    assert counts["UCGABAR_WAIT"] == 1 and counts["SYNCS"] == 4
+    expectations = pykernels.fp8_gemm.CUDA_AUDIT
+    cluster = expectations["fp8_gemm_kernel<1, 112, (pykernels::fp8_gemm::Multicast)1>"]
+    plain = expectations["fp8_gemm_kernel<1, 112, (pykernels::fp8_gemm::Multicast)0>"]
+    good = {"UTMALDG.MULTICAST": 2, "SYNCS.ARRIVE.REMOTE": 8, "SYNCS.ARRIVE.LOCAL": 1, "UCGABAR_WAIT": 6}
+    cases = [(cluster, good, None), (cluster, {**good, "SYNCS.ARRIVE.LOCAL": 2}, "SYNCS.ARRIVE.LOCAL"),
+             (cluster, {**good, "UCGABAR_WAIT": 1}, "UCGABAR_WAIT"),
+             (cluster, {**good, "SYNCS.ARRIVE.REMOTE": 0}, "SYNCS.ARRIVE.REMOTE"),
+             (plain, {"SYNCS.ARRIVE.LOCAL": 8}, None), (plain, {"SYNCS.ARRIVE.REMOTE": 1}, "SYNCS.ARRIVE.REMOTE"),
+             (plain, {"UCGABAR_WAIT": 1}, "UCGABAR_WAIT")]
+    for expect, instructions, failing in cases:
+        report = audit.KernelReport(name="fake", source="cuda", instructions=instructions)
+        audit.check_expectations(report, expect)
+        assert [failing in f for f in report.failures] == ([True] if failing else []), (instructions, report.failures)
+
+
 def test_audit_finds_the_multicast_load_in_every_cluster_kernel():
-    """The built extension (static SASS): every cluster kernel multicasts its shared operand's half, the
-    unicast kernels never multicast; all keep their registers without local memory."""
+    """The built extension (static SASS): every cluster kernel multicasts its shared operand's half, releases
+    stages through cluster addresses only and has the cluster barrier at init and exit; the unicast kernels
+    do none of it; all keep their registers without local memory."""
     reports = audit._reports_from_binary(_extension().__file__, "cuda")
     gemm = {r.name.split("fp8_gemm_kernel<", 1)[1].split(">(", 1)[0]: r for r in reports if "fp8_gemm_kernel<" in r.name}
     for mode, shapes in pykernels.fp8_gemm.GEMM_INSTANTIATIONS.items():
@@ -1228,6 +1261,8 @@ def test_audit_finds_the_multicast_load_in_every_cluster_kernel():
             multicast = r.instructions.get("UTMALDG.MULTICAST", 0)
             assert (multicast > 0) == (not mode.endswith("0")), (r.name, multicast)
             assert r.local_bytes == 0 and r.stack_bytes == 0 and not r.instructions.get("STL"), r.name
+            audit.check_expectations(r, pykernels.fp8_gemm.CUDA_AUDIT[f"fp8_gemm_kernel<{wg}, {bn}, {mode}>"])
+            assert not r.failures, (r.name, r.failures)
 
 
 def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
