@@ -304,6 +304,10 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
                 "each half of a shared A tile must be whole 8-row swizzle atoms");
   static_assert(kMulticast != Multicast::SharedB || (kBlockN / kClusterSize) % 8 == 0,
                 "each half of a shared B tile must be whole 8-row swizzle atoms");
+  // The peer's multicast half may complete on a "full" barrier before this CTA's producer announced the
+  // stage's bytes, taking its transaction count below zero; the count holds magnitudes below 2^20.
+  static_assert(stage_tx_bytes(kBlockM, kBlockN, true, false) < (1 << 20),
+                "a stage's transaction bytes must fit an mbarrier's tx-count");
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
