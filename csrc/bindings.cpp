@@ -168,7 +168,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("stream"));
   m.def(
       "fp8_gemm_config",
-      [](int64_t m, int64_t n, int64_t k, int64_t num_groups, int64_t num_sms) {
+      [](int64_t m, int64_t n, int64_t k, int64_t num_groups, int64_t num_sms, int layout) {
         using pykernels::fp8_gemm::kMaxDim;
         // select_config divides by the SM count and the block counts, and the kernel indexes rows, columns
         // and K in int: reject what would trap the process or overflow.
@@ -185,7 +185,11 @@ PYBIND11_MODULE(_C, m) {
         if (k % pykernels::fp8_gemm::kBlockK != 0) {
           pykernels::throw_value_error("k", "a positive multiple of 128", std::to_string(k));
         }
-        const auto c = pykernels::fp8_gemm::select_config(int(m), int(n), int(k), int(num_groups), int(num_sms));
+        if (layout < 0 || layout > 2) {
+          pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
+        }
+        const auto c = pykernels::fp8_gemm::select_config(int(m), int(n), int(k), int(num_groups), int(num_sms),
+                                                          static_cast<pykernels::fp8_gemm::Layout>(layout));
         py::dict d;
         d["block_m"] = c.block_m;
         d["block_n"] = c.block_n;
@@ -197,10 +201,12 @@ PYBIND11_MODULE(_C, m) {
         d["num_waves"] = c.num_waves;
         d["wave_utilization"] = c.wave_utilization;
         d["smem_bytes"] = c.smem_bytes;
+        d["multicast"] = int(c.multicast);
         return d;
       },
-      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_groups"), py::arg("num_sms"),
-      "The CUDA kernel's tile configuration for num_groups GEMMs of m x n x k on num_sms SMs");
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_groups"), py::arg("num_sms"), py::arg("layout") = 0,
+      "The CUDA kernel's tile configuration for num_groups GEMMs of m x n x k on num_sms SMs in a layout (0 plain, "
+      "1 contiguous, 2 masked); multicast: 0 off, 1 A shared by a 2-CTA cluster, 2 B shared");
   m.def(
       "fp8_gemm_tile_order",
       [](int layout, int m_rows, int n, int num_groups, int block_m, int block_n, int num_ctas,
@@ -242,6 +248,69 @@ PYBIND11_MODULE(_C, m) {
       py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"), py::arg("include_zero_tiles") = false,
       "The persistent scheduler's computed tiles (group, m_block, n_block, valid_rows), per CTA, in visiting "
       "order; with include_zero_tiles, every tile as (group, m_block, n_block, valid_rows, zero)");
+  m.def(
+      "fp8_gemm_cluster_steps",
+      [](int layout, int m_rows, int n, int k, int num_groups, int block_m, int block_n, int num_ctas,
+         std::vector<int> group_info, int multicast, bool sa_by_tma) {
+        using namespace pykernels::fp8_gemm;
+        if (layout < 0 || layout > 2) {
+          pykernels::throw_value_error("layout", "0 (plain), 1 (contiguous) or 2 (masked)", std::to_string(layout));
+        }
+        if (multicast < 0 || multicast > 2) {
+          pykernels::throw_value_error("multicast", "0 (off), 1 (A shared) or 2 (B shared)", std::to_string(multicast));
+        }
+        const auto mode = static_cast<Multicast>(multicast);
+        const int cluster = mode == Multicast::Off ? 1 : kClusterSize;
+        if (block_m <= 0 || block_n <= 0 || m_rows < 0 || n < 0 || k < 0 || num_groups < 0 || num_ctas <= 0 ||
+            num_ctas % cluster != 0) {
+          pykernels::throw_value_error("block_m, block_n, m_rows, n, k, num_groups, num_ctas",
+                                       "positive tile sizes, non-negative counts and a positive num_ctas, even with "
+                                       "multicast", std::to_string(block_m) + ", " + std::to_string(block_n) + ", " +
+                                           std::to_string(m_rows) + ", " + std::to_string(n) + ", " +
+                                           std::to_string(k) + ", " + std::to_string(num_groups) + ", " +
+                                           std::to_string(num_ctas));
+        }
+        if (k % kBlockK != 0) pykernels::throw_value_error("k", "a multiple of 128", std::to_string(k));
+        const auto layout_kind = static_cast<Layout>(layout);
+        if (!multicast_allowed(mode, layout_kind, ceil_div(m_rows, block_m), ceil_div(n, block_n), block_n)) {
+          pykernels::throw_value_error("multicast", "a mode this shape allows (multicast_allowed)",
+                                       std::to_string(multicast));
+        }
+        const size_t needed = layout == 1 ? size_t(m_rows) : layout == 2 ? size_t(num_groups) : 0;
+        if (group_info.size() < needed) {
+          pykernels::throw_value_error("group_info", std::to_string(needed) + " entries",
+                                       std::to_string(group_info.size()));
+        }
+        const int k_blocks = k / kBlockK;
+        const auto load = [](const char* operand, const OperandLoad& l, int row_bytes) {
+          return py::make_tuple(operand, l.group, l.row, l.smem_row, l.rows, int(l.cta_mask), l.rows * row_bytes);
+        };
+        py::list per_cta;
+        for (int cta = 0; cta < num_ctas; ++cta) {
+          Scheduler s(layout_kind, m_rows, n, num_groups, block_m, block_n, kRasterGroup, group_info.data(), cta,
+                      num_ctas, mode);
+          py::list steps;
+          Tile t;
+          while (s.next(t)) {
+            py::list loads;
+            if (tile_k_blocks(t, k_blocks) > 0) {
+              const TileLoads l = tile_loads(layout_kind, mode, t, block_m, block_n, s.rank);
+              loads.append(load("a", l.a, kBlockK));
+              if (!t.load_only) loads.append(load("b", l.b, kBlockK));
+              if (sa_by_tma) loads.append(load("sa", l.sa, 4));
+            }
+            steps.append(py::make_tuple(t.group, t.m_block, t.n_block, t.zero, t.load_only,
+                                        tile_k_blocks(t, k_blocks),
+                                        stage_tx_bytes(block_m, block_n, sa_by_tma, t.load_only), loads));
+          }
+          per_cta.append(steps);
+        }
+        return per_cta;
+      },
+      py::arg("layout"), py::arg("m_rows"), py::arg("n"), py::arg("k"), py::arg("num_groups"), py::arg("block_m"),
+      py::arg("block_n"), py::arg("num_ctas"), py::arg("group_info"), py::arg("multicast"), py::arg("sa_by_tma"),
+      "Every CTA's walk as the kernel's producer sees it: per tile (group, m_block, n_block, zero, load_only, "
+      "k_blocks, stage transaction bytes, [(operand, group, row, smem_row, rows, cta_mask, bytes) per stage load])");
   m.def(
       "fp8_gemm_split_columns",
       [](int n0, int block_n) {
@@ -358,6 +427,8 @@ PYBIND11_MODULE(_C, m) {
       "Whether the launcher stores an output of N columns at this address with TMA (else from registers)");
   m.def("fp8_gemm_force_tile", &pykernels::fp8_gemm_force_tile, py::arg("block_m"), py::arg("block_n"),
         "Test hook: later launches use this tile shape; (0, 0) restores the heuristic");
+  m.def("fp8_gemm_force_multicast", &pykernels::fp8_gemm_force_multicast, py::arg("mode"),
+        "Test hook: later launches use this multicast mode (0 off, 1 A, 2 B shared); -1 restores the heuristic");
 
   // ---- moe -------------------------------------------------------------------------------------------
   // An optional tensor argument (scales): None, or a view that lives in `slot`.

@@ -52,6 +52,10 @@ INSTRUCTION_CLASSES = {
     "HGMMA": "16-bit wgmma",
     "HMMA": "mma.sync",
     "UTMALDG": "TMA load",
+    "UTMALDG.MULTICAST": "TMA load multicast to the CTAs of a cluster",
+    "SYNCS.ARRIVE.LOCAL": "mbarrier arrive on the CTA's own barrier",
+    "SYNCS.ARRIVE.REMOTE": "mbarrier arrive through a cluster address (mapa), on any CTA of the cluster",
+    "UCGABAR_WAIT": "cluster barrier wait",
     "UTMASTG": "TMA store",
     "UBLKCP": "bulk copy",
     "STSM": "stmatrix",
@@ -144,6 +148,13 @@ def classify(mnemonic: str) -> list:
     base = parts[0]
     classes = [c for c in ("QGMMA", "HGMMA", "HMMA", "UTMALDG", "UTMASTG", "UBLKCP", "STSM", "LDGSTS", "SYNCS", "LDL",
                            "STL") if base == c]
+    if base == "UTMALDG" and "MULTICAST" in parts:
+        classes.append("UTMALDG.MULTICAST")
+    # A plain arrive (A1T0: count 1, no transaction bytes); RED marks the shared::cluster form.
+    if base == "SYNCS" and "ARRIVE" in parts and "A1T0" in parts:
+        classes.append("SYNCS.ARRIVE.REMOTE" if "RED" in parts else "SYNCS.ARRIVE.LOCAL")
+    if base == "UCGABAR_WAIT":
+        classes.append("UCGABAR_WAIT")
     if base == "LDG" and "128" in parts:
         classes.append("LDG.128")
     if base == "STG" and "128" in parts:

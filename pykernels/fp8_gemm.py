@@ -229,14 +229,24 @@ def m_grouped_fp8_gemm_nt_masked(a_pair, b_pair, masked_m: torch.Tensor, expecte
     return out
 
 
-def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | None = None) -> dict:
+_LAYOUTS = {"plain": 0, "contiguous": 1, "masked": 2}
+_MULTICAST = {0: "none", 1: "a", 2: "b"}
+
+
+def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | None = None,
+                    layout: str = "plain") -> dict:
     """The tile configuration the CUDA kernel uses for `num_groups` GEMMs of M x N x K (grouped layouts: M
-    rows per group), on `num_sms` SMs (default: the current GPU's count, else 132 as on H800/H100 SXM).
+    rows per group), on `num_sms` SMs (default: the current GPU's count, else 132 as on H800/H100 SXM), in
+    `layout`: "plain" (fp8_gemm_nt), "contiguous" (M = M_total, num_groups 1, as the launcher plans it) or
+    "masked" (M = expected_m, num_groups = G).
 
     Returns block_m, block_n, block_k, num_math_warpgroups, num_stages, raster_group (M tiles per raster
     group), num_tiles, num_waves, wave_utilization (the share of the SMs busy in the last wave: tiles left
-    for it / SMs) and smem_bytes. Deterministic: no autotuning, the same answer for the same arguments.
-    M, N, K and num_groups must be below 2^30: the kernel indexes rows, columns and K in int32.
+    for it / SMs), smem_bytes, multicast ("none", or "a" / "b": the operand each 2-CTA cluster shares, one
+    TMA load multicast to both CTAs; on only with more than one wave, an even SM count and a tile compiled
+    for it; "b" only in the plain layout with an even number of row blocks)
+    and cluster_size (2 with multicast, else 1). Deterministic: no autotuning, the same answer for the same
+    arguments. M, N, K and num_groups must be below 2^30: the kernel indexes rows, columns and K in int32.
     """
     max_dim = 2 ** 30 - 1
     for value, name in ((M, "M"), (N, "N"), (K, "K"), (num_groups, "num_groups")):
@@ -254,17 +264,43 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0:
         raise ValueError(f"num_sms: expected a positive int, got {num_sms!r}")
     _validate.integer(num_sms, "num_sms", 1, 2 ** 16)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout: expected one of {sorted(_LAYOUTS)}, got {layout!r}")
     ext, why = _backend.extension()
     if ext is None:
         raise RuntimeError(f"fp8_gemm_config describes the CUDA kernel's choice and needs pykernels._C: {why}")
-    return ext.fp8_gemm_config(M, N, K, num_groups, num_sms)
+    cfg = ext.fp8_gemm_config(M, N, K, num_groups, num_sms, _LAYOUTS[layout])
+    cfg["multicast"] = _MULTICAST[cfg["multicast"]]
+    cfg["cluster_size"] = 1 if cfg["multicast"] == "none" else 2
+    return cfg
 
 
-# What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name).
-# The epilogue stages each tile through shared memory with stmatrix and stores it with TMA, fenced, behind
-# barriers and waits (audit.tma_store_protocol_failures).
+# The (math warpgroups, BLOCK_N) of the kernels compiled per multicast mode (multicast_instantiated in
+# csrc/fp8_gemm/fp8_gemm_schedule.h), as they appear in the demangled kernel names.
+_BLOCK_N_CHOICES = (16, 32, 48, 56, 64, 96, 112, 128, 144, 160)
+_MULTICAST_BLOCK_N = (112, 128, 144, 160)
+GEMM_INSTANTIATIONS = {
+    "(pykernels::fp8_gemm::Multicast)0": [(wg, bn) for wg in (1, 2) for bn in _BLOCK_N_CHOICES],
+    "(pykernels::fp8_gemm::Multicast)1": [(wg, bn) for wg in (1, 2) for bn in _MULTICAST_BLOCK_N],
+    "(pykernels::fp8_gemm::Multicast)2": [(2, bn) for bn in _MULTICAST_BLOCK_N],
+}
+
+# The cluster kernels (static SASS): the shared operand arrives by a multicast TMA load; the math warps
+# release every stage through cluster addresses (the only arrive on a CTA's own barrier is the A-scale
+# warp's on "full"), so the peer's producer waits for both CTAs' releases; the cluster barrier runs twice,
+# after barrier init and before exit. The unicast kernels do none of these.
+_CLUSTER_AUDIT = {"min_instructions": {"UTMALDG.MULTICAST": 1, "SYNCS.ARRIVE.REMOTE": 1, "UCGABAR_WAIT": 2},
+                  "max_instructions": {"SYNCS.ARRIVE.LOCAL": 1}}
+_UNICAST_AUDIT = {"max_instructions": {"UTMALDG.MULTICAST": 0, "SYNCS.ARRIVE.REMOTE": 0, "UCGABAR_WAIT": 0}}
+
+# What the static audit requires of this op's CUDA kernels (matched by substring of the demangled name):
+# every instantiation exists, with the cluster or unicast expectations above. The epilogue stages each tile
+# through shared memory with stmatrix and stores it with TMA, fenced, behind barriers and waits
+# (audit.tma_store_protocol_failures).
 CUDA_AUDIT = {
     "fp8_gemm_kernel": {"no_local_memory": True,
                         "min_instructions": {"QGMMA": 1, "UTMALDG": 1, "UTMASTG": 1, "STSM": 1},
                         "tma_store_protocol": True},
+    **{f"fp8_gemm_kernel<{wg}, {bn}, {mode}>": _UNICAST_AUDIT if mode.endswith("0") else _CLUSTER_AUDIT
+       for mode, shapes in GEMM_INSTANTIATIONS.items() for wg, bn in shapes},
 }

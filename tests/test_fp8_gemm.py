@@ -711,6 +711,176 @@ def test_scheduler_visits_every_tile_once(layout, m_rows, n, groups, info, bm, b
         assert max(counts) - min(counts) <= 1
 
 
+# ---- 2-CTA clusters with TMA multicast of the shared operand --------------------------------------------
+
+def _multicast_compiled(mode, bm, bn):
+    """Whether the extension has the kernel of this multicast mode (1: A, 2: B) for the tile."""
+    return (bm // 64, bn) in pykernels.fp8_gemm.GEMM_INSTANTIATIONS[f"(pykernels::fp8_gemm::Multicast){mode}"]
+
+
+def _multicast_allowed(mode, layout, m_blocks, n_blocks, bn):
+    """A pairs in every layout (an odd last column block with a load_only partner); B needs row pairs."""
+    return mode == 1 or (layout == 0 and m_blocks % 2 == 0 and bn % 16 == 0)
+
+
+def _contiguous_with_foreign_groups():
+    """m_indices with a padding-only block and a block of group 6 (>= G = 4, skipped by the kernel)."""
+    idx = contiguous_indices([130, 0, 5, 128], trailing_padding_blocks=1)
+    return torch.cat([idx[:384], torch.full((128,), 6, dtype=torch.int32), idx[384:]]).tolist()
+
+
+# (layout, m_rows, n, groups, group_info, block_m, block_n): DeepSeek-V3 shapes, odd M and N, contiguous
+# padding (-1) and foreign groups, masked groups with masked_m 0, 1, partial and full.
+CLUSTER_SHAPES = [
+    (0, 4096, 7168, 1, [], 128, 112),
+    (0, 4096, 2112, 1, [], 128, 160),
+    (0, 1000, 3000, 1, [], 128, 144),   # 8 row blocks, 21 column blocks
+    (0, 300, 2112, 1, [], 128, 160),    # 3 row blocks (no B pairs), 14 column blocks
+    (0, 300, 2000, 1, [], 128, 128),    # 3 row blocks, 16 column blocks
+    (0, 77, 24576, 1, [], 64, 128),
+    (1, 768, 320, 4, _contiguous_with_foreign_groups(), 128, 160),
+    (1, 896, 4096, 3, contiguous_indices([0, 260, 500]).tolist(), 128, 128),
+    (1, 384, 7168, 2, contiguous_indices([1, 200]).tolist(), 64, 112),
+    (1, 384, 7168, 2, contiguous_indices([1, 200]).tolist(), 128, 160),   # 45 column blocks
+    (1, 768, 1100, 4, _contiguous_with_foreign_groups(), 64, 128),        # 9 column blocks
+    (2, 256, 7168, 3, [0, 200, 256], 128, 112),
+    (2, 256, 7168, 3, [0, 200, 256], 128, 160),                           # 45 column blocks
+    (2, 512, 2112, 5, [512, 3, 0, 129, 64], 128, 96),
+    (2, 70, 4096, 4, [0, 70, 1, 33], 64, 128),
+    (2, 64, 7168, 8, [0, 0, 0, 0, 0, 0, 0, 0], 64, 144),
+]
+
+
+def _delivered(loads_of_ctas, cta, operand):
+    """Shared-memory rows of `operand` that the loads of every CTA of a cluster write into CTA `cta`, as
+    (smem_row, global row, group) per row, and the bytes they complete on its barrier."""
+    rows, total = [], 0
+    for loads in loads_of_ctas:
+        for name, group, row, smem_row, count, mask, nbytes in loads:
+            if mask >> cta & 1:
+                total += nbytes
+                if name == operand:
+                    rows += [(smem_row + i, row + i, group) for i in range(count)]
+    return sorted(rows), total
+
+
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES, ids=lambda s: f"L{s[0]}-{s[1]}x{s[2]}-{s[5]}x{s[6]}")
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("num_ctas", [2, 14, 132])
+def test_cluster_pairs_stay_in_lockstep(shape, mode, num_ctas):
+    """Both CTAs of every cluster, step by step: the same number of tiles, each step's tiles agree on zero
+    or not, on the k-block count and on the shared operand's group and block (the other operand's block
+    differs by the CTA's rank); the two halves of the shared tile, one load from each CTA, together with each
+    CTA's own loads fill every row of each CTA's A and B tiles once, from the tile's rows, and the bytes
+    they deliver to each CTA are its barrier's expected transaction count. With A shared and an odd number
+    of column blocks, the rank-1 CTA of each row's last pair is load_only: its half of A, its scales, no B,
+    no output. Every tile is produced once."""
+    ext = _extension()
+    layout, m_rows, n, groups, info, bm, bn = shape
+    k = 7168 if layout == 0 else 512
+    m_blocks, n_blocks = -(-m_rows // bm), -(-n // bn)
+    if mode and not _multicast_allowed(mode, layout, m_blocks, n_blocks, bn):
+        with pytest.raises(ValueError, match="multicast: expected a mode this shape allows"):
+            ext.fp8_gemm_cluster_steps(layout, m_rows, n, k, groups, bm, bn, num_ctas, info, mode, False)
+        return
+    size = 2 if mode else 1
+    shared = {0: None, 1: "a", 2: "b"}[mode]
+    load_only_steps = 0
+    for sa_by_tma in (False, True):
+        per_cta = ext.fp8_gemm_cluster_steps(layout, m_rows, n, k, groups, bm, bn, num_ctas, info, mode, sa_by_tma)
+        produced = []
+        for first in range(0, num_ctas, size):
+            walks = per_cta[first:first + size]
+            assert len({len(w) for w in walks}) == 1, "the CTAs of a cluster walk different numbers of tiles"
+            for steps in zip(*walks):
+                assert len({(zero, kb) for _, _, _, zero, _, kb, _, _ in steps}) == 1
+                for rank, (g, mb, nb, zero, load_only, kb, _, loads) in enumerate(steps):
+                    assert kb == (0 if zero else k // 128) and bool(loads) == (kb > 0)
+                    assert load_only == (mode == 1 and n_blocks % 2 == 1 and nb == n_blocks)
+                    if not load_only:
+                        produced.append((g, mb, nb))
+                    if mode == 1:
+                        assert (g, mb, nb // 2, nb % 2) == (steps[0][0], steps[0][1], steps[0][2] // 2, rank)
+                    if mode == 2:
+                        assert (g, nb, mb // 2, mb % 2) == (steps[0][0], steps[0][2], steps[0][1] // 2, rank)
+                load_only_steps += steps[-1][4]
+                if not steps[0][5]:
+                    continue
+                all_loads = [step[7] for step in steps]
+                for rank, loads in enumerate(all_loads):
+                    for name, _, _, _, count, mask, _ in loads:
+                        assert mask == (3 if name == shared else 1 << rank), (name, mask)
+                        if name == shared:
+                            assert count == (bm if name == "a" else bn) // 2
+                for cta, (g, mb, nb, _, load_only, _, tx_bytes, _) in enumerate(steps):
+                    a_group = g if layout == 2 else 0
+                    a_rows, delivered = _delivered(all_loads, cta, "a")
+                    b_rows, _ = _delivered(all_loads, cta, "b")
+                    assert a_rows == [(i, mb * bm + i, a_group) for i in range(bm)]
+                    assert b_rows == ([] if load_only else [(i, nb * bn + i, g) for i in range(bn)])
+                    b_bytes = 0 if load_only else bn * 128
+                    assert delivered == tx_bytes == bm * 128 + b_bytes + (bm * 4 if sa_by_tma else 0)
+        assert len(produced) == len(set(produced)), "a tile was produced twice"
+        per_cta_off = ext.fp8_gemm_tile_order(layout, m_rows, n, groups, bm, bn, 1, info, include_zero_tiles=True)
+        assert set(produced) == {tuple(t[:3]) for t in per_cta_off[0]}
+    if mode == 1 and n_blocks % 2:
+        assert load_only_steps > 0
+
+
+def test_cluster_steps_reject_what_the_kernel_cannot_run():
+    ext = _extension()
+    with pytest.raises(ValueError, match="num_ctas: expected positive tile sizes, non-negative counts and a "
+                                         "positive num_ctas, even with multicast"):
+        ext.fp8_gemm_cluster_steps(0, 256, 256, 128, 1, 128, 128, 3, [], 1, False)
+    with pytest.raises(ValueError, match="multicast: expected a mode this shape allows"):
+        ext.fp8_gemm_cluster_steps(1, 256, 256, 128, 1, 128, 128, 2, [0] * 256, 2, False)
+    with pytest.raises(ValueError, match=r"multicast: expected 0 \(off\), 1 \(A shared\) or 2"):
+        ext.fp8_gemm_cluster_steps(0, 256, 256, 128, 1, 128, 128, 2, [], 3, False)
+    with pytest.raises(ValueError, match="k: expected a multiple of 128, got 100"):
+        ext.fp8_gemm_cluster_steps(0, 256, 256, 100, 1, 128, 128, 2, [], 1, False)
+
+
+@pytest.mark.parametrize("layout", ["plain", "contiguous", "masked"])
+@pytest.mark.parametrize("m,n,groups,sms", [(4096, 7168, 1, 132), (4096, 2112, 1, 132), (1000, 3000, 1, 132),
+                                            (300, 2112, 1, 132), (256, 7168, 1, 132), (128, 24576, 1, 78),
+                                            (32, 7168, 64, 132), (100, 4096, 8, 114), (4096, 7168, 1, 131),
+                                            (64, 2112, 1, 132), (512, 32768, 4, 132)])
+def test_config_multicast_choice(layout, m, n, groups, sms):
+    """Multicast on exactly when the tiles make more than one wave on an even SM count, the width is one
+    compiled with the cluster launch and the shape pairs the tiles; the larger tile is the shared one (B on
+    a tie), else the other when only it pairs up; B never in a grouped layout."""
+    _extension()
+    if layout != "masked":
+        groups = 1
+    cfg = pykernels.fp8_gemm_config(m, n, 7168, num_groups=groups, num_sms=sms, layout=layout)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    m_blocks, n_blocks = -(-m // bm), -(-n // bn)
+    code = {"plain": 0, "contiguous": 1, "masked": 2}[layout]
+    expected = "none"
+    if cfg["num_waves"] > 1 and sms % 2 == 0:
+        order = (1, 2) if bm > bn else (2, 1)
+        mode = next((x for x in order if _multicast_compiled(x, bm, bn)
+                     and _multicast_allowed(x, code, m_blocks, n_blocks, bn)), 0)
+        expected = {0: "none", 1: "a", 2: "b"}[mode]
+    assert cfg["multicast"] == expected
+    assert cfg["cluster_size"] == (1 if expected == "none" else 2)
+    if layout != "plain":
+        assert cfg["multicast"] != "b"
+
+
+def test_config_multicast_on_deepseek_prefill_shapes():
+    _extension()
+    # 32 x 45 tiles of 128 x 160 on 132 SMs: 11 waves, B (160 rows) is the larger tile.
+    assert pykernels.fp8_gemm_config(4096, 7168, 7168, num_sms=132)["multicast"] == "b"
+    # 128 x 128 tiles in the grouped layouts: B would be preferred on the tie, but only A pairs up there.
+    assert pykernels.fp8_gemm_config(4096, 4096, 7168, num_sms=132, layout="contiguous")["multicast"] == "a"
+    assert pykernels.fp8_gemm_config(256, 4096, 7168, 8, num_sms=132, layout="masked")["multicast"] == "a"
+    # One wave (M=256, N=7168: 128 tiles): no cluster.
+    assert pykernels.fp8_gemm_config(256, 7168, 7168, num_sms=132)["multicast"] == "none"
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        pykernels.fp8_gemm_config(256, 7168, 7168, num_sms=132, layout="grouped")
+
+
 @triton.jit
 def raster_probe(out_ptr, m_blocks, n_blocks, GROUP_M: tl.constexpr):
     """Writes the Triton kernel's (m block, n block) for each program id."""
@@ -1027,6 +1197,78 @@ def test_audit_fails_scale_loads_outside_the_stage():
     assert audit.unordered_shared_loads(["LDS", "FFMA", "BAR.SYNC"]) == 0
 
 
+def test_audit_counts_multicast_tma_loads_and_requires_them_of_cluster_kernels():
+    """A listing's UTMALDG.3D.MULTICAST counts as a TMA load and as a multicast one; the cluster kernels'
+    expectation fails without one, the unicast kernels' with one."""
+    listing = _sass("""
+        0000: UTMALDG.3D [UR8], [UR20], desc[UR18]
+        0010: UTMALDG.3D.MULTICAST [UR8], [UR22], UR18, desc[UR20]
+        0020: @!P0 UTMALDG.3D.MULTICAST [UR8], [UR22], UR18, desc[UR20]
+    """)
+    counts = audit.parse_sass(listing)["_Zfake"]
+    assert counts["UTMALDG"] == 3 and counts["UTMALDG.MULTICAST"] == 2
+    unicast_only = audit.parse_sass(_sass("0000: UTMALDG.3D [UR8], [UR20], desc[UR18]"))["_Zfake"]
+    assert unicast_only["UTMALDG.MULTICAST"] == 0
+    expectations = pykernels.fp8_gemm.CUDA_AUDIT
+    cluster = expectations["fp8_gemm_kernel<2, 160, (pykernels::fp8_gemm::Multicast)2>"]
+    plain = expectations["fp8_gemm_kernel<2, 160, (pykernels::fp8_gemm::Multicast)0>"]
+    synchronized = {"SYNCS.ARRIVE.REMOTE": 4, "SYNCS.ARRIVE.LOCAL": 1, "UCGABAR_WAIT": 2}
+    for expect, instructions, failing in ((cluster, {**unicast_only, **synchronized}, True),
+                                          (cluster, {**counts, **synchronized}, False),
+                                          (plain, counts, True), (plain, unicast_only, False)):
+        report = audit.KernelReport(name="fake", source="cuda", instructions=dict(instructions))
+        audit.check_expectations(report, expect)
+        assert bool(report.failures) == failing, (expect, report.failures)
+        if failing:
+            assert "UTMALDG.MULTICAST" in report.failures[0]
+
+
+def test_audit_requires_cluster_releases_and_barriers_of_cluster_kernels():
+    """The stage release of a cluster kernel's math warps is an arrive through a cluster address (RED); an
+    arrive on the CTA's own barrier (the A-scale warp's on "full") may appear once. A cluster kernel that
+    releases a stage locally (the peer's producer would overwrite it unreleased), lacks the exit cluster
+    barrier or releases nothing remotely fails; a unicast kernel with a cluster arrive or barrier fails."""
+    counts = audit.parse_sass(_sass("""
+        0000: SYNCS.ARRIVE.TRANS64 RZ, [UR4+0x33c00], RZ
+        0010: @!P1 SYNCS.ARRIVE.TRANS64.A1T0 RZ, [R8+URZ], RZ
+        0020: @!P2 SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ, [R24+URZ], RZ
+        0030: UCGABAR_ARV
+        0040: UCGABAR_WAIT
+        0050: SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R189+URZ+0x33c00], R24
+    """))["_Zfake"]
+    assert counts["SYNCS.ARRIVE.LOCAL"] == 1 and counts["SYNCS.ARRIVE.REMOTE"] == 1
+    assert counts["UCGABAR_WAIT"] == 1 and counts["SYNCS"] == 4
+    expectations = pykernels.fp8_gemm.CUDA_AUDIT
+    cluster = expectations["fp8_gemm_kernel<1, 112, (pykernels::fp8_gemm::Multicast)1>"]
+    plain = expectations["fp8_gemm_kernel<1, 112, (pykernels::fp8_gemm::Multicast)0>"]
+    good = {"UTMALDG.MULTICAST": 2, "SYNCS.ARRIVE.REMOTE": 8, "SYNCS.ARRIVE.LOCAL": 1, "UCGABAR_WAIT": 6}
+    cases = [(cluster, good, None), (cluster, {**good, "SYNCS.ARRIVE.LOCAL": 2}, "SYNCS.ARRIVE.LOCAL"),
+             (cluster, {**good, "UCGABAR_WAIT": 1}, "UCGABAR_WAIT"),
+             (cluster, {**good, "SYNCS.ARRIVE.REMOTE": 0}, "SYNCS.ARRIVE.REMOTE"),
+             (plain, {"SYNCS.ARRIVE.LOCAL": 8}, None), (plain, {"SYNCS.ARRIVE.REMOTE": 1}, "SYNCS.ARRIVE.REMOTE"),
+             (plain, {"UCGABAR_WAIT": 1}, "UCGABAR_WAIT")]
+    for expect, instructions, failing in cases:
+        report = audit.KernelReport(name="fake", source="cuda", instructions=instructions)
+        audit.check_expectations(report, expect)
+        assert [failing in f for f in report.failures] == ([True] if failing else []), (instructions, report.failures)
+
+
+def test_audit_finds_the_multicast_load_in_every_cluster_kernel():
+    """The built extension (static SASS): every cluster kernel multicasts its shared operand's half, releases
+    stages through cluster addresses only and has the cluster barrier at init and exit; the unicast kernels
+    do none of it; all keep their registers without local memory."""
+    reports = audit._reports_from_binary(_extension().__file__, "cuda")
+    gemm = {r.name.split("fp8_gemm_kernel<", 1)[1].split(">(", 1)[0]: r for r in reports if "fp8_gemm_kernel<" in r.name}
+    for mode, shapes in pykernels.fp8_gemm.GEMM_INSTANTIATIONS.items():
+        for wg, bn in shapes:
+            r = gemm[f"{wg}, {bn}, {mode}"]
+            multicast = r.instructions.get("UTMALDG.MULTICAST", 0)
+            assert (multicast > 0) == (not mode.endswith("0")), (r.name, multicast)
+            assert r.local_bytes == 0 and r.stack_bytes == 0 and not r.instructions.get("STL"), r.name
+            audit.check_expectations(r, pykernels.fp8_gemm.CUDA_AUDIT[f"fp8_gemm_kernel<{wg}, {bn}, {mode}>"])
+            assert not r.failures, (r.name, r.failures)
+
+
 def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
     """The built extension: one FFMA per accumulator element per 128-K step in every k-loop instance of
     every tile shape, no FSEL, at most 4 FMUL (static SASS figures)."""
@@ -1034,7 +1276,9 @@ def test_audit_reports_pure_ffma_promotion_for_every_gemm_instantiation():
     reports = audit._reports_from_binary(ext.__file__, "cuda")
     gemm = {r.name: r for r in reports if "fp8_gemm_kernel<" in r.name}
     widths = ext.fp8_gemm_block_n_choices()
-    assert len(gemm) == 2 * len(widths)
+    instantiations = pykernels.fp8_gemm.GEMM_INSTANTIATIONS
+    assert instantiations["(pykernels::fp8_gemm::Multicast)0"] == [(wg, bn) for wg in (1, 2) for bn in widths]
+    assert len(gemm) == sum(len(shapes) for shapes in instantiations.values())
     for name, r in gemm.items():
         block_n = int(name.split("fp8_gemm_kernel<", 1)[1].split(",")[1].split(">")[0])
         assert r.hot_loops, name
@@ -1124,6 +1368,92 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
 
 
 # ---- CUDA kernel: A scales row-major or MN-major (DeepGEMM's TMA-aligned layout) -------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,block_m,block_n", [(0, 128, 128), (1, 128, 128), (2, 128, 128), (1, 128, 160),
+                                                  (2, 128, 160), (2, 128, 112), (0, 64, 112), (1, 64, 112),
+                                                  (1, 64, 144)])
+def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
+    """Forced multicast off, A shared and B shared, on shapes of several waves whose row and column tails
+    are partial (B pairs: an even number of row blocks; A: an odd number of column blocks), with row-major
+    and MN-major A scales (the scale warp and the scale TMA load)."""
+    ext = _extension()
+    # A shared: 21 column blocks, so each row's last pair has a load_only CTA.
+    m, n, k = 12 * block_m - 37, (21 if mode == 1 else 22) * block_n - 9, 1152
+    (a, sa), (b, sb) = _blocky_problem(m, n, k)
+    ext.fp8_gemm_force_tile(block_m, block_n)
+    ext.fp8_gemm_force_multicast(mode)
+    try:
+        for scales in (sa, mn_major_scales(sa)):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _launch("fp8_gemm_nt", a, scales, b, sb, out)
+            assert_close_to_dequantized(out, a, sa, b, sb)
+    finally:
+        ext.fp8_gemm_force_multicast(-1)
+        ext.fp8_gemm_force_tile(0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("n", [1000, 1100])  # 8 and 9 column blocks of 128
+def test_gpu_multicast_grouped_against_float64(mode, block_m, n):
+    """Forced multicast off and A shared in the grouped layouts: contiguous groups with padding rows and
+    padding-only blocks, masked groups with masked_m 0, 1, partial and full (zero tiles pair up), an even
+    and an odd number of column blocks."""
+    ext = _extension()
+    groups, k = 3, 640
+    ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
+    b, sb = torch.stack([w[0] for w in ws]), torch.stack([w[1] for w in ws])
+    idx = contiguous_indices([300, 0, 77], trailing_padding_blocks=1).cuda()
+    (a, sa), _ = _blocky_problem(idx.numel(), 128, k)
+    m_max = 200
+    masked = torch.tensor([0, 1, 200], dtype=torch.int32, device="cuda")
+    pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
+    a3, sa3 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    ext.fp8_gemm_force_tile(block_m, 128)
+    ext.fp8_gemm_force_multicast(mode)
+    try:
+        for scales, scales3 in ((sa, sa3), (mn_major_scales(sa), mn_major_scales(sa3))):
+            out = torch.full((idx.numel(), n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _launch("m_grouped_fp8_gemm_nt_contiguous", a, scales, b, sb, idx, out)
+            assert bool((out[idx == -1].float() == 0).all())
+            for g in (0, 2):
+                rows = idx == g
+                assert_close_to_dequantized(out[rows], a[rows], sa[rows], b[g], sb[g])
+            out3 = torch.full((groups, m_max, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _launch("m_grouped_fp8_gemm_nt_masked", a3, scales3, b, sb, masked, 64, out3)
+            for g, rows in enumerate(masked.tolist()):
+                assert bool((out3[g, rows:].float() == 0).all())
+                if rows:
+                    assert_close_to_dequantized(out3[g, :rows], a3[g, :rows], sa3[g, :rows], b[g], sb[g])
+    finally:
+        ext.fp8_gemm_force_multicast(-1)
+        ext.fp8_gemm_force_tile(0, 0)
+
+
+def test_force_multicast_rejects_unknown_modes():
+    ext = _extension()
+    with pytest.raises(ValueError, match=r"mode: expected -1 \(select_config's\), 0 \(off\)"):
+        ext.fp8_gemm_force_multicast(3)
+    ext.fp8_gemm_force_multicast(-1)
+
+
+@pytest.mark.gpu
+def test_gpu_force_multicast_refuses_unpaired_shapes():
+    ext = _extension()
+    (a, sa), (b, sb) = _blocky_problem(3 * 128, 17 * 128, 256)  # 3 row blocks of 128: no B pairs
+    out = torch.empty(3 * 128, 17 * 128, dtype=torch.bfloat16, device="cuda")
+    try:
+        for block_m, block_n in ((128, 128), (128, 96)):  # no cluster kernel for width 96
+            ext.fp8_gemm_force_tile(block_m, block_n)
+            ext.fp8_gemm_force_multicast(2 if block_n == 128 else 1)
+            with pytest.raises(ValueError, match="multicast: expected a mode this shape and tile allow"):
+                _launch("fp8_gemm_nt", a, sa, b, sb, out)
+    finally:
+        ext.fp8_gemm_force_multicast(-1)
+        ext.fp8_gemm_force_tile(0, 0)
+
 
 def mn_major_scales(sa):
     """sa [.., M, K/128] re-laid MN-major and TMA-aligned: stride(-2) 1, stride(-1) M rounded up to 4, the

@@ -70,20 +70,49 @@ struct Problem {
 
 // The tile shape forced by fp8_gemm_force_tile (block_m 0: none), for tests that drive every instantiation.
 Config forced_tile;
+// The multicast mode forced by fp8_gemm_force_multicast (-1: select_config's).
+int forced_multicast = -1;
 
-template <int kMathWG, size_t... I>
+// Launches the instantiation if the extension has it (the cluster kernels exist only for
+// multicast_instantiated shapes); false otherwise.
+template <int kMathWG, int kBlockN, fp8_gemm::Multicast kMulticast>
+bool launch_if_instantiated(const fp8_gemm::LaunchArgs& args, cudaStream_t stream) {
+  if constexpr (!fp8_gemm::multicast_instantiated(kMulticast, 64 * kMathWG, kBlockN)) {
+    return false;
+  } else {
+    fp8_gemm::launch_tile<kMathWG, kBlockN, kMulticast>(args, stream);
+    return true;
+  }
+}
+
+template <int kMathWG, fp8_gemm::Multicast kMulticast, size_t... I>
 void launch_width(int block_n, const fp8_gemm::LaunchArgs& args, cudaStream_t stream, std::index_sequence<I...>) {
-  const bool launched = ((block_n == fp8_gemm::block_n_choice(I)
-                              ? (fp8_gemm::launch_tile<kMathWG, fp8_gemm::block_n_choice(I)>(args, stream), true)
-                              : false) ||
-                         ...);
-  PK_ASSERT(launched, "no kernel instantiated for BLOCK_N " + std::to_string(block_n));
+  const bool launched =
+      ((block_n == fp8_gemm::block_n_choice(I) &&
+        launch_if_instantiated<kMathWG, fp8_gemm::block_n_choice(I), kMulticast>(args, stream)) ||
+       ...);
+  PK_ASSERT(launched, "no kernel instantiated for BLOCK_N " + std::to_string(block_n) + " with multicast mode " +
+                          std::to_string(int(kMulticast)));
+}
+
+template <int kMathWG>
+void launch_mode(const Config& cfg, const fp8_gemm::LaunchArgs& args, cudaStream_t stream) {
+  using fp8_gemm::Multicast;
+  const auto widths = std::make_index_sequence<fp8_gemm::kNumBlockNChoices>{};
+  switch (cfg.multicast) {
+    case Multicast::Off: return launch_width<kMathWG, Multicast::Off>(cfg.block_n, args, stream, widths);
+    case Multicast::SharedA: return launch_width<kMathWG, Multicast::SharedA>(cfg.block_n, args, stream, widths);
+    case Multicast::SharedB: return launch_width<kMathWG, Multicast::SharedB>(cfg.block_n, args, stream, widths);
+  }
 }
 
 void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t stream) {
   fp8_gemm::LaunchArgs args;
-  args.map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, cfg.block_m);
-  args.map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, cfg.block_n);
+  // The boxes are the rows each CTA loads per stage: half the shared tile with multicast.
+  const fp8_gemm::TileLoads loads =
+      fp8_gemm::tile_loads(pr.layout, cfg.multicast, fp8_gemm::Tile{0, 0, 0, false}, cfg.block_m, cfg.block_n, 0);
+  args.map_a = make_operand_map(pr.a->data, pr.a_groups, pr.m_rows, pr.k, loads.a.rows);
+  args.map_b = make_operand_map(pr.b->data, pr.num_groups, pr.n, pr.k, loads.b.rows);
   args.params.layout = pr.layout;
   args.params.m_rows = int(pr.m_rows);
   args.params.n = int(pr.n);
@@ -104,11 +133,10 @@ void launch(const Problem& pr, const Config& cfg, int num_ctas, cudaStream_t str
                      : CUtensorMap{};
   args.params.group_info = pr.group_info;
   args.num_ctas = num_ctas;
-  const auto widths = std::make_index_sequence<fp8_gemm::kNumBlockNChoices>{};
   if (cfg.num_math_warpgroups == 1) {
-    launch_width<1>(cfg.block_n, args, stream, widths);
+    launch_mode<1>(cfg, args, stream);
   } else {
-    launch_width<2>(cfg.block_n, args, stream, widths);
+    launch_mode<2>(cfg, args, stream);
   }
 }
 
@@ -191,12 +219,38 @@ void run(const Problem& pr, cudaStream_t stream) {
   }
   const int sms = sm_count(device);
   const int plan_groups = pr.layout == Layout::Masked ? int(pr.num_groups) : 1;
-  Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms);
+  Config cfg = fp8_gemm::select_config(pr.m_hint, int(pr.n), int(pr.k), plan_groups, sms, pr.layout);
   if (forced_tile.block_m != 0) cfg = forced_tile;
+  const int row_tiles = int((pr.m_rows + cfg.block_m - 1) / cfg.block_m);
+  const int column_tiles = int((pr.n + cfg.block_n - 1) / cfg.block_n);
+  if (forced_multicast >= 0) {
+    cfg.multicast = static_cast<fp8_gemm::Multicast>(forced_multicast);
+    const bool runnable = cfg.multicast == fp8_gemm::Multicast::Off ||
+                          (fp8_gemm::multicast_instantiated(cfg.multicast, cfg.block_m, cfg.block_n) &&
+                           fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, column_tiles, cfg.block_n));
+    if (!runnable) {
+      throw_value_error("multicast", "a mode this shape and tile allow (BLOCK_N one of 112, 128, 144, 160; B: "
+                        "BLOCK_M 128, the plain layout and an even number of row blocks)",
+                        std::to_string(forced_multicast) + " for " + std::to_string(row_tiles) + " x " +
+                            std::to_string(column_tiles) + " tiles of " + std::to_string(cfg.block_m) + " x " +
+                            std::to_string(cfg.block_n));
+    }
+  }
+  // select_config planned with the hint's rows; the kernel walks the tensor's: both pair up alike
+  // (A depends on N alone, B exists only for the plain layout, whose hint is M).
+  PK_ASSERT(fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, column_tiles, cfg.block_n),
+            "multicast mode " + std::to_string(int(cfg.multicast)) + " on an unpaired shape");
   // Upper bound of the tiles the scheduler can hand out; masked counts are only known on the device.
-  const int64_t max_tiles = pr.a_groups * ((pr.m_rows + cfg.block_m - 1) / cfg.block_m) *
-                            ((pr.n + cfg.block_n - 1) / cfg.block_n);
-  const int num_ctas = int(std::max<int64_t>(1, std::min<int64_t>(max_tiles, sms)));
+  const int64_t max_tiles = pr.a_groups * row_tiles * int64_t(column_tiles);
+  int num_ctas = int(std::max<int64_t>(1, std::min<int64_t>(max_tiles, sms)));
+  if (cfg.multicast != fp8_gemm::Multicast::Off) {
+    // Whole clusters, one per tile pair at most (A shared: an odd last column block is a pair of its own).
+    const int64_t pairs = cfg.multicast == fp8_gemm::Multicast::SharedA
+                              ? pr.a_groups * row_tiles * int64_t((column_tiles + 1) / fp8_gemm::kClusterSize)
+                              : max_tiles / fp8_gemm::kClusterSize;
+    const int64_t clusters = std::min<int64_t>(pairs, sms / fp8_gemm::kClusterSize);
+    num_ctas = fp8_gemm::kClusterSize * int(std::max<int64_t>(1, clusters));
+  }
   launch(pr, cfg, num_ctas, stream);
 }
 
@@ -220,6 +274,13 @@ void fp8_gemm_force_tile(int block_m, int block_n) {
   forced.num_stages = fp8_gemm::num_stages(block_m, block_n);
   forced.smem_bytes = fp8_gemm::smem_bytes(block_m, block_n);
   forced_tile = forced;
+}
+
+void fp8_gemm_force_multicast(int mode) {
+  if (mode < -1 || mode > 2) {
+    throw_value_error("mode", "-1 (select_config's), 0 (off), 1 (A shared) or 2 (B shared)", std::to_string(mode));
+  }
+  forced_multicast = mode;
 }
 
 void fp8_gemm_nt(const TensorView& a, const TensorView& sa, const TensorView& b, const TensorView& sb,

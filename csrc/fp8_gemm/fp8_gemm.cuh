@@ -23,6 +23,18 @@
 //   it. The producer meanwhile already fills stages for the next tile. Outputs that cannot take a tensor
 //   map (N % 8 != 0, a base not 16-byte aligned) are stored from registers with bounds checks instead.
 //
+// With multicast (kMulticast SharedA or SharedB, launched as 2-CTA clusters; select_config decides which
+// operand, a compile-time fact so that the producer's load coordinates fold), the two CTAs of a
+// cluster work on two tiles sharing A's or B's block (Scheduler's pair walk keeps them in lockstep). Each
+// producer loads half of the shared tile into both CTAs' stages with one multicast TMA load (tile_loads),
+// and its other operand into its own: every "full" barrier still expects the whole stage. With an odd
+// number of column blocks and A shared, the last pair of a row has one tile: the other CTA only loads its
+// half of A for it (Tile::load_only) and releases the stages in step. A stage is then written by both
+// producers, so it is free only when the math warps of both CTAs released it: each math warp arrives on
+// the "empty" barrier of both CTAs (the peer's through its cluster address), whose count is doubled.
+// Barrier init is made visible cluster-wide before any load, and no CTA exits before its peer is done with
+// its shared memory and barriers.
+//
 // Why CuTe's atoms and not hand-written PTX: the wgmma (SM90::GMMA::MMA_64xNx32_F32E4M3E4M3_SS_TN), TMA
 // (SM90_TMA_LOAD_3D, SM90_TMA_STORE_3D), stmatrix (SM90_U32x4_STSM_N), mbarrier (ClusterTransactionBarrier),
 // named barrier and setmaxnreg wrappers are the tested ones CUTLASS's own kernels run, and the
@@ -34,6 +46,7 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/arch/copy_sm90.hpp>
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -241,7 +254,7 @@ struct Ring {
 // promotion acc += fragment * sa[row] * sb[column block] with one FFMA per element: the first kSplit
 // columns take scale block 0, the rest block 1, both known at compile time. The stage's A scales are read
 // from shared memory (row_in_tile and row_in_tile + 8) before the stage is released.
-template <int kMathWG, int kBlockN, int kSplit>
+template <int kMathWG, int kBlockN, int kSplit, bool kCluster>
 __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlass::arch::ClusterTransactionBarrier* full,
                                                cutlass::arch::ClusterTransactionBarrier* empty, uint64_t desc_a,
                                                uint64_t desc_b, const float* smem_sa, int row_in_tile,
@@ -281,7 +294,12 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
 #pragma unroll
     for (int i = 0; i < kFrag; ++i) cute::warpgroup_fence_operand(frag[i]);
     __syncwarp();
-    if (lane == 0) empty[ring.stage].arrive();
+    if constexpr (kCluster) {
+      // Lane r releases the stage in the CTA of rank r: both producers write into every stage.
+      if (lane < kClusterSize) empty[ring.stage].arrive(lane);
+    } else {
+      if (lane == 0) empty[ring.stage].arrive();
+    }
     if (++ring.stage == Shape::kStages) {
       ring.stage = 0;
       ring.phase ^= 1;
@@ -302,7 +320,52 @@ __device__ __forceinline__ void tile_main_loop(float (&acc)[kBlockN / 2], cutlas
   }
 }
 
-template <int kMathWG, int kBlockN>
+// A load_only tile's stages (Tile): the producers of both CTAs fill them like any other, so the math warps
+// wait for each and release it in both CTAs in step with the peer, computing nothing.
+template <int kStages>
+__device__ __forceinline__ void release_stages(cutlass::arch::ClusterTransactionBarrier* full,
+                                               cutlass::arch::ClusterTransactionBarrier* empty, int k_blocks,
+                                               Ring& ring, int lane) {
+#pragma unroll 1
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    full[ring.stage].wait(ring.phase);
+    __syncwarp();
+    if (lane < kClusterSize) empty[ring.stage].arrive(lane);
+    if (++ring.stage == kStages) {
+      ring.stage = 0;
+      ring.phase ^= 1;
+    }
+  }
+}
+
+// One stage's TMA load of an operand tile (kShared: this CTA's half of the shared tile, multicast to
+// load.cta_mask), box rows load.rows (the host builds the tensor map with that box), at 128-K block kb.
+template <bool kShared>
+__device__ __forceinline__ void load_operand(const CUtensorMap* map, uint64_t* bar, const OperandLoad& load,
+                                             uint8_t* stage_tile, int kb) {
+  const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  uint8_t* dst = stage_tile + load.smem_row * kBlockK;
+  if constexpr (kShared) {
+    cute::SM90_TMA_LOAD_MULTICAST_3D::copy(map, bar, load.cta_mask, hint, dst, kb * kBlockK, load.row, load.group);
+  } else {
+    cute::SM90_TMA_LOAD_3D::copy(map, bar, hint, dst, kb * kBlockK, load.row, load.group);
+  }
+}
+
+// Every thread of a multicast CTA ends here: the CTA's shared memory and barriers must outlive the peer's
+// last multicast into them and its math warps' last remote release. Each warp arrives converged, at one
+// site per role. Not .aligned all the same: that would be a promise the compiler cannot check, and a
+// converged warp takes the same single arrival either way (ptxas branches to its divergent lowering,
+// WARPSYNC.COLLECTIVE around UCGABAR_ARV, only when the warp is found divergent at run time).
+template <bool kCluster>
+__device__ __forceinline__ void wait_for_cluster_peer() {
+  if constexpr (kCluster) {
+    asm volatile("barrier.cluster.arrive;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait;\n" ::: "memory");
+  }
+}
+
+template <int kMathWG, int kBlockN, Multicast kMulticast>
 __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
                     const __grid_constant__ CUtensorMap tma_sa, const __grid_constant__ CUtensorMap tma_out,
@@ -312,6 +375,16 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   constexpr int kFrag = Shape::kFrag;
   constexpr int kStages = Shape::kStages;
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr bool kCluster = kMulticast != Multicast::Off;
+  static_assert(multicast_instantiated(kMulticast, kBlockM, kBlockN), "a cluster kernel select_config never picks");
+  static_assert(kMulticast != Multicast::SharedA || (kBlockM / kClusterSize) % 8 == 0,
+                "each half of a shared A tile must be whole 8-row swizzle atoms");
+  static_assert(kMulticast != Multicast::SharedB || (kBlockN / kClusterSize) % 8 == 0,
+                "each half of a shared B tile must be whole 8-row swizzle atoms");
+  // The peer's multicast half may complete on a "full" barrier before this CTA's producer announced the
+  // stage's bytes, taking its transaction count below zero; the count holds magnitudes below 2^20.
+  static_assert(stage_tx_bytes(kBlockM, kBlockN, true, false) < (1 << 20),
+                "a stage's transaction bytes must fit an mbarrier's tx-count");
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -332,19 +405,27 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     for (int s = 0; s < kStages; ++s) {
       // The producer's arrive_and_expect_tx, plus one arrive per lane of the scale warp (RowMajor scales).
       full[s].init(sa_by_tma ? 1 : 1 + 32);
-      empty[s].init(kMathWG * 4);     // one arrive per math warp
+      empty[s].init(kMathWG * 4 * (kCluster ? kClusterSize : 1));  // one arrive per math warp (of each CTA)
     }
     // The barriers must be initialized before the async proxy (TMA's complete_tx) touches them.
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster) {
+    // ... and before the peer's multicast loads and remote arrivals reach them.
+    cute::cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   // Each role builds its own scheduler after setmaxnreg: state live across the register reconfiguration
   // would be spilled.
-  const auto make_scheduler = [&p]() {
-    return Scheduler(p.layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info, blockIdx.x,
-                     gridDim.x);
+  // B pairs exist in the plain layout only (multicast_allowed; the launcher checks it): those kernels compile
+  // the plain walk alone, which keeps the 40-register producer warps free of spills.
+  const Layout walk_layout = kMulticast == Multicast::SharedB ? Layout::Plain : p.layout;
+  const auto make_scheduler = [&p, walk_layout]() {
+    return Scheduler(walk_layout, p.m_rows, p.n, p.num_groups, kBlockM, kBlockN, kRasterGroup, p.group_info,
+                     blockIdx.x, gridDim.x, kMulticast);
   };
   Tile tile;
 
@@ -378,33 +459,36 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
           }
         }
       }
+      wait_for_cluster_peer<kCluster>();
       return;
     }
-    if (threadIdx.x != 0) return;
-    const uint32_t stage_bytes = Shape::kABytes + Shape::kBBytes + (sa_by_tma ? Shape::kSaBytes : 0);
-    const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-    while (scheduler.next(tile)) {
-      if (tile.zero) continue;
-      const int a_group = p.layout == Layout::Masked ? tile.group : 0;
-      const int a_row = tile.m_block * kBlockM;
-      const int b_row = tile.n_block * kBlockN;
-      for (int kb = 0; kb < k_blocks; ++kb) {
-        empty[stage].wait(phase ^ 1);
-        full[stage].arrive_and_expect_tx(stage_bytes);
-        uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
-        cute::SM90_TMA_LOAD_3D::copy(&tma_a, bar, hint, smem_a + stage * Shape::kABytes, kb * kBlockK, a_row,
-                                     a_group);
-        cute::SM90_TMA_LOAD_3D::copy(&tma_b, bar, hint, smem_b + stage * Shape::kBBytes, kb * kBlockK, b_row,
-                                     tile.group);
-        if (sa_by_tma) {
-          cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, a_row, kb, a_group);
-        }
-        if (++stage == kStages) {
-          stage = 0;
-          phase ^= 1;
+    if (threadIdx.x == 0) {
+      const uint64_t hint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+      while (scheduler.next(tile)) {
+        const TileLoads loads = tile_loads(p.layout, kMulticast, tile, kBlockM, kBlockN, scheduler.rank);
+        const uint32_t stage_bytes = stage_tx_bytes(kBlockM, kBlockN, sa_by_tma, tile.load_only);
+        for (int kb = 0; kb < tile_k_blocks(tile, k_blocks); ++kb) {
+          empty[stage].wait(phase ^ 1);
+          full[stage].arrive_and_expect_tx(stage_bytes);
+          uint64_t* bar = reinterpret_cast<uint64_t*>(&full[stage]);
+          load_operand<kMulticast == Multicast::SharedA>(&tma_a, bar, loads.a, smem_a + stage * Shape::kABytes, kb);
+          if (!tile.load_only) {
+            load_operand<kMulticast == Multicast::SharedB>(&tma_b, bar, loads.b, smem_b + stage * Shape::kBBytes, kb);
+          }
+          if (sa_by_tma) {
+            cute::SM90_TMA_LOAD_3D::copy(&tma_sa, bar, hint, smem_sa + stage * kBlockM, loads.sa.row, kb,
+                                         loads.sa.group);
+          }
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
         }
       }
     }
+    // Lanes 1-31 of warp 0 wait for the producer thread at the end of the branch above, so every warp
+    // reaches the cluster barrier converged and at a single site.
+    wait_for_cluster_peer<kCluster>();
     return;
   }
 
@@ -429,6 +513,10 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   const bool store_leader = threadIdx.x % 128 == 0;
 
   while (scheduler.next(tile)) {
+    if (tile.load_only) {
+      release_stages<kStages>(full, empty, tile_k_blocks(tile, k_blocks), ring, lane);
+      continue;
+    }
     const int valid_rows = scheduler.valid_rows(tile);
     const int64_t group_row0 = p.layout == Layout::Masked ? int64_t(tile.group) * p.m_rows : 0;
     // Rows without data still run (past M their A rows and scales arrive as zeros); the epilogue replaces
@@ -448,8 +536,9 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
     const float* sb1 = p.sb + (b_group * n_scale_blocks + sb_block1) * k_blocks;
     constexpr int kLastSplit = kBlockN <= kBlockK ? kBlockN : kBlockK;
     with_split<Shape::kSplitStep, Shape::kSplitStep, kLastSplit>(split_columns(n0, kBlockN), [&](auto split) {
-      tile_main_loop<kMathWG, kBlockN, decltype(split)::value>(acc, full, empty, desc_a, desc_b, smem_sa, row_in_tile,
-                                                              sb0, sb1, tile_k_blocks, ring, lane);
+      tile_main_loop<kMathWG, kBlockN, decltype(split)::value, kCluster>(acc, full, empty, desc_a, desc_b, smem_sa,
+                                                                        row_in_tile, sb0, sb1, tile_k_blocks, ring,
+                                                                        lane);
     });
 
     // Every row of the tile inside the matrix (the group, masked) is stored: rows with data get the
@@ -507,6 +596,7 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
   }
   // Shared memory must outlive the stores' reads of it, and the kernel's completion their writes.
   if (p.tma_store && store_leader) tma_store_wait_all();
+  wait_for_cluster_peer<kCluster>();
 }
 
 }  // namespace pykernels::fp8_gemm

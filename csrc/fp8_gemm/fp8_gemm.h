@@ -30,7 +30,13 @@ void m_grouped_fp8_gemm_nt_masked(const TensorView& a, const TensorView& sa, con
                                   const TensorView& out, cudaStream_t stream);
 
 // Test hook: every later launch uses this tile shape instead of select_config's (block_m 64 or 128,
-// block_n one of block_n_choice); (0, 0) restores the heuristic. Process-wide, not thread-safe.
+// block_n one of block_n_choice), without multicast unless fp8_gemm_force_multicast says otherwise; (0, 0)
+// restores the heuristic. Process-wide, not thread-safe.
 void fp8_gemm_force_tile(int block_m, int block_n);
+
+// Test hook: every later launch uses this multicast mode (0 off, 1 A shared, 2 B shared by 2-CTA clusters)
+// instead of select_config's; -1 restores the heuristic. A launch whose shape or tile does not allow the
+// mode raises ValueError before anything runs. Process-wide, not thread-safe.
+void fp8_gemm_force_multicast(int mode);
 
 }  // namespace pykernels

@@ -3,15 +3,24 @@
 
 namespace pykernels::fp8_gemm {
 
-template void launch_tile<2, 16>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 32>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 48>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 56>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 64>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 96>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 112>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 128>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 144>(const LaunchArgs&, cudaStream_t);
-template void launch_tile<2, 160>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 16, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 32, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 48, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 56, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 64, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 96, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 112, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 128, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 144, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 160, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+// With multicast, only the shapes select_config can pick with it (multicast_instantiated).
+template void launch_tile<2, 112, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 128, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 144, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 160, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 112, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 128, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 144, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 160, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
 
 }  // namespace pykernels::fp8_gemm

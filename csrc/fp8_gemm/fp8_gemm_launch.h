@@ -29,16 +29,17 @@ struct Params {
 };
 
 struct LaunchArgs {
-  CUtensorMap map_a;  // A [G_a, m_rows, K] e4m3, box 128 x BLOCK_M
-  CUtensorMap map_b;  // B [G, N, K] e4m3, box 128 x BLOCK_N
+  CUtensorMap map_a;  // A [G_a, m_rows, K] e4m3, box 128 x BLOCK_M (BLOCK_M / 2 when A is shared)
+  CUtensorMap map_b;  // B [G, N, K] e4m3, box 128 x BLOCK_N (BLOCK_N / 2 when B is shared)
   CUtensorMap map_sa;  // MnMajor A scales [G_a, K/128, m_rows (M_pad apart)] f32, box BLOCK_M; unused for RowMajor
   CUtensorMap map_out;  // out [G_a, m_rows, N] bf16, box output_box_cols x 64, swizzled; unused without tma_store
   Params params;
-  int num_ctas;
+  int num_ctas;  // even for the cluster kernels, which launch at most as many clusters as the GPU holds at once
 };
 
-// Sets the kernel's shared-memory limit and enqueues it on `stream`; throws CudaError on failure.
-template <int kMathWG, int kBlockN>
+// Sets the kernel's shared-memory limit and enqueues it on `stream` (with multicast: as 2-CTA clusters);
+// throws CudaError on failure.
+template <int kMathWG, int kBlockN, Multicast kMulticast>
 void launch_tile(const LaunchArgs& args, cudaStream_t stream);
 
 }  // namespace pykernels::fp8_gemm

@@ -26,6 +26,12 @@ constexpr int kMaxDim = 1 << 30;
 
 enum class Layout : int { Plain = 0, Contiguous = 1, Masked = 2 };
 
+// The operand the two CTAs of a 2-CTA cluster share, each loading half of its tile and multicasting the
+// half to both: SharedA pairs the tiles (m, 2j) and (m, 2j + 1), SharedB the tiles (2i, n) and (2i + 1, n).
+// Off: no cluster, one CTA per tile as without multicast.
+enum class Multicast : int { Off = 0, SharedA = 1, SharedB = 2 };
+constexpr int kClusterSize = 2;
+
 // Every BLOCK_N the extension instantiates (for BLOCK_M 64 and 128), and so every width select_config may
 // pick. Narrow widths fill the SMs at decode sizes (M <= 128: N / BLOCK_N tiles); 144 and 160 are the
 // widest whose tiles still span at most two 128-column scale blocks at any offset and whose two fp32
@@ -49,6 +55,7 @@ struct Config {
   int64_t num_waves = 0;
   double wave_utilization = 0.0;  // share of the SMs busy in the last wave
   int smem_bytes = 0;
+  Multicast multicast = Multicast::Off;
 };
 
 // For a >= 0, b > 0; exact up to INT_MAX (no a + b - 1 to overflow).
@@ -129,12 +136,57 @@ __host__ __device__ inline ScaleALayout scale_a_layout(int ndim, const int64_t* 
   return ndim <= 3 && rows_ok && blocks_ok && groups_ok ? ScaleALayout::MnMajor : ScaleALayout::Invalid;
 }
 
+// Whether a shape's tiles pair up for `mode`, so that the two CTAs of each cluster always work on tiles
+// sharing that operand and running the same k-blocks (zero tiles: none):
+//   SharedA pairs n-blocks 2j and 2j + 1 of one row block, in every layout. Both tiles lie in the same
+//     group and row block, so the grouped layouts' padding (-1) blocks, skipped blocks and blocks past
+//     masked_m come in pairs too, and the pair agrees on them without looking at the peer. With an odd
+//     n_blocks the last pair of each row has no second tile: its rank-1 CTA is load_only (see Tile).
+//   SharedB pairs m-blocks 2i and 2i + 1 of one column block: the plain layout only (in the grouped ones
+//     the two row blocks can fall in different groups, or one past masked_m), m_blocks even, and each
+//     CTA's half of the B tile whole 8-row swizzle atoms (1024 bytes) so both halves land where a single
+//     box would put them.
+__host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layout, int m_blocks, int n_blocks,
+                                                     int block_n) {
+  return mode == Multicast::SharedB ? layout == Layout::Plain && m_blocks % 2 == 0 && block_n % 16 == 0 : true;
+}
+
+// The tile shapes compiled with each multicast mode, and so the only ones select_config turns it on for.
+// More than one wave of tiles makes the cost model choose wide tiles: these widths are its choice for over
+// 95% of the multi-wave shapes of a sweep over M, N, groups and SM counts (each mode's kernels cost build
+// time). B pairs need two row blocks, so BLOCK_M = 64
+// (at most 64 rows per group) never pairs B in the plain layout.
+__host__ __device__ constexpr bool multicast_instantiated(Multicast mode, int block_m, int block_n) {
+  return mode == Multicast::Off ||
+         ((mode == Multicast::SharedA ? block_m == 64 || block_m == 128 : block_m == 128) &&
+          (block_n == 112 || block_n == 128 || block_n == 144 || block_n == 160));
+}
+
+// Which operand a cluster shares for this tile shape, or Off. Multicast halves the L2-to-SM traffic of the
+// shared tile and pays with lockstep between the two CTAs (each waits for the slower one's release of a
+// stage), so it is used only with more than one wave of tiles, where the SMs stream operands tile after
+// tile, and with an even SM count (every SM in a cluster). The larger of the two tiles is shared, as it
+// saves more bytes; B on a tie (BLOCK_M = BLOCK_N = 128), as DeepGEMM prefers. When the preferred operand
+// cannot pair up (multicast_allowed) the other is tried.
+__host__ __device__ inline Multicast select_multicast(Layout layout, int block_m, int block_n, int m_blocks,
+                                                      int n_blocks, int64_t num_waves, int num_sms) {
+  if (num_waves <= 1 || num_sms % kClusterSize != 0) return Multicast::Off;
+  const Multicast preferred = block_m > block_n ? Multicast::SharedA : Multicast::SharedB;
+  const Multicast other = block_m > block_n ? Multicast::SharedB : Multicast::SharedA;
+  for (const Multicast mode : {preferred, other}) {
+    const bool compiled = multicast_instantiated(mode, block_m, block_n);
+    if (compiled && multicast_allowed(mode, layout, m_blocks, n_blocks, block_n)) return mode;
+  }
+  return Multicast::Off;
+}
+
 // Tiles per shape, deterministic. BLOCK_M is 64 (one math warpgroup) when a group holds at most 64 rows,
 // else 128 (two). BLOCK_N minimizes the busiest SM's work, waves * (BLOCK_N + kTileOverheadColumns): a
 // tile's time grows with its width plus a fixed cost, so narrow tiles win only when they fill more SMs,
 // as at decode sizes (M <= 128, N = 2112: 132 tiles of width 16 in one wave) or M=256, N=7168 (128 tiles
-// of width 112). Ties go to the better-filled last wave, then to the wider tile.
-__host__ __device__ inline Config select_config(int m_per_group, int n, int k, int num_groups, int num_sms) {
+// of width 112). Ties go to the better-filled last wave, then to the wider tile. Then select_multicast.
+__host__ __device__ inline Config select_config(int m_per_group, int n, int k, int num_groups, int num_sms,
+                                                Layout layout) {
   Config best;
   const int block_m = m_per_group <= 64 ? 64 : 128;
   int64_t best_cost = -1;
@@ -161,6 +213,8 @@ __host__ __device__ inline Config select_config(int m_per_group, int n, int k, i
   (void)k;
   best.num_stages = num_stages(best.block_m, best.block_n);
   best.smem_bytes = smem_bytes(best.block_m, best.block_n);
+  best.multicast = select_multicast(layout, best.block_m, best.block_n, ceil_div(m_per_group, best.block_m),
+                                    ceil_div(n, best.block_n), best.num_waves, num_sms);
   return best;
 }
 
@@ -182,6 +236,10 @@ struct Tile {
   int m_block;  // within the group's rows
   int n_block;
   bool zero;    // no rows to compute: the tile's output rows are written as zeros, nothing is loaded
+  // SharedA with an odd number of column blocks, rank 1 in the last column pair: n_block is past the last
+  // block, and the CTA only loads its half of A for its peer (and A's scales, for its own stage ring),
+  // releasing each stage in step with the peer; it computes and stores nothing.
+  bool load_only;
 };
 
 // The persistent scheduler: CTA `cta` of `num_ctas` visits tiles cta, cta + num_ctas, ... of the layout's
@@ -194,28 +252,56 @@ struct Tile {
 //               ceil(N / BN) (read from masked_m on the device: no host sync, graph-capturable); then
 //               the zero tiles, group g contributing the rest of its ceil(M_max / BM) row blocks.
 // Producer and consumers of a CTA run the same scheduler and so agree on every tile.
+//
+// With multicast, the walk is over tile pairs, one per cluster at a time: cluster c = cta / 2 visits pairs
+// c, c + num_ctas / 2, ... of the layout's space with two-block-wide (SharedA) or two-block-high (SharedB)
+// tiles, and the CTA of rank r takes block 2j + r of the pair. Both CTAs of a cluster therefore walk the
+// same pairs in the same order, skip the same ones and see the same zero tiles: they stay in lockstep on
+// the shared stage ring without exchanging anything (multicast_allowed: each pair has two tiles, or one
+// and a load_only partner).
 struct Scheduler {
   Layout layout;
   int m_rows;  // M, M_total or M_max
-  int m_blocks;
-  int n_blocks;
+  int m_blocks;  // of the walk: row pairs with SharedB
+  int n_blocks;  // of the walk: column pairs with SharedA
+  int column_blocks;  // of the output
   int num_groups;
   int block_m;
   int raster_group;
   const int* group_info;  // m_indices (contiguous) or masked_m (masked); unused for plain
   int next_index;
   int stride;
+  Multicast multicast;
+  int rank;  // in the cluster; 0 without multicast
   // Masked layout: the group the walk is in and the index of its first tile (tile indices only grow),
   // first through the groups' computed tiles, then (zero_pass) through their zero tiles.
   int cursor_group = 0;
   int cursor_first = 0;
   bool zero_pass = false;
 
+  // cta and num_ctas count CTAs; with multicast num_ctas is even and a cluster's CTAs are cta 2c and 2c + 1.
   __host__ __device__ Scheduler(Layout layout_, int m_rows_, int n, int num_groups_, int block_m_, int block_n,
-                                int raster_group_, const int* group_info_, int cta, int num_ctas)
-      : layout(layout_), m_rows(m_rows_), m_blocks(ceil_div(m_rows_, block_m_)), n_blocks(ceil_div(n, block_n)),
-        num_groups(num_groups_), block_m(block_m_), raster_group(raster_group_), group_info(group_info_),
-        next_index(cta), stride(num_ctas) {}
+                                int raster_group_, const int* group_info_, int cta, int num_ctas,
+                                Multicast multicast_ = Multicast::Off)
+      : layout(layout_), m_rows(m_rows_),
+        m_blocks(ceil_div(m_rows_, block_m_) / (multicast_ == Multicast::SharedB ? kClusterSize : 1)),
+        n_blocks(multicast_ == Multicast::SharedA ? ceil_div(ceil_div(n, block_n), kClusterSize)
+                                                  : ceil_div(n, block_n)),
+        column_blocks(ceil_div(n, block_n)),
+        num_groups(num_groups_), block_m(block_m_),
+        // Row pairs: half as many per raster group keeps the rows a wave touches, and so its L2 footprint.
+        raster_group(multicast_ == Multicast::SharedB ? raster_group_ / kClusterSize : raster_group_),
+        group_info(group_info_),
+        next_index(multicast_ == Multicast::Off ? cta : cta / kClusterSize),
+        stride(multicast_ == Multicast::Off ? num_ctas : num_ctas / kClusterSize), multicast(multicast_),
+        rank(multicast_ == Multicast::Off ? 0 : cta % kClusterSize) {}
+
+  // A pair of the walk -> this CTA's tile of it.
+  __host__ __device__ void take_own_block(Tile& tile) const {
+    if (multicast == Multicast::SharedA) tile.n_block = kClusterSize * tile.n_block + rank;
+    if (multicast == Multicast::SharedB) tile.m_block = kClusterSize * tile.m_block + rank;
+    tile.load_only = multicast == Multicast::SharedA && tile.n_block >= column_blocks;
+  }
 
   __host__ __device__ int masked_rows(int g) const {
     const int rows = group_info[g];
@@ -250,6 +336,7 @@ struct Scheduler {
           tile.m_block += valid_blocks;
           tile.zero = true;
         }
+        take_own_block(tile);
         return true;
       }
       if (index >= m_blocks * n_blocks) return false;
@@ -261,6 +348,7 @@ struct Scheduler {
         if (tile.group < -1 || tile.group >= num_groups) continue;
         tile.zero = tile.group == -1;
       }
+      take_own_block(tile);
       return true;
     }
   }
@@ -271,5 +359,50 @@ struct Scheduler {
     return layout == Layout::Masked ? masked_rows(tile.group) : m_rows;
   }
 };
+
+// 128-K blocks a tile runs through the stage ring: none for a zero tile (nothing is loaded for it).
+__host__ __device__ constexpr int tile_k_blocks(const Tile& tile, int k_blocks) { return tile.zero ? 0 : k_blocks; }
+
+// One TMA load of a stage by one CTA: `rows` rows of the operand from (group, row) at 128-K block kb, into
+// the stage's tile at row smem_row, completing on the "full" barrier of every CTA in cta_mask (bit r: the
+// CTA of rank r) at the same shared-memory offset.
+struct OperandLoad {
+  int group;
+  int row;
+  int smem_row;
+  int rows;
+  uint16_t cta_mask;
+};
+
+struct TileLoads {
+  OperandLoad a, b, sa;  // sa: MN-major A scales (rows floats), when TMA loads them
+};
+
+// The loads one CTA issues per stage of a computed tile. Without multicast: whole tiles into itself. With
+// it, the CTA of rank r loads rows [r * half, (r + 1) * half) of the shared tile into both CTAs (the peer
+// loads the other half), and the rest into itself: the A scales stay per CTA, 512 bytes at most. A
+// load_only tile loads no B (b.rows 0).
+__host__ __device__ inline TileLoads tile_loads(Layout layout, Multicast multicast, const Tile& tile, int block_m,
+                                                int block_n, int rank) {
+  // Selects by value, not through a reference to the shared member: a run-time choice of member would put
+  // the struct in local memory.
+  const uint16_t own = uint16_t(1u << rank), both = uint16_t((1u << kClusterSize) - 1);
+  const bool share_a = multicast == Multicast::SharedA, share_b = multicast == Multicast::SharedB;
+  const int a_rows = share_a ? block_m / kClusterSize : block_m;
+  const int b_rows = tile.load_only ? 0 : share_b ? block_n / kClusterSize : block_n;
+  const int a_smem_row = share_a ? rank * a_rows : 0;
+  const int b_smem_row = share_b ? rank * b_rows : 0;
+  const int a_group = layout == Layout::Masked ? tile.group : 0;
+  return TileLoads{{a_group, tile.m_block * block_m + a_smem_row, a_smem_row, a_rows, share_a ? both : own},
+                   {tile.group, tile.n_block * block_n + b_smem_row, b_smem_row, b_rows, share_b ? both : own},
+                   {a_group, tile.m_block * block_m, 0, block_m, own}};
+}
+
+// The transaction bytes a stage's "full" barrier expects in each CTA: the whole A and B tiles (with
+// multicast half of the shared one comes from the peer's load; no B for a load_only tile) and the A scales
+// when TMA loads them.
+__host__ __device__ constexpr int stage_tx_bytes(int block_m, int block_n, bool sa_by_tma, bool load_only) {
+  return (block_m + (load_only ? 0 : block_n)) * kBlockK + (sa_by_tma ? block_m * 4 : 0);
+}
 
 }  // namespace pykernels::fp8_gemm
