@@ -116,6 +116,95 @@ def test_planner_at_int32_max_matches_python(lengths, num_parts):
         assert mine[0][1] == 0 and mine[-1][2] == -(-n // PAGE_SIZE)
 
 
+SMEM_PER_CTA = 232448  # 227 KB, the most a Hopper CTA may opt into
+BOX_BYTES = 64 * 64 * 2
+
+
+@pytest.mark.parametrize("fp8,expected", [(False, 223232), (True, 231424)])
+def test_shared_plan_fits_and_p_overlays_only_the_rope_box(fp8, expected):
+    """The split kernel's shared memory, from the compiled SharedStorage: the launch (struct + 1 KB to align
+    the base) fits 227 KB; no two regions overlap, except that with a bf16 cache P of stage s is the last 8 KB
+    (the RoPE box, columns 512..575) of tile s, so P V's V (the first 64 KB) never reads it; every swizzled
+    operand starts on a 1024-byte boundary (the 128-byte swizzle is a function of address bits 4..9)."""
+    plan = _extension().mla_shared_plan(fp8)
+    launch = plan.pop("launch")[1]
+    assert launch == expected <= SMEM_PER_CTA
+    tiles = sorted(k for k in plan if k.startswith("tile"))
+    assert len(tiles) == (1 if fp8 else 2) and plan["q"][1] == plan[tiles[0]][1] == 64 * 576 * 2
+    for name in ["q", "p0", "p1", *tiles]:
+        assert plan[name][0] % 1024 == 0, name
+    if fp8:
+        assert plan["p0"] == plan["p1"] and plan["p0"][1] == BOX_BYTES
+        assert plan["raw0"][1] == plan["raw1"][1] == 64 * 576
+        assert plan["full"][1] == 2 * 8
+    else:
+        for s in range(2):
+            offset, size = plan[f"tile{s}"]
+            assert plan[f"p{s}"] == (offset + size - BOX_BYTES, BOX_BYTES)
+            assert size - BOX_BYTES == 512 * 64 * 2  # V's columns end where P begins
+        assert plan["full"][1] == 2 * 9 * 8  # one barrier per box and stage
+    regions = sorted((offset, offset + size, name) for name, (offset, size) in plan.items()
+                     if not (not fp8 and name.startswith("p")) and not (fp8 and name == "p1"))
+    for (_, end, a), (start, _, b) in zip(regions, regions[1:]):
+        assert end <= start, (a, b)
+    assert regions[-1][1] + 1024 <= launch
+
+
+def _simulate_pipeline(ext, split_pages):
+    """Runs the split kernel's page loop for one part as the kernel orders it, with (stage, parity) from the
+    binding and mbarriers modelled as phase counters: a TMA load completes its stage's barrier some time
+    after it is issued (here: as late as possible, when a thread first waits for it). Checks that each wait
+    is for the completion of exactly the page it consumes, that no load lands in a stage before both
+    warpgroups' P V of the page before released it, and that every page is loaded once, in order."""
+    part_pages = sum(split_pages)
+    completions = [0, 0]            # completed phases per stage
+    pending = [None, None]          # page whose load is in flight into each stage
+    occupant = [None, None]         # page whose data the stage holds (landed or in flight)
+    released = set()                # pages whose P V both warpgroups finished
+    loaded = []
+
+    def issue_load(seq):
+        stage, _ = ext.mla_page_stage(seq)
+        prev = occupant[stage]
+        assert prev is None or prev in released, f"page {seq} overwrites page {prev} before its release"
+        assert pending[stage] is None
+        pending[stage], occupant[stage] = seq, seq
+        loaded.append(seq)
+
+    def wait(seq):
+        stage, parity = ext.mla_page_stage(seq)
+        assert occupant[stage] == seq, f"page {seq} waits on stage {stage} holding {occupant[stage]}"
+        if pending[stage] is not None:
+            pending[stage] = None
+            completions[stage] += 1
+        # mbarrier try_wait.parity(P) returns once the phase of parity P has completed; the next phase must
+        # not have completed too (the waiter would then block, or read the next page).
+        assert (completions[stage] - 1) % 2 == parity and completions[stage] - 1 == seq // 2, (seq, completions)
+
+    issue_load(0)
+    seq = 0
+    for pages in split_pages:
+        for _ in range(pages):
+            if seq + 1 < part_pages:
+                issue_load(seq + 1)
+            wait(seq)       # QK^T, box by box (bf16) or before the conversion (FP8)
+            released.add(seq)  # the barrier after both warpgroups' P V
+            seq += 1
+    assert loaded == list(range(part_pages)) and released == set(range(part_pages))
+
+
+@pytest.mark.parametrize("split_pages", [[n] for n in range(1, 10)] + [[1, 1], [3, 1, 2], [2, 9, 1, 4], [1] * 7])
+def test_page_pipeline_protocol(split_pages):
+    _simulate_pipeline(_extension(), split_pages)
+
+
+def test_page_stage_parity_sequence():
+    ext = _extension()
+    assert [ext.mla_page_stage(s) for s in range(6)] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0), (1, 0)]
+    with pytest.raises(ValueError, match="seq: expected an int >= 0"):
+        ext.mla_page_stage(-1)
+
+
 def _host_launch_args(num_parts=1, softmax_scale=0.1):
     """mla_decode's arguments with shapes that pass every shape check, on the CPU: the binding then refuses q
     as not on a GPU, unless an argument checked earlier is refused first."""

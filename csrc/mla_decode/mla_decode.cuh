@@ -4,28 +4,35 @@
 // One CTA = one 64-row query tile (rows r = t * h_q + h of one request, q's memory order) x one SM part of
 // the schedule (mla_decode_plan.h). 256 threads, two warpgroups:
 //   - thread 0 issues the copies: a page is 9 TMA boxes of 64 tokens x 64 columns (bf16 cache, 128-byte
-//     swizzle, the layout the GMMA descriptors read) or one bulk copy of its 36 KB (e4m3 cache, converted
-//     by all threads), on the stage's transaction barrier, with an evict-first L2 hint (each page is read
-//     once per query tile); the next page is in flight while the current one is consumed. Q arrives the same
-//     way (9 boxes of a 3-D map, rows past the request's end zero-filled) and the next split's Q is issued as
-//     soon as the last QK^T of a split has read the current one, so it lands under the epilogue;
+//     swizzle, the layout the GMMA descriptors read), each on its own transaction barrier so that QK^T's
+//     first k-steps run while later boxes land, or one bulk copy of its 36 KB (e4m3 cache, converted by all
+//     threads) on one barrier, with an evict-first L2 hint (each page is read once per query tile); the next
+//     page is in flight while the current one is consumed (stages and barrier parities from
+//     mla_decode_pipeline.h). Q arrives the same way (9 boxes of a 3-D map, rows past the request's end
+//     zero-filled) and the next split's Q is issued as soon as the last QK^T of a split has read the current
+//     one, so it lands under the epilogue;
 //   - each warpgroup computes half the scores, S[:, 32 w .. 32 w + 31] = Q K_w^T (64x32, K = 576: 36 HGMMA
 //     m64n32k16), and the online softmax of that half in registers; the two halves meet once per page
 //     through shared memory (each row's partial maximum), so both warpgroups derive the same running
 //     maximum and rescale factor, and each writes its half of P (bf16);
 //   - each warpgroup rescales and accumulates its half of O = P V (64x256, 4 HGMMA m64n256k16), so the
 //     64x512 float32 accumulator is split across 256 threads (128 registers each); each keeps the row sums
-//     of its own score columns, added once in the epilogue.
+//     of its own score columns, added once in the epilogue. With a bf16 cache P is written over the RoPE box
+//     of its page's stage (QK^T, its only reader, has completed in both warpgroups by the softmax's barrier),
+//     which leaves 9 KB of the 227 KB free.
 // Schedule. Neither warpgroup idles through QK^T and the softmax: both issue independent HGMMA chains, each
-// runs half the softmax (16 scores per thread), and the rescale factor stays in registers. This is not
-// FlashMLA's seesaw, where one warpgroup's softmax runs under the other's MMAs with a page pair in flight:
-// here the tensor cores still wait for the softmax. The seesaw needs a second P buffer and scale exchanges
-// between the warpgroups at every page, an ordering no CPU check exercises; it belongs with a change that
-// can be timed on a GPU.
+// runs half the softmax (16 scores per thread), and the rescale factor stays in registers. The tensor cores
+// still wait for the softmax, per page (static, by formula, per SM at 4096 bf16 FLOP/clock): QK^T is
+// 64 * 64 * 576 * 2 = 4.7 MFLOP (1152 clocks), P V 64 * 512 * 64 * 2 = 4.2 MFLOP (1024 clocks); in between,
+// 4096 exp2 (256 clocks at 16 per clock), 32768 FMUL of O's rescale (256 clocks at 128 per clock) and two
+// CTA barriers run with the tensor cores idle: about a quarter of each page. Overlapping them (FlashMLA's
+// seesaw, or issuing the next page's QK^T before this page's softmax) keeps 128 accumulator registers in
+// flight through the softmax; built that way this kernel needs 255 registers and spills (80-112 bytes), so
+// it is not done here.
 // Rows of a page past the request's end may hold anything (NaN in unused slots): their scores are masked
 // by a select, and their V columns are zeroed in shared memory before P V, since 0 * NaN is NaN. Only a
-// request's last page (or an empty request's unloaded page) needs it, so only those pages pay the
-// generic-to-async proxy fence; full bf16 pages go from the TMA barrier straight to the MMA.
+// request's last page (or an empty request's unloaded page) needs it; the zeroing runs after both
+// warpgroups' QK^T, under the fence and barrier that publish P, so it costs no barrier of its own.
 // An FP8 cache is converted once per page to a bf16 tile (exactly: every e4m3 value is a bf16 value);
 // kv_scale multiplies the scores and the output instead.
 //
@@ -52,6 +59,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "mla_decode/mla_decode_index.h"
+#include "mla_decode/mla_decode_pipeline.h"
 #include "mla_decode/mla_decode_plan.h"
 
 namespace pykernels {
@@ -81,31 +89,47 @@ constexpr int kSCols = kPageSize / 2;  // score columns (tokens of a page) per w
 using MmaS = decltype(make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{}));
 using MmaO = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}));
 
-// Shared memory. bf16 cache: two bf16 stages. FP8 cache: two raw e4m3 stages and one bf16 tile they are
-// converted into. Both fit 227 KB with Q (72 KB), P (8 KB) and the 1 KB the launch adds to align the base
-// (the 128-byte swizzle of TMA and of the GMMA descriptors is a function of address bits 4..9).
+// Shared memory. bf16 cache: two bf16 stages, each with one barrier per box, P written over the RoPE box of
+// its page's stage (mla_decode_pipeline.h). FP8 cache: two raw e4m3 stages, the bf16 tile they are converted
+// into, and P. With Q (72 KB) and the 1 KB the launch adds to align the base (the 128-byte swizzle of TMA and
+// of the GMMA descriptors is a function of address bits 4..9), bf16 takes 223,232 B and FP8 231,424 B of the
+// 232,448 a CTA may use (mla_shared_plan checks both on the host).
+// The page a cursor points at: split g of this CTA's part, page `page` of its request.
+struct PageJob {
+  int g, page, request;
+};
+
 template <bool kFp8>
 struct KvStages;
 template <>
 struct KvStages<false> {
-  alignas(1024) bf16 tile[2][kTileElems];
+  static constexpr int kBarriers = kColTiles;
+  alignas(1024) bf16 tile[kStages][kTileElems];
 };
 template <>
 struct KvStages<true> {
+  static constexpr int kBarriers = 1;
   alignas(1024) bf16 tile[1][kTileElems];
-  alignas(128) uint8_t raw[2][kTileElems];
+  alignas(128) uint8_t raw[kStages][kTileElems];
+  alignas(1024) bf16 p[kRowsPerTile * kPageSize];
 };
 
 template <bool kFp8>
 struct SharedStorage {
   alignas(1024) bf16 q[kRowsPerTile * kHeadDimK];
   KvStages<kFp8> kv;
-  alignas(1024) bf16 p[kRowsPerTile * kPageSize];
   // Per warpgroup and row: the maximum of its half of a page's scores; in the epilogue, its row sums.
   float row_part[2][kRowsPerTile];
-  alignas(8) uint64_t full[2];    // stage s holds its page
+  // full[s][b]: box b of stage s holds its page (bf16), or stage s holds its raw page (FP8, b = 0).
+  alignas(8) uint64_t full[kStages][KvStages<kFp8>::kBarriers];
   uint64_t q_full;                // the current split's Q has landed
 };
+
+// Dynamic shared memory a launch requests: the kernel rounds the base up to 1024 bytes.
+template <bool kFp8>
+constexpr int launch_shared_bytes() {
+  return static_cast<int>(sizeof(SharedStorage<kFp8>)) + 1024;
+}
 
 struct Params {
   const void* kv;             // [num_blocks, 64, 576] e4m3 (a bf16 cache is read through its tensor map)
@@ -124,11 +148,6 @@ struct Params {
   bool causal;
 };
 
-// The page a cursor points at: split g of this CTA's part, page `page` of its request.
-struct PageJob {
-  int g, page, request;
-};
-
 constexpr uint64_t kEvictFirst = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
 constexpr uint64_t kEvictNormal = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
 
@@ -141,27 +160,29 @@ __device__ inline void bulk_copy_g2s(void* smem, const void* gmem, uint32_t byte
       : "memory");
 }
 
-// Thread 0: issues the copies of one page into `stage`, completing its barrier. An empty request's planned
-// page loads nothing (and reads no block_table entry): the barrier completes on the arrival alone.
+// Thread 0: issues the copies of one page into `stage`, each completing its barrier (a bf16 box its own, so
+// QK^T starts on the first box while the others land). An empty request's planned page loads nothing (and
+// reads no block_table entry): each barrier completes on the arrival alone.
 template <bool kFp8>
 __device__ inline void load_page(const CUtensorMap* tma_kv, const Params& p, SharedStorage<kFp8>& smem, int stage,
                                  const PageJob& job) {
-  uint64_t* bar = &smem.full[stage];
+  uint64_t* bars = smem.full[stage];
   if (valid_tokens_of(p.seqlens[job.request], job.page) == 0) {
-    cutlass::arch::ClusterBarrier::arrive(bar);
+    CUTE_UNROLL
+    for (int b = 0; b < KvStages<kFp8>::kBarriers; ++b) cutlass::arch::ClusterBarrier::arrive(&bars[b]);
     return;
   }
   const int block_id = p.block_table[static_cast<int64_t>(job.request) * p.max_blocks + job.page];
   if constexpr (kFp8) {
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPageBytesFp8);
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bars[0], kPageBytesFp8);
     const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kPageBytesFp8;
-    bulk_copy_g2s(smem.kv.raw[stage], src, kPageBytesFp8, bar, kEvictFirst);
+    bulk_copy_g2s(smem.kv.raw[stage], src, kPageBytesFp8, &bars[0], kEvictFirst);
   } else {
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bar, kPageBytesBf16);
     CUTE_UNROLL
     for (int t = 0; t < kColTiles; ++t) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bars[t], kBoxBytes);
       const PageBox box = page_box(block_id, t);
-      SM90_TMA_LOAD_2D::copy(tma_kv, bar, kEvictFirst, smem.kv.tile[stage] + t * kPageSize * kBoxCols, box.col,
+      SM90_TMA_LOAD_2D::copy(tma_kv, &bars[t], kEvictFirst, smem.kv.tile[stage] + t * kPageSize * kBoxCols, box.col,
                              box.row);
     }
   }
@@ -220,8 +241,9 @@ __device__ inline void convert_page(SharedStorage<true>& smem, int stage, int va
   }
 }
 
+// The bf16 tile QK^T and P V read for the page in `stage`: the stage itself, or the one converted tile (FP8).
 template <bool kFp8>
-__device__ inline const bf16* kv_tile(SharedStorage<kFp8>& smem, int stage) {
+__device__ inline bf16* kv_tile(SharedStorage<kFp8>& smem, int stage) {
   if constexpr (kFp8) {
     return smem.kv.tile[0];
   } else {
@@ -229,8 +251,24 @@ __device__ inline const bf16* kv_tile(SharedStorage<kFp8>& smem, int stage) {
   }
 }
 
+// Where P of the page in `stage` is written: the stage's RoPE box (bf16), or the one P buffer (FP8).
+template <bool kFp8>
+__host__ __device__ inline bf16* p_tile(SharedStorage<kFp8>& smem, int stage) {
+  if constexpr (kFp8) {
+    return smem.kv.p;
+  } else {
+    return smem.kv.tile[stage] + kPBox * kPageSize * kBoxCols;
+  }
+}
+
 __device__ inline PageJob first_page_of(const Params& p, int g) {
   return PageJob{g, p.splits[g * kSplitFields + 1], p.splits[g * kSplitFields]};
+}
+
+// The page after `job` in the part's order (the caller knows there is one).
+__device__ inline PageJob next_page_of(const Params& p, const PageJob& job) {
+  return job.page + 1 < p.splits[job.g * kSplitFields + 2] ? PageJob{job.g, job.page + 1, job.request}
+                                                           : first_page_of(p, job.g + 1);
 }
 
 // A thread's wgmma accumulator fragment covers two rows, 8 apart: row(i) = first_row() + 8 * row_slot(i),
@@ -277,8 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     prefetch_tma_descriptor(&tma_q);
     if constexpr (!kFp8) prefetch_tma_descriptor(&tma_kv);
     // One arrival each: thread 0's arrive (with the expected bytes when something is loaded).
-    cutlass::arch::ClusterBarrier::init(&smem.full[0], 1);
-    cutlass::arch::ClusterBarrier::init(&smem.full[1], 1);
+    CUTE_UNROLL
+    for (int s = 0; s < kStages; ++s) {
+      CUTE_UNROLL
+      for (int b = 0; b < KvStages<kFp8>::kBarriers; ++b) cutlass::arch::ClusterBarrier::init(&smem.full[s][b], 1);
+    }
     cutlass::arch::ClusterBarrier::init(&smem.q_full, 1);
     // The barriers must be initialized before the async proxy (complete_tx) touches them.
     cutlass::arch::fence_view_async_shared();
@@ -293,26 +334,64 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float score_scale = p.scale_log2 * kv_scale;
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), LayoutQ{});
-  Tensor sP = make_tensor(make_smem_ptr(smem.p), LayoutP{});
   MmaS mma_s;
   MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid_wg);
   auto thr_o = mma_o.get_thread_slice(tid_wg);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
-  Tensor tOrP = thr_o.partition_fragment_A(sP);
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kSCols>>{}));
   Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kVHalf>>{}));
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRowsPerTile>, Int<kVHalf>>{});
   Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kSCols>>{});
+  mma_o.accumulate_ = GMMA::ScaleOut::One;
+  static_assert(decltype(size<2>(tSrQ))::value == kColTiles * kStepsPerBox, "QK^T reads Q and K box by box");
 
-  // Bits 0, 1: parity of stage 0's / 1's next completion; bit 2: of q_full's (a bit field, not an array: no
-  // local memory).
-  uint32_t phases = 0;
-  int stage = 0;
+  // S[:, this warpgroup's 32 tokens] = Q K^T of the page in `tile`, one commit group per box. bf16: each box is
+  // waited for on its own barrier (completion `parity`) just before the 4 k-steps that read it, so the first
+  // HGMMAs run while later boxes land. FP8: the converted tile is complete when this is called.
+  auto issue_scores = [&](const bf16* tile, uint64_t* box_full, uint32_t parity) {
+    Tensor sK = make_tensor(make_smem_ptr(tile), LayoutK{});
+    // This warpgroup's 32 tokens: 4 whole 8-row swizzle atoms, so the sub-tile keeps the atom layout the
+    // descriptors describe.
+    Tensor tSrK = thr_s.partition_fragment_B(local_tile(sK, Shape<Int<kSCols>, Int<kHeadDimK>>{}, make_coord(wg, 0)));
+    warpgroup_fence_operand(acc_s);
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int box = 0; box < kColTiles; ++box) {
+      if constexpr (!kFp8) cutlass::arch::ClusterBarrier::wait(&box_full[box], parity);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int k = box * kStepsPerBox; k < (box + 1) * kStepsPerBox; ++k) {
+        cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), acc_s);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    }
+    warpgroup_fence_operand(acc_s);
+  };
+
+  // O[:, this warpgroup's 256 columns] += P V of the page in `tile`, P read from `p_buf`: one commit group.
+  auto issue_pv = [&](const bf16* tile, const bf16* p_buf) {
+    Tensor sV = make_tensor(make_smem_ptr(tile), LayoutV{});
+    Tensor tOrV = thr_o.partition_fragment_B(local_tile(sV, Shape<Int<kVHalf>, Int<kPageSize>>{}, make_coord(wg, 0)));
+    Tensor tOrP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(p_buf), LayoutP{}));
+    warpgroup_fence_operand(acc_o);
+    warpgroup_arrive();
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(tOrP); ++k) cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k), acc_o);
+    warpgroup_commit_batch();
+  };
+
+  // Pages of this part: page seq + 1 is loaded while page seq is consumed if it exists.
+  int part_pages = 0;
+  for (int g = first; g < last; ++g) part_pages += p.splits[g * kSplitFields + 2] - p.splits[g * kSplitFields + 1];
+
+  int seq = 0;  // position of the current page among the part's pages: its stage and barrier parity
   PageJob job = first_page_of(p, first);
+  PageJob ahead = job;  // the last page whose load was issued (thread 0's cursor)
   if (tid == 0) {
     load_q(&tma_q, smem, job.request);
-    load_page<kFp8>(&tma_kv, p, smem, stage, job);
+    load_page<kFp8>(&tma_kv, p, smem, stage_of(0), job);
   }
 
   for (int g = first; g < last; ++g) {
@@ -325,56 +404,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     // warpgroups; the sum covers this warpgroup's score columns only.
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
+    float alpha[2];  // the factor O is rescaled by before the P V of the page whose P was written last
     int key_limit[2];
     CUTE_UNROLL
     for (int slot = 0; slot < 2; ++slot) {
       const int row = row_base + first_row(tid_wg) + slot * 8;
       key_limit[slot] = p.causal ? seqlen - p.s_q + row / p.h_q + 1 : seqlen;
     }
-    clear(acc_o);
-    cutlass::arch::ClusterBarrier::wait(&smem.q_full, (phases >> 2) & 1);
-    phases ^= 4u;
 
-    for (int page = job.page; page < page_end; ++page) {
-      // Prefetch the next page of this part (possibly the next split's first) into the other stage: its
-      // previous contents were consumed before the barrier that ended the last iteration.
-      if (tid == 0 && (page + 1 < page_end || g + 1 < last)) {
-        const PageJob next = page + 1 < page_end ? PageJob{g, page + 1, request} : first_page_of(p, g + 1);
-        load_page<kFp8>(&tma_kv, p, smem, stage ^ 1, next);
-      }
-      cutlass::arch::ClusterBarrier::wait(&smem.full[stage], (phases >> stage) & 1);
-      phases ^= 1u << stage;
-      const int valid = valid_tokens_of(seqlen, page);
-      // TMA writes are visible to wgmma once the barrier completes; generic-proxy writes (the FP8
-      // conversion, the zeroed tail) must be fenced first. The condition is uniform across the CTA.
-      if (kFp8 || valid < kPageSize) {
-        if constexpr (kFp8) {
-          convert_page(smem, stage, valid);
-        } else {
-          zero_tail(smem.kv.tile[stage], valid);
-        }
-        cutlass::arch::fence_view_async_shared();
-        __syncthreads();
-      }
-
-      Tensor sK = make_tensor(make_smem_ptr(kv_tile<kFp8>(smem, stage)), LayoutK{});
-      Tensor sV = make_tensor(make_smem_ptr(kv_tile<kFp8>(smem, stage)), LayoutV{});
-      // This warpgroup's 32 tokens: 4 whole 8-row swizzle atoms, so the sub-tile keeps the atom layout the
-      // descriptors describe.
-      Tensor sKhalf = local_tile(sK, Shape<Int<kSCols>, Int<kHeadDimK>>{}, make_coord(wg, 0));
-      Tensor tSrK = thr_s.partition_fragment_B(sKhalf);
-      warpgroup_fence_operand(acc_s);
-      warpgroup_arrive();
-      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tSrQ); ++k) {
-        cute::gemm(mma_s, tSrQ(_, _, k), tSrK(_, _, k), acc_s);
-        mma_s.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_s);
-
+    // The scores of `page` in acc_s (complete in this warpgroup) become P (bf16) in `p_buf`; row_max, row_sum
+    // and alpha advance. Rows of the page past the request's end may hold anything (NaN in unused slots):
+    // their scores are replaced by a select, never multiplied. Contains one CTA barrier, after which both
+    // warpgroups' QK^T of this page have completed (so `p_buf` may be written even where it overlays K).
+    auto softmax_to_p = [&](int page, bf16* p_buf) {
+      Tensor sP = make_tensor(make_smem_ptr(p_buf), LayoutP{});
       float tile_max[2] = {-INFINITY, -INFINITY};
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) {
@@ -390,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid_wg % 4 == 0) smem.row_part[wg][first_row(tid_wg) + slot * 8] = half_max;
       }
       __syncthreads();
-      float ref[2], alpha[2], tile_sum[2] = {0.0f, 0.0f};
+      float ref[2], tile_sum[2] = {0.0f, 0.0f};
       CUTE_UNROLL
       for (int slot = 0; slot < 2; ++slot) {
         const int local = first_row(tid_wg) + slot * 8;
@@ -412,26 +455,55 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       CUTE_UNROLL
       for (int slot = 0; slot < 2; ++slot) row_sum[slot] = row_sum[slot] * alpha[slot] + quad_sum(tile_sum[slot]);
-      // P is a generic-proxy write that P V's wgmma reads.
+    };
+    auto rescale_o = [&]() {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[row_slot(i)];
+    };
+
+    clear(acc_o);
+    cutlass::arch::ClusterBarrier::wait(&smem.q_full, static_cast<uint32_t>(g - first) & 1u);
+
+    for (int page = job.page; page < page_end; ++page, ++seq) {
+      const int stage = stage_of(seq);
+      const int valid = valid_tokens_of(seqlen, page);
+      // Prefetch the next page of this part (possibly the next split's first) into the other stage: its
+      // previous contents were consumed before the barrier that ended the last iteration.
+      if (tid == 0 && seq + 1 < part_pages) {
+        ahead = next_page_of(p, ahead);
+        load_page<kFp8>(&tma_kv, p, smem, stage_of(seq + 1), ahead);
+      }
+      if constexpr (kFp8) {
+        cutlass::arch::ClusterBarrier::wait(&smem.full[stage][0], parity_of(seq));
+        // The conversion is a generic-proxy write that wgmma reads: fenced, then published by the barrier.
+        convert_page(smem, stage, valid);
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+      }
+      // bf16: QK^T waits for the page box by box (TMA writes are visible to wgmma once a box's barrier
+      // completes).
+      issue_scores(kv_tile<kFp8>(smem, stage), smem.full[stage], parity_of(seq));
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
+      softmax_to_p(page, p_tile<kFp8>(smem, stage));
+      // bf16: V rows of tokens past the request's end are zeroed (they may hold NaN, and 0 * NaN is NaN in
+      // P V). Both warpgroups' QK^T of this page have completed (the barrier in softmax_to_p), so those rows
+      // are dead for K. Only a request's last page (or an empty request's unloaded one) has such tokens; the
+      // FP8 conversion wrote them as zeros.
+      if (!kFp8 && valid < kPageSize) zero_tail(kv_tile<kFp8>(smem, stage), valid);
+      // P (and the zeroed rows) are generic-proxy writes that P V's wgmma (async proxy) reads: each thread
+      // fences its own writes, the barrier publishes them to the other warpgroup.
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
       // The split's last QK^T has read Q: the next split's Q loads now, under this P V and the epilogue.
       if (tid == 0 && page + 1 == page_end && g + 1 < last) load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
-
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[row_slot(i)];
-      Tensor sVhalf = local_tile(sV, Shape<Int<kVHalf>, Int<kPageSize>>{}, make_coord(wg, 0));
-      Tensor tOrV = thr_o.partition_fragment_B(sVhalf);
-      warpgroup_fence_operand(acc_o);
-      warpgroup_arrive();
-      mma_o.accumulate_ = GMMA::ScaleOut::One;
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tOrP); ++k) cute::gemm(mma_o, tOrP(_, _, k), tOrV(_, _, k), acc_o);
-      warpgroup_commit_batch();
+      rescale_o();
+      issue_pv(kv_tile<kFp8>(smem, stage), p_tile<kFp8>(smem, stage));
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
+      // Both warpgroups' P V has read the stage (and P) before the next load or conversion overwrites it,
+      // and the partial maxima before the next softmax writes them.
       __syncthreads();
-      stage ^= 1;
     }
     // This CTA's last split: the combine may start launching (it waits for the whole grid before reading).
     if (g + 1 == last) allow_dependent_launch();
