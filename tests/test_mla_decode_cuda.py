@@ -150,52 +150,113 @@ def test_shared_plan_fits_and_p_overlays_only_the_rope_box(fp8, expected):
     assert regions[-1][1] + 1024 <= launch
 
 
-def _simulate_pipeline(ext, split_pages):
-    """Runs the split kernel's page loop for one part as the kernel orders it, with (stage, parity) from the
-    binding and mbarriers modelled as phase counters: a TMA load completes its stage's barrier some time
-    after it is issued (here: as late as possible, when a thread first waits for it). Checks that each wait
-    is for the completion of exactly the page it consumes, that no load lands in a stage before both
-    warpgroups' P V of the page before released it, and that every page is loaded once, in order."""
+class _Stages:
+    """Two shared-memory stages with their barriers modelled as phase counters, and every access checked: a
+    TMA load completes its stage's barriers some time after it is issued (here: as late as possible, when a
+    thread first waits for it); try_wait.parity(P) returns once the phase of parity P has completed, and the
+    next phase must not have completed too (the waiter would block, or read the next page)."""
+
+    def __init__(self, ext, part_pages):
+        self.ext, self.part_pages = ext, part_pages
+        self.completions = [0, 0]
+        self.pending = [None, None]    # page whose load is in flight into the stage
+        self.occupant = [None, None]   # page the stage holds (landed or in flight)
+        self.qk_done, self.p_written, self.released, self.loaded = set(), set(), set(), []
+
+    def load(self, seq):
+        stage, _ = self.ext.mla_page_stage(seq)
+        prev = self.occupant[stage]
+        assert prev is None or prev in self.released, f"page {seq} overwrites page {prev} before its release"
+        assert self.pending[stage] is None
+        self.pending[stage], self.occupant[stage] = seq, seq
+        self.loaded.append(seq)
+
+    def holds(self, seq):
+        stage, _ = self.ext.mla_page_stage(seq)
+        assert self.occupant[stage] == seq and seq not in self.released, (seq, self.occupant)
+        return stage
+
+    def qk(self, seq):  # wait for the page's barriers (box by box, or before the conversion), then QK^T
+        stage, parity = self.ext.mla_page_stage(seq)
+        self.holds(seq)
+        if self.pending[stage] is not None:
+            self.pending[stage] = None
+            self.completions[stage] += 1
+        assert (self.completions[stage] - 1) % 2 == parity and self.completions[stage] - 1 == seq // 2, seq
+        self.qk_done.add(seq)
+
+    def write_p(self, seq):  # after the softmax's barrier: both warpgroups' QK^T of the page completed
+        self.holds(seq)
+        assert seq in self.qk_done
+        self.p_written.add(seq)
+
+    def pv(self, seq):
+        self.holds(seq)
+        assert seq in self.p_written
+
+    def release(self, seq):  # the barrier after both warpgroups' P V
+        self.holds(seq)
+        self.released.add(seq)
+
+    def finish(self):
+        assert self.loaded == list(range(self.part_pages)) and self.released == set(range(self.part_pages))
+
+
+def _simulate_pipeline(ext, split_pages, fp8):
+    """Runs the split kernel's page loop for one part in the kernel's order (bf16: the overlapped schedule,
+    the next page's QK^T and softmax inside the step of this page's P V; e4m3: one page at a time), with
+    stages, parities and load distances from the binding."""
     part_pages = sum(split_pages)
-    completions = [0, 0]            # completed phases per stage
-    pending = [None, None]          # page whose load is in flight into each stage
-    occupant = [None, None]         # page whose data the stage holds (landed or in flight)
-    released = set()                # pages whose P V both warpgroups finished
-    loaded = []
-
-    def issue_load(seq):
-        stage, _ = ext.mla_page_stage(seq)
-        prev = occupant[stage]
-        assert prev is None or prev in released, f"page {seq} overwrites page {prev} before its release"
-        assert pending[stage] is None
-        pending[stage], occupant[stage] = seq, seq
-        loaded.append(seq)
-
-    def wait(seq):
-        stage, parity = ext.mla_page_stage(seq)
-        assert occupant[stage] == seq, f"page {seq} waits on stage {stage} holding {occupant[stage]}"
-        if pending[stage] is not None:
-            pending[stage] = None
-            completions[stage] += 1
-        # mbarrier try_wait.parity(P) returns once the phase of parity P has completed; the next phase must
-        # not have completed too (the waiter would then block, or read the next page).
-        assert (completions[stage] - 1) % 2 == parity and completions[stage] - 1 == seq // 2, (seq, completions)
-
-    issue_load(0)
+    ahead = ext.mla_load_distance(fp8)
+    assert ahead == (1 if fp8 else 2)
+    st = _Stages(ext, part_pages)
+    for seq in range(min(max(ahead, 1), part_pages)):
+        st.load(seq)
     seq = 0
     for pages in split_pages:
-        for _ in range(pages):
-            if seq + 1 < part_pages:
-                issue_load(seq + 1)
-            wait(seq)       # QK^T, box by box (bf16) or before the conversion (FP8)
-            released.add(seq)  # the barrier after both warpgroups' P V
+        if fp8:
+            for _ in range(pages):
+                if seq + ahead < part_pages:
+                    st.load(seq + ahead)
+                st.qk(seq)
+                st.write_p(seq)
+                st.pv(seq)
+                st.release(seq)
+                seq += 1
+            continue
+        st.qk(seq)
+        st.write_p(seq)
+        for index in range(pages):
+            if index + 1 < pages:
+                st.qk(seq + 1)          # issued before this page's P V ...
+                assert st.holds(seq) != st.holds(seq + 1)
+            st.pv(seq)                  # ... which reads the other stage
+            if index + 1 < pages:
+                st.write_p(seq + 1)     # while P V runs
+            st.release(seq)
+            if seq + ahead < part_pages:
+                st.load(seq + ahead)
             seq += 1
-    assert loaded == list(range(part_pages)) and released == set(range(part_pages))
+    st.finish()
 
 
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("split_pages", [[n] for n in range(1, 10)] + [[1, 1], [3, 1, 2], [2, 9, 1, 4], [1] * 7])
-def test_page_pipeline_protocol(split_pages):
-    _simulate_pipeline(_extension(), split_pages)
+def test_page_pipeline_protocol(split_pages, fp8):
+    _simulate_pipeline(_extension(), split_pages, fp8)
+
+
+def test_page_pipeline_simulation_catches_an_early_load():
+    """The simulation is a check: loading three pages ahead into two stages is refused."""
+    class ThreeAhead:
+        def __getattr__(self, name):
+            return getattr(_extension(), name)
+
+        def mla_load_distance(self, fp8):
+            return 3
+
+    with pytest.raises(AssertionError):
+        _simulate_pipeline(ThreeAhead(), [4], fp8=False)
 
 
 def test_page_stage_parity_sequence():
@@ -369,6 +430,21 @@ def test_gpu_empty_requests(fp8):
             want_out, want_lse = float64_attention(q, dense, causal, 576 ** -0.5)
             assert_flashmla_close(out, lse, want_out, want_lse)
             assert bool((out[[0, 2, 5]] == 0).all()) and bool((lse[[0, 2, 5]] == math.inf).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_every_pages_per_split_count(fp8):
+    """Requests of 1..9 pages (full and partial last pages) under plans of 1, 3 and 7 parts, so that parts run
+    splits of every length from one page up, in sequence: the bf16 kernel's step overlaps a page's P V with
+    the next page's QK^T and softmax within a split, loads two pages ahead across split boundaries, and
+    writes P over the RoPE box of the next page's stage; a wrong stage, parity or release order shows here."""
+    lengths = [64 * k + (0 if k % 2 else 37) for k in range(1, 10)] + [1, 64]
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, 2, 32, fp8=fp8, q_scale=2.0, seed=53)
+    want = float64_attention(q, dense, True, 576 ** -0.5)
+    for num_parts in (1, 3, 7):
+        out, lse, *_ = run_cuda(q, cache, table, seqlens, kv_scale, 576 ** -0.5, True, num_parts)
+        assert_flashmla_close(out, lse, *want)
 
 
 @pytest.mark.gpu

@@ -185,6 +185,8 @@ std::vector<MlaSharedRegion> shared_plan() {
 
 std::vector<MlaSharedRegion> mla_shared_plan(bool fp8) { return fp8 ? shared_plan<true>() : shared_plan<false>(); }
 
+int mla_load_distance(bool fp8) { return mla::load_distance(fp8); }
+
 std::pair<int, int> mla_page_stage(int seq) {
   if (seq < 0) throw_value_error("seq", "an int >= 0", std::to_string(seq));
   return {mla::stage_of(seq), static_cast<int>(mla::parity_of(seq))};

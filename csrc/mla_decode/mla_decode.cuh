@@ -6,11 +6,11 @@
 //   - thread 0 issues the copies: a page is 9 TMA boxes of 64 tokens x 64 columns (bf16 cache, 128-byte
 //     swizzle, the layout the GMMA descriptors read), each on its own transaction barrier so that QK^T's
 //     first k-steps run while later boxes land, or one bulk copy of its 36 KB (e4m3 cache, converted by all
-//     threads) on one barrier, with an evict-first L2 hint (each page is read once per query tile); the next
-//     page is in flight while the current one is consumed (stages and barrier parities from
-//     mla_decode_pipeline.h). Q arrives the same way (9 boxes of a 3-D map, rows past the request's end
-//     zero-filled) and the next split's Q is issued as soon as the last QK^T of a split has read the current
-//     one, so it lands under the epilogue;
+//     threads) on one barrier, with an evict-first L2 hint (each page is read once per query tile); pages
+//     load ahead of the one being consumed (bf16: two, FP8: one; stages, barrier parities and load
+//     distances from mla_decode_pipeline.h). Q arrives the same way (9 boxes of a 3-D map, rows past the
+//     request's end zero-filled) and the next split's Q is issued as soon as the last QK^T of a split has
+//     read the current one, so it lands under the epilogue;
 //   - each warpgroup computes half the scores, S[:, 32 w .. 32 w + 31] = Q K_w^T (64x32, K = 576: 36 HGMMA
 //     m64n32k16), and the online softmax of that half in registers; the two halves meet once per page
 //     through shared memory (each row's partial maximum), so both warpgroups derive the same running
@@ -20,21 +20,38 @@
 //     of its own score columns, added once in the epilogue. With a bf16 cache P is written over the RoPE box
 //     of its page's stage (QK^T, its only reader, has completed in both warpgroups by the softmax's barrier),
 //     which leaves 9 KB of the 227 KB free.
-// Schedule. Neither warpgroup idles through QK^T and the softmax: both issue independent HGMMA chains, each
-// runs half the softmax (16 scores per thread), and the rescale factor stays in registers. The tensor cores
-// still wait for the softmax, per page (static, by formula, per SM at 4096 bf16 FLOP/clock): QK^T is
-// 64 * 64 * 576 * 2 = 4.7 MFLOP (1152 clocks), P V 64 * 512 * 64 * 2 = 4.2 MFLOP (1024 clocks); in between,
-// 4096 exp2 (256 clocks at 16 per clock), 32768 FMUL of O's rescale (256 clocks at 128 per clock) and two
-// CTA barriers run with the tensor cores idle: about a quarter of each page. Overlapping them (FlashMLA's
-// seesaw, or issuing the next page's QK^T before this page's softmax) keeps 128 accumulator registers in
-// flight through the softmax; built that way this kernel needs 255 registers and spills (80-112 bytes), so
-// it is not done here.
+// Schedule (bf16 cache). Both warpgroups issue independent HGMMA chains and each runs half the softmax (16
+// scores per thread). A step, per page seq of a split, issues the QK^T of page seq + 1, rescales O under it
+// (those HGMMAs write acc_s only), issues the P V of page seq, and once wgmma.wait_group 1 reports the QK^T
+// done (groups complete in order), runs the softmax of page seq + 1 while that P V runs: maxima exchanged
+// at one CTA barrier, P written over page seq + 1's RoPE box. The step ends with wait_group 0 and the CTA
+// barrier that frees page seq's stage; page seq + 2 then loads into it. (FlashMLA's seesaw gets the same
+// overlap with the warpgroups alternating over a page pair, a second P buffer and per-page scale exchanges;
+// here one warpgroup's QK^T, rescale, P V and softmax overlap within itself, and the 16 score registers are
+// the only accumulators added in flight.) Static figures per page, by formula, per SM at 4096 dense bf16
+// FLOP, 16 MUFU.EX2 and 128 FP32 operations per clock: QK^T 64 * 64 * 576 * 2 = 4.72 MFLOP = 1152 clocks;
+// P V 64 * 512 * 64 * 2 = 4.19 MFLOP = 1024 clocks; softmax 4096 exp2 = 256 clocks of MUFU plus the
+// maxima exchange (a CTA barrier) and 8 KB of P stores; O's rescale 32768 FMUL = 256 clocks.
+//   before (each page serial: QK^T, softmax, rescale, P V): per page pair the tensor cores waited for
+//     2 x (softmax + rescale + 2 CTA barriers) >= 2 x 512 clocks + 4 barriers, against 2 x 2176 clocks of
+//     MMA;
+//   after: the rescale hides under QK^T (256 < 1152 clocks) and the softmax under P V (256 MUFU clocks
+//     plus a barrier < 1024 clocks), so per page pair they wait for 2 x (the step-ending CTA barrier and
+//     the wgmma issue after it), plus, once per split, the first page's softmax;
+//   the price: a step reads both stages, so page seq + 2's load is issued when step seq ends and its QK^T
+//     starts with step seq + 1, consuming boxes as they land (a box's latency is exposed where, before,
+//     the next page's load ran under a whole step). Whether that costs memory-bound shapes anything is a
+//     GPU measurement.
+// Registers are at the limit (255, no spill): values used once per split or per page are recomputed where
+// they are used (opaque_index) rather than held through the page loop. With an FP8 cache the page is
+// converted, then consumed, one at a time, as before.
 // Rows of a page past the request's end may hold anything (NaN in unused slots): their scores are masked
 // by a select, and their V columns are zeroed in shared memory before P V, since 0 * NaN is NaN. Only a
 // request's last page (or an empty request's unloaded page) needs it; the zeroing runs after both
 // warpgroups' QK^T, under the fence and barrier that publish P, so it costs no barrier of its own.
 // An FP8 cache is converted once per page to a bf16 tile (exactly: every e4m3 value is a bf16 value);
-// kv_scale multiplies the scores and the output instead.
+// kv_scale multiplies the scores and the output instead. Its two raw stages, the bf16 tile and P take
+// 231,424 of the 232,448 B; converting page seq + 1 under page seq's MMAs would need a second bf16 tile.
 //
 // Why CuTe's atoms rather than hand-packed wgmma descriptors: the descriptor bits (swizzle mode, leading and
 // stride byte offsets, base offset) must agree with the shared-memory layout the loads write, and the
@@ -123,6 +140,9 @@ struct SharedStorage {
   // full[s][b]: box b of stage s holds its page (bf16), or stage s holds its raw page (FP8, b = 0).
   alignas(8) uint64_t full[kStages][KvStages<kFp8>::kBarriers];
   uint64_t q_full;                // the current split's Q has landed
+  // Thread 0's load cursor, kept out of registers: the last page whose load was issued, and the part's pages.
+  PageJob ahead;
+  int part_pages;
 };
 
 // Dynamic shared memory a launch requests: the kernel rounds the base up to 1024 bytes.
@@ -241,16 +261,6 @@ __device__ inline void convert_page(SharedStorage<true>& smem, int stage, int va
   }
 }
 
-// The bf16 tile QK^T and P V read for the page in `stage`: the stage itself, or the one converted tile (FP8).
-template <bool kFp8>
-__device__ inline bf16* kv_tile(SharedStorage<kFp8>& smem, int stage) {
-  if constexpr (kFp8) {
-    return smem.kv.tile[0];
-  } else {
-    return smem.kv.tile[stage];
-  }
-}
-
 // Where P of the page in `stage` is written: the stage's RoPE box (bf16), or the one P buffer (FP8).
 template <bool kFp8>
 __host__ __device__ inline bf16* p_tile(SharedStorage<kFp8>& smem, int stage) {
@@ -278,6 +288,14 @@ __device__ inline PageJob next_page_of(const Params& p, const PageJob& job) {
 __host__ __device__ constexpr int row_slot(int i) { return (i >> 1) & 1; }
 __host__ __device__ constexpr int first_row(int thread_in_warpgroup) {
   return (thread_in_warpgroup / 32) * 16 + (thread_in_warpgroup % 32) / 4;
+}
+
+// `i`, through an instruction the compiler may not move or fold: values derived from it are recomputed where
+// they are used instead of being held in registers across a loop.
+__device__ inline int opaque_index(int i) {
+  int out;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(out) : "r"(i));
+  return out;
 }
 
 __device__ inline float quad_max(float v) {
@@ -339,7 +357,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto thr_s = mma_s.get_thread_slice(tid_wg);
   auto thr_o = mma_o.get_thread_slice(tid_wg);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);
-  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kSCols>>{}));
   Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kVHalf>>{}));
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRowsPerTile>, Int<kVHalf>>{});
   Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRowsPerTile>, Int<kSCols>>{});
@@ -382,35 +399,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_commit_batch();
   };
 
-  // Pages of this part: page seq + 1 is loaded while page seq is consumed if it exists.
-  int part_pages = 0;
-  for (int g = first; g < last; ++g) part_pages += p.splits[g * kSplitFields + 2] - p.splits[g * kSplitFields + 1];
-
   int seq = 0;  // position of the current page among the part's pages: its stage and barrier parity
-  PageJob job = first_page_of(p, first);
-  PageJob ahead = job;  // the last page whose load was issued (thread 0's cursor)
   if (tid == 0) {
-    load_q(&tma_q, smem, job.request);
-    load_page<kFp8>(&tma_kv, p, smem, stage_of(0), job);
+    smem.part_pages = 0;
+    for (int g = first; g < last; ++g) {
+      smem.part_pages += p.splits[g * kSplitFields + 2] - p.splits[g * kSplitFields + 1];
+    }
+    smem.ahead = first_page_of(p, first);
+    load_q(&tma_q, smem, smem.ahead.request);
+    load_page<kFp8>(&tma_kv, p, smem, stage_of(0), smem.ahead);
+    // The first load_distance pages: both stages are free (bf16), or the first raw stage (FP8).
+    for (int seq_ahead = 1; seq_ahead < load_distance(kFp8) && seq_ahead < smem.part_pages; ++seq_ahead) {
+      smem.ahead = next_page_of(p, smem.ahead);
+      load_page<kFp8>(&tma_kv, p, smem, stage_of(seq_ahead), smem.ahead);
+    }
   }
 
-  for (int g = first; g < last; ++g) {
-    const int request = p.splits[g * kSplitFields];
-    const int page_end = p.splits[g * kSplitFields + 2];
-    const int seqlen = p.seqlens[request];
-    const bool unsplit = !needs_combine(p.split_offsets, request);
+  // The part's and the split's bounds are read where they are used, through an index the compiler cannot
+  // hoist, rather than held in registers through the page loop (the overlapped schedule has none to spare).
+  auto part_bound = [&](int end) { return p.part_splits[opaque_index(blockIdx.y) + end]; };
+  for (int g = first; g < part_bound(1); ++g) {
+    auto split_end = [&]() { return p.splits[opaque_index(g) * kSplitFields + 2]; };
+    auto split_seqlen = [&]() { return p.seqlens[p.splits[opaque_index(g) * kSplitFields]]; };
+    const int first_page = p.splits[g * kSplitFields + 1];
 
     // Online-softmax state of this thread's two rows (log2 domain): the maximum is the same in both
     // warpgroups; the sum covers this warpgroup's score columns only.
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
     float alpha[2];  // the factor O is rescaled by before the P V of the page whose P was written last
-    int key_limit[2];
-    CUTE_UNROLL
-    for (int slot = 0; slot < 2; ++slot) {
-      const int row = row_base + first_row(tid_wg) + slot * 8;
-      key_limit[slot] = p.causal ? seqlen - p.s_q + row / p.h_q + 1 : seqlen;
-    }
 
     // The scores of `page` in acc_s (complete in this warpgroup) become P (bf16) in `p_buf`; row_max, row_sum
     // and alpha advance. Rows of the page past the request's end may hold anything (NaN in unused slots):
@@ -418,6 +435,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     // warpgroups' QK^T of this page have completed (so `p_buf` may be written even where it overlays K).
     auto softmax_to_p = [&](int page, bf16* p_buf) {
       Tensor sP = make_tensor(make_smem_ptr(p_buf), LayoutP{});
+      // The fragment's (row, column) coordinates and the rows' key limits, recomputed at each page from an
+      // index the compiler cannot hoist: held across the page loop they would take 10 registers (8 swizzled
+      // P offsets) that the overlapped schedule lacks.
+      const int thread = opaque_index(tid_wg);
+      Tensor tScS = mma_s.get_thread_slice(thread)
+                        .partition_C(make_identity_tensor(Shape<Int<kRowsPerTile>, Int<kSCols>>{}));
+      const int keys = split_seqlen();
+      int key_limit[2];  // keys each of the thread's rows sees
+      CUTE_UNROLL
+      for (int slot = 0; slot < 2; ++slot) {
+        const int row = row_base + first_row(thread) + slot * 8;
+        key_limit[slot] = p.causal ? keys - p.s_q + row / p.h_q + 1 : keys;
+      }
       float tile_max[2] = {-INFINITY, -INFINITY};
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) {
@@ -461,53 +491,109 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[row_slot(i)];
     };
 
-    clear(acc_o);
-    cutlass::arch::ClusterBarrier::wait(&smem.q_full, static_cast<uint32_t>(g - first) & 1u);
+    cutlass::arch::ClusterBarrier::wait(&smem.q_full, static_cast<uint32_t>(g - part_bound(0)) & 1u);
 
-    for (int page = job.page; page < page_end; ++page, ++seq) {
-      const int stage = stage_of(seq);
-      const int valid = valid_tokens_of(seqlen, page);
-      // Prefetch the next page of this part (possibly the next split's first) into the other stage: its
-      // previous contents were consumed before the barrier that ended the last iteration.
-      if (tid == 0 && seq + 1 < part_pages) {
-        ahead = next_page_of(p, ahead);
-        load_page<kFp8>(&tma_kv, p, smem, stage_of(seq + 1), ahead);
-      }
-      if constexpr (kFp8) {
+    if constexpr (kFp8) {
+      // FP8: one page at a time. The raw page lands, is converted into the one bf16 tile (tokens past the
+      // request's end as zeros), then QK^T, the softmax and P V run on it in turn while the next raw page is
+      // in flight.
+      const int page_end = split_end();
+      const int seqlen = split_seqlen();
+      clear(acc_o);
+      for (int page = first_page; page < page_end; ++page, ++seq) {
+        const int stage = stage_of(seq);
+        // The next page of this part (possibly the next split's first) loads into the other raw stage: its
+        // previous page was converted before the barrier that ended the last step.
+        if (tid == 0 && seq + load_distance(kFp8) < smem.part_pages) {
+          smem.ahead = next_page_of(p, smem.ahead);
+          load_page<kFp8>(&tma_kv, p, smem, stage_of(seq + load_distance(kFp8)), smem.ahead);
+        }
         cutlass::arch::ClusterBarrier::wait(&smem.full[stage][0], parity_of(seq));
         // The conversion is a generic-proxy write that wgmma reads: fenced, then published by the barrier.
-        convert_page(smem, stage, valid);
+        convert_page(smem, stage, valid_tokens_of(seqlen, page));
         cutlass::arch::fence_view_async_shared();
         __syncthreads();
+        issue_scores(smem.kv.tile[0], smem.full[stage], parity_of(seq));
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_s);
+        softmax_to_p(page, smem.kv.p);
+        // P is a generic-proxy write that P V's wgmma reads.
+        cutlass::arch::fence_view_async_shared();
+        __syncthreads();
+        // The split's last QK^T has read Q: the next split's Q loads now, under this P V and the epilogue.
+        if (tid == 0 && page + 1 == page_end && g + 1 < part_bound(1)) {
+          load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
+        }
+        rescale_o();
+        issue_pv(smem.kv.tile[0], smem.kv.p);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        // Both warpgroups' P V has read the tile and P before the next conversion and softmax write them.
+        __syncthreads();
       }
-      // bf16: QK^T waits for the page box by box (TMA writes are visible to wgmma once a box's barrier
-      // completes).
-      issue_scores(kv_tile<kFp8>(smem, stage), smem.full[stage], parity_of(seq));
+    } else {
+      // bf16, the overlapped schedule (file comment). The split's first page: its QK^T, then its P.
+      auto p_ready = [&](int stage, int page) {
+        // Tokens past the request's end: their V rows are zeroed (they may hold NaN, and 0 * NaN is NaN in
+        // P V). Both warpgroups' QK^T of the page have completed (the barrier in softmax_to_p), so the rows
+        // are dead for K. Only a request's last page (or an empty request's unloaded one) has such tokens.
+        const int valid = valid_tokens_of(split_seqlen(), page);
+        if (valid < kPageSize) zero_tail(smem.kv.tile[stage], valid);
+        // P and the zeroed rows are generic-proxy writes that P V's wgmma (async proxy) reads, and that the
+        // stage's next TMA load (async proxy) overwrites: each thread fences its own writes, and the CTA
+        // barrier that follows (before P V, and before thread 0 issues that load) publishes them.
+        cutlass::arch::fence_view_async_shared();
+      };
+      // Ends the step of page seq: after the barrier, both warpgroups' P V of the page has read its stage
+      // (V and P) and the next page's P is published; page seq + 2 loads into the freed stage.
+      auto release = [&](int stage) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        __syncthreads();
+        if (tid == 0 && seq + load_distance(kFp8) < smem.part_pages) {
+          smem.ahead = next_page_of(p, smem.ahead);
+          load_page<kFp8>(&tma_kv, p, smem, stage, smem.ahead);
+        }
+        ++seq;
+      };
+      issue_scores(smem.kv.tile[stage_of(seq)], smem.full[stage_of(seq)], parity_of(seq));
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_s);
-      softmax_to_p(page, p_tile<kFp8>(smem, stage));
-      // bf16: V rows of tokens past the request's end are zeroed (they may hold NaN, and 0 * NaN is NaN in
-      // P V). Both warpgroups' QK^T of this page have completed (the barrier in softmax_to_p), so those rows
-      // are dead for K. Only a request's last page (or an empty request's unloaded one) has such tokens; the
-      // FP8 conversion wrote them as zeros.
-      if (!kFp8 && valid < kPageSize) zero_tail(kv_tile<kFp8>(smem, stage), valid);
-      // P (and the zeroed rows) are generic-proxy writes that P V's wgmma (async proxy) reads: each thread
-      // fences its own writes, the barrier publishes them to the other warpgroup.
-      cutlass::arch::fence_view_async_shared();
+      softmax_to_p(first_page, p_tile<kFp8>(smem, stage_of(seq)));
+      p_ready(stage_of(seq), first_page);
       __syncthreads();
-      // The split's last QK^T has read Q: the next split's Q loads now, under this P V and the epilogue.
-      if (tid == 0 && page + 1 == page_end && g + 1 < last) load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
+      // O is cleared only now: the first page's QK^T and softmax run without its 128 registers live.
+      clear(acc_o);
+      // Every page but the split's last: the next page's QK^T is issued first, O's rescale runs under it (its
+      // HGMMAs write acc_s only), then this page's P V; groups complete in order, so once all but the newest
+      // (P V) are done the next page's scores are, and its softmax runs while P V does.
+      for (int page = first_page; page + 1 < split_end(); ++page) {
+        const int stage = stage_of(seq), next = stage_of(seq + 1);
+        issue_scores(smem.kv.tile[next], smem.full[next], parity_of(seq + 1));
+        rescale_o();
+        issue_pv(smem.kv.tile[stage], p_tile<kFp8>(smem, stage));
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(acc_s);
+        softmax_to_p(page + 1, p_tile<kFp8>(smem, next));
+        p_ready(next, page + 1);
+        release(stage);
+      }
+      // The split's last page. Its QK^T, the split's last, completed in both warpgroups before the barrier
+      // that ended the previous step (or the first page's): Q is free, and the next split's Q loads under
+      // this P V and the epilogue.
+      if (tid == 0 && g + 1 < part_bound(1)) load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
       rescale_o();
-      issue_pv(kv_tile<kFp8>(smem, stage), p_tile<kFp8>(smem, stage));
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_o);
-      // Both warpgroups' P V has read the stage (and P) before the next load or conversion overwrites it,
-      // and the partial maxima before the next softmax writes them.
-      __syncthreads();
+      issue_pv(smem.kv.tile[stage_of(seq)], p_tile<kFp8>(smem, stage_of(seq)));
+      release(stage_of(seq));
     }
     // This CTA's last split: the combine may start launching (it waits for the whole grid before reading).
-    if (g + 1 == last) allow_dependent_launch();
+    if (g + 1 == part_bound(1)) allow_dependent_launch();
 
+    // The request, and this thread's rows (through tid_out), are derived again here rather than held in
+    // registers through the page loop.
+    const int request = p.splits[opaque_index(g) * kSplitFields];
+    const bool unsplit = !needs_combine(p.split_offsets, request);
+    const int tid_out = opaque_index(tid_wg);
     // Epilogue: each row's sum is the two warpgroups' sums, met in shared memory (the partial maxima there
     // were last read before the barrier that ended the page loop). A row that saw no key (an empty
     // request, or a causal row before its first key) gets out 0 and lse +inf; a split's partial lse stays
@@ -520,7 +606,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float inv[2];
     CUTE_UNROLL
     for (int slot = 0; slot < 2; ++slot) {
-      const int local = first_row(tid_wg) + slot * 8, row = row_base + local;
+      const int local = first_row(tid_out) + slot * 8, row = row_base + local;
       const float l = smem.row_part[0][local] + smem.row_part[1][local];
       inv[slot] = l > 0.0f ? kv_scale / l : 0.0f;
       if (wg == 0 && tid_wg % 4 == 0 && row < rows) {
@@ -535,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); i += 2) {
-      const int local = first_row(tid_wg) + 8 * row_slot(i), row = row_base + local;
+      const int local = first_row(tid_out) + 8 * row_slot(i), row = row_base + local;
       if (row >= rows) continue;
       const int col = wg * kVHalf + get<1>(tOcO(i));
       const float v0 = acc_o(i) * inv[row_slot(i)], v1 = acc_o(i + 1) * inv[row_slot(i)];
@@ -549,7 +635,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     // The next split's first page writes its partial maxima over these sums.
     __syncthreads();
-    if (g + 1 < last) job = first_page_of(p, g + 1);
   }
 }
 

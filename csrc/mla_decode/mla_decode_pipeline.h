@@ -4,8 +4,7 @@
 // Pages are numbered by `seq`, their position among all pages of the CTA's part, across split boundaries.
 // Page seq lives in stage seq % 2; each stage has one mbarrier per 64-column box (bf16; one for the raw
 // e4m3 page), and the load of page seq is the (seq / 2)-th completion of its stage's barriers, so its
-// consumers wait for parity (seq / 2) & 1. Page seq + 1 is loaded when the step of page seq begins: its
-// stage was last read by page seq - 1's P V, which the barrier ending that step closed.
+// consumers wait for parity (seq / 2) & 1.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +22,11 @@ constexpr int kStepsPerBox = kBoxCols / kMmaK;   // QK^T k-steps that read one b
 constexpr int kPBox = kColTiles - 1;
 static_assert(kPBox * kBoxCols == kHeadDimV, "the last box is the RoPE part, which P V does not read");
 static_assert(kRowsPerTile * kPageSize * 2 == kBoxBytes, "P has the size and 128-byte-swizzled shape of a box");
+
+// How far ahead of the page being consumed loads run. bf16: one step runs P V of page seq while the next
+// page's QK^T and softmax run, so both stages are read and page seq + 2 loads when the step ends. FP8: one
+// page is converted and consumed at a time, so page seq + 1 loads when the step of page seq begins.
+__host__ __device__ constexpr int load_distance(bool fp8) { return fp8 ? 1 : kStages; }
 
 __host__ __device__ inline int stage_of(int seq) { return seq % kStages; }
 __host__ __device__ inline uint32_t parity_of(int seq) { return static_cast<uint32_t>(seq / kStages) & 1u; }
