@@ -449,8 +449,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("fp8"),
       "The split kernel's shared-memory plan: {region: (byte offset, bytes)}, and 'launch': (0, bytes requested)");
-  m.def("mla_load_distance", &pykernels::mla_load_distance, py::arg("fp8"),
-        "Pages ahead of the consumed one that the split kernel loads: 2 (bf16, overlapped schedule), 1 (e4m3)");
+  m.def("mla_load_distance", &pykernels::mla_load_distance,
+        "Pages ahead of the consumed one whose loads the split kernel has issued (a step reads both stages)");
   m.def("mla_page_stage", &pykernels::mla_page_stage, py::arg("seq"),
         "(stage, barrier parity) of a part's page seq in the split kernel's two-stage pipeline");
   m.def("mla_combined_requests", &pykernels::mla_combined_requests, py::arg("split_offsets"),

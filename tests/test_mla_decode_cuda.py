@@ -123,19 +123,23 @@ BOX_BYTES = 64 * 64 * 2
 @pytest.mark.parametrize("fp8,expected", [(False, 223232), (True, 231424)])
 def test_shared_plan_fits_and_p_overlays_only_the_rope_box(fp8, expected):
     """The split kernel's shared memory, from the compiled SharedStorage: the launch (struct + 1 KB to align
-    the base) fits 227 KB; no two regions overlap, except that with a bf16 cache P of stage s is the last 8 KB
-    (the RoPE box, columns 512..575) of tile s, so P V's V (the first 64 KB) never reads it; every swizzled
-    operand starts on a 1024-byte boundary (the 128-byte swizzle is a function of address bits 4..9)."""
+    the base) fits 227 KB; two bf16 tiles either way; no two regions overlap, except that with a bf16 cache
+    P of stage s is the last 8 KB (the RoPE box, columns 512..575) of tile s, so P V's V (the first 64 KB)
+    never reads it, and with an e4m3 cache page s's raw bytes land in the back half of tile s (converted in
+    place); every swizzled operand starts on a 1024-byte boundary (the 128-byte swizzle is a function of
+    address bits 4..9)."""
     plan = _extension().mla_shared_plan(fp8)
     launch = plan.pop("launch")[1]
     assert launch == expected <= SMEM_PER_CTA
     tiles = sorted(k for k in plan if k.startswith("tile"))
-    assert len(tiles) == (1 if fp8 else 2) and plan["q"][1] == plan[tiles[0]][1] == 64 * 576 * 2
+    assert len(tiles) == 2 and plan["q"][1] == plan["tile0"][1] == plan["tile1"][1] == 64 * 576 * 2
     for name in ["q", "p0", "p1", *tiles]:
         assert plan[name][0] % 1024 == 0, name
     if fp8:
         assert plan["p0"] == plan["p1"] and plan["p0"][1] == BOX_BYTES
-        assert plan["raw0"][1] == plan["raw1"][1] == 64 * 576
+        for s in range(2):
+            offset, size = plan[f"tile{s}"]
+            assert plan[f"raw{s}"] == (offset + size // 2, size // 2) == (offset + 64 * 576, 64 * 576)
         assert plan["full"][1] == 2 * 8
     else:
         for s in range(2):
@@ -144,7 +148,7 @@ def test_shared_plan_fits_and_p_overlays_only_the_rope_box(fp8, expected):
             assert size - BOX_BYTES == 512 * 64 * 2  # V's columns end where P begins
         assert plan["full"][1] == 2 * 9 * 8  # one barrier per box and stage
     regions = sorted((offset, offset + size, name) for name, (offset, size) in plan.items()
-                     if not (not fp8 and name.startswith("p")) and not (fp8 and name == "p1"))
+                     if not (not fp8 and name.startswith("p")) and not (fp8 and name in ("p1", "raw0", "raw1")))
     for (_, end, a), (start, _, b) in zip(regions, regions[1:]):
         assert end <= start, (a, b)
     assert regions[-1][1] + 1024 <= launch
@@ -202,37 +206,36 @@ class _Stages:
         assert self.loaded == list(range(self.part_pages)) and self.released == set(range(self.part_pages))
 
 
-def _simulate_pipeline(ext, split_pages, fp8):
-    """Runs the split kernel's page loop for one part in the kernel's order (bf16: the overlapped schedule,
-    the next page's QK^T and softmax inside the step of this page's P V; e4m3: one page at a time), with
-    stages, parities and load distances from the binding."""
+def _simulate_pipeline(ext, split_pages, fp8, ahead=None):
+    """Runs the split kernel's page loop for one part in the kernel's order (bf16: the next page's QK^T and
+    softmax inside the step of this page's P V; e4m3: the next page converted in place inside that step),
+    with stages, parities and the load distance from the binding."""
     part_pages = sum(split_pages)
-    ahead = ext.mla_load_distance(fp8)
-    assert ahead == (1 if fp8 else 2)
+    ahead = ext.mla_load_distance() if ahead is None else ahead
     st = _Stages(ext, part_pages)
-    for seq in range(min(max(ahead, 1), part_pages)):
+    for seq in range(min(ahead, part_pages)):
         st.load(seq)
+    if fp8:
+        st.qk(0)  # the wait before the first page's conversion; its QK^T then reads the converted tile
     seq = 0
     for pages in split_pages:
-        if fp8:
-            for _ in range(pages):
-                if seq + ahead < part_pages:
-                    st.load(seq + ahead)
-                st.qk(seq)
-                st.write_p(seq)
-                st.pv(seq)
-                st.release(seq)
-                seq += 1
-            continue
-        st.qk(seq)
-        st.write_p(seq)
+        if not fp8:
+            st.qk(seq)
+            st.write_p(seq)
         for index in range(pages):
-            if index + 1 < pages:
-                st.qk(seq + 1)          # issued before this page's P V ...
-                assert st.holds(seq) != st.holds(seq + 1)
-            st.pv(seq)                  # ... which reads the other stage
-            if index + 1 < pages:
-                st.write_p(seq + 1)     # while P V runs
+            if fp8:
+                st.write_p(seq)             # QK^T of the converted page, softmax, P
+                st.pv(seq)
+                if seq + 1 < part_pages:    # the next page (this split's or the next one's) converts meanwhile
+                    st.qk(seq + 1)
+                    assert st.holds(seq) != st.holds(seq + 1)
+            else:
+                if index + 1 < pages:
+                    st.qk(seq + 1)          # issued before this page's P V ...
+                    assert st.holds(seq) != st.holds(seq + 1)
+                st.pv(seq)                  # ... which reads the other stage
+                if index + 1 < pages:
+                    st.write_p(seq + 1)     # while P V runs
             st.release(seq)
             if seq + ahead < part_pages:
                 st.load(seq + ahead)
@@ -246,17 +249,12 @@ def test_page_pipeline_protocol(split_pages, fp8):
     _simulate_pipeline(_extension(), split_pages, fp8)
 
 
-def test_page_pipeline_simulation_catches_an_early_load():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_page_pipeline_simulation_catches_an_early_load(fp8):
     """The simulation is a check: loading three pages ahead into two stages is refused."""
-    class ThreeAhead:
-        def __getattr__(self, name):
-            return getattr(_extension(), name)
-
-        def mla_load_distance(self, fp8):
-            return 3
-
-    with pytest.raises(AssertionError):
-        _simulate_pipeline(ThreeAhead(), [4], fp8=False)
+    assert _extension().mla_load_distance() == 2
+    with pytest.raises(AssertionError, match="before its release"):
+        _simulate_pipeline(_extension(), [4], fp8, ahead=3)
 
 
 def test_page_stage_parity_sequence():
@@ -436,9 +434,10 @@ def test_gpu_empty_requests(fp8):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_every_pages_per_split_count(fp8):
     """Requests of 1..9 pages (full and partial last pages) under plans of 1, 3 and 7 parts, so that parts run
-    splits of every length from one page up, in sequence: the bf16 kernel's step overlaps a page's P V with
-    the next page's QK^T and softmax within a split, loads two pages ahead across split boundaries, and
-    writes P over the RoPE box of the next page's stage; a wrong stage, parity or release order shows here."""
+    splits of every length from one page up, in sequence. The bf16 kernel's step overlaps a page's P V with
+    the next page's QK^T and softmax within a split and writes P over the RoPE box of the next page's stage;
+    the e4m3 kernel converts the next page (possibly the next split's first) in place under P V; both load
+    two pages ahead across split boundaries: a wrong stage, parity or release order shows here."""
     lengths = [64 * k + (0 if k % 2 else 37) for k in range(1, 10)] + [1, 64]
     q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, 2, 32, fp8=fp8, q_scale=2.0, seed=53)
     want = float64_attention(q, dense, True, 576 ** -0.5)

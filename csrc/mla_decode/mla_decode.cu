@@ -169,7 +169,7 @@ std::vector<MlaSharedRegion> shared_plan() {
   }
   if constexpr (kFp8) {
     for (int s = 0; s < mla::kStages; ++s) {
-      plan.push_back({"raw" + std::to_string(s), at(storage.kv.raw[s]), sizeof(storage.kv.raw[s])});
+      plan.push_back({"raw" + std::to_string(s), at(mla::raw_of(storage, s)), mla::kPageBytesFp8});
     }
   }
   for (int s = 0; s < mla::kStages; ++s) {
@@ -185,7 +185,7 @@ std::vector<MlaSharedRegion> shared_plan() {
 
 std::vector<MlaSharedRegion> mla_shared_plan(bool fp8) { return fp8 ? shared_plan<true>() : shared_plan<false>(); }
 
-int mla_load_distance(bool fp8) { return mla::load_distance(fp8); }
+int mla_load_distance() { return mla::kLoadDistance; }
 
 std::pair<int, int> mla_page_stage(int seq) {
   if (seq < 0) throw_value_error("seq", "an int >= 0", std::to_string(seq));

@@ -5,10 +5,10 @@
 // the schedule (mla_decode_plan.h). 256 threads, two warpgroups:
 //   - thread 0 issues the copies: a page is 9 TMA boxes of 64 tokens x 64 columns (bf16 cache, 128-byte
 //     swizzle, the layout the GMMA descriptors read), each on its own transaction barrier so that QK^T's
-//     first k-steps run while later boxes land, or one bulk copy of its 36 KB (e4m3 cache, converted by all
-//     threads) on one barrier, with an evict-first L2 hint (each page is read once per query tile); pages
-//     load ahead of the one being consumed (bf16: two, FP8: one; stages, barrier parities and load
-//     distances from mla_decode_pipeline.h). Q arrives the same way (9 boxes of a 3-D map, rows past the
+//     first k-steps run while later boxes land, or one bulk copy of its 36 KB into the back half of its
+//     stage's tile (e4m3 cache, converted in place by all threads) on one barrier, with an evict-first L2
+//     hint (each page is read once per query tile); the two pages after the one being consumed are loaded
+//     or in flight (stages, barrier parities and the load distance from mla_decode_pipeline.h). Q arrives the same way (9 boxes of a 3-D map, rows past the
 //     request's end zero-filled) and the next split's Q is issued as soon as the last QK^T of a split has
 //     read the current one, so it lands under the epilogue;
 //   - each warpgroup computes half the scores, S[:, 32 w .. 32 w + 31] = Q K_w^T (64x32, K = 576: 36 HGMMA
@@ -43,15 +43,21 @@
 //     the next page's load ran under a whole step). Whether that costs memory-bound shapes anything is a
 //     GPU measurement.
 // Registers are at the limit (255, no spill): values used once per split or per page are recomputed where
-// they are used (opaque_index) rather than held through the page loop. With an FP8 cache the page is
-// converted, then consumed, one at a time, as before.
+// they are used (opaque_index) rather than held through the page loop.
 // Rows of a page past the request's end may hold anything (NaN in unused slots): their scores are masked
 // by a select, and their V columns are zeroed in shared memory before P V, since 0 * NaN is NaN. Only a
 // request's last page (or an empty request's unloaded page) needs it; the zeroing runs after both
 // warpgroups' QK^T, under the fence and barrier that publish P, so it costs no barrier of its own.
-// An FP8 cache is converted once per page to a bf16 tile (exactly: every e4m3 value is a bf16 value);
-// kv_scale multiplies the scores and the output instead. Its two raw stages, the bf16 tile and P take
-// 231,424 of the 232,448 B; converting page seq + 1 under page seq's MMAs would need a second bf16 tile.
+// An FP8 cache is converted once per page to bf16 (exactly: every e4m3 value is a bf16 value); kv_scale
+// multiplies the scores and the output instead. Schedule (FP8 cache): a step runs QK^T, the softmax and P V
+// of page seq serially, and converts page seq + 1 while that P V runs: its raw bytes landed in the back half
+// of the other stage's tile (freed by the previous step's closing barrier), and each thread holds its 18
+// chunks (36 registers) across a CTA barrier before writing the whole tile, so the conversion is in place
+// and two bf16 tiles, Q and P fit (231,424 of 232,448 B). Static figures per page, by formula: the
+// conversion is 4608 16-byte chunks, about 30 instructions each, 2 warps per SM sub-partition issuing one
+// per clock: about 1080 clocks, against P V's 1024. Before, it ran between the page's landing and its QK^T
+// with the tensor cores idle, so per page pair they waited for 2 x (conversion + softmax + rescale +
+// 3 CTA barriers); after, for 2 x (softmax + rescale + 3 CTA barriers + what the conversion exceeds P V by).
 //
 // Why CuTe's atoms rather than hand-packed wgmma descriptors: the descriptor bits (swizzle mode, leading and
 // stride byte offsets, base offset) must agree with the shared-memory layout the loads write, and the
@@ -107,8 +113,8 @@ using MmaS = decltype(make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K
 using MmaO = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{}));
 
 // Shared memory. bf16 cache: two bf16 stages, each with one barrier per box, P written over the RoPE box of
-// its page's stage (mla_decode_pipeline.h). FP8 cache: two raw e4m3 stages, the bf16 tile they are converted
-// into, and P. With Q (72 KB) and the 1 KB the launch adds to align the base (the 128-byte swizzle of TMA and
+// its page's stage (mla_decode_pipeline.h). FP8 cache: two bf16 stages, each page's raw e4m3 bytes landing
+// in the back half of its stage's tile and converted in place, and P. With Q (72 KB) and the 1 KB the launch adds to align the base (the 128-byte swizzle of TMA and
 // of the GMMA descriptors is a function of address bits 4..9), bf16 takes 223,232 B and FP8 231,424 B of the
 // 232,448 a CTA may use (mla_shared_plan checks both on the host).
 // The page a cursor points at: split g of this CTA's part, page `page` of its request.
@@ -126,8 +132,8 @@ struct KvStages<false> {
 template <>
 struct KvStages<true> {
   static constexpr int kBarriers = 1;
-  alignas(1024) bf16 tile[1][kTileElems];
-  alignas(128) uint8_t raw[kStages][kTileElems];
+  // A page's raw e4m3 bytes land in the back half of its stage's tile and are converted in place.
+  alignas(1024) bf16 tile[kStages][kTileElems];
   alignas(1024) bf16 p[kRowsPerTile * kPageSize];
 };
 
@@ -140,9 +146,10 @@ struct SharedStorage {
   // full[s][b]: box b of stage s holds its page (bf16), or stage s holds its raw page (FP8, b = 0).
   alignas(8) uint64_t full[kStages][KvStages<kFp8>::kBarriers];
   uint64_t q_full;                // the current split's Q has landed
-  // Thread 0's load cursor, kept out of registers: the last page whose load was issued, and the part's pages.
+  // Thread 0's load cursor, kept out of registers: the last page whose load was issued.
   PageJob ahead;
-  int part_pages;
+  int part_pages;          // pages of the CTA's part (written by thread 0 before a CTA barrier)
+  int valid[kStages];      // FP8: valid tokens of the page loaded into stage s (written before its arrival)
 };
 
 // Dynamic shared memory a launch requests: the kernel rounds the base up to 1024 bytes.
@@ -180,6 +187,8 @@ __device__ inline void bulk_copy_g2s(void* smem, const void* gmem, uint32_t byte
       : "memory");
 }
 
+__host__ __device__ inline uint8_t* raw_of(SharedStorage<true>& smem, int stage);
+
 // Thread 0: issues the copies of one page into `stage`, each completing its barrier (a bf16 box its own, so
 // QK^T starts on the first box while the others land). An empty request's planned page loads nothing (and
 // reads no block_table entry): each barrier completes on the arrival alone.
@@ -187,7 +196,10 @@ template <bool kFp8>
 __device__ inline void load_page(const CUtensorMap* tma_kv, const Params& p, SharedStorage<kFp8>& smem, int stage,
                                  const PageJob& job) {
   uint64_t* bars = smem.full[stage];
-  if (valid_tokens_of(p.seqlens[job.request], job.page) == 0) {
+  const int valid = valid_tokens_of(p.seqlens[job.request], job.page);
+  // The consumers read it once the barrier completes: the arrival releases this write, their wait acquires.
+  if constexpr (kFp8) smem.valid[stage] = valid;
+  if (valid == 0) {
     CUTE_UNROLL
     for (int b = 0; b < KvStages<kFp8>::kBarriers; ++b) cutlass::arch::ClusterBarrier::arrive(&bars[b]);
     return;
@@ -196,7 +208,7 @@ __device__ inline void load_page(const CUtensorMap* tma_kv, const Params& p, Sha
   if constexpr (kFp8) {
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bars[0], kPageBytesFp8);
     const uint8_t* src = static_cast<const uint8_t*>(p.kv) + static_cast<int64_t>(block_id) * kPageBytesFp8;
-    bulk_copy_g2s(smem.kv.raw[stage], src, kPageBytesFp8, &bars[0], kEvictFirst);
+    bulk_copy_g2s(raw_of(smem, stage), src, kPageBytesFp8, &bars[0], kEvictFirst);
   } else {
     CUTE_UNROLL
     for (int t = 0; t < kColTiles; ++t) {
@@ -233,22 +245,53 @@ __device__ inline void zero_tail(bf16* tile, int valid) {
   }
 }
 
-// Converts a landed raw e4m3 page to the bf16 tile (exact) in K's swizzled layout; tokens valid..63 become 0.
-__device__ inline void convert_page(SharedStorage<true>& smem, int stage, int valid) {
-  Tensor sK = make_tensor(make_smem_ptr(smem.kv.tile[0]), LayoutK{});
-  const uint8_t* raw = smem.kv.raw[stage];
+// `i`, through an instruction the compiler may not move or fold: values derived from it are recomputed where
+// they are used instead of being held in registers across a loop.
+__device__ inline int opaque_index(int i) {
+  int out;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(out) : "r"(i));
+  return out;
+}
+
+// Where a page's raw e4m3 bytes land (FP8): the back half of its stage's tile, which the page's bf16 form
+// then overwrites.
+__host__ __device__ inline uint8_t* raw_of(SharedStorage<true>& smem, int stage) {
+  return reinterpret_cast<uint8_t*>(smem.kv.tile[stage]) + kPageBytesFp8;
+}
+
+// Converts the raw e4m3 page landed in stage `stage` into that stage's whole tile as bf16 (exact) in K's
+// swizzled layout; tokens valid..63 become 0. In place: every thread first loads its 18 raw 8-byte chunks
+// into registers, and the CTA barrier between the reads and the writes keeps any write off raw bytes another
+// thread has yet to read. Called by all threads.
+__device__ inline void convert_in_place(SharedStorage<true>& smem, int stage) {
   constexpr int kChunksPerRow = kHeadDimK / 8;
-#pragma unroll 1
-  for (int c = threadIdx.x; c < kPageSize * kChunksPerRow; c += kThreads) {
-    const int token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+  constexpr int kChunksPerThread = kPageSize * kChunksPerRow / kThreads;
+  static_assert(kPageSize * kChunksPerRow % kThreads == 0, "the page's chunks split evenly over the threads");
+  static_assert(2 * kPageBytesFp8 == kTileElems * sizeof(bf16), "the raw page is the tile's back half");
+  const uint8_t* raw = raw_of(smem, stage);
+  const int valid = smem.valid[stage];
+  // Addresses derive from an index the compiler cannot hoist, so that across the barrier only the raw bytes
+  // stay in registers, not 36 addresses.
+  const int reader = opaque_index(threadIdx.x);
+  uint2 bytes[kChunksPerThread];
+  CUTE_UNROLL
+  for (int j = 0; j < kChunksPerThread; ++j) {
+    const int c = reader + j * kThreads, token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    bytes[j] = *reinterpret_cast<const uint2*>(raw + token * kHeadDimK + col);
+  }
+  __syncthreads();
+  const int writer = opaque_index(threadIdx.x);
+  Tensor sK = make_tensor(make_smem_ptr(smem.kv.tile[stage]), LayoutK{});
+  CUTE_UNROLL
+  for (int j = 0; j < kChunksPerThread; ++j) {
+    const int c = writer + j * kThreads, token = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     uint4 packed = make_uint4(0, 0, 0, 0);
     if (token < valid) {
-      const uint2 bytes = *reinterpret_cast<const uint2*>(raw + token * kHeadDimK + col);
-      const uint32_t words[2] = {bytes.x, bytes.y};
+      const uint32_t words[2] = {bytes[j].x, bytes[j].y};
       alignas(16) __nv_bfloat162 vals[4];
-#pragma unroll
+      CUTE_UNROLL
       for (int w = 0; w < 2; ++w) {
-#pragma unroll
+        CUTE_UNROLL
         for (int h = 0; h < 2; ++h) {
           const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * h));
           const __half2_raw halves = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
@@ -257,6 +300,7 @@ __device__ inline void convert_page(SharedStorage<true>& smem, int stage, int va
       }
       packed = *reinterpret_cast<const uint4*>(vals);
     }
+    // 8 consecutive bf16 stay contiguous under the 128-byte swizzle (it permutes 16-byte chunks).
     *reinterpret_cast<uint4*>(&sK(token, col)) = packed;
   }
 }
@@ -288,14 +332,6 @@ __device__ inline PageJob next_page_of(const Params& p, const PageJob& job) {
 __host__ __device__ constexpr int row_slot(int i) { return (i >> 1) & 1; }
 __host__ __device__ constexpr int first_row(int thread_in_warpgroup) {
   return (thread_in_warpgroup / 32) * 16 + (thread_in_warpgroup % 32) / 4;
-}
-
-// `i`, through an instruction the compiler may not move or fold: values derived from it are recomputed where
-// they are used instead of being held in registers across a loop.
-__device__ inline int opaque_index(int i) {
-  int out;
-  asm volatile("mov.b32 %0, %1;\n" : "=r"(out) : "r"(i));
-  return out;
 }
 
 __device__ inline float quad_max(float v) {
@@ -365,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // S[:, this warpgroup's 32 tokens] = Q K^T of the page in `tile`, one commit group per box. bf16: each box is
   // waited for on its own barrier (completion `parity`) just before the 4 k-steps that read it, so the first
-  // HGMMAs run while later boxes land. FP8: the converted tile is complete when this is called.
+  // HGMMAs run while later boxes land. FP8: the converted tile was published before this is called.
   auto issue_scores = [&](const bf16* tile, uint64_t* box_full, uint32_t parity) {
     Tensor sK = make_tensor(make_smem_ptr(tile), LayoutK{});
     // This warpgroup's 32 tokens: 4 whole 8-row swizzle atoms, so the sub-tile keeps the atom layout the
@@ -408,11 +444,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     smem.ahead = first_page_of(p, first);
     load_q(&tma_q, smem, smem.ahead.request);
     load_page<kFp8>(&tma_kv, p, smem, stage_of(0), smem.ahead);
-    // The first load_distance pages: both stages are free (bf16), or the first raw stage (FP8).
-    for (int seq_ahead = 1; seq_ahead < load_distance(kFp8) && seq_ahead < smem.part_pages; ++seq_ahead) {
+    // Both stages are free: the part's first kLoadDistance pages load now.
+    for (int seq_ahead = 1; seq_ahead < kLoadDistance && seq_ahead < smem.part_pages; ++seq_ahead) {
       smem.ahead = next_page_of(p, smem.ahead);
       load_page<kFp8>(&tma_kv, p, smem, stage_of(seq_ahead), smem.ahead);
     }
+  }
+  // Publishes smem.part_pages to every thread.
+  __syncthreads();
+  if constexpr (kFp8) {
+    // The part's first page is converted here; each step converts the one after its own.
+    cutlass::arch::ClusterBarrier::wait(&smem.full[0][0], parity_of(0));
+    convert_in_place(smem, 0);
+    // Converted tiles are generic-proxy writes that wgmma reads: fenced by each writer, then published by
+    // a CTA barrier.
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
   }
 
   // The part's and the split's bounds are read where they are used, through an index the compiler cannot
@@ -494,26 +541,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::ClusterBarrier::wait(&smem.q_full, static_cast<uint32_t>(g - part_bound(0)) & 1u);
 
     if constexpr (kFp8) {
-      // FP8: one page at a time. The raw page lands, is converted into the one bf16 tile (tokens past the
-      // request's end as zeros), then QK^T, the softmax and P V run on it in turn while the next raw page is
-      // in flight.
+      // FP8: page seq was converted into its stage's tile during the previous step (or before the first);
+      // this step runs its QK^T, softmax and P V, and converts page seq + 1 (landed in the other stage's
+      // back half) while that P V runs.
       const int page_end = split_end();
-      const int seqlen = split_seqlen();
       clear(acc_o);
       for (int page = first_page; page < page_end; ++page, ++seq) {
-        const int stage = stage_of(seq);
-        // The next page of this part (possibly the next split's first) loads into the other raw stage: its
-        // previous page was converted before the barrier that ended the last step.
-        if (tid == 0 && seq + load_distance(kFp8) < smem.part_pages) {
-          smem.ahead = next_page_of(p, smem.ahead);
-          load_page<kFp8>(&tma_kv, p, smem, stage_of(seq + load_distance(kFp8)), smem.ahead);
-        }
-        cutlass::arch::ClusterBarrier::wait(&smem.full[stage][0], parity_of(seq));
-        // The conversion is a generic-proxy write that wgmma reads: fenced, then published by the barrier.
-        convert_page(smem, stage, valid_tokens_of(seqlen, page));
-        cutlass::arch::fence_view_async_shared();
-        __syncthreads();
-        issue_scores(smem.kv.tile[0], smem.full[stage], parity_of(seq));
+        const int stage = stage_of(seq), next = stage_of(seq + 1);
+        issue_scores(smem.kv.tile[stage], smem.full[stage], parity_of(seq));
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_s);
         softmax_to_p(page, smem.kv.p);
@@ -525,11 +560,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           load_q(&tma_q, smem, p.splits[(g + 1) * kSplitFields]);
         }
         rescale_o();
-        issue_pv(smem.kv.tile[0], smem.kv.p);
+        issue_pv(smem.kv.tile[stage], smem.kv.p);
+        if (seq + 1 < smem.part_pages) {
+          // The other stage was freed by the barrier that ended the previous step, before its load was
+          // issued; the conversion touches neither this stage nor P, which P V reads.
+          cutlass::arch::ClusterBarrier::wait(&smem.full[next][0], parity_of(seq + 1));
+          convert_in_place(smem, next);
+          cutlass::arch::fence_view_async_shared();
+        }
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
-        // Both warpgroups' P V has read the tile and P before the next conversion and softmax write them.
+        // After this barrier both warpgroups' P V has read this stage and P, and the next page's converted
+        // tile is published; page seq + 2 loads into this stage.
         __syncthreads();
+        if (tid == 0 && seq + kLoadDistance < smem.part_pages) {
+          smem.ahead = next_page_of(p, smem.ahead);
+          load_page<kFp8>(&tma_kv, p, smem, stage, smem.ahead);
+        }
       }
     } else {
       // bf16, the overlapped schedule (file comment). The split's first page: its QK^T, then its P.
@@ -550,7 +597,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
         __syncthreads();
-        if (tid == 0 && seq + load_distance(kFp8) < smem.part_pages) {
+        if (tid == 0 && seq + kLoadDistance < smem.part_pages) {
           smem.ahead = next_page_of(p, smem.ahead);
           load_page<kFp8>(&tma_kv, p, smem, stage, smem.ahead);
         }

@@ -36,8 +36,8 @@ std::vector<MlaSharedRegion> mla_shared_plan(bool fp8);
 // The stage page `seq` of a part lands in and the parity of the barrier completion its consumers wait for
 // (mla_decode_pipeline.h).
 std::pair<int, int> mla_page_stage(int seq);
-// How many pages ahead of the one being consumed the split kernel's loads run (2 bf16, 1 e4m3).
-int mla_load_distance(bool fp8);
+// How many pages ahead of the one being consumed the split kernel's loads run.
+int mla_load_distance();
 std::vector<bool> mla_combined_requests(const std::vector<int>& split_offsets);
 
 // The split-KV plan on the host (for tests and for callers without a GPU): seqlens -> (part_splits

@@ -23,10 +23,10 @@ constexpr int kPBox = kColTiles - 1;
 static_assert(kPBox * kBoxCols == kHeadDimV, "the last box is the RoPE part, which P V does not read");
 static_assert(kRowsPerTile * kPageSize * 2 == kBoxBytes, "P has the size and 128-byte-swizzled shape of a box");
 
-// How far ahead of the page being consumed loads run. bf16: one step runs P V of page seq while the next
-// page's QK^T and softmax run, so both stages are read and page seq + 2 loads when the step ends. FP8: one
-// page is converted and consumed at a time, so page seq + 1 loads when the step of page seq begins.
-__host__ __device__ constexpr int load_distance(bool fp8) { return fp8 ? 1 : kStages; }
+// How far ahead of the page being consumed loads run: a step reads both stages (bf16: P V of page seq while
+// the next page's QK^T and softmax run; FP8: P V of page seq while page seq + 1 is converted in place in
+// the other stage), so page seq + 2 loads when the step ends.
+constexpr int kLoadDistance = kStages;
 
 __host__ __device__ inline int stage_of(int seq) { return seq % kStages; }
 __host__ __device__ inline uint32_t parity_of(int seq) { return static_cast<uint32_t>(seq / kStages) & 1u; }
