@@ -8,9 +8,9 @@
 //     first k-steps run while later boxes land, or one bulk copy of its 36 KB into the back half of its
 //     stage's tile (e4m3 cache, converted in place by all threads) on one barrier, with an evict-first L2
 //     hint (each page is read once per query tile); the two pages after the one being consumed are loaded
-//     or in flight (stages, barrier parities and the load distance from mla_decode_pipeline.h). Q arrives the same way (9 boxes of a 3-D map, rows past the
-//     request's end zero-filled) and the next split's Q is issued as soon as the last QK^T of a split has
-//     read the current one, so it lands under the epilogue;
+//     or in flight (stages, barrier parities and the load distance from mla_decode_pipeline.h). Q arrives
+//     the same way (9 boxes of a 3-D map, rows past the request's end zero-filled) and the next split's Q is
+//     issued as soon as the last QK^T of a split has read the current one, so it lands under the epilogue;
 //   - each warpgroup computes half the scores, S[:, 32 w .. 32 w + 31] = Q K_w^T (64x32, K = 576: 36 HGMMA
 //     m64n32k16), and the online softmax of that half in registers; the two halves meet once per page
 //     through shared memory (each row's partial maximum), so both warpgroups derive the same running
@@ -114,9 +114,10 @@ using MmaO = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::
 
 // Shared memory. bf16 cache: two bf16 stages, each with one barrier per box, P written over the RoPE box of
 // its page's stage (mla_decode_pipeline.h). FP8 cache: two bf16 stages, each page's raw e4m3 bytes landing
-// in the back half of its stage's tile and converted in place, and P. With Q (72 KB) and the 1 KB the launch adds to align the base (the 128-byte swizzle of TMA and
-// of the GMMA descriptors is a function of address bits 4..9), bf16 takes 223,232 B and FP8 231,424 B of the
-// 232,448 a CTA may use (mla_shared_plan checks both on the host).
+// in the back half of its stage's tile and converted in place, and P. With Q (72 KB) and the 1 KB the launch
+// adds to align the base (the 128-byte swizzle of TMA and of the GMMA descriptors is a function of address
+// bits 4..9), bf16 takes 223,232 B and FP8 231,424 B of the 232,448 a CTA may use (mla_shared_plan checks
+// both on the host).
 // The page a cursor points at: split g of this CTA's part, page `page` of its request.
 struct PageJob {
   int g, page, request;
