@@ -539,6 +539,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[row_slot(i)];
     };
 
+    // q_full completes once per split of the part (one arrival with the tile's bytes), so the split's index
+    // in the part is the completion this waits for; the next load is issued only after this split's last
+    // QK^T, so no completion can be missed.
     cutlass::arch::ClusterBarrier::wait(&smem.q_full, static_cast<uint32_t>(g - part_bound(0)) & 1u);
 
     if constexpr (kFp8) {
