@@ -35,9 +35,13 @@
 //   before (each page serial: QK^T, softmax, rescale, P V): per page pair the tensor cores waited for
 //     2 x (softmax + rescale + 2 CTA barriers) >= 2 x 512 clocks + 4 barriers, against 2 x 2176 clocks of
 //     MMA;
-//   after: the rescale hides under QK^T (256 < 1152 clocks) and the softmax under P V (256 MUFU clocks
-//     plus a barrier < 1024 clocks), so per page pair they wait for 2 x (the step-ending CTA barrier and
-//     the wgmma issue after it), plus, once per split, the first page's softmax;
+//   after: the softmax hides under P V (256 MUFU clocks plus a barrier < 1024 clocks). The rescale's
+//     FMULs sit after the last box's wait in the SASS (ptxas sinks them to P V's issue, their next use,
+//     wherever the source puts them, even between the boxes with operand fences), so they hide under QK^T
+//     (256 < 1152 clocks) only when the page landed before the step; when its boxes land as QK^T consumes
+//     them, only the last box's 4 HGMMAs (128 clocks) run under them. Per page pair the tensor cores wait
+//     for 2 x (the step-ending CTA barrier, the wgmma issue after it and up to 128 clocks of rescale),
+//     plus, once per split, the first page's softmax;
 //   the price: a step reads both stages, so page seq + 2's load is issued when step seq ends and its QK^T
 //     starts with step seq + 1, consuming boxes as they land (a box's latency is exposed where, before,
 //     the next page's load ran under a whole step). Whether that costs memory-bound shapes anything is a
