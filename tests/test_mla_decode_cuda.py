@@ -10,6 +10,7 @@ P is rounded to bfloat16 before P V, 2^-9 relative per weight). lse is float32 m
 
 import math
 import random
+import subprocess
 
 import pytest
 import torch
@@ -262,6 +263,114 @@ def test_page_stage_parity_sequence():
     assert [ext.mla_page_stage(s) for s in range(6)] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0), (1, 0)]
     with pytest.raises(ValueError, match="seq: expected an int >= 0"):
         ext.mla_page_stage(-1)
+
+
+def _shared_memory_order_failures(instructions):
+    """Walks one split kernel's SASS (audit.parse_listing) in address order, which is program order for the
+    page loop (straight-line code, wait retries out of line), against the orderings that keep wgmma's
+    shared-memory operands intact. ptxas orders registers around wgmma (C7510), not shared memory:
+      - no generic shared store (ST, STS) while this warpgroup's QK^T (HGMMA 64x32) may still read: it
+        completes at WARPGROUP.DEPBAR.LE 0, or 1 when a P V batch (HGMMA 64x256) was issued after it;
+      - from that completion to the next CTA barrier at most 2 stores (each thread's two row maxima): P
+        (over the RoPE box QK^T read) follows the barrier, after the other warpgroup's QK^T completed too;
+      - a page refill (UTMALDG.2D, UBLKCP) after the first HGMMA follows a CTA barrier at which no batch was
+        in flight and every store since the step's first HGMMA was fenced (FENCE.VIEW.ASYNC.S), with no
+        HGMMA between (stores between that barrier and the next HGMMA are thread 0's load cursor);
+      - a Q refill (UTMALDG.3D) after the first HGMMA follows a CTA barrier at which no QK^T was in flight."""
+    failures = []
+    scores = pv = pv_after_scores = unfenced = started = in_step = released = q_free = False
+    exchange_stores = None  # stores since a QK^T completed, until the next CTA barrier
+    for address, mnemonic, operands in instructions:
+        base, where = mnemonic.split(".")[0], f"{address:#x} {mnemonic}"
+        if base == "HGMMA":
+            started = in_step = True
+            released = False
+            if ".64x32x" in mnemonic:
+                scores, pv_after_scores, q_free = True, False, False
+            else:
+                pv = pv_after_scores = True
+        elif mnemonic.startswith("WARPGROUP.DEPBAR"):
+            pending = int(operands.rsplit(",", 1)[1], 16)
+            if scores and (pending == 0 or (pending == 1 and pv_after_scores)):
+                scores, exchange_stores = False, 0
+            pv = pv and pending > 0
+        elif base in ("ST", "STS"):
+            if scores:
+                failures.append(f"{where}: shared store while this warpgroup's QK^T may still read")
+            if exchange_stores is not None:
+                exchange_stores += 1
+                if exchange_stores == 3:
+                    failures.append(f"{where}: a third store between QK^T's completion and the CTA barrier")
+            unfenced = unfenced or in_step
+        elif mnemonic.startswith("FENCE.VIEW.ASYNC.S"):
+            unfenced = False
+        elif mnemonic.startswith("BAR.SYNC"):
+            released, q_free, exchange_stores = not (scores or pv or unfenced), not scores, None
+            in_step = in_step and not released
+        elif started and (mnemonic.startswith("UTMALDG.2D") or base == "UBLKCP") and not released:
+            failures.append(f"{where}: page refill without a barrier after wait_group 0 and the proxy fence")
+        elif started and mnemonic.startswith("UTMALDG.3D") and not q_free:
+            failures.append(f"{where}: Q refill while a QK^T may still read Q")
+    return failures
+
+
+def _split_kernel_listings():
+    """{mangled name: parse_listing instructions} of the bf16 and the e4m3 split kernel as built."""
+    from pykernels import audit
+
+    ext = _extension()
+    try:
+        tool = audit.find_cuobjdump()
+    except RuntimeError as why:
+        pytest.skip(str(why))
+    names = ",".join(f"_ZN9pykernels3mla17mla_decode_kernelILb{fp8}EEEv14CUtensorMap_stS2_NS0_6ParamsE"
+                     for fp8 in (0, 1))
+    sass = subprocess.run([tool, "-sass", "-fun", names, ext.__file__], capture_output=True, text=True).stdout
+    kernels = {name: code for name, code in audit.parse_listing(sass).items() if "mla_decode_kernel" in name}
+    assert sorted("mla_decode_kernelILb1E" in name for name in kernels) == [False, True], list(kernels)
+    return kernels
+
+
+def test_split_kernels_sass_keeps_shared_memory_ordered():
+    """Both split kernels as built: every shared-memory overwrite waits for the wgmma that read the bytes
+    and is fenced before wgmma or TMA touch them again (_shared_memory_order_failures)."""
+    for name, instructions in _split_kernel_listings().items():
+        assert sum(m.startswith("UTMALDG.2D") or m.startswith("UBLKCP") for _, m, _ in instructions) >= 2, name
+        assert _shared_memory_order_failures(instructions) == [], name
+
+
+def test_shared_memory_order_check_catches_reordered_steps():
+    """The walk is a check: one bf16 step (QK^T of the next page, P V of this one, wait_group 1, maxima
+    exchange, P, fence, wait_group 0, barrier, refill) passes, and each hazard moved into it fails."""
+    step = ["HGMMA.64x32x16.F32.BF16 R152, gdesc[UR8], R152, gsb0", "WARPGROUP.ARRIVE",
+            "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR48].tnspB, R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+            "@P0 ST.E [R2.64], R5", "@P0 ST.E [R2.64+0x20], R6", "BAR.SYNC.DEFER_BLOCKING 0x0",
+            *[f"ST.E [R{10 + 2 * i}.64], R{40 + i}" for i in range(8)], "MEMBAR.ALL.CTA", "FENCE.VIEW.ASYNC.S",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "BAR.SYNC.DEFER_BLOCKING 0x0", "ST.E.64 [R20.64], R22",
+            "UTMALDG.2D [UR48], [UR10], desc[UR14]", "UTMALDG.3D [UR8], [UR6], desc[UR14]"]
+
+    def walk(lines):
+        from pykernels import audit
+
+        text = "\n".join(["Function : _Zfake"] + [f"  /*{16 * i:04x}*/ {line} ;" for i, line in enumerate(lines)])
+        return _shared_memory_order_failures(audit.parse_listing(text)["_Zfake"])
+
+    assert walk(step) == []
+    early_p = step[:3] + ["ST.E [R10.64], R40"] + step[3:]
+    assert any("while this warpgroup's QK^T may still read" in f for f in walk(early_p))
+    no_wait_for_scores = [line.replace("0x1", "0x2") for line in step]
+    assert any("while this warpgroup's QK^T may still read" in f for f in walk(no_wait_for_scores))
+    exchange, fence = step.index("BAR.SYNC.DEFER_BLOCKING 0x0"), step.index("MEMBAR.ALL.CTA")
+    p_before_exchange = step[:exchange] + step[exchange + 1:fence] + [step[exchange]] + step[fence:]
+    assert any("third store" in f for f in walk(p_before_exchange))
+    unfenced = [line for line in step if "FENCE" not in line]
+    assert any("page refill" in f for f in walk(unfenced))
+    pv_in_flight = [line for line in step if "DEPBAR.LE gsb0, 0x0" not in line]
+    assert any("page refill" in f for f in walk(pv_in_flight))
+    closing = len(step) - 1 - step[::-1].index("BAR.SYNC.DEFER_BLOCKING 0x0")
+    assert any("page refill" in f for f in walk(step[:closing] + step[closing + 1:]))
+    early_q = step[:1] + step[-1:] + step[1:-1]
+    assert any("Q refill" in f for f in walk(early_q))
 
 
 def _host_launch_args(num_parts=1, softmax_scale=0.1):
