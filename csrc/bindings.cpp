@@ -581,6 +581,21 @@ PYBIND11_MODULE(_C, m) {
         "TMA coordinates (column, row, request) of the boxes of one 64-row query tile");
   m.def("mla_valid_tokens", &pykernels::mla_valid_tokens, py::arg("seqlen"), py::arg("page"),
         "Tokens of a page that hold keys (0..64); the CUDA kernel zeroes the rest and loads nothing at 0");
+  m.def(
+      "mla_shared_plan",
+      [](bool fp8) {
+        py::dict plan;
+        for (const auto& region : pykernels::mla_shared_plan(fp8)) {
+          plan[py::str(region.name)] = py::make_tuple(region.offset, region.bytes);
+        }
+        return plan;
+      },
+      py::arg("fp8"),
+      "The split kernel's shared-memory plan: {region: (byte offset, bytes)}, and 'launch': (0, bytes requested)");
+  m.def("mla_load_distance", &pykernels::mla_load_distance,
+        "Pages ahead of the consumed one whose loads the split kernel has issued (a step reads both stages)");
+  m.def("mla_page_stage", &pykernels::mla_page_stage, py::arg("seq"),
+        "(stage, barrier parity) of a part's page seq in the split kernel's two-stage pipeline");
   m.def("mla_combined_requests", &pykernels::mla_combined_requests, py::arg("split_offsets"),
         "Per request, whether the combine kernel merges it (more than one split) or skips it");
   m.def(

@@ -10,6 +10,7 @@ P is rounded to bfloat16 before P V, 2^-9 relative per weight). lse is float32 m
 
 import math
 import random
+import subprocess
 
 import pytest
 import torch
@@ -114,6 +115,262 @@ def test_planner_at_int32_max_matches_python(lengths, num_parts):
     for i, n in enumerate(host):
         mine = [s for s in got[1] if s[0] == i]
         assert mine[0][1] == 0 and mine[-1][2] == -(-n // PAGE_SIZE)
+
+
+SMEM_PER_CTA = 232448  # 227 KB, the most a Hopper CTA may opt into
+BOX_BYTES = 64 * 64 * 2
+
+
+@pytest.mark.parametrize("fp8,expected", [(False, 223232), (True, 231424)])
+def test_shared_plan_fits_and_p_overlays_only_the_rope_box(fp8, expected):
+    """The split kernel's shared memory, from the compiled SharedStorage: the launch (struct + 1 KB to align
+    the base) fits 227 KB; two bf16 tiles either way; no two regions overlap, except that with a bf16 cache
+    P of stage s is the last 8 KB (the RoPE box, columns 512..575) of tile s, so P V's V (the first 64 KB)
+    never reads it, and with an e4m3 cache page s's raw bytes land in the back half of tile s (converted in
+    place); every swizzled operand starts on a 1024-byte boundary (the 128-byte swizzle is a function of
+    address bits 4..9)."""
+    plan = _extension().mla_shared_plan(fp8)
+    launch = plan.pop("launch")[1]
+    assert launch == expected <= SMEM_PER_CTA
+    tiles = sorted(k for k in plan if k.startswith("tile"))
+    assert len(tiles) == 2 and plan["q"][1] == plan["tile0"][1] == plan["tile1"][1] == 64 * 576 * 2
+    for name in ["q", "p0", "p1", *tiles]:
+        assert plan[name][0] % 1024 == 0, name
+    if fp8:
+        assert plan["p0"] == plan["p1"] and plan["p0"][1] == BOX_BYTES
+        for s in range(2):
+            offset, size = plan[f"tile{s}"]
+            assert plan[f"raw{s}"] == (offset + size // 2, size // 2) == (offset + 64 * 576, 64 * 576)
+        assert plan["full"][1] == 2 * 8
+    else:
+        for s in range(2):
+            offset, size = plan[f"tile{s}"]
+            assert plan[f"p{s}"] == (offset + size - BOX_BYTES, BOX_BYTES)
+            assert size - BOX_BYTES == 512 * 64 * 2  # V's columns end where P begins
+        assert plan["full"][1] == 2 * 9 * 8  # one barrier per box and stage
+    regions = sorted((offset, offset + size, name) for name, (offset, size) in plan.items()
+                     if not (not fp8 and name.startswith("p")) and not (fp8 and name in ("p1", "raw0", "raw1")))
+    for (_, end, a), (start, _, b) in zip(regions, regions[1:]):
+        assert end <= start, (a, b)
+    assert regions[-1][1] + 1024 <= launch
+
+
+class _Stages:
+    """Two shared-memory stages with their barriers modelled as phase counters, and every access checked: a
+    TMA load completes its stage's barriers some time after it is issued (here: as late as possible, when a
+    thread first waits for it); try_wait.parity(P) returns once the phase of parity P has completed, and the
+    next phase must not have completed too (the waiter would block, or read the next page)."""
+
+    def __init__(self, ext, part_pages):
+        self.ext, self.part_pages = ext, part_pages
+        self.completions = [0, 0]
+        self.pending = [None, None]    # page whose load is in flight into the stage
+        self.occupant = [None, None]   # page the stage holds (landed or in flight)
+        self.qk_done, self.p_written, self.released, self.loaded = set(), set(), set(), []
+
+    def load(self, seq):
+        stage, _ = self.ext.mla_page_stage(seq)
+        prev = self.occupant[stage]
+        assert prev is None or prev in self.released, f"page {seq} overwrites page {prev} before its release"
+        assert self.pending[stage] is None
+        self.pending[stage], self.occupant[stage] = seq, seq
+        self.loaded.append(seq)
+
+    def holds(self, seq):
+        stage, _ = self.ext.mla_page_stage(seq)
+        assert self.occupant[stage] == seq and seq not in self.released, (seq, self.occupant)
+        return stage
+
+    def qk(self, seq):  # wait for the page's barriers (box by box, or before the conversion), then QK^T
+        stage, parity = self.ext.mla_page_stage(seq)
+        self.holds(seq)
+        if self.pending[stage] is not None:
+            self.pending[stage] = None
+            self.completions[stage] += 1
+        assert (self.completions[stage] - 1) % 2 == parity and self.completions[stage] - 1 == seq // 2, seq
+        self.qk_done.add(seq)
+
+    def write_p(self, seq):  # after the softmax's barrier: both warpgroups' QK^T of the page completed
+        self.holds(seq)
+        assert seq in self.qk_done
+        self.p_written.add(seq)
+
+    def pv(self, seq):
+        self.holds(seq)
+        assert seq in self.p_written
+
+    def release(self, seq):  # the barrier after both warpgroups' P V
+        self.holds(seq)
+        self.released.add(seq)
+
+    def finish(self):
+        assert self.loaded == list(range(self.part_pages)) and self.released == set(range(self.part_pages))
+
+
+def _simulate_pipeline(ext, split_pages, fp8, ahead=None):
+    """Runs the split kernel's page loop for one part in the kernel's order (bf16: the next page's QK^T and
+    softmax inside the step of this page's P V; e4m3: the next page converted in place inside that step),
+    with stages, parities and the load distance from the binding."""
+    part_pages = sum(split_pages)
+    ahead = ext.mla_load_distance() if ahead is None else ahead
+    st = _Stages(ext, part_pages)
+    for seq in range(min(ahead, part_pages)):
+        st.load(seq)
+    if fp8:
+        st.qk(0)  # the wait before the first page's conversion; its QK^T then reads the converted tile
+    seq = 0
+    for pages in split_pages:
+        if not fp8:
+            st.qk(seq)
+            st.write_p(seq)
+        for index in range(pages):
+            if fp8:
+                st.write_p(seq)             # QK^T of the converted page, softmax, P
+                st.pv(seq)
+                if seq + 1 < part_pages:    # the next page (this split's or the next one's) converts meanwhile
+                    st.qk(seq + 1)
+                    assert st.holds(seq) != st.holds(seq + 1)
+            else:
+                if index + 1 < pages:
+                    st.qk(seq + 1)          # issued before this page's P V ...
+                    assert st.holds(seq) != st.holds(seq + 1)
+                st.pv(seq)                  # ... which reads the other stage
+                if index + 1 < pages:
+                    st.write_p(seq + 1)     # while P V runs
+            st.release(seq)
+            if seq + ahead < part_pages:
+                st.load(seq + ahead)
+            seq += 1
+    st.finish()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("split_pages", [[n] for n in range(1, 10)] + [[1, 1], [3, 1, 2], [2, 9, 1, 4], [1] * 7])
+def test_page_pipeline_protocol(split_pages, fp8):
+    _simulate_pipeline(_extension(), split_pages, fp8)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_page_pipeline_simulation_catches_an_early_load(fp8):
+    """The simulation is a check: loading three pages ahead into two stages is refused."""
+    assert _extension().mla_load_distance() == 2
+    with pytest.raises(AssertionError, match="before its release"):
+        _simulate_pipeline(_extension(), [4], fp8, ahead=3)
+
+
+def test_page_stage_parity_sequence():
+    ext = _extension()
+    assert [ext.mla_page_stage(s) for s in range(6)] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0), (1, 0)]
+    with pytest.raises(ValueError, match="seq: expected an int >= 0"):
+        ext.mla_page_stage(-1)
+
+
+def _shared_memory_order_failures(instructions):
+    """Walks one split kernel's SASS (audit.parse_listing) in address order, which is program order for the
+    page loop (straight-line code, wait retries out of line), against the orderings that keep wgmma's
+    shared-memory operands intact. ptxas orders registers around wgmma (C7510), not shared memory:
+      - no generic shared store (ST, STS) while this warpgroup's QK^T (HGMMA 64x32) may still read: it
+        completes at WARPGROUP.DEPBAR.LE 0, or 1 when a P V batch (HGMMA 64x256) was issued after it;
+      - from that completion to the next CTA barrier at most 2 stores (each thread's two row maxima): P
+        (over the RoPE box QK^T read) follows the barrier, after the other warpgroup's QK^T completed too;
+      - a page refill (UTMALDG.2D, UBLKCP) after the first HGMMA follows a CTA barrier at which no batch was
+        in flight and every store since the step's first HGMMA was fenced (FENCE.VIEW.ASYNC.S), with no
+        HGMMA between (stores between that barrier and the next HGMMA are thread 0's load cursor);
+      - a Q refill (UTMALDG.3D) after the first HGMMA follows a CTA barrier at which no QK^T was in flight."""
+    failures = []
+    scores = pv = pv_after_scores = unfenced = started = in_step = released = q_free = False
+    exchange_stores = None  # stores since a QK^T completed, until the next CTA barrier
+    for address, mnemonic, operands in instructions:
+        base, where = mnemonic.split(".")[0], f"{address:#x} {mnemonic}"
+        if base == "HGMMA":
+            started = in_step = True
+            released = False
+            if ".64x32x" in mnemonic:
+                scores, pv_after_scores, q_free = True, False, False
+            else:
+                pv = pv_after_scores = True
+        elif mnemonic.startswith("WARPGROUP.DEPBAR"):
+            pending = int(operands.rsplit(",", 1)[1], 16)
+            if scores and (pending == 0 or (pending == 1 and pv_after_scores)):
+                scores, exchange_stores = False, 0
+            pv = pv and pending > 0
+        elif base in ("ST", "STS"):
+            if scores:
+                failures.append(f"{where}: shared store while this warpgroup's QK^T may still read")
+            if exchange_stores is not None:
+                exchange_stores += 1
+                if exchange_stores == 3:
+                    failures.append(f"{where}: a third store between QK^T's completion and the CTA barrier")
+            unfenced = unfenced or in_step
+        elif mnemonic.startswith("FENCE.VIEW.ASYNC.S"):
+            unfenced = False
+        elif mnemonic.startswith("BAR.SYNC"):
+            released, q_free, exchange_stores = not (scores or pv or unfenced), not scores, None
+            in_step = in_step and not released
+        elif started and (mnemonic.startswith("UTMALDG.2D") or base == "UBLKCP") and not released:
+            failures.append(f"{where}: page refill without a barrier after wait_group 0 and the proxy fence")
+        elif started and mnemonic.startswith("UTMALDG.3D") and not q_free:
+            failures.append(f"{where}: Q refill while a QK^T may still read Q")
+    return failures
+
+
+def _split_kernel_listings():
+    """{mangled name: parse_listing instructions} of the bf16 and the e4m3 split kernel as built."""
+    from pykernels import audit
+
+    ext = _extension()
+    try:
+        tool = audit.find_cuobjdump()
+    except RuntimeError as why:
+        pytest.skip(str(why))
+    names = ",".join(f"_ZN9pykernels3mla17mla_decode_kernelILb{fp8}EEEv14CUtensorMap_stS2_NS0_6ParamsE"
+                     for fp8 in (0, 1))
+    sass = subprocess.run([tool, "-sass", "-fun", names, ext.__file__], capture_output=True, text=True).stdout
+    kernels = {name: code for name, code in audit.parse_listing(sass).items() if "mla_decode_kernel" in name}
+    assert sorted("mla_decode_kernelILb1E" in name for name in kernels) == [False, True], list(kernels)
+    return kernels
+
+
+def test_split_kernels_sass_keeps_shared_memory_ordered():
+    """Both split kernels as built: every shared-memory overwrite waits for the wgmma that read the bytes
+    and is fenced before wgmma or TMA touch them again (_shared_memory_order_failures)."""
+    for name, instructions in _split_kernel_listings().items():
+        assert sum(m.startswith("UTMALDG.2D") or m.startswith("UBLKCP") for _, m, _ in instructions) >= 2, name
+        assert _shared_memory_order_failures(instructions) == [], name
+
+
+def test_shared_memory_order_check_catches_reordered_steps():
+    """The walk is a check: one bf16 step (QK^T of the next page, P V of this one, wait_group 1, maxima
+    exchange, P, fence, wait_group 0, barrier, refill) passes, and each hazard moved into it fails."""
+    step = ["HGMMA.64x32x16.F32.BF16 R152, gdesc[UR8], R152, gsb0", "WARPGROUP.ARRIVE",
+            "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR48].tnspB, R24, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+            "@P0 ST.E [R2.64], R5", "@P0 ST.E [R2.64+0x20], R6", "BAR.SYNC.DEFER_BLOCKING 0x0",
+            *[f"ST.E [R{10 + 2 * i}.64], R{40 + i}" for i in range(8)], "MEMBAR.ALL.CTA", "FENCE.VIEW.ASYNC.S",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "BAR.SYNC.DEFER_BLOCKING 0x0", "ST.E.64 [R20.64], R22",
+            "UTMALDG.2D [UR48], [UR10], desc[UR14]", "UTMALDG.3D [UR8], [UR6], desc[UR14]"]
+
+    def walk(lines):
+        from pykernels import audit
+
+        text = "\n".join(["Function : _Zfake"] + [f"  /*{16 * i:04x}*/ {line} ;" for i, line in enumerate(lines)])
+        return _shared_memory_order_failures(audit.parse_listing(text)["_Zfake"])
+
+    assert walk(step) == []
+    early_p = step[:3] + ["ST.E [R10.64], R40"] + step[3:]
+    assert any("while this warpgroup's QK^T may still read" in f for f in walk(early_p))
+    no_wait_for_scores = [line.replace("0x1", "0x2") for line in step]
+    assert any("while this warpgroup's QK^T may still read" in f for f in walk(no_wait_for_scores))
+    exchange, fence = step.index("BAR.SYNC.DEFER_BLOCKING 0x0"), step.index("MEMBAR.ALL.CTA")
+    p_before_exchange = step[:exchange] + step[exchange + 1:fence] + [step[exchange]] + step[fence:]
+    assert any("third store" in f for f in walk(p_before_exchange))
+    unfenced = [line for line in step if "FENCE" not in line]
+    assert any("page refill" in f for f in walk(unfenced))
+    pv_in_flight = [line for line in step if "DEPBAR.LE gsb0, 0x0" not in line]
+    assert any("page refill" in f for f in walk(pv_in_flight))
+    closing = len(step) - 1 - step[::-1].index("BAR.SYNC.DEFER_BLOCKING 0x0")
+    assert any("page refill" in f for f in walk(step[:closing] + step[closing + 1:]))
+    early_q = step[:1] + step[-1:] + step[1:-1]
+    assert any("Q refill" in f for f in walk(early_q))
 
 
 def _host_launch_args(num_parts=1, softmax_scale=0.1):
@@ -280,6 +537,22 @@ def test_gpu_empty_requests(fp8):
             want_out, want_lse = float64_attention(q, dense, causal, 576 ** -0.5)
             assert_flashmla_close(out, lse, want_out, want_lse)
             assert bool((out[[0, 2, 5]] == 0).all()) and bool((lse[[0, 2, 5]] == math.inf).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_every_pages_per_split_count(fp8):
+    """Requests of 1..9 pages (full and partial last pages) under plans of 1, 3 and 7 parts, so that parts run
+    splits of every length from one page up, in sequence. The bf16 kernel's step overlaps a page's P V with
+    the next page's QK^T and softmax within a split and writes P over the RoPE box of the next page's stage;
+    the e4m3 kernel converts the next page (possibly the next split's first) in place under P V; both load
+    two pages ahead across split boundaries: a wrong stage, parity or release order shows here."""
+    lengths = [64 * k + (0 if k % 2 else 37) for k in range(1, 10)] + [1, 64]
+    q, cache, table, seqlens, kv_scale, dense = make_batch(lengths, 2, 32, fp8=fp8, q_scale=2.0, seed=53)
+    want = float64_attention(q, dense, True, 576 ** -0.5)
+    for num_parts in (1, 3, 7):
+        out, lse, *_ = run_cuda(q, cache, table, seqlens, kv_scale, 576 ** -0.5, True, num_parts)
+        assert_flashmla_close(out, lse, *want)
 
 
 @pytest.mark.gpu

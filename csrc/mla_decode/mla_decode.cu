@@ -44,8 +44,7 @@ void launch_programmatic(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, i
 template <bool kFp8>
 void launch_decode(const CUtensorMap& tma_q, const CUtensorMap& tma_kv, const mla::Params& params, int m_blocks,
                    int num_parts, cudaStream_t stream) {
-  // The kernel rounds the dynamic shared memory base up to 1024 bytes.
-  constexpr int smem_bytes = static_cast<int>(sizeof(mla::SharedStorage<kFp8>)) + 1024;
+  constexpr int smem_bytes = mla::launch_shared_bytes<kFp8>();
   static_assert(smem_bytes <= 232448, "shared memory exceeds the 227 KB a Hopper CTA may use");
   PK_CUDA_CHECK(cudaFuncSetAttribute(mla::mla_decode_kernel<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      smem_bytes));
@@ -109,6 +108,16 @@ bool mla_layouts_consistent() {
       !tma_image(cute::make_tensor(cute::make_smem_ptr(buffer), mla::LayoutQ{}))) {
     return false;
   }
+  // P written over a stage's RoPE box (bf16 cache): P(row, token) must be the byte K(row, 512 + token) of the
+  // box it replaces, so that P's descriptors read exactly that box and nothing of V's 512 columns.
+  const auto tile_k = cute::make_tensor(cute::make_smem_ptr(buffer), mla::LayoutK{});
+  const auto tile_p = cute::make_tensor(cute::make_smem_ptr(buffer + mla::kPBox * mla::kPageSize * mla::kBoxCols),
+                                        mla::LayoutP{});
+  for (int r = 0; r < mla::kRowsPerTile; ++r) {
+    for (int c = 0; c < mla::kPageSize; ++c) {
+      if (&tile_p(r, c) != &tile_k(r, mla::kHeadDimV + c)) return false;
+    }
+  }
   // The softmax and the epilogue address rows as first_row(thread) + 8 * row_slot(value); the (M, N) index
   // is column-major, so column + 1 is index + M.
   auto rows_match = [](auto tv, int m) {
@@ -144,6 +153,44 @@ std::vector<std::array<int, 3>> mla_q_boxes(int request, int row_block) {
 }
 
 int mla_valid_tokens(int seqlen, int page) { return mla::valid_tokens_of(seqlen, page); }
+
+namespace {
+template <bool kFp8>
+std::vector<MlaSharedRegion> shared_plan() {
+  using Storage = mla::SharedStorage<kFp8>;
+  alignas(1024) static Storage storage;
+  const auto at = [&](const void* field) {
+    return static_cast<int64_t>(reinterpret_cast<const char*>(field) - reinterpret_cast<const char*>(&storage));
+  };
+  constexpr int64_t tile_bytes = sizeof(storage.kv.tile[0]);
+  std::vector<MlaSharedRegion> plan{{"q", at(storage.q), sizeof(storage.q)}};
+  for (int s = 0; s < static_cast<int>(sizeof(storage.kv.tile) / tile_bytes); ++s) {
+    plan.push_back({"tile" + std::to_string(s), at(storage.kv.tile[s]), tile_bytes});
+  }
+  if constexpr (kFp8) {
+    for (int s = 0; s < mla::kStages; ++s) {
+      plan.push_back({"raw" + std::to_string(s), at(mla::raw_of(storage, s)), mla::kPageBytesFp8});
+    }
+  }
+  for (int s = 0; s < mla::kStages; ++s) {
+    plan.push_back({"p" + std::to_string(s), at(mla::p_tile<kFp8>(storage, s)), mla::kBoxBytes});
+  }
+  plan.push_back({"row_part", at(storage.row_part), sizeof(storage.row_part)});
+  plan.push_back({"full", at(storage.full), sizeof(storage.full)});
+  plan.push_back({"q_full", at(&storage.q_full), sizeof(storage.q_full)});
+  plan.push_back({"launch", 0, mla::launch_shared_bytes<kFp8>()});
+  return plan;
+}
+}  // namespace
+
+std::vector<MlaSharedRegion> mla_shared_plan(bool fp8) { return fp8 ? shared_plan<true>() : shared_plan<false>(); }
+
+int mla_load_distance() { return mla::kLoadDistance; }
+
+std::pair<int, int> mla_page_stage(int seq) {
+  if (seq < 0) throw_value_error("seq", "an int >= 0", std::to_string(seq));
+  return {mla::stage_of(seq), static_cast<int>(mla::parity_of(seq))};
+}
 
 std::vector<bool> mla_combined_requests(const std::vector<int>& split_offsets) {
   if (split_offsets.size() < 2) {

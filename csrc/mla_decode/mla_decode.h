@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -21,6 +23,21 @@ bool mla_layouts_consistent();
 std::vector<std::pair<int, int>> mla_page_boxes(int block_id);
 std::vector<std::array<int, 3>> mla_q_boxes(int request, int row_block);
 int mla_valid_tokens(int seqlen, int page);
+
+// The split kernel's shared-memory plan for a bf16 (fp8 = false) or e4m3 cache: each region's byte offset
+// and size in the aligned SharedStorage (q, tile<s>, raw<s>, p<s> = where P of the page in stage s is
+// written, row_part, full, q_full), and "launch": the dynamic shared memory requested (offset 0).
+struct MlaSharedRegion {
+  std::string name;
+  int64_t offset, bytes;
+};
+std::vector<MlaSharedRegion> mla_shared_plan(bool fp8);
+
+// The stage page `seq` of a part lands in and the parity of the barrier completion its consumers wait for
+// (mla_decode_pipeline.h).
+std::pair<int, int> mla_page_stage(int seq);
+// How many pages ahead of the one being consumed the split kernel's loads run.
+int mla_load_distance();
 std::vector<bool> mla_combined_requests(const std::vector<int>& split_offsets);
 
 // The split-KV plan on the host (for tests and for callers without a GPU): seqlens -> (part_splits
