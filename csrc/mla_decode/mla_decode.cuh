@@ -548,13 +548,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     // QK^T, so no completion can be missed.
     cutlass::arch::ClusterBarrier::wait(&smem.q_full, static_cast<uint32_t>(g - part_bound(0)) & 1u);
 
+    // Ends the step of page seq: after the barrier, both warpgroups' P V of the page has read its stage (V
+    // and P; with an FP8 cache the next page's converted tile is published too), and page seq + 2 loads into
+    // the freed stage.
+    auto release = [&](int stage) {
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      __syncthreads();
+      if (tid == 0 && seq + kLoadDistance < smem.part_pages) {
+        smem.ahead = next_page_of(p, smem.ahead);
+        load_page<kFp8>(&tma_kv, p, smem, stage, smem.ahead);
+      }
+      ++seq;
+    };
+
     if constexpr (kFp8) {
       // FP8: page seq was converted into its stage's tile during the previous step (or before the first);
       // this step runs its QK^T, softmax and P V, and converts page seq + 1 (landed in the other stage's
       // back half) while that P V runs.
       const int page_end = split_end();
       clear(acc_o);
-      for (int page = first_page; page < page_end; ++page, ++seq) {
+      for (int page = first_page; page < page_end; ++page) {
         const int stage = stage_of(seq), next = stage_of(seq + 1);
         issue_scores(smem.kv.tile[stage], smem.full[stage], parity_of(seq));
         warpgroup_wait<0>();
@@ -576,15 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           convert_in_place(smem, next);
           cutlass::arch::fence_view_async_shared();
         }
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc_o);
-        // After this barrier both warpgroups' P V has read this stage and P, and the next page's converted
-        // tile is published; page seq + 2 loads into this stage.
-        __syncthreads();
-        if (tid == 0 && seq + kLoadDistance < smem.part_pages) {
-          smem.ahead = next_page_of(p, smem.ahead);
-          load_page<kFp8>(&tma_kv, p, smem, stage, smem.ahead);
-        }
+        release(stage);
       }
     } else {
       // bf16, the overlapped schedule (file comment). The split's first page: its QK^T, then its P.
@@ -598,18 +604,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         // stage's next TMA load (async proxy) overwrites: each thread fences its own writes, and the CTA
         // barrier that follows (before P V, and before thread 0 issues that load) publishes them.
         cutlass::arch::fence_view_async_shared();
-      };
-      // Ends the step of page seq: after the barrier, both warpgroups' P V of the page has read its stage
-      // (V and P) and the next page's P is published; page seq + 2 loads into the freed stage.
-      auto release = [&](int stage) {
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc_o);
-        __syncthreads();
-        if (tid == 0 && seq + kLoadDistance < smem.part_pages) {
-          smem.ahead = next_page_of(p, smem.ahead);
-          load_page<kFp8>(&tma_kv, p, smem, stage, smem.ahead);
-        }
-        ++seq;
       };
       issue_scores(smem.kv.tile[stage_of(seq)], smem.full[stage_of(seq)], parity_of(seq));
       warpgroup_wait<0>();
