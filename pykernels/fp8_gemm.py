@@ -277,8 +277,8 @@ def fp8_gemm_config(M: int, N: int, K: int, num_groups: int = 1, num_sms: int | 
 
 # The (math warpgroups, BLOCK_N) of the kernels compiled per multicast mode (multicast_instantiated in
 # csrc/fp8_gemm/fp8_gemm_schedule.h), as they appear in the demangled kernel names.
-_BLOCK_N_CHOICES = (16, 32, 48, 56, 64, 96, 112, 128, 144, 160)
-_MULTICAST_BLOCK_N = (112, 128, 144, 160)
+_BLOCK_N_CHOICES = (16, 32, 48, 56, 64, 96, 112, 128, 144, 160, 192)
+_MULTICAST_BLOCK_N = (112, 128, 144, 160, 192)
 GEMM_INSTANTIATIONS = {
     "(pykernels::fp8_gemm::Multicast)0": [(wg, bn) for wg in (1, 2) for bn in _BLOCK_N_CHOICES],
     "(pykernels::fp8_gemm::Multicast)1": [(wg, bn) for wg in (1, 2) for bn in _MULTICAST_BLOCK_N],

@@ -1065,8 +1065,25 @@ def test_config_picks_only_instantiated_tiles(m, n, groups, sms):
     # scales, beside the epilogue's bf16 output tile (block_m x block_n) outside the ring.
     per_stage = (cfg["block_m"] + cfg["block_n"]) * 128 + cfg["block_m"] * 4
     output = cfg["block_m"] * cfg["block_n"] * 2
-    assert cfg["num_stages"] == min(8, (232448 - 1024 - 2048 - output) // per_stage) >= 5
+    # Four stages (512 K in flight) at the widest tile, 128 x 192; five or more at every other.
+    assert cfg["num_stages"] == min(8, (232448 - 1024 - 2048 - output) // per_stage) >= 4
+    assert cfg["num_stages"] >= 5 or (cfg["block_m"], cfg["block_n"]) == (128, 192)
     assert cfg["smem_bytes"] == cfg["num_stages"] * per_stage + output + 2048 <= 232448 - 1024
+
+
+@pytest.mark.parametrize("m,n,groups,block_n,waves,multicast", [
+    (64, 24576, 1, 192, 1, "none"),      # one wave of 128 tiles, where 96 columns took two
+    (128, 24576, 1, 192, 1, "none"),
+    (4096, 2112, 1, 192, 3, "b"),        # 3 waves of 352 tiles, where 144 columns took 4
+    (8192, 32768, 1, 192, 83, "b"),
+    (320, 32768, 1, 192, 4, "a"),        # 3 row blocks cannot pair B: A pairs, the last column's alone
+    (8192, 7168, 1, 160, 22, "b"),       # 192: 64 x 38 tiles, 19 waves of 224 columns against 22 of 192
+])
+def test_config_picks_192_columns_where_it_fills_the_waves(m, n, groups, block_n, waves, multicast):
+    """The widest tile wins where it takes fewer waves for the same work; with several waves it runs as a
+    cluster like the other wide tiles."""
+    cfg = pykernels.fp8_gemm_config(m, n, 7168, num_groups=groups, num_sms=132)
+    assert (cfg["block_n"], cfg["num_waves"], cfg["multicast"]) == (block_n, waves, multicast), cfg
 
 
 def test_block_n_choices_span_at_most_two_scale_blocks():
@@ -1077,7 +1094,7 @@ def test_block_n_choices_span_at_most_two_scale_blocks():
         assert 128 - _gcd(w, 128) + w <= 256, w  # the worst offset within a block plus the width
 
 
-@pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160])
+@pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160, 192])
 def test_split_columns_matches_the_scale_blocks(block_n):
     """The host's split_columns (the k-loop instance a tile runs) against the scale block of each column."""
     ext = _extension()
@@ -1336,7 +1353,7 @@ def assert_close_to_dequantized(got, a, sa, b, sb):
 @pytest.mark.gpu
 @pytest.mark.parametrize("store,n_tail", [("tma", 40), ("registers", 41)])
 @pytest.mark.parametrize("block_m", [64, 128])
-@pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160])
+@pytest.mark.parametrize("block_n", [16, 32, 48, 56, 64, 96, 112, 128, 144, 160, 192])
 def test_gpu_every_instantiation_against_float64(block_m, block_n, store, n_tail):
     """Each tile shape, forced, on a shape whose tiles start at every offset within a scale block (every
     k-loop instance runs), with row and column tails; N % 8 == 0 takes the TMA-store epilogue (the last
@@ -1372,7 +1389,7 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,block_m,block_n", [(0, 128, 128), (1, 128, 128), (2, 128, 128), (1, 128, 160),
                                                   (2, 128, 160), (2, 128, 112), (0, 64, 112), (1, 64, 112),
-                                                  (1, 64, 144)])
+                                                  (1, 64, 144), (1, 128, 192), (2, 128, 192), (1, 64, 192)])
 def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
     """Forced multicast off, A shared and B shared, on shapes of several waves whose row and column tails
     are partial (B pairs: an even number of row blocks; A: an odd number of column blocks), with row-major
@@ -1645,7 +1662,7 @@ def test_gpu_masked_rows_past_masked_m_are_zero(expected_m, n):
 
 # ---- CUDA kernel: the epilogue's stmatrix -> shared-memory tile -> TMA store --------------------------------
 
-GEMM_WIDTHS = [16, 32, 48, 56, 64, 96, 112, 128, 144, 160]
+GEMM_WIDTHS = [16, 32, 48, 56, 64, 96, 112, 128, 144, 160, 192]
 
 
 def tma_swizzled_byte(swizzle_bytes, row_bytes, row, byte):
@@ -1847,7 +1864,7 @@ def test_audit_every_gemm_instantiation_stages_its_output_with_stmatrix_and_tma(
 @pytest.mark.gpu
 @pytest.mark.parametrize("store", ["tma", "odd_n", "misaligned"])
 @pytest.mark.parametrize("layout", ["plain", "contiguous", "masked"])
-@pytest.mark.parametrize("block_m,block_n", [(64, 16), (128, 56), (128, 160)])
+@pytest.mark.parametrize("block_m,block_n", [(64, 16), (128, 56), (128, 160), (128, 192)])
 def test_gpu_epilogue_paths_on_every_layout(layout, store, block_m, block_n):
     """Both epilogues on each layout, with several tiles per CTA (a TMA store still in flight while the next
     tile's result is staged into the same shared-memory tile): the TMA store for N % 8 == 0 and a 16-byte

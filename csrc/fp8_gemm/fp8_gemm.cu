@@ -229,7 +229,7 @@ void run(const Problem& pr, cudaStream_t stream) {
                           (fp8_gemm::multicast_instantiated(cfg.multicast, cfg.block_m, cfg.block_n) &&
                            fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, column_tiles, cfg.block_n));
     if (!runnable) {
-      throw_value_error("multicast", "a mode this shape and tile allow (BLOCK_N one of 112, 128, 144, 160; B: "
+      throw_value_error("multicast", "a mode this shape and tile allow (BLOCK_N one of 112, 128, 144, 160, 192; B: "
                         "BLOCK_M 128, the plain layout and an even number of row blocks)",
                         std::to_string(forced_multicast) + " for " + std::to_string(row_tiles) + " x " +
                             std::to_string(column_tiles) + " tiles of " + std::to_string(cfg.block_m) + " x " +

@@ -98,6 +98,8 @@ template <>
 struct GmmaOp<144> { using type = cute::SM90::GMMA::MMA_64x144x32_F32E4M3E4M3_SS_TN<>; };
 template <>
 struct GmmaOp<160> { using type = cute::SM90::GMMA::MMA_64x160x32_F32E4M3E4M3_SS_TN<>; };
+template <>
+struct GmmaOp<192> { using type = cute::SM90::GMMA::MMA_64x192x32_F32E4M3E4M3_SS_TN<>; };
 
 // Whether the output tile's layout (output_tile_offset) is, box by box, CuTe's description of the TMA
 // swizzle mode the launcher encodes: Swizzle<B, 4, 3> over the box's bytes, B = log2(span / 16) (the form

@@ -13,14 +13,17 @@ template void launch_tile<2, 112, Multicast::Off>(const LaunchArgs&, cudaStream_
 template void launch_tile<2, 128, Multicast::Off>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 144, Multicast::Off>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 160, Multicast::Off>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 192, Multicast::Off>(const LaunchArgs&, cudaStream_t);
 // With multicast, only the shapes select_config can pick with it (multicast_instantiated).
 template void launch_tile<2, 112, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 128, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 144, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 160, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 192, Multicast::SharedA>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 112, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 128, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 144, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
 template void launch_tile<2, 160, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
+template void launch_tile<2, 192, Multicast::SharedB>(const LaunchArgs&, cudaStream_t);
 
 }  // namespace pykernels::fp8_gemm

@@ -5,8 +5,8 @@
 // TMA store each writes to global memory. A box is 64 rows of box_cols columns; under a swizzle its rows
 // are exactly the swizzle span (TMA requires the inner box extent to be at most the span, and a full span
 // keeps every row's 16-byte units inside one swizzle pattern), so box_cols = span / 2 and the width picks
-// the widest span that divides its row: 128 B for 64 and 128, 64 B for 32, 96 and 160, 32 B for 16, 48,
-// 112 and 144. 56 columns (112 B) divide into no span: one unswizzled box of 112-byte rows, whose pitch of
+// the widest span that divides its row: 128 B for 64, 128 and 192, 64 B for 32, 96 and 160, 32 B for 16,
+// 48, 112 and 144. 56 columns (112 B) divide into no span: one unswizzled box of 112-byte rows, whose pitch of
 // 7 bank groups (odd) already spreads 8 consecutive rows over 8 distinct bank groups.
 //
 // stmatrix writes 8 x 8 b16 matrices, one 16-byte row per addressed lane, 8 rows per shared-memory phase.

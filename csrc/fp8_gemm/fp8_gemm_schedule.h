@@ -33,12 +33,13 @@ enum class Multicast : int { Off = 0, SharedA = 1, SharedB = 2 };
 constexpr int kClusterSize = 2;
 
 // Every BLOCK_N the extension instantiates (for BLOCK_M 64 and 128), and so every width select_config may
-// pick. Narrow widths fill the SMs at decode sizes (M <= 128: N / BLOCK_N tiles); 144 and 160 are the
-// widest whose tiles still span at most two 128-column scale blocks at any offset and whose two fp32
-// register sets (wgmma fragment and promoted accumulator) fit in a math thread's registers.
-constexpr int kNumBlockNChoices = 10;
+// pick. Narrow widths fill the SMs at decode sizes (M <= 128: N / BLOCK_N tiles). 192 is the widest whose
+// two fp32 register sets (wgmma fragment and promoted accumulator, 96 each) still fit in a math thread's
+// kMathRegisters beside the loop's scalars without spilling; its tiles start at column 0 or 64 of a
+// 128-column scale block, so they span two at most, as 144 and 160 do at any offset.
+constexpr int kNumBlockNChoices = 11;
 __host__ __device__ constexpr int block_n_choice(int i) {
-  constexpr int widths[kNumBlockNChoices] = {16, 32, 48, 56, 64, 96, 112, 128, 144, 160};
+  constexpr int widths[kNumBlockNChoices] = {16, 32, 48, 56, 64, 96, 112, 128, 144, 160, 192};
   return widths[i];
 }
 // A tile's fixed cost per K step (barrier waits, scale loads, descriptor and loop bookkeeping), in units of
@@ -159,7 +160,7 @@ __host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layo
 __host__ __device__ constexpr bool multicast_instantiated(Multicast mode, int block_m, int block_n) {
   return mode == Multicast::Off ||
          ((mode == Multicast::SharedA ? block_m == 64 || block_m == 128 : block_m == 128) &&
-          (block_n == 112 || block_n == 128 || block_n == 144 || block_n == 160));
+          (block_n == 112 || block_n == 128 || block_n == 144 || block_n == 160 || block_n == 192));
 }
 
 // Which operand a cluster shares for this tile shape, or Off. Multicast halves the L2-to-SM traffic of the
