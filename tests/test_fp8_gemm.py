@@ -1387,22 +1387,26 @@ def test_gpu_decode_shapes_with_the_configs_tile(m, n, k):
 # ---- CUDA kernel: A scales row-major or MN-major (DeepGEMM's TMA-aligned layout) -------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("store,n_tail", [("tma", 8), ("registers", 9)])
 @pytest.mark.parametrize("mode,block_m,block_n", [(0, 128, 128), (1, 128, 128), (2, 128, 128), (1, 128, 160),
                                                   (2, 128, 160), (2, 128, 112), (0, 64, 112), (1, 64, 112),
                                                   (1, 64, 144), (1, 128, 192), (2, 128, 192), (1, 64, 192)])
-def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
+def test_gpu_multicast_plain_against_float64(mode, block_m, block_n, store, n_tail):
     """Forced multicast off, A shared and B shared, on shapes of several waves whose row and column tails
     are partial (B pairs: an even number of row blocks; A: an odd number of column blocks), with row-major
-    and MN-major A scales (the scale warp and the scale TMA load)."""
+    and MN-major A scales (the scale warp and the scale TMA load), through either epilogue: N % 8 == 0
+    stores by TMA while the cluster runs the next pair (load_only CTAs skip the store), an odd N from
+    registers."""
     ext = _extension()
     # A shared: 21 column blocks, so each row's last pair has a load_only CTA.
-    m, n, k = 12 * block_m - 37, (21 if mode == 1 else 22) * block_n - 9, 1152
+    m, n, k = 12 * block_m - 37, (21 if mode == 1 else 22) * block_n - n_tail, 1152
     (a, sa), (b, sb) = _blocky_problem(m, n, k)
     ext.fp8_gemm_force_tile(block_m, block_n)
     ext.fp8_gemm_force_multicast(mode)
     try:
         for scales in (sa, mn_major_scales(sa)):
             out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            assert ext.fp8_gemm_output_tma_storable(n, out.data_ptr()) == (store == "tma")
             _launch("fp8_gemm_nt", a, scales, b, sb, out)
             assert_close_to_dequantized(out, a, sa, b, sb)
     finally:
@@ -1413,11 +1417,12 @@ def test_gpu_multicast_plain_against_float64(mode, block_m, block_n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("block_m", [64, 128])
-@pytest.mark.parametrize("n", [1000, 1100])  # 8 and 9 column blocks of 128
-def test_gpu_multicast_grouped_against_float64(mode, block_m, n):
+# N % 8 == 0 takes the TMA store: 8 column blocks of 128 by TMA, 9 by registers (1100) and by TMA (1144), 5 of 192.
+@pytest.mark.parametrize("block_n,n", [(128, 1000), (128, 1100), (128, 1144), (192, 904)])
+def test_gpu_multicast_grouped_against_float64(mode, block_m, block_n, n):
     """Forced multicast off and A shared in the grouped layouts: contiguous groups with padding rows and
     padding-only blocks, masked groups with masked_m 0, 1, partial and full (zero tiles pair up), an even
-    and an odd number of column blocks."""
+    and an odd number of column blocks (load_only CTAs, zero tiles among them), through either epilogue."""
     ext = _extension()
     groups, k = 3, 640
     ws = [_blocky_problem(1, n, k)[1] for _ in range(groups)]
@@ -1428,7 +1433,7 @@ def test_gpu_multicast_grouped_against_float64(mode, block_m, n):
     masked = torch.tensor([0, 1, 200], dtype=torch.int32, device="cuda")
     pairs = [_blocky_problem(m_max, 128, k)[0] for _ in range(groups)]
     a3, sa3 = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    ext.fp8_gemm_force_tile(block_m, 128)
+    ext.fp8_gemm_force_tile(block_m, block_n)
     ext.fp8_gemm_force_multicast(mode)
     try:
         for scales, scales3 in ((sa, sa3), (mn_major_scales(sa), mn_major_scales(sa3))):
