@@ -10,6 +10,7 @@ beside the extension as pykernels/_C_build.log for the static audit (python -m p
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,32 @@ def cuda_build_decision():
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
+
+
+def whole_build_log(ninja_output: str, build_temp: Path) -> str:
+    """The compiler output of every step that built the extension, not only of those this build ran.
+
+    An incremental build recompiles only what changed, but the audit reads ptxas's warnings for every kernel
+    from the log: ninja -v prints each step as "[i/n] command ... -o target" followed by its output, and the
+    latest output of each target is kept under build_temp (dropped once its target is gone).
+    """
+    store = build_temp / "step-logs"
+    store.mkdir(exist_ok=True)
+    sections = re.split(r"^(?=\[\d+/\d+\] )", ninja_output, flags=re.M)
+    for section in sections:
+        target = re.search(r" -o (\S+)", section.split("\n", 1)[0]) if section.startswith("[") else None
+        if target:
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", target.group(1))
+            (store / f"{name}.log").write_text(section)
+    kept = []
+    for step in sorted(store.glob("*.log")):
+        text = step.read_text()
+        target = re.search(r" -o (\S+)", text.split("\n", 1)[0])
+        if target and (build_temp / target.group(1)).exists():
+            kept.append(text)
+        else:
+            step.unlink()
+    return "".join(kept)
 
 
 class CMakeBuild(build_ext):
@@ -114,7 +141,7 @@ class CMakeBuild(build_ext):
         # -v makes ninja echo each command; ptxas -v output is what the audit reads.
         proc = subprocess.run(["cmake", "--build", ".", "-j", jobs, "--", "-v"], cwd=build_temp,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log_path.write_text(proc.stdout)
+        log_path.write_text(proc.stdout if proc.returncode != 0 else whole_build_log(proc.stdout, build_temp))
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-20000:])
             raise RuntimeError(f"pykernels: CUDA extension build failed (full log: {log_path})")
