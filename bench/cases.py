@@ -340,12 +340,37 @@ def _prepare_gemm(case, device):
         return fn(a, b, backend="torch")[valid].clone()
 
     makers["deep_gemm"] = lambda: _deep_gemm(case, device, a, b, out, extra_args)
+    extra = {"cuda_config": _cuda_gemm_config(case, device)}
     if case.op == "fp8_gemm_nt":
         makers["torch-dequant-mm"] = lambda: _dequant_mm(a, b)
         makers["vllm-triton"] = lambda: _vllm_triton(device, a, b)
         makers["torch-scaled-mm"] = lambda: _scaled_mm(device, a, b, reference)
     return Prepared(case, case.cost(), makers, reference,
-                    lambda got, want: calc_diff((got if got is not None else out)[valid], want))
+                    lambda got, want: calc_diff((got if got is not None else out)[valid], want), extra=extra)
+
+
+def _cuda_gemm_config(case, device) -> str | None:
+    """The tile the CUDA kernel runs for this case (its launcher's own choice), for the record's note: a
+    timing then says which instantiation it measured. None without the extension."""
+    if getattr(pykernels, "fp8_gemm_config", None) is None:
+        return None
+    s = case.shape
+    if case.op == "fp8_gemm_nt":
+        m, groups, layout = s["m"], 1, "plain"
+    elif case.op.endswith("contiguous"):
+        align = getattr(pykernels, "GROUPED_M_ALIGNMENT", 128)
+        m, groups, layout = sum(_cdiv(m, align) * align for m in s["ms"]), 1, "contiguous"
+    else:
+        m, groups, layout = max(1, round(sum(s["masked_m"]) / len(s["masked_m"]))), len(s["masked_m"]), "masked"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    try:
+        cfg = pykernels.fp8_gemm_config(m, s["n"], s["k"], groups, num_sms=sms, layout=layout)
+    except RuntimeError:  # the extension is not built here
+        return None
+    multicast = "" if cfg["multicast"] == "none" else f", 2-CTA multicast of {cfg['multicast'].upper()}"
+    waves = f"{cfg['num_waves']} wave" + ("s" if cfg["num_waves"] != 1 else "")
+    return (f"CUDA tile {cfg['block_m']}x{cfg['block_n']}, {cfg['num_stages']} stages, {waves} "
+            f"(last {cfg['wave_utilization']:.0%}){multicast}")
 
 
 # ---- MLA decode ----

@@ -93,6 +93,8 @@ def measured_record(case: C.Case, backend: str, prep: C.Prepared, run: dict, mea
         notes.append(f"{stats['discarded_throttled']} throttled runs discarded")
     if run.get("kernel_note"):
         notes.append(run["kernel_note"])
+    if backend == "cuda" and prep.extra.get("cuda_config"):
+        notes.append(prep.extra["cuda_config"])
     if measured_on == "gpu" and kernel is None:
         notes.append("no kernel time: figures use the eager call time")
     if gpu is not None:

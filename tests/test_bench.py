@@ -169,6 +169,29 @@ def test_gpu_timer_kernel_time_from_graph_replay():
     assert rec["tflops"] == pytest.approx(2 * 64 * 7168 * 2048 / 40e-6 / 1e12)
 
 
+def test_cuda_gemm_records_name_the_tile_the_launcher_runs():
+    """A CUDA GEMM timing says which instantiation it measured (the launcher's own choice, from
+    fp8_gemm_config); other backends' records do not carry it."""
+    if not pykernels.backends()["cuda"]["extension_built"]:
+        pytest.skip("the CUDA extension is not built here: fp8_gemm_config needs it")
+    plain = C.Case("fp8_gemm_nt", {"m": 64, "n": 24576, "k": 1536})
+    cfg = pykernels.fp8_gemm_config(64, 24576, 1536)
+    note = C._cuda_gemm_config(plain, torch.device("cpu"))
+    assert note.startswith(f"CUDA tile {cfg['block_m']}x{cfg['block_n']}, {cfg['num_stages']} stages, 1 wave ")
+    assert "multicast" not in note
+    grouped = C.Case("m_grouped_fp8_gemm_nt_contiguous", {"ms": [8192, 300], "n": 4096, "k": 7168})
+    cfg = pykernels.fp8_gemm_config(8192 + 384, 4096, 7168, layout="contiguous")
+    assert cfg["multicast"] != "none"
+    assert f"2-CTA multicast of {cfg['multicast'].upper()}" in C._cuda_gemm_config(grouped, torch.device("cpu"))
+    masked = C.Case("m_grouped_fp8_gemm_nt_masked", {"masked_m": [3, 0, 5], "m_max": 8, "n": 2112, "k": 7168})
+    cfg = pykernels.fp8_gemm_config(3, 2112, 7168, 3, layout="masked")  # expected_m: the mean, rounded
+    assert f"CUDA tile {cfg['block_m']}x{cfg['block_n']}" in C._cuda_gemm_config(masked, torch.device("cpu"))
+    prep = C.Prepared(plain, plain.cost(), {}, extra={"cuda_config": note})
+    run = {"samples": [1e-3, 1e-3, 1e-3]}
+    assert note in harness.measured_record(plain, "cuda", prep, run, "cpu", None)["note"]
+    assert note not in (harness.measured_record(plain, "triton", prep, run, "cpu", None)["note"] or "")
+
+
 @pytest.mark.parametrize("why", ["sync", "capture", "no-profiler", "declared"])
 def test_gpu_timer_falls_back_to_the_profiler(why):
     rt = FakeRuntime(capture_error=RuntimeError("operation not permitted when stream is capturing\nmore")
