@@ -272,7 +272,7 @@ PYBIND11_MODULE(_C, m) {
         }
         if (k % kBlockK != 0) pykernels::throw_value_error("k", "a multiple of 128", std::to_string(k));
         const auto layout_kind = static_cast<Layout>(layout);
-        if (!multicast_allowed(mode, layout_kind, ceil_div(m_rows, block_m), ceil_div(n, block_n), block_n)) {
+        if (!multicast_allowed(mode, layout_kind, ceil_div(m_rows, block_m), block_n)) {
           pykernels::throw_value_error("multicast", "a mode this shape allows (multicast_allowed)",
                                        std::to_string(multicast));
         }

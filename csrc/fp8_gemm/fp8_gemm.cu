@@ -227,7 +227,7 @@ void run(const Problem& pr, cudaStream_t stream) {
     cfg.multicast = static_cast<fp8_gemm::Multicast>(forced_multicast);
     const bool runnable = cfg.multicast == fp8_gemm::Multicast::Off ||
                           (fp8_gemm::multicast_instantiated(cfg.multicast, cfg.block_m, cfg.block_n) &&
-                           fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, column_tiles, cfg.block_n));
+                           fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, cfg.block_n));
     if (!runnable) {
       throw_value_error("multicast", "a mode this shape and tile allow (BLOCK_N one of 112, 128, 144, 160, 192; B: "
                         "BLOCK_M 128, the plain layout and an even number of row blocks)",
@@ -238,7 +238,7 @@ void run(const Problem& pr, cudaStream_t stream) {
   }
   // select_config planned with the hint's rows; the kernel walks the tensor's: both pair up alike
   // (A depends on N alone, B exists only for the plain layout, whose hint is M).
-  PK_ASSERT(fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, column_tiles, cfg.block_n),
+  PK_ASSERT(fp8_gemm::multicast_allowed(cfg.multicast, pr.layout, row_tiles, cfg.block_n),
             "multicast mode " + std::to_string(int(cfg.multicast)) + " on an unpaired shape");
   // Upper bound of the tiles the scheduler can hand out; masked counts are only known on the device.
   const int64_t max_tiles = pr.a_groups * row_tiles * int64_t(column_tiles);

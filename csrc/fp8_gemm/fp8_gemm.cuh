@@ -571,8 +571,8 @@ __global__ void __launch_bounds__((kMathWG + 1) * 128, 1)
         const int out_group = p.layout == Layout::Masked ? tile.group : 0;
 #pragma unroll
         for (int box = 0; box < output_boxes(kBlockN); ++box) {
-          cute::SM90_TMA_STORE_3D::copy(&tma_out, out_tile + box * kOutputRows * kBoxCols * kOutputElementBytes,
-                                        n0 + box * kBoxCols, wg_row, out_group);
+          cute::SM90_TMA_STORE_3D::copy(&tma_out, out_tile + output_box_offset(kBlockN, box), n0 + box * kBoxCols,
+                                        wg_row, out_group);
         }
         cute::tma_store_arrive();
       }

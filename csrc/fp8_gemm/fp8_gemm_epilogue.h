@@ -49,6 +49,11 @@ __host__ __device__ constexpr int output_box_cols(int block_n) {
 
 __host__ __device__ constexpr int output_boxes(int block_n) { return block_n / output_box_cols(block_n); }
 
+// Byte offset of store box `box` in a warpgroup's output tile: the boxes lie back to back.
+__host__ __device__ constexpr int output_box_offset(int block_n, int box) {
+  return box * kOutputRows * output_box_cols(block_n) * kOutputElementBytes;
+}
+
 // Where TMA finds byte `byte` of row `row` of a box whose rows are row_bytes long, relative to the box base
 // (aligned to 8 rows of the span): the 16-byte unit index (address bits 4..) is XORed with the address
 // bits 7.. (the row within the 8-row pattern, for 128 B; every second or fourth row for 64 B and 32 B),
@@ -62,7 +67,7 @@ __host__ __device__ constexpr int tma_box_offset(int swizzle_bytes, int row_byte
 // Byte offset of element (row, col) in a warpgroup's output tile: its box, boxes back to back, then the
 // place TMA reads it from within the box.
 __host__ __device__ constexpr int output_tile_offset(int block_n, int row, int col) {
-  return col / output_box_cols(block_n) * kOutputRows * output_box_cols(block_n) * kOutputElementBytes +
+  return output_box_offset(block_n, col / output_box_cols(block_n)) +
          tma_box_offset(output_swizzle_bytes(block_n), output_box_cols(block_n) * kOutputElementBytes, row,
                         col % output_box_cols(block_n) * kOutputElementBytes);
 }

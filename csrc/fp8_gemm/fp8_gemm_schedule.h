@@ -79,9 +79,8 @@ __host__ __device__ constexpr int output_bytes(int block_m, int block_n) {
 // kMaxStages. A compile-time fact of each instantiation (the kernel's ring size) that the host reproduces
 // for the launch.
 __host__ __device__ constexpr int num_stages(int block_m, int block_n) {
-  return (kSmemLimit - kSmemReserve - output_bytes(block_m, block_n)) / stage_bytes(block_m, block_n) < kMaxStages
-             ? (kSmemLimit - kSmemReserve - output_bytes(block_m, block_n)) / stage_bytes(block_m, block_n)
-             : kMaxStages;
+  const int fit = (kSmemLimit - kSmemReserve - output_bytes(block_m, block_n)) / stage_bytes(block_m, block_n);
+  return fit < kMaxStages ? fit : kMaxStages;
 }
 
 __host__ __device__ constexpr int smem_bytes(int block_m, int block_n) {
@@ -147,8 +146,7 @@ __host__ __device__ inline ScaleALayout scale_a_layout(int ndim, const int64_t* 
 //     the two row blocks can fall in different groups, or one past masked_m), m_blocks even, and each
 //     CTA's half of the B tile whole 8-row swizzle atoms (1024 bytes) so both halves land where a single
 //     box would put them.
-__host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layout, int m_blocks, int n_blocks,
-                                                     int block_n) {
+__host__ __device__ constexpr bool multicast_allowed(Multicast mode, Layout layout, int m_blocks, int block_n) {
   return mode == Multicast::SharedB ? layout == Layout::Plain && m_blocks % 2 == 0 && block_n % 16 == 0 : true;
 }
 
@@ -170,13 +168,13 @@ __host__ __device__ constexpr bool multicast_instantiated(Multicast mode, int bl
 // saves more bytes; B on a tie (BLOCK_M = BLOCK_N = 128), as DeepGEMM prefers. When the preferred operand
 // cannot pair up (multicast_allowed) the other is tried.
 __host__ __device__ inline Multicast select_multicast(Layout layout, int block_m, int block_n, int m_blocks,
-                                                      int n_blocks, int64_t num_waves, int num_sms) {
+                                                      int64_t num_waves, int num_sms) {
   if (num_waves <= 1 || num_sms % kClusterSize != 0) return Multicast::Off;
   const Multicast preferred = block_m > block_n ? Multicast::SharedA : Multicast::SharedB;
   const Multicast other = block_m > block_n ? Multicast::SharedB : Multicast::SharedA;
   for (const Multicast mode : {preferred, other}) {
     const bool compiled = multicast_instantiated(mode, block_m, block_n);
-    if (compiled && multicast_allowed(mode, layout, m_blocks, n_blocks, block_n)) return mode;
+    if (compiled && multicast_allowed(mode, layout, m_blocks, block_n)) return mode;
   }
   return Multicast::Off;
 }
@@ -214,8 +212,8 @@ __host__ __device__ inline Config select_config(int m_per_group, int n, int k, i
   (void)k;
   best.num_stages = num_stages(best.block_m, best.block_n);
   best.smem_bytes = smem_bytes(best.block_m, best.block_n);
-  best.multicast = select_multicast(layout, best.block_m, best.block_n, ceil_div(m_per_group, best.block_m),
-                                    ceil_div(n, best.block_n), best.num_waves, num_sms);
+  best.multicast =
+      select_multicast(layout, best.block_m, best.block_n, ceil_div(m_per_group, best.block_m), best.num_waves, num_sms);
   return best;
 }
 
