@@ -314,6 +314,7 @@ def _prepare_gemm(case, device):
         out = torch.empty(s["m"], n, device=device, dtype=torch.bfloat16)
         makers = _own(fn, a, b, out=out, **common)
         extra_args, valid = (), slice(None)
+        plan = (s["m"], 1, "plain")
     elif case.op.endswith("contiguous"):
         align = getattr(pykernels, "GROUPED_M_ALIGNMENT", 128)
         ms = s["ms"]
@@ -325,6 +326,7 @@ def _prepare_gemm(case, device):
         out = torch.empty(sum(padded), n, device=device, dtype=torch.bfloat16)
         makers = _own(fn, a, b, idx, out=out, **common)
         extra_args, valid = (idx,), idx >= 0
+        plan = (sum(padded), 1, "contiguous")
     else:
         ms, m_max = s["masked_m"], s["m_max"]
         a, b = _quantized_operands(torch.randn(len(ms), m_max, k, device=device, dtype=torch.bfloat16),
@@ -335,12 +337,13 @@ def _prepare_gemm(case, device):
         makers = _own(fn, a, b, masked_m, expected_m, out=out, **common)
         extra_args = (masked_m, expected_m)
         valid = torch.arange(m_max, device=device)[None, :] < masked_m[:, None]
+        plan = (expected_m, len(ms), "masked")
 
     def reference():
         return fn(a, b, backend="torch")[valid].clone()
 
     makers["deep_gemm"] = lambda: _deep_gemm(case, device, a, b, out, extra_args)
-    extra = {"cuda_config": _cuda_gemm_config(case, device)}
+    extra = {"cuda_config": _cuda_gemm_config(*plan, n, k, device)}
     if case.op == "fp8_gemm_nt":
         makers["torch-dequant-mm"] = lambda: _dequant_mm(a, b)
         makers["vllm-triton"] = lambda: _vllm_triton(device, a, b)
@@ -349,22 +352,15 @@ def _prepare_gemm(case, device):
                     lambda got, want: calc_diff((got if got is not None else out)[valid], want), extra=extra)
 
 
-def _cuda_gemm_config(case, device) -> str | None:
-    """The tile the CUDA kernel runs for this case (its launcher's own choice), for the record's note: a
-    timing then says which instantiation it measured. None without the extension."""
+def _cuda_gemm_config(m: int, groups: int, layout: str, n: int, k: int, device) -> str | None:
+    """The tile the CUDA kernel runs for a GEMM planned as `m` rows (M, M_total or expected_m) x `groups`
+    in `layout` (its launcher's own choice, fp8_gemm_config), for the record's note: a timing then says
+    which instantiation it measured. None without the extension."""
     if getattr(pykernels, "fp8_gemm_config", None) is None:
         return None
-    s = case.shape
-    if case.op == "fp8_gemm_nt":
-        m, groups, layout = s["m"], 1, "plain"
-    elif case.op.endswith("contiguous"):
-        align = getattr(pykernels, "GROUPED_M_ALIGNMENT", 128)
-        m, groups, layout = sum(_cdiv(m, align) * align for m in s["ms"]), 1, "contiguous"
-    else:
-        m, groups, layout = max(1, round(sum(s["masked_m"]) / len(s["masked_m"]))), len(s["masked_m"]), "masked"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
     try:
-        cfg = pykernels.fp8_gemm_config(m, s["n"], s["k"], groups, num_sms=sms, layout=layout)
+        cfg = pykernels.fp8_gemm_config(m, n, k, groups, num_sms=sms, layout=layout)
     except RuntimeError:  # the extension is not built here
         return None
     multicast = "" if cfg["multicast"] == "none" else f", 2-CTA multicast of {cfg['multicast'].upper()}"

@@ -174,18 +174,28 @@ def test_cuda_gemm_records_name_the_tile_the_launcher_runs():
     fp8_gemm_config); other backends' records do not carry it."""
     if not pykernels.backends()["cuda"]["extension_built"]:
         pytest.skip("the CUDA extension is not built here: fp8_gemm_config needs it")
+    cpu = torch.device("cpu")
     plain = C.Case("fp8_gemm_nt", {"m": 64, "n": 24576, "k": 1536})
     cfg = pykernels.fp8_gemm_config(64, 24576, 1536)
-    note = C._cuda_gemm_config(plain, torch.device("cpu"))
+    note = C._cuda_gemm_config(64, 1, "plain", 24576, 1536, cpu)
     assert note.startswith(f"CUDA tile {cfg['block_m']}x{cfg['block_n']}, {cfg['num_stages']} stages, 1 wave ")
     assert "multicast" not in note
-    grouped = C.Case("m_grouped_fp8_gemm_nt_contiguous", {"ms": [8192, 300], "n": 4096, "k": 7168})
     cfg = pykernels.fp8_gemm_config(8192 + 384, 4096, 7168, layout="contiguous")
     assert cfg["multicast"] != "none"
-    assert f"2-CTA multicast of {cfg['multicast'].upper()}" in C._cuda_gemm_config(grouped, torch.device("cpu"))
-    masked = C.Case("m_grouped_fp8_gemm_nt_masked", {"masked_m": [3, 0, 5], "m_max": 8, "n": 2112, "k": 7168})
-    cfg = pykernels.fp8_gemm_config(3, 2112, 7168, 3, layout="masked")  # expected_m: the mean, rounded
-    assert f"CUDA tile {cfg['block_m']}x{cfg['block_n']}" in C._cuda_gemm_config(masked, torch.device("cpu"))
+    assert (f"2-CTA multicast of {cfg['multicast'].upper()}"
+            in C._cuda_gemm_config(8192 + 384, 1, "contiguous", 4096, 7168, cpu))
+    # The prepared cases plan as their launches do: M_total padded per group; expected_m the mean, rounded.
+    for op, shape, planned in [
+        ("m_grouped_fp8_gemm_nt_contiguous", {"ms": [129, 0, 1], "n": 256, "k": 256}, (256 + 128, 1, "contiguous")),
+        ("m_grouped_fp8_gemm_nt_masked", {"masked_m": [100, 0, 2], "m_max": 128, "n": 256, "k": 256},
+         (34, 3, "masked")),
+    ]:
+        case = C.Case(op, shape)
+        assert C._prepare_gemm(case, cpu).extra["cuda_config"] == C._cuda_gemm_config(*planned, 256, 256, cpu)
+    # ... and those plans are told apart (unpadded rows, or the largest group instead of the mean, tile otherwise).
+    assert C._cuda_gemm_config(130, 1, "contiguous", 256, 256, cpu) != C._cuda_gemm_config(384, 1, "contiguous", 256,
+                                                                                          256, cpu)
+    assert C._cuda_gemm_config(100, 3, "masked", 256, 256, cpu) != C._cuda_gemm_config(34, 3, "masked", 256, 256, cpu)
     prep = C.Prepared(plain, plain.cost(), {}, extra={"cuda_config": note})
     run = {"samples": [1e-3, 1e-3, 1e-3]}
     assert note in harness.measured_record(plain, "cuda", prep, run, "cpu", None)["note"]
